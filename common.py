@@ -1,0 +1,282 @@
+"""
+What teacher.py, distill.py, sample.py and bench.py share, so that each of them can read as its method:
+flags built from a config dataclass, clear one-line errors, devices and DDP, batches, the learning-rate
+schedule, checkpoints written atomically, and the resume / Ctrl-C / NaN handling of a training loop.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import tempfile
+from contextlib import nullcontext
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from model import GPT, GPTConfig
+
+
+class UserError(Exception):
+    """A mistake the user can fix: printed as one line, no traceback, exit code 2."""
+
+
+def run_cli(main):
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Flags: every field of a config dataclass is a flag (its metadata "help" is the flag's help); --preset
+# picks a named set of defaults, and flags given on the command line override it.
+
+def field(default, help):
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def parse_config(cls, presets, description, argv=None, extra=None):
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default=next(iter(presets)), choices=list(presets),
+                   help="named defaults: " + "; ".join(f"{k}: {v.get('_about', '')}" for k, v in presets.items()))
+    for f in dataclasses.fields(cls):
+        if f.type in (bool, "bool"):
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None,
+                           help=f.metadata.get("help", ""))
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            p.add_argument(f"--{f.name}", type=typ, default=None,
+                           help=f"{f.metadata.get('help', '')} (preset default: {f.default})")
+    if extra:
+        extra(p)
+    args = p.parse_args(argv)
+    values = {k: v for k, v in presets[args.preset].items() if not k.startswith("_")}
+    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+                   if getattr(args, f.name) is not None})
+    cfg = cls(**values)
+    cfg.out_dir = cfg.out_dir.format(preset=args.preset)
+    return cfg, args
+
+
+# ----------------------------------------------------------------------------------------------------
+# Devices, precision and DDP. Under torchrun every rank draws the same global batch from the same seeded
+# generator and keeps its own share, so a run's numbers do not depend on how many processes ran it.
+
+def setup_runtime(device="auto", dtype="auto"):
+    ddp = "RANK" in os.environ
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if ddp:
+        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device == "cuda":
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+    else:
+        rank, world = 0, 1
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    autocast = (torch.autocast(device.type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext())
+    return SimpleNamespace(ddp=ddp, rank=rank, world=world, master=rank == 0, device=device,
+                           dtype=ptdtype, autocast=autocast)
+
+
+def all_mean(x, rt):
+    """Mean of a scalar tensor over ranks (identity in one process)."""
+    if rt.ddp:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= rt.world
+    return x
+
+
+def shard(t, rt):
+    """This rank's share of a global batch (rows rank, rank + world, ...)."""
+    return t[rt.rank::rt.world]
+
+
+def check_batch_split(batch_size, rt):
+    if batch_size % rt.world:
+        raise UserError(f"--batch_size {batch_size} must be divisible by the number of processes ({rt.world})")
+
+
+def out_of_memory(e):
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data
+
+def load_split(data_dir, split):
+    from prepare_data import DataError, load_tokens
+    try:
+        return load_tokens(data_dir, split)
+    except DataError as e:
+        raise UserError(str(e)) from None
+
+
+def sample_windows(data, n, T, gen):
+    """n random windows of T + 1 tokens: (inputs, next-token targets), both (n, T) int64."""
+    if len(data) <= T + 1:
+        raise UserError(f"the {len(data)}-token split is shorter than one block ({T + 1}); lower --block_size")
+    ix = torch.randint(len(data) - T - 1, (n,), generator=gen).numpy()
+    w = torch.from_numpy(data[ix[:, None] + np.arange(T + 1)].astype(np.int64))
+    return w[:, :-1], w[:, 1:]
+
+
+def lr_at(step, lr, min_lr, warmup, total):
+    """Linear warmup, then cosine decay to min_lr."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr + 0.5 * (1 + math.cos(math.pi * frac)) * (lr - min_lr)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Files: nothing is ever half-written (temporary file in the same directory, fsync, rename), and an
+# output directory is checked before any work is done.
+
+def ensure_writable(d):
+    try:
+        os.makedirs(d, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=d):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write to output directory {d!r} ({e.strerror}); pick another with --out_dir") from None
+
+
+def atomic_write(path, write_fn, binary=True):
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda f: json.dump(obj, f, indent=2), binary=False)
+
+
+def save_checkpoint(path, ckpt):
+    atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+def load_checkpoint(path, kind=None, vocab_size=50257, map_location="cpu"):
+    """Load and validate a checkpoint. kind: "teacher" (an AR model) or "student" (K-Forcing), or None."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path!r} not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        cfg = GPTConfig(**ckpt["model_config"])
+        ckpt["model"]
+    except Exception as e:
+        raise UserError(f"checkpoint {path!r} is corrupt or not from this project ({type(e).__name__})") from None
+    got = "student" if cfg.max_k > 0 else "teacher"
+    if kind is not None and got != kind:
+        hint = {"teacher": "pass an AR checkpoint written by teacher.py",
+                "student": "pass a student_k*.pt written by distill.py"}[kind]
+        raise UserError(f"{path!r} is a {got} checkpoint where a {kind} is expected; {hint}")
+    if vocab_size is not None and cfg.vocab_size != vocab_size:
+        raise UserError(f"{path!r} has a vocabulary of {cfg.vocab_size} tokens, not the GPT-2 BPE's {vocab_size}")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, device):
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device)
+
+
+def rng_state(gen):
+    return {"torch": torch.get_rng_state(), "gen": gen.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state, gen):
+    torch.set_rng_state(state["torch"])
+    gen.set_state(state["gen"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The training loop's safety net.
+
+class StopFlag:
+    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step, save and exit; a second
+    Ctrl-C stops at once. Under DDP the ranks agree on the flag each step so that all stop together."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def should_stop(self, rt):
+        flag = torch.tensor(float(self.requested))
+        if rt.ddp:
+            if rt.device.type == "cuda":
+                flag = flag.to(rt.device)
+            dist.all_reduce(flag)
+        return flag.item() > 0
+
+    def restore(self):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def check_finite(loss, step, last_ckpt):
+    if not math.isfinite(loss):
+        kept = f"the last good checkpoint {last_ckpt!r} is kept" if last_ckpt and os.path.exists(last_ckpt) \
+            else "no checkpoint had been written yet"
+        raise UserError(f"loss became {loss} at step {step}; stopped before the update, {kept} "
+                        "(lower --lr or raise --warmup_steps)")
+
+
+class JsonlLog:
+    """Append-only training log; a resumed run drops the rows a killed run wrote after its checkpoint."""
+
+    def __init__(self, path, resume_step, master):
+        self.path, self.master = path, master
+        if not master:
+            return
+        rows = []
+        if resume_step is not None and os.path.exists(path):
+            with open(path) as f:
+                rows = [r for r in map(json.loads, filter(str.strip, f)) if r.get("step", 0) <= resume_step]
+        atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows)), binary=False)
+
+    def write(self, **row):
+        if self.master:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"

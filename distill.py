@@ -1,0 +1,274 @@
+"""
+Progressive self-forcing distillation (K-Forcing §3): turn the AR teacher into a push-forward student that
+maps k uniform noises to k joint tokens in one pass, growing k stage by stage (default 1 -> 2 -> 4).
+
+    python distill.py --k 4                                  # teacher: out/teacher_<preset>/best.pt
+    python distill.py --preset small --schedule 1,2,3,4
+    torchrun --standalone --nproc_per_node 8 distill.py --preset small
+
+Stage 1 targets: the AR teacher's inverse CDF on the real context with the student's own noise u_1.
+Stage k' targets: the previous k-student's same-noise rollout: it decodes u_1..u_k on the real context, then
+u_{k+1}.. on the real context followed by ITS OWN tokens (self-forcing), in as many blocks as k' needs.
+Each student starts as a copy of the previous one; the loss is cross-entropy per slot against those tokens.
+"""
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from common import (JsonlLog, StopFlag, UserError, all_mean, check_batch_split, check_finite, device_name,
+                    ensure_writable, field, load_checkpoint, load_split, model_from_checkpoint, out_of_memory,
+                    parse_config, rng_state, run_cli, sample_windows, save_checkpoint, set_rng_state,
+                    setup_runtime, shard, write_json)
+from model import GPT, generate, inverse_cdf, same_noise_agreement
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = field("out/teacher_{preset}/best.pt", "the AR teacher checkpoint (from teacher.py)")
+    data_dir: str = field("data/offline", "directory with train.bin / val.bin from prepare_data.py")
+    out_dir: str = field("out/distill_{preset}", "where student_k<K>.pt, last.pt and log.jsonl go")
+    results_dir: str = field("results", "where the final distill_<preset>.json summary is written")
+    k: int = field(4, "the final number of tokens per pass")
+    schedule: str = field("", "stages as a comma list starting at 1, e.g. 1,2,3,4; empty: doubling 1,2,4,.. up to k")
+    steps_per_stage: int = field(1000, "optimizer steps in each stage")
+    batch_size: int = field(32, "sequences per step, summed over all processes")
+    block_size: int = field(256, "context tokens per sequence (at most the teacher's block size)")
+    anchors: int = field(128, "anchor positions sampled per sequence; each anchors a window of k noise slots "
+                              "(the paper uses every position; fewer is cheaper)")
+    lr: float = field(3e-4, "learning rate (AdamW), constant after warmup")
+    warmup_steps: int = field(50, "linear warmup steps at the start of each stage")
+    weight_decay: float = field(0.0, "AdamW weight decay")
+    grad_clip: float = field(1.0, "clip the global gradient norm to this (0: off)")
+    noise_features: str = field("paper", "noise encoder features: paper (<= 1 cycle over [0,1]) or high (1-256 cycles)")
+    eval_samples: int = field(256, "val prefixes for the same-noise agreement at the end of each stage")
+    eval_tokens: int = field(48, "tokens generated per prefix for that agreement")
+    prompt_len: int = field(6, "prefix length for that agreement (6 as in the paper)")
+    log_interval: int = field(10, "write per-slot loss and accuracy every N steps")
+    ckpt_interval: int = field(250, "write a resumable checkpoint every N steps")
+    seed: int = field(1337, "seeds the data order, the anchors and the noise")
+    device: str = field("auto", "cuda, cpu or auto")
+    dtype: str = field("auto", "float32 or bfloat16 (autocast) for the student; targets are always fp32")
+    compile: bool = field(True, "torch.compile the student (CUDA only)")
+
+
+PRESETS = {
+    "tiny": dict(_about="CPU demo and tests, ~1 min", steps_per_stage=150, batch_size=8, block_size=64,
+                 anchors=16, lr=1e-3, warmup_steps=10, eval_samples=64, eval_tokens=24, ckpt_interval=50),
+    "small": dict(_about="one GPU, ~5-10 min, for the small teacher"),
+    "paper": dict(_about="the paper's K=4 stage: lr 1e-4 constant, batch 512 over all anchors",
+                  steps_per_stage=20_000, batch_size=512, block_size=128, anchors=128, lr=1e-4, warmup_steps=0,
+                  ckpt_interval=1000),
+}
+
+
+def parse_schedule(cfg):
+    if not cfg.schedule:
+        sched = [1]
+        while sched[-1] < cfg.k:
+            sched.append(min(2 * sched[-1], cfg.k))
+    else:
+        try:
+            sched = [int(s) for s in cfg.schedule.split(",")]
+        except ValueError:
+            raise UserError(f"--schedule {cfg.schedule!r} is not a comma list of integers, e.g. 1,2,4") from None
+    if cfg.k < 1:
+        raise UserError(f"--k must be at least 1, not {cfg.k}")
+    if sched[0] != 1 or any(b <= a for a, b in zip(sched, sched[1:])) or sched[-1] != cfg.k:
+        raise UserError(f"--schedule {','.join(map(str, sched))} must rise strictly from 1 to --k {cfg.k}")
+    return sched
+
+
+@torch.no_grad()
+def rollout_targets(prev, x, anchors, u):
+    """The previous model's same-noise tokens for each window, (B, A, k): the targets of this stage.
+    prev is the AR teacher (one token per pass, by inverse CDF) or the previous student (k_prev tokens per
+    pass, by argmax); each block after the first runs on the real context followed by prev's own tokens."""
+    if prev.config.max_k == 0:
+        assert u.size(2) == 1, "stage 1 distils one token from the AR teacher"
+        return inverse_cdf(prev.next_token_logits(x, anchors).float(), u[:, :, 0]).unsqueeze(-1)
+    kp, k = prev.config.max_k, u.size(2)
+    out = None
+    for s in range(0, k, kp):
+        logits = prev(x, anchors=anchors, noise=u[:, :, s:s + kp], window=out)
+        tokens = logits.argmax(-1)
+        out = tokens if out is None else torch.cat([out, tokens], dim=2)
+    return out
+
+
+@torch.no_grad()
+def eval_agreement(student, k, prompts, noise, ar_tokens):
+    """Same-noise agreement per slot with the AR teacher's samples on val prefixes."""
+    student.eval()
+    n = noise.size(1) - noise.size(1) % k
+    out = generate(student, prompts, noise[:, :n], k)
+    student.train()
+    return same_noise_agreement(ar_tokens[:, :n], out, k)
+
+
+def main(argv=None):
+    cfg, args = parse_config(DistillConfig, PRESETS, __doc__.strip().splitlines()[0], argv, extra=lambda p: (
+        p.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pt"),
+        p.add_argument("--overwrite", action="store_true", help="start afresh even if <out_dir> has a run")))
+    schedule = parse_schedule(cfg)
+    cfg.teacher = cfg.teacher.format(preset=args.preset)
+    rt = setup_runtime(cfg.device, cfg.dtype)
+    check_batch_split(cfg.batch_size, rt)
+    teacher = model_from_checkpoint(load_checkpoint(cfg.teacher, kind="teacher"), rt.device).eval()
+    if cfg.block_size > teacher.config.block_size:
+        raise UserError(f"--block_size {cfg.block_size} exceeds the teacher's block size {teacher.config.block_size}")
+    if cfg.prompt_len + cfg.eval_tokens > teacher.config.block_size:
+        raise UserError("--prompt_len + --eval_tokens exceed the teacher's block size")
+    if not 1 <= cfg.anchors <= cfg.block_size:
+        raise UserError(f"--anchors must be between 1 and --block_size ({cfg.block_size})")
+    train, val = load_split(cfg.data_dir, "train"), load_split(cfg.data_dir, "val")
+    ensure_writable(cfg.out_dir)
+    ensure_writable(cfg.results_dir)
+    last_path = os.path.join(cfg.out_dir, "last.pt")
+    stage_path = lambda k: os.path.join(cfg.out_dir, f"student_k{k}.pt")
+    if args.resume and not os.path.exists(last_path):
+        raise UserError(f"--resume: no checkpoint at {last_path}; run without --resume to start")
+    if not args.resume and not args.overwrite and os.path.exists(last_path):
+        raise UserError(f"{cfg.out_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
+
+    # The agreement benchmark: fixed val prefixes and noise, and the AR teacher's samples on them, drawn once.
+    g = torch.Generator().manual_seed(0)
+    prompts = sample_windows(val, cfg.eval_samples, cfg.prompt_len, g)[0].to(rt.device)
+    eval_noise = torch.rand(cfg.eval_samples, cfg.eval_tokens, generator=g, dtype=torch.float64).to(rt.device)
+    ar_tokens = generate(teacher, prompts, eval_noise, k=1)
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    state = load_checkpoint(last_path, kind="student") if args.resume else None
+    if state is not None:
+        if state["schedule"] != schedule:
+            raise UserError(f"{last_path} was made with --schedule {state['schedule']}; resume with the same one")
+        set_rng_state(state["rng"], gen)
+    log = JsonlLog(os.path.join(cfg.out_dir, "log.jsonl"), state and state["global_step"], rt.master)
+    results = state["results"] if state else []
+    global_step = state["global_step"] if state else 0
+    prev = teacher
+    stop = StopFlag()
+    try:
+        for si, k in enumerate(schedule):
+            if state is not None and si < state["stage"]:   # finished before the resume
+                prev = model_from_checkpoint(load_checkpoint(stage_path(k), kind="student"), rt.device).eval()
+                continue
+            student = GPT.student_from(prev, k, noise_features=cfg.noise_features)
+            optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
+                                          weight_decay=cfg.weight_decay, fused=rt.device.type == "cuda")
+            step = 0
+            if state is not None and si == state["stage"]:
+                student.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+                step, agree_init = state["step"], state["agreement_init"]
+            else:
+                agree_init = eval_agreement(student, k, prompts, eval_noise, ar_tokens)
+            model = student
+            if cfg.compile and rt.device.type == "cuda":
+                model = torch.compile(model)
+            if rt.ddp:
+                model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+
+            def checkpoint(path, final=False):
+                if rt.master:
+                    save_checkpoint(path, {
+                        "kind": "student", "model_config": dataclasses.asdict(student.config),
+                        "model": student.state_dict(), "train_config": dataclasses.asdict(cfg),
+                        "schedule": schedule, "stage": si + final, "step": step, "global_step": global_step,
+                        "optimizer": None if final else optimizer.state_dict(), "rng": rng_state(gen),
+                        "agreement_init": agree_init, "results": results})
+
+            if rt.master:
+                print(f"stage {si + 1}/{len(schedule)}: k = {k}, targets from "
+                      f"{'the AR teacher' if prev is teacher else f'the k = {prev.config.max_k} student'}; "
+                      f"same-noise agreement at start {fmt(agree_init)}")
+            slots_per_step = cfg.batch_size * cfg.anchors * k
+            t_train, n_steps_timed, slot_loss, slot_acc, win_acc = 0.0, 0, None, None, None
+            bar = tqdm(total=cfg.steps_per_stage, initial=step, desc=f"stage k={k}", disable=not rt.master,
+                       dynamic_ncols=True)
+            while step < cfg.steps_per_stage:
+                t0 = time.perf_counter()
+                for gr in optimizer.param_groups:
+                    gr["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+                x, _ = sample_windows(train, cfg.batch_size, cfg.block_size, gen)
+                anchors = torch.rand(cfg.batch_size, cfg.block_size, generator=gen).argsort(-1)[:, :cfg.anchors]
+                u = torch.rand(cfg.batch_size, cfg.anchors, k, generator=gen, dtype=torch.float64)
+                x, anchors, u = (shard(t, rt).to(rt.device) for t in (x, anchors, u))
+                targets = rollout_targets(prev, x, anchors, u)            # fp32 teacher, no autocast
+                with rt.autocast:
+                    logits = model(x, anchors=anchors, noise=u)            # (B, A, k, V)
+                per_slot = F.cross_entropy(logits.float().flatten(0, 2), targets.flatten(),
+                                           reduction="none").view_as(targets).mean((0, 1))
+                loss = per_slot.mean()
+                loss.backward()
+                hit = logits.argmax(-1) == targets
+                stats = all_mean(torch.cat([per_slot.detach(), hit.float().mean((0, 1)),
+                                            hit.all(-1).float().mean().view(1)]), rt).tolist()
+                slot_loss, slot_acc, win_acc = stats[:k], stats[k:2 * k], stats[-1]
+                check_finite(sum(slot_loss), global_step + 1, last_path)
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step, global_step = step + 1, global_step + 1
+                if rt.device.type == "cuda":
+                    torch.cuda.synchronize()
+                if step > 3:   # the first steps compile and warm up
+                    t_train, n_steps_timed = t_train + time.perf_counter() - t0, n_steps_timed + 1
+                if step % cfg.log_interval == 0 or step == cfg.steps_per_stage:
+                    log.write(step=global_step, stage=si, k=k, loss=slot_loss, acc=slot_acc, window_acc=win_acc)
+                bar.update(1)
+                bar.set_postfix(loss=f"{sum(slot_loss) / k:.3f}", acc1=f"{slot_acc[0]:.2f}",
+                                win=f"{win_acc:.2f}")
+                if step % cfg.ckpt_interval == 0 and step < cfg.steps_per_stage:
+                    checkpoint(last_path)
+                if stop.should_stop(rt):
+                    checkpoint(last_path)
+                    raise UserError(f"interrupted in stage k={k} at step {step}; saved {last_path}; "
+                                    "continue with --resume")
+            bar.close()
+            agree = eval_agreement(student, k, prompts, eval_noise, ar_tokens)
+            speed = n_steps_timed / t_train if t_train else None
+            results.append({"k": k, "steps": step, "steps_per_s": speed,
+                            "tokens_per_s": speed and speed * cfg.batch_size * cfg.block_size,
+                            "slots_per_s": speed and speed * slots_per_step,
+                            "final_loss_per_slot": slot_loss, "final_acc_per_slot": slot_acc,
+                            "final_window_acc": win_acc, "agreement_init": agree_init, "agreement": agree})
+            log.write(step=global_step, stage=si, k=k, agreement=agree)
+            if rt.master:
+                print(f"stage k={k} done: same-noise agreement with the AR teacher per slot {fmt(agree)} "
+                      f"(start {fmt(agree_init)})")
+            checkpoint(stage_path(k), final=True)
+            checkpoint(last_path, final=True)    # a resume after this point starts the next stage
+            prev = student.eval()
+    except (RuntimeError, MemoryError) as e:
+        if out_of_memory(e):
+            raise UserError(f"a batch of {cfg.batch_size // rt.world} sequences x {cfg.anchors} anchors does not "
+                            f"fit in memory on {rt.device}; lower --batch_size or --anchors") from None
+        raise
+    finally:
+        stop.restore()
+
+    if rt.master:
+        write_json(os.path.join(cfg.results_dir, f"distill_{args.preset}.json"), {
+            "device": device_name(rt.device), "world_size": rt.world, "torch": torch.__version__,
+            "config": dataclasses.asdict(cfg), "teacher_config": dataclasses.asdict(teacher.config),
+            "schedule": schedule, "stages": results})
+        print("\nsame-noise agreement with the AR teacher (val prefixes of "
+              f"{cfg.prompt_len} tokens, {cfg.eval_samples} samples):")
+        print("  k  " + "".join(f"  slot {i + 1}" for i in range(schedule[-1])))
+        for r in results:
+            print(f"  {r['k']}  " + "".join(f"  {a:6.1%}" for a in r["agreement"]))
+
+
+def fmt(agree):
+    return "/".join(f"{a:.0%}" for a in agree)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,372 @@
+"""
+The whole network: one GPT that is both the autoregressive (AR) teacher and the K-Forcing student.
+
+K-Forcing (arXiv 2606.10820) writes sampling as a function of uniform noise: with u_1..u_k ~ U(0,1),
+x_{t+i} = F^-1(u_i | x_<t+i) is the AR sample, and the next k tokens are G(prefix, u_1..u_k). The
+"push-forward" student evaluates G in ONE pass: the k noises enter as k noise slots placed after the
+context, and the slots' argmax readouts are the k tokens. The student is the teacher's architecture plus
+a small noise encoder (max_k > 0); a teacher is the same class with max_k = 0.
+
+Read in this order: GPTConfig, the blocks, GPT (forward = AR training, forward_staircase = student
+training and self-forcing targets, forward_step = cached decoding), then inverse_cdf, decode_step and
+generate: the one decode loop, in which AR is the k = 1 case.
+"""
+import math
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256     # longest sequence (context + generated tokens); also the KV cache length
+    vocab_size: int = 50257   # GPT-2 BPE; the embedding is padded to a multiple of 64 (50304) for speed
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.0
+    # Tied input/output embeddings: at our data sizes (a ~6M-token offline corpus) an untied 50k x d
+    # output matrix adds many parameters that mostly memorise. The paper unties them (its preset does too).
+    tie_embeddings: bool = True
+    max_k: int = 0            # 0: an AR model (teacher). > 0: a student with a noise encoder and up to max_k slots
+    # Noise features: "paper" uses frequencies 10000^(-i/half), which never exceed one cycle over [0, 1];
+    # "high" spreads them from 1 to 256 cycles so that nearby u (bucket edges ~0.02 apart) separate.
+    noise_features: str = "paper"
+
+    @property
+    def padded_vocab(self):
+        return (self.vocab_size + 63) // 64 * 64
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rotary position embeddings. Positions are always passed as a tensor: noise slot i of a window anchored
+# at context position t sits at t + i (the position of the token it will produce), and a decode step can
+# then be compiled once and replayed with new positions.
+
+def rope(cfg, pos, base=10000.0):
+    """cos/sin for integer positions `pos` ((L,) or (B, L)), computed in float32 on the fly: no table to
+    size, and nothing that a cast of the model to bf16 could degrade."""
+    hd = cfg.n_embd // cfg.n_head
+    inv_freq = base ** (-torch.arange(0, hd, 2, device=pos.device, dtype=torch.float32) / hd)
+    ang = pos.float().unsqueeze(-1) * inv_freq
+    if pos.dim() == 2:
+        ang = ang.unsqueeze(1)   # per-row positions (B, L): broadcast over heads
+    return torch.cos(ang), torch.sin(ang)
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, H, T, hd); cos/sin: (T, hd/2), rotating pairs (first half, second half)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+class KVCache:
+    """Static KV cache of REAL tokens only, preallocated for batch x block_size and written in place.
+    Noise-slot keys/values are used inside the pass and never stored (paper §4)."""
+
+    def __init__(self, cfg, batch_size, device, dtype):
+        hd = cfg.n_embd // cfg.n_head
+        shape = (cfg.n_layer, batch_size, cfg.n_head, cfg.block_size, hd)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, pos=None, n_real=0):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            # The first n_real rows are real tokens: write them into the cache at their positions, then
+            # attend over [whole cache | this pass's noise slots]; `mask` hides stale cache entries.
+            ck, cv = cache.k[layer], cache.v[layer]
+            ck.index_copy_(2, pos[:n_real], k[:, :, :n_real].to(ck.dtype))
+            cv.index_copy_(2, pos[:n_real], v[:, :, :n_real].to(cv.dtype))
+            k = torch.cat([ck, k[:, :, n_real:].to(ck.dtype)], dim=2)
+            v = torch.cat([cv, v[:, :, n_real:].to(cv.dtype)], dim=2)
+            q = q.to(ck.dtype)
+        # is_causal=True for plain AR training lets SDPA pick the flash kernel on CUDA
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C).to(x.dtype))
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in, d_hidden, dropout=0.0):
+        super().__init__()
+        self.fc = nn.Linear(d_in, d_hidden, bias=False)
+        self.proj = nn.Linear(d_hidden, d_in, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln1 = nn.RMSNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln2 = nn.RMSNorm(cfg.n_embd)
+        self.mlp = MLP(cfg.n_embd, 4 * cfg.n_embd, cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, mask, **cache_args):
+        x = x + self.drop(self.attn(self.ln1(x), cos, sin, mask, **cache_args))
+        return x + self.mlp(self.ln2(x))
+
+
+class NoiseEncoder(nn.Module):
+    """u in [0, 1) -> one input vector per noise slot: float64 sinusoidal features -> Linear -> a residual MLP.
+    One encoder is shared by all slots; a slot's identity comes from its RoPE position."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        if cfg.noise_features not in ("paper", "high"):
+            raise ValueError(f"noise_features must be 'paper' or 'high', not {cfg.noise_features!r}")
+        self.half, self.kind = cfg.n_embd // 2, cfg.noise_features
+        self.inp = nn.Linear(2 * self.half, cfg.n_embd)
+        self.ln = nn.RMSNorm(cfg.n_embd)
+        self.mlp = MLP(cfg.n_embd, 4 * cfg.n_embd)
+
+    def forward(self, u):
+        # frequencies built on the fly in float64 (a buffer would be cast along with a bf16 model)
+        i = torch.arange(self.half, dtype=torch.float64, device=u.device)
+        if self.kind == "paper":
+            freqs = 10000.0 ** (-i / self.half)               # cycles over [0, 1]: at most 1
+        else:
+            freqs = 256.0 ** (i / max(self.half - 1, 1))      # 1 .. 256 cycles
+        arg = u.double().unsqueeze(-1) * freqs * (2 * math.pi)
+        feats = torch.cat([torch.cos(arg), torch.sin(arg)], dim=-1).to(self.inp.weight.dtype)
+        x = self.inp(feats)
+        return x + self.mlp(self.ln(x))
+
+
+# ----------------------------------------------------------------------------------------------------
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.padded_vocab, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.RMSNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.noise_encoder = NoiseEncoder(cfg) if cfg.max_k > 0 else None
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():   # GPT-2's scaled init of residual projections
+            if name.endswith("proj.weight") and name.startswith("blocks"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, m):
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    @classmethod
+    def student_from(cls, teacher, max_k, noise_features=None):
+        """A push-forward student initialised from its teacher: every shared tensor is copied; only a
+        new noise encoder (first stage) starts from scratch."""
+        cfg = GPTConfig(**{**asdict(teacher.config), "max_k": max_k, "dropout": 0.0})
+        if noise_features is not None and teacher.noise_encoder is None:
+            cfg.noise_features = noise_features
+        student = cls(cfg).to(next(teacher.parameters()).device)
+        missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+        assert not unexpected and all(k.startswith("noise_encoder.") for k in missing), (missing, unexpected)
+        return student
+
+    def _trunk(self, x, pos, mask, cache=None, n_real=0):
+        cos, sin = rope(self.config, pos)
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            cache_args = dict(cache=cache, layer=i, pos=pos, n_real=n_real) if cache is not None else {}
+            x = block(x, cos, sin, mask, **cache_args)
+        return self.ln_f(x)
+
+    def _logits(self, h, real_vocab=True):
+        # Sampling and readout never see the padding ids; training losses keep them (they are never
+        # targets, so they learn to vanish) and skip the copy a slice would cost.
+        logits = self.lm_head(h)
+        return logits[..., :self.config.vocab_size] if real_vocab else logits
+
+    def forward(self, idx, targets=None, anchors=None, noise=None, window=None):
+        """AR training and scoring: plain causal attention over real tokens; returns (logits, loss).
+        With noise (and anchors), the student's staircase pass instead: see forward_staircase. Both go
+        through forward so that DDP and torch.compile wrap them alike."""
+        if noise is not None:
+            return self.forward_staircase(idx, anchors, noise, window)
+        T = idx.size(1)
+        logits = self._logits(self._trunk(self.wte(idx), torch.arange(T, device=idx.device), None),
+                              real_vocab=targets is None)
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+    def next_token_logits(self, idx, anchors):
+        """AR logits of the token after each anchor position t: (B, A, vocab), LM head only where needed."""
+        h = self._trunk(self.wte(idx), torch.arange(idx.size(1), device=idx.device), None)
+        return self._logits(torch.gather(h, 1, anchors.unsqueeze(-1).expand(-1, -1, h.size(-1))))
+
+    def forward_staircase(self, idx, anchors, noise, window=None):
+        """Student training layout (the "staircase"): one pass over [N context tokens | A windows].
+        idx: (B, N) real tokens. anchors: (B, A) context positions t. noise: (B, A, k) uniforms.
+        window: optional (B, A, m) tokens committed after t (self-forcing rollouts feed the previous
+        student's own tokens here, as if they were real). Window element j sits at position t + 1 + j:
+        first the m committed tokens, then the k noise slots. Each window element sees context <= t and
+        the elements of its own window up to itself; context rows are plainly causal. The paper trains
+        every position as an anchor (A = N); sampling A < N anchors per sequence is a saving.
+        Returns the slots' logits, (B, A, k, vocab)."""
+        B, N = idx.shape
+        A, k = noise.shape[1], noise.shape[2]
+        m = 0 if window is None else window.size(2)
+        W = m + k
+        dev = idx.device
+        x_ctx = self.wte(idx)
+        x_slots = self.noise_encoder(noise)                                           # (B, A, k, C)
+        x_win = x_slots if window is None else torch.cat([self.wte(window), x_slots], dim=2)
+        x = torch.cat([x_ctx, x_win.reshape(B, A * W, -1)], dim=1)
+        win_pos = anchors.unsqueeze(-1) + 1 + torch.arange(W, device=dev)            # (B, A, W)
+        pos = torch.cat([torch.arange(N, device=dev).expand(B, N), win_pos.reshape(B, A * W)], dim=1)
+        mask = staircase_mask(N, anchors, W)                                          # (B, 1, L, L)
+        h = self._trunk(x, pos, mask)
+        return self._logits(h[:, N:].reshape(B, A, W, -1)[:, :, m:])
+
+    def forward_step(self, tokens, pos, noise, cache):
+        """One cached decode pass (paper §4): feed the n tokens committed last step (or the prompt, at
+        prefill) at positions `pos` (n,), followed by k noise slots; the real tokens go into the cache.
+        Returns the logits of the last real token (for AR) and of the slots: (B, 1 + k, vocab)."""
+        n = tokens.size(1)
+        k = 0 if noise is None else noise.size(1)
+        x = self.wte(tokens)
+        if k:
+            x = torch.cat([x, self.noise_encoder(noise).to(x.dtype)], dim=1)
+            pos = torch.cat([pos, pos[-1] + 1 + torch.arange(k, device=pos.device)])
+        h = self._trunk(x, pos, step_mask(pos, n, self.config.block_size), cache=cache, n_real=n)
+        return self._logits(h[:, n - 1:])
+
+
+def staircase_mask(N, anchors, W):
+    """Boolean attention mask (True = may attend) of the staircase layout, (B, 1, N + A*W, N + A*W)."""
+    B, A = anchors.shape
+    dev = anchors.device
+    L = N + A * W
+    ctx = torch.arange(N, device=dev)
+    mask = torch.zeros(B, L, L, dtype=torch.bool, device=dev)
+    mask[:, :N, :N] = ctx[:, None] >= ctx[None, :]                               # context: causal
+    # window rows -> context: positions <= anchor
+    win_ctx = ctx[None, None, :] <= anchors[:, :, None]                            # (B, A, N)
+    mask[:, N:, :N] = win_ctx.repeat_interleave(W, dim=1)
+    # window rows -> windows: same window (block diagonal) and causal inside it
+    w = torch.arange(A * W, device=dev)
+    same = (w[:, None] // W == w[None, :] // W) & (w[:, None] >= w[None, :])
+    mask[:, N:, N:] = same
+    return mask.unsqueeze(1)
+
+
+def step_mask(pos, n_real, cache_len):
+    """Mask of a cached decode pass: queries [n real | k slots], keys [cache_len cache entries | k slots].
+    Real token j sees cache entries up to its own position; every slot sees the cache up to the last real
+    token and the slots of its window up to itself. Built from the position tensor, so stale entries past
+    the current length are hidden without slicing the cache (static shapes, CUDA-graph friendly)."""
+    T = pos.numel()
+    k = T - n_real
+    qlim = torch.cat([pos[:n_real], pos[n_real - 1].expand(k)])
+    to_cache = torch.arange(cache_len, device=pos.device)[None, :] <= qlim[:, None]
+    to_slots = torch.zeros(T, k, dtype=torch.bool, device=pos.device)
+    to_slots[n_real:] = torch.ones(k, k, dtype=torch.bool, device=pos.device).tril()
+    return torch.cat([to_cache, to_slots], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling as a deterministic function of noise, and the one decode loop.
+
+def inverse_cdf(logits, u):
+    """x = F^-1(u | ctx): the smallest token id whose cumulative probability reaches u. Float64 softmax and
+    cumulative sum in token-id order, so the same (logits, u) always give the same token."""
+    probs = torch.softmax(logits.double(), dim=-1)
+    cdf = torch.cumsum(probs, dim=-1)
+    tok = torch.searchsorted(cdf, u.double().unsqueeze(-1).contiguous(), right=False).squeeze(-1)
+    return tok.clamp_(max=logits.size(-1) - 1)   # u above the float64 total (rounding) -> last token
+
+
+@torch.no_grad()
+def decode_step(model, tokens, pos, u, cache):
+    """Commit `tokens` at positions `pos` and return the next k = u.size(1) tokens.
+    AR (max_k = 0): k must be 1, x = F^-1(u | ctx) from the last real token's logits.
+    K-Forcing: k noise slots, x_i = argmax of slot i's logits (the push-forward readout)."""
+    if model.config.max_k == 0:
+        assert u.size(1) == 1, "an AR model decodes one token per pass"
+        logits = model.forward_step(tokens, pos, None, cache)
+        return inverse_cdf(logits[:, -1].float(), u[:, 0]).unsqueeze(1)
+    logits = model.forward_step(tokens, pos, u, cache)
+    return logits[:, 1:].argmax(dim=-1)
+
+
+@torch.no_grad()
+def generate(model, prompt, noise, k=1, cache_dtype=None, step_fn=None):
+    """The one decode loop. prompt: (B, P) tokens, every row the same length. noise: (B, n_new), u_j is
+    the noise of the j-th new token, so the same noise can be decoded by AR (k = 1) and by a student with
+    any k and the tokens compared position by position. Each pass commits the previous k tokens and
+    produces k more; the prompt is committed by the first pass (prefill). Returns (B, n_new) tokens."""
+    B, P = prompt.shape
+    n_new = noise.size(1)
+    if n_new % k:
+        raise ValueError(f"the number of new tokens ({n_new}) must be a multiple of k ({k})")
+    if P + n_new > model.config.block_size:
+        raise ValueError(f"prompt ({P}) + new tokens ({n_new}) exceed the block size {model.config.block_size}")
+    dev = prompt.device
+    cache = KVCache(model.config, B, dev, cache_dtype or next(model.parameters()).dtype)
+    step_fn = step_fn or decode_step
+    out = torch.empty(B, n_new, dtype=torch.long, device=dev)
+    tokens, pos = prompt, torch.arange(P, device=dev)
+    for s in range(0, n_new, k):
+        tokens = step_fn(model, tokens, pos, noise[:, s:s + k], cache)
+        out[:, s:s + k] = tokens
+        pos = pos[-1] + 1 + torch.arange(k, device=dev)
+    return out
+
+
+def same_noise_agreement(a, b, k):
+    """Fraction of positions where two same-noise samples agree, per slot (position j is slot j mod k)."""
+    eq = (a == b).float()
+    return [eq[:, i::k].mean().item() for i in range(k)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model FLOPs utilisation, against the device's peak dense bf16 rate.
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for key, v in PEAK_FLOPS.items() if key in name), None)
+
+
+def flops_per_token(cfg, seq_len):
+    """Training FLOPs per token: 6 x parameters in matmuls + attention (PaLM appendix B)."""
+    d, L = cfg.n_embd, cfg.n_layer
+    n_matmul = L * 12 * d * d + d * cfg.padded_vocab
+    return 6 * n_matmul + 12 * L * d * seq_len

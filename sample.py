@@ -1,0 +1,116 @@
+"""
+Sample from the AR teacher and a K-Forcing student on the SAME noise, and show where they differ.
+
+    python sample.py                                   # val prefixes, the newest tiny/small checkpoints
+    python sample.py --prompt "The king said" --k 4 --num_samples 3
+    python sample.py --teacher_only --prompt "Once upon a time"
+
+One noise sequence u_1..u_n ~ U(0,1) is drawn per sample. The teacher turns it into tokens one pass at a
+time (x_j = F^-1(u_j | x_<j)); the student turns the same u into k tokens per pass. Tokens where the two
+differ are marked [like this] in the student's line, and the per-slot agreement is printed at the end.
+"""
+import argparse
+import glob
+import os
+import re
+
+import torch
+
+from common import UserError, load_checkpoint, load_split, model_from_checkpoint, run_cli, sample_windows
+from model import generate, same_noise_agreement
+from prepare_data import get_encoding
+
+
+def default_checkpoints():
+    """The newest teacher and its newest student: small if present, else tiny."""
+    for preset in ("small", "tiny"):
+        teacher = f"out/teacher_{preset}/best.pt"
+        students = glob.glob(f"out/distill_{preset}/student_k*.pt")
+        if os.path.exists(teacher):
+            best = max(students, key=lambda p: int(re.findall(r"k(\d+)", p)[-1]), default=None)
+            return teacher, best
+    return "out/teacher_tiny/best.pt", None
+
+
+def load_models(teacher_path, student_path, device):
+    teacher = model_from_checkpoint(load_checkpoint(teacher_path, kind="teacher"), device).eval()
+    student = None
+    if student_path:
+        student = model_from_checkpoint(load_checkpoint(student_path, kind="student"), device).eval()
+        if student.config.n_embd != teacher.config.n_embd or student.config.n_layer != teacher.config.n_layer:
+            raise UserError(f"{student_path} was not distilled from {teacher_path} (the shapes differ)")
+    return teacher, student
+
+
+def check_k(k, student):
+    if k is None:
+        return student.config.max_k
+    if k < 1 or k > student.config.max_k:
+        raise UserError(f"--k must be between 1 and the student's max_k ({student.config.max_k}), not {k}")
+    return k
+
+
+def marked(enc, tokens, reference):
+    return "".join(enc.decode([t]) if t == r else f"[{enc.decode([t])}]" for t, r in zip(tokens, reference))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--teacher", default=None, help="AR teacher checkpoint (default: out/teacher_small or _tiny best.pt)")
+    p.add_argument("--student", default=None, help="student checkpoint (default: the highest student_k*.pt "
+                                                   "distilled from the default teacher)")
+    p.add_argument("--teacher_only", action="store_true", help="sample from the teacher alone")
+    p.add_argument("--k", type=int, default=None, help="tokens per student pass (1..the student's max_k; default max_k)")
+    p.add_argument("--prompt", default=None, help="prompt text; default: prefixes of the val split")
+    p.add_argument("--data_dir", default="data/offline", help="where val.bin lives (for the default prefixes)")
+    p.add_argument("--prompt_len", type=int, default=6, help="length of the val prefixes (6 as in the paper)")
+    p.add_argument("--num_samples", type=int, default=4, help="samples to draw")
+    p.add_argument("--max_new_tokens", type=int, default=48, help="tokens to generate per sample")
+    p.add_argument("--seed", type=int, default=0, help="seeds the noise and the choice of val prefixes")
+    p.add_argument("--device", default="auto", help="cuda, cpu or auto")
+    args = p.parse_args(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if args.num_samples < 1 or args.max_new_tokens < 1:
+        raise UserError("--num_samples and --max_new_tokens must be at least 1")
+
+    teacher_path, student_path = default_checkpoints()
+    teacher_path = args.teacher or teacher_path
+    student_path = None if args.teacher_only else (args.student or student_path)
+    if not args.teacher_only and student_path is None:
+        raise UserError("no student checkpoint found; run distill.py, pass --student, or use --teacher_only")
+    teacher, student = load_models(teacher_path, student_path, device)
+    k = check_k(args.k, student) if student else 1
+    enc = get_encoding()
+    gen = torch.Generator().manual_seed(args.seed)
+    if args.prompt is not None:
+        ids = enc.encode_ordinary(args.prompt)
+        if not ids:
+            raise UserError("--prompt is empty; give some text, or leave it out to use val prefixes")
+        prompts = torch.tensor([ids] * args.num_samples)
+    else:
+        prompts = sample_windows(load_split(args.data_dir, "val"), args.num_samples, args.prompt_len, gen)[0]
+    n_new = -(-args.max_new_tokens // k) * k   # whole passes; extra tokens are cut below
+    block = teacher.config.block_size
+    if prompts.size(1) + n_new > block:
+        raise UserError(f"prompt ({prompts.size(1)} tokens) + --max_new_tokens ({n_new}) exceed the block size "
+                        f"{block}; shorten one of them")
+    noise = torch.rand(args.num_samples, n_new, generator=gen, dtype=torch.float64)
+    prompts, noise = prompts.to(device), noise.to(device)
+    ar = generate(teacher, prompts, noise, k=1)[:, :args.max_new_tokens].tolist()
+    kf = generate(student, prompts, noise, k=k)[:, :args.max_new_tokens].tolist() if student else None
+
+    for i in range(args.num_samples):
+        print(f"--- sample {i + 1}: {enc.decode(prompts[i].tolist())!r}")
+        print(f"AR teacher     | {enc.decode(ar[i])}")
+        if kf:
+            print(f"K-Forcing k={k}  | {marked(enc, kf[i], ar[i])}")
+    if kf:
+        agree = same_noise_agreement(torch.tensor(ar), torch.tensor(kf), k)
+        print(f"\nsame-noise agreement with the AR teacher over {args.num_samples} x {args.max_new_tokens} tokens "
+              "([marked] tokens differ):")
+        print("  " + "   ".join(f"slot {j + 1}: {a:.1%}" for j, a in enumerate(agree)))
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,221 @@
+"""
+Train the autoregressive (AR) teacher: a plain GPT with next-token cross-entropy. K-Forcing starts from it:
+distill.py turns it into a push-forward student, and its own samples are what the student is judged against.
+
+    python teacher.py --preset tiny                          # CPU, ~2 minutes
+    python teacher.py --preset small                         # one GPU, ~5-10 minutes: the README's numbers
+    torchrun --standalone --nproc_per_node 8 teacher.py --preset paper
+"""
+import dataclasses
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from common import (JsonlLog, StopFlag, UserError, all_mean, check_batch_split, check_finite, device_name,
+                    ensure_writable, field, load_checkpoint, load_split, lr_at, out_of_memory, parse_config,
+                    rng_state, run_cli, sample_windows, save_checkpoint, set_rng_state, setup_runtime, shard,
+                    write_json)
+from model import GPT, GPTConfig, flops_per_token, peak_flops
+
+
+@dataclass
+class TeacherConfig:
+    data_dir: str = field("data/offline", "directory with train.bin / val.bin from prepare_data.py")
+    out_dir: str = field("out/teacher_{preset}", "where checkpoints (last.pt, best.pt) and log.jsonl go")
+    results_dir: str = field("results", "where the final teacher_<preset>.json summary is written")
+    # model
+    n_layer: int = field(6, "transformer blocks")
+    n_head: int = field(6, "attention heads")
+    n_embd: int = field(384, "model width")
+    block_size: int = field(256, "training sequence length (and the longest context at inference)")
+    dropout: float = field(0.1, "dropout; our corpus is small enough that ~10 epochs overfit without it")
+    tie_embeddings: bool = field(True, "share the input embedding and the output head")
+    # optimisation
+    batch_size: int = field(64, "sequences per micro-batch, summed over all processes")
+    grad_accum: int = field(1, "micro-batches per optimizer step (global batch = batch_size x grad_accum)")
+    max_steps: int = field(3000, "optimizer steps")
+    lr: float = field(1e-3, "peak learning rate (AdamW)")
+    min_lr: float = field(1e-4, "learning rate at the end of the cosine decay")
+    warmup_steps: int = field(200, "linear warmup steps")
+    weight_decay: float = field(0.1, "AdamW weight decay on matrices (not on norms and biases)")
+    beta1: float = field(0.9, "AdamW beta1")
+    beta2: float = field(0.95, "AdamW beta2")
+    grad_clip: float = field(1.0, "clip the global gradient norm to this (0: off)")
+    # bookkeeping
+    eval_interval: int = field(250, "evaluate val loss and write a checkpoint every N steps")
+    eval_iters: int = field(20, "val batches per evaluation (always the same batches)")
+    seed: int = field(1337, "seeds the model init and the data order")
+    device: str = field("auto", "cuda, cpu or auto")
+    dtype: str = field("auto", "float32 or bfloat16 (autocast); auto: bfloat16 on CUDA, float32 on CPU")
+    compile: bool = field(True, "torch.compile the model (CUDA only)")
+
+
+PRESETS = {
+    "tiny": dict(_about="CPU demo and tests, ~2 min on 2 cores", n_layer=2, n_head=2, n_embd=64,
+                 block_size=64, dropout=0.0, batch_size=16, max_steps=300, lr=3e-3, min_lr=3e-4,
+                 warmup_steps=30, eval_interval=50, eval_iters=8),
+    "small": dict(_about="one GPU, ~5-10 min: the README's numbers (6 x 384, block 256)"),
+    "paper": dict(_about="the paper's shape: 12 x 768, 12 heads, untied, block 128 as on LM1B",
+                  n_layer=12, n_head=12, n_embd=768, block_size=128, tie_embeddings=False,
+                  batch_size=512, max_steps=100_000, lr=3e-4, min_lr=3e-5, warmup_steps=2500,
+                  eval_interval=1000),
+}
+
+
+def model_config(cfg):
+    return GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                     dropout=cfg.dropout, tie_embeddings=cfg.tie_embeddings)
+
+
+def unigram_entropy(tokens):
+    """Entropy (nats/token) of the split's own unigram distribution: the loss of a model that ignores context."""
+    p = np.bincount(tokens, minlength=50257).astype(np.float64)
+    p = p[p > 0] / p.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+@torch.no_grad()
+def evaluate(model, val, cfg, rt):
+    """Mean loss over the same eval_iters val batches every time (a fixed generator), so evaluations compare."""
+    model.eval()
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(cfg.eval_iters):
+        x, y = sample_windows(val, cfg.batch_size, cfg.block_size, gen)
+        with rt.autocast:
+            losses.append(model(x.to(rt.device), y.to(rt.device))[1].item())
+    model.train()
+    return float(np.mean(losses))
+
+
+def main(argv=None):
+    cfg, args = parse_config(TeacherConfig, PRESETS, __doc__.strip().splitlines()[0], argv, extra=lambda p: (
+        p.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pt"),
+        p.add_argument("--overwrite", action="store_true", help="start afresh even if <out_dir> has a checkpoint")))
+    rt = setup_runtime(cfg.device, cfg.dtype)
+    check_batch_split(cfg.batch_size, rt)
+    train, val = load_split(cfg.data_dir, "train"), load_split(cfg.data_dir, "val")
+    ensure_writable(cfg.out_dir)
+    ensure_writable(cfg.results_dir)
+    last_path, best_path = os.path.join(cfg.out_dir, "last.pt"), os.path.join(cfg.out_dir, "best.pt")
+    if args.resume and not os.path.exists(last_path):
+        raise UserError(f"--resume: no checkpoint at {last_path}; run without --resume to start")
+    if not args.resume and not args.overwrite and os.path.exists(last_path):
+        raise UserError(f"{cfg.out_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
+
+    torch.manual_seed(cfg.seed)
+    model = GPT(model_config(cfg)).to(rt.device)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                  fused=rt.device.type == "cuda")
+    gen = torch.Generator().manual_seed(cfg.seed)   # the data order; identical on every rank
+    step, best_val, resumed = 0, math.inf, None
+    if args.resume:
+        ckpt = load_checkpoint(last_path, kind="teacher")
+        if ckpt["model_config"] != dataclasses.asdict(model_config(cfg)):
+            raise UserError(f"{last_path} was trained with another model shape; resume with the same flags")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, best_val, resumed = ckpt["step"], ckpt["best_val"], ckpt["step"]
+        set_rng_state(ckpt["rng"], gen)
+    raw = model
+    if cfg.compile and rt.device.type == "cuda":
+        model = torch.compile(model)
+    if rt.ddp:
+        model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+
+    def checkpoint(path, with_optimizer=True):
+        if rt.master:
+            save_checkpoint(path, {"kind": "teacher", "model_config": dataclasses.asdict(raw.config),
+                                   "model": raw.state_dict(), "train_config": dataclasses.asdict(cfg),
+                                   "optimizer": optimizer.state_dict() if with_optimizer else None,
+                                   "step": step, "best_val": best_val, "rng": rng_state(gen)})
+
+    log = JsonlLog(os.path.join(cfg.out_dir, "log.jsonl"), resumed, rt.master)
+    if rt.master:
+        print(f"teacher: {raw.num_params() / 1e6:.1f}M parameters on {device_name(rt.device)} x {rt.world}, "
+              f"{len(train) / 1e6:.1f}M train tokens" + (f", resuming at step {step}" if resumed else ""))
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.block_size
+    flops, peak = flops_per_token(raw.config, cfg.block_size), peak_flops(rt.device)
+    train_time, train_tokens, tok_s, mfu, val_loss = 0.0, 0, 0.0, None, math.nan
+    stop = StopFlag()
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="teacher", disable=not rt.master, dynamic_ncols=True)
+    try:
+        if resumed is None:
+            val_loss = evaluate(raw, val, cfg, rt)
+            log.write(step=0, val_loss=val_loss)
+        while step < cfg.max_steps:
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            x, y = sample_windows(train, cfg.batch_size * cfg.grad_accum, cfg.block_size, gen)
+            x, y = shard(x, rt).to(rt.device), shard(y, rt).to(rt.device)
+            mb = cfg.batch_size // rt.world
+            loss_sum = torch.zeros((), device=rt.device)
+            for i in range(cfg.grad_accum):
+                sync = i == cfg.grad_accum - 1 or not rt.ddp
+                with (model.no_sync() if not sync else torch.enable_grad()), rt.autocast:
+                    _, loss = model(x[i * mb:(i + 1) * mb], y[i * mb:(i + 1) * mb])
+                    (loss / cfg.grad_accum).backward()
+                loss_sum += loss.detach() / cfg.grad_accum
+            loss = all_mean(loss_sum, rt).item()
+            check_finite(loss, step + 1, last_path)
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if rt.device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            if step > (resumed or 0) + 3:   # the first steps compile and warm up
+                train_time, train_tokens = train_time + dt, train_tokens + tokens_per_step
+                tok_s = train_tokens / train_time
+                mfu = flops * tok_s / (peak * rt.world) if peak else None
+            log.write(step=step, loss=loss, lr=lr, tok_s=tok_s)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", val=f"{val_loss:.3f}", tok_s=f"{tok_s:,.0f}",
+                            **({"mfu": f"{mfu:.1%}"} if mfu else {}))
+            if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+                val_loss = evaluate(raw, val, cfg, rt)
+                log.write(step=step, val_loss=val_loss)
+                if val_loss < best_val:
+                    best_val = val_loss
+                    checkpoint(best_path, with_optimizer=False)
+                checkpoint(last_path)
+            if stop.should_stop(rt):
+                checkpoint(last_path)
+                raise UserError(f"interrupted at step {step}; saved {last_path}; continue with --resume")
+    except (RuntimeError, MemoryError) as e:
+        if out_of_memory(e):
+            raise UserError(f"a batch of {cfg.batch_size // rt.world} x {cfg.block_size} tokens does not fit in "
+                            f"memory on {rt.device}; lower --batch_size and raise --grad_accum") from None
+        raise
+    finally:
+        bar.close()
+        stop.restore()
+
+    if rt.master:
+        baseline = unigram_entropy(np.asarray(val))
+        result = {"device": device_name(rt.device), "world_size": rt.world, "torch": torch.__version__,
+                  "config": dataclasses.asdict(cfg), "params": raw.num_params(), "steps": step,
+                  "tokens_seen": step * tokens_per_step, "final_val_loss": val_loss, "best_val_loss": best_val,
+                  "unigram_entropy": baseline, "tokens_per_s": tok_s, "mfu": mfu}
+        write_json(os.path.join(cfg.results_dir, f"teacher_{args.preset}.json"), result)
+        print(f"val loss {val_loss:.3f} (best {best_val:.3f}; unigram baseline {baseline:.3f} nats), "
+              f"{tok_s:,.0f} tok/s" + (f", MFU {mfu:.1%}" if mfu else "") + f"; checkpoint {best_path}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

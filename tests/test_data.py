@@ -1,0 +1,143 @@
+"""Tests for prepare_data.py: the offline tokenizer, the build on a small corpus, and load_tokens' errors.
+CPU only, no network, a few seconds. Run: python -m pytest tests/test_data.py -q"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from prepare_data import EOT, DataError, get_encoding, load_tokens  # noqa: E402
+
+DOCS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer",
+    "Café, naïve, 日本語, emoji 🙂 and <|endoftext|> written as plain text.",
+    "Short.",
+    "A fifth document, with numbers 12345 and  double  spaces.",
+    "Six: the last one.\n\nIt has two paragraphs.",
+]
+
+
+def run(*args, env=None):
+    return subprocess.run([sys.executable, "prepare_data.py", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env=env)
+
+
+def test_tokenizer_offline_roundtrip():
+    enc = get_encoding()
+    assert enc.encode("Hello world") == [15496, 995]
+    assert enc.n_vocab == 50257 and enc.eot_token == EOT == 50256
+    for s in ["Hello world", " leading space", "Ünïcödé ½ 日本語 🙂", "line\n\nbreaks\ttabs", ""]:
+        assert enc.decode(enc.encode_ordinary(s)) == s
+    assert get_encoding() is enc  # cached
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("corpus")
+    src = tmp / "src"
+    src.mkdir()
+    for i, d in enumerate(DOCS):
+        (src / f"doc{i}.txt").write_text(d, encoding="utf-8")
+    out = tmp / "out"
+    r = run("--source_dir", str(src), "--out_dir", str(out))
+    assert r.returncode == 0, r.stderr
+    return out / "custom", r
+
+
+def test_build_writes_consistent_outputs(built):
+    d, _ = built
+    meta = json.loads((d / "meta.json").read_text())
+    assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257 and meta["eot"] == EOT
+    assert meta["dtype"] == "uint16"
+    for split in ("train", "val"):
+        assert os.path.getsize(d / f"{split}.bin") == 2 * meta[f"{split}_tokens"]
+        assert meta["num_docs"][split] >= 1  # never an empty split
+    assert meta["num_docs"]["train"] + meta["num_docs"]["val"] == len(DOCS)
+    assert sum(s["tokens"] for s in meta["sources"]) == meta["train_tokens"] + meta["val_tokens"]
+    assert not [f for f in os.listdir(d) if ".tmp" in f]  # no temporary files left behind
+
+
+def test_bins_decode_to_the_documents(built):
+    d, _ = built
+    enc, texts = get_encoding(), []
+    for split in ("train", "val"):
+        ids = np.fromfile(d / f"{split}.bin", dtype=np.uint16)
+        assert ids[-1] == EOT  # every document is followed by EOT
+        # split on EOT ids (a literal "<|endoftext|>" inside a text is ordinary tokens, not 50256)
+        cuts = np.flatnonzero(ids == EOT)
+        starts = np.concatenate([[0], cuts[:-1] + 1])
+        texts += [enc.decode(ids[a:b].tolist()) for a, b in zip(starts, cuts)]
+        assert np.array_equal(load_tokens(str(d), split), ids)
+    assert sorted(texts) == sorted(DOCS)
+
+
+def test_rerun_is_a_noop(built):
+    d, _ = built
+    mtimes = {f: os.stat(d / f).st_mtime_ns for f in ("train.bin", "val.bin", "meta.json")}
+    src = json.loads((d / "meta.json").read_text())["config"]["source_dir"]
+    r = run("--source_dir", src, "--out_dir", str(d.parent))
+    assert r.returncode == 0 and "already prepared" in r.stdout
+    assert {f: os.stat(d / f).st_mtime_ns for f in mtimes} == mtimes
+
+
+def test_unfinished_outputs_are_rebuilt(built, tmp_path):
+    d, _ = built
+    src = json.loads((d / "meta.json").read_text())["config"]["source_dir"]
+    out = tmp_path / "out"
+    assert run("--source_dir", src, "--out_dir", str(out)).returncode == 0
+    with open(out / "custom" / "val.bin", "ab") as f:  # sizes no longer match meta.json
+        f.write(b"\0\0")
+    r = run("--source_dir", src, "--out_dir", str(out))
+    assert r.returncode == 0 and "already prepared" not in r.stdout
+    meta = json.loads((out / "custom" / "meta.json").read_text())
+    assert os.path.getsize(out / "custom" / "val.bin") == 2 * meta["val_tokens"]
+
+
+def one_line_error(r):
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    return lines[0]
+
+
+def test_lm1b_fails_cleanly_offline(tmp_path):
+    # Offline mode, so this never downloads even where `datasets` and a network exist.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    line = one_line_error(run("--dataset", "lm1b", "--out_dir", str(tmp_path), env=env))
+    assert "--dataset offline" in line
+    assert not (tmp_path / "lm1b" / "meta.json").exists()
+
+
+def test_unwritable_out_dir(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(2):
+        (src / f"{i}.txt").write_text(f"document {i}")
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a directory should be")
+    line = one_line_error(run("--source_dir", str(src), "--out_dir", str(blocker / "sub")))
+    assert "--out_dir" in line
+
+
+def test_load_tokens_errors(tmp_path):
+    def error(split, data_dir=tmp_path):
+        with pytest.raises(DataError) as e:
+            load_tokens(str(data_dir), split)
+        assert "\n" not in str(e.value)  # one line, for callers to print as it is
+        return str(e.value)
+
+    assert "not found; run `python prepare_data.py`" in error("train", tmp_path / "missing")
+    assert "val.bin not found" in error("val")
+    (tmp_path / "train.bin").write_bytes(b"")
+    assert "empty" in error("train")
+    (tmp_path / "train.bin").write_bytes(b"\x01\x00\x02")
+    assert "corrupt" in error("train")
+    (tmp_path / "train.bin").write_bytes(np.array([1, 2, 60000], dtype=np.uint16).tobytes())
+    assert "corrupt" in error("train")
