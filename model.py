@@ -323,11 +323,14 @@ def decode_step(model, tokens, pos, u, cache):
 
 
 @torch.no_grad()
-def generate(model, prompt, noise, k=1, cache_dtype=None, step_fn=None):
+def generate(model, prompt, noise, k=1, cache_dtype=None, step_fn=None, cache=None, cuda_graph=False):
     """The one decode loop. prompt: (B, P) tokens, every row the same length. noise: (B, n_new), u_j is
     the noise of the j-th new token, so the same noise can be decoded by AR (k = 1) and by a student with
     any k and the tokens compared position by position. Each pass commits the previous k tokens and
-    produces k more; the prompt is committed by the first pass (prefill). Returns (B, n_new) tokens."""
+    produces k more; the prompt is committed by the first pass (prefill). Returns (B, n_new) tokens.
+    cache: a KVCache to reuse (its stale entries are hidden by the mask, so it needs no clearing; reusing
+    one keeps CUDA graphs valid across calls). cuda_graph: replay the decode steps from CUDA graphs
+    (a fresh CUDAGraphStep; pass step_fn=CUDAGraphStep() yourself to keep its graphs between calls)."""
     B, P = prompt.shape
     n_new = noise.size(1)
     if n_new % k:
@@ -335,8 +338,11 @@ def generate(model, prompt, noise, k=1, cache_dtype=None, step_fn=None):
     if P + n_new > model.config.block_size:
         raise ValueError(f"prompt ({P}) + new tokens ({n_new}) exceed the block size {model.config.block_size}")
     dev = prompt.device
-    cache = KVCache(model.config, B, dev, cache_dtype or next(model.parameters()).dtype)
-    step_fn = step_fn or decode_step
+    if cache is None:
+        cache = KVCache(model.config, B, dev, cache_dtype or next(model.parameters()).dtype)
+    elif cache.k.shape[:4] != (model.config.n_layer, B, model.config.n_head, model.config.block_size):
+        raise ValueError(f"the cache {tuple(cache.k.shape)} does not fit this model and batch size {B}")
+    step_fn = step_fn or (CUDAGraphStep() if cuda_graph else decode_step)
     out = torch.empty(B, n_new, dtype=torch.long, device=dev)
     tokens, pos = prompt, torch.arange(P, device=dev)
     for s in range(0, n_new, k):
@@ -344,6 +350,60 @@ def generate(model, prompt, noise, k=1, cache_dtype=None, step_fn=None):
         out[:, s:s + k] = tokens
         pos = pos[-1] + 1 + torch.arange(k, device=dev)
     return out
+
+
+class CUDAGraphStep:
+    """A step_fn for generate that replays decode_step from CUDA graphs. At small batch a decode step is
+    hundreds of tiny kernels whose launch cost exceeds their run time; a graph launches them all at once.
+    A graph replays fixed kernels on fixed memory, so each (model, cache, batch, n_tokens, k) gets its own,
+    captured on first use, with static input buffers (tokens, pos, u) that each call copies into; the
+    cache is written in place (the mask built from pos hides stale entries: shapes never change). The
+    prefill (the prompt, once per generation) runs eagerly. The returned tokens are the graph's static
+    output, overwritten by the next replay (generate copies them out at once). Graphs pin their memory
+    until this object is dropped. On CPU, or with capture=False, the same static-buffer plumbing runs
+    eagerly, which is what the CPU tests check against generate's plain path."""
+
+    def __init__(self, capture=True, warmup=2):
+        self.capture, self.warmup, self.graphs = capture, warmup, {}
+
+    def __call__(self, model, tokens, pos, u, cache):
+        if tokens.size(1) != u.size(1):   # prefill (prompt + k slots): a one-off shape, not worth a graph
+            return decode_step(model, tokens, pos, u, cache)
+        w = next(model.parameters())      # a graph holds the addresses of the weights and of the cache
+        key = (id(model), w.data_ptr(), w.dtype, cache.k.data_ptr(), cache.v.data_ptr(),
+               tuple(tokens.shape), tuple(u.shape), u.dtype)
+        if key not in self.graphs:
+            self.graphs[key] = self._record(model, tokens, pos, u, cache)
+        static = self.graphs[key]
+        static["tokens"].copy_(tokens)
+        static["pos"].copy_(pos)
+        static["u"].copy_(u)
+        return static["run"]()
+
+    def _record(self, model, tokens, pos, u, cache):
+        static = {"tokens": tokens.clone(), "pos": pos.clone(), "u": u.clone()}
+        step = lambda: decode_step(model, static["tokens"], static["pos"], static["u"], cache)  # noqa: E731
+        if not (self.capture and tokens.is_cuda):
+            static["run"] = step
+            return static
+        # Warm up on a side stream first (lazy cuBLAS/cuDNN set-up must not happen during capture). The
+        # warm-up passes hold this call's real inputs, so they write the very K/V that the step itself
+        # writes at these positions: the cache ends up as if the step had run once.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):     # records the kernels, runs nothing
+            out = step()
+
+        def replay():
+            graph.replay()
+            return out
+        static.update(graph=graph, run=replay)
+        return static
 
 
 def same_noise_agreement(a, b, k):
