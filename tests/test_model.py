@@ -1,0 +1,216 @@
+"""The network's contracts: the cached decode path computes what the full forward computes, the staircase
+mask leaks nothing, sampling is a deterministic function of the noise, and a student starts as its teacher."""
+import dataclasses
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig, KVCache, decode_step, generate, inverse_cdf, same_noise_agreement
+
+V = 50257
+
+
+def tiny(max_k=0, **kw):
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=48, n_layer=2, n_head=2, n_embd=32, max_k=max_k, **kw)
+    return GPT(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return tiny()
+
+
+@pytest.fixture(scope="module")
+def student(teacher):
+    torch.manual_seed(1)
+    s = GPT.student_from(teacher, 4).eval()
+    # a fresh noise encoder gives nearly constant slot inputs; perturb the copied weights too, so that a
+    # wrong mask or position would show up as a difference in every test below
+    with torch.no_grad():
+        for p in s.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return s
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("splits", [[1, 17, 40], [6, 7, 8, 9, 30], [40]])
+def test_kv_cache_decode_equals_full_forward(teacher, splits):
+    x = torch.randint(0, V, (3, 40))
+    full, _ = teacher(x)
+    cache = KVCache(teacher.config, 3, "cpu", torch.float32)
+    start = 0
+    for end in splits:
+        last = teacher.forward_step(x[:, start:end], torch.arange(start, end), None, cache)
+        torch.testing.assert_close(last[:, -1], full[:, end - 1], rtol=0, atol=1e-4)
+        start = end
+
+
+@torch.no_grad()
+def test_stale_cache_entries_are_masked(teacher):
+    # a cache full of garbage past the current length must not change anything
+    x = torch.randint(0, V, (2, 20))
+    full, _ = teacher(x)
+    cache = KVCache(teacher.config, 2, "cpu", torch.float32)
+    cache.k.normal_(), cache.v.normal_()
+    last = teacher.forward_step(x, torch.arange(20), None, cache)
+    torch.testing.assert_close(last[:, -1], full[:, -1], rtol=0, atol=1e-4)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("m", [0, 2])
+def test_student_cached_step_equals_staircase(student, m):
+    """A decode step ([committed tokens | k slots] over the cache) gives the logits that the training
+    layout gives for the same window: the two layouts are one function."""
+    B, N, A, k = 2, 30, 5, 4 - m
+    x = torch.randint(0, V, (B, N))
+    anchors = torch.stack([torch.randperm(N)[:A] for _ in range(B)])
+    u = torch.rand(B, A, k, dtype=torch.float64)
+    window = torch.randint(0, V, (B, A, m)) if m else None
+    stair = student(x, anchors=anchors, noise=u, window=window)
+    for b in range(B):
+        for a in range(A):
+            t = anchors[b, a].item()
+            ctx = x[b:b + 1, :t + 1] if not m else torch.cat([x[b:b + 1, :t + 1], window[b:b + 1, a]], 1)
+            cache = KVCache(student.config, 1, "cpu", torch.float32)
+            split = max(1, ctx.size(1) // 2)   # commit the context in two passes, as decoding does
+            student.forward_step(ctx[:, :split], torch.arange(split), None, cache)
+            step = student.forward_step(ctx[:, split:], torch.arange(split, ctx.size(1)), u[b:b + 1, a], cache) \
+                if ctx.size(1) > split else None
+            if step is None:   # a 1-token context: commit it together with the slots
+                cache = KVCache(student.config, 1, "cpu", torch.float32)
+                step = student.forward_step(ctx, torch.arange(ctx.size(1)), u[b:b + 1, a], cache)
+            torch.testing.assert_close(step[0, 1:], stair[b, a], rtol=0, atol=1e-4)
+
+
+@torch.no_grad()
+def test_staircase_mask_leaks_nothing(student):
+    """A slot sees only context <= its anchor and the slots of its own window up to itself."""
+    B, N, A, k = 2, 24, 4, 4
+    x = torch.randint(0, V, (B, N))
+    anchors = torch.tensor([[3, 10, 11, 20], [0, 5, 17, 23]])
+    u = torch.rand(B, A, k, dtype=torch.float64)
+    base = student(x, anchors=anchors, noise=u)
+    # later context tokens: change everything after the smallest anchor of row 0 (t = 3)
+    x2 = x.clone()
+    x2[0, 4:] = torch.randint(0, V, (N - 4,))
+    out = student(x2, anchors=anchors, noise=u)
+    torch.testing.assert_close(out[0, 0], base[0, 0], rtol=0, atol=1e-5)
+    assert (out[0, 1:] - base[0, 1:]).abs().max() > 1e-3        # the others do see it: the test can fail
+    # later slots' noise, and other windows' noise: change u of slots 3.. of window 1 and all of window 2
+    u2 = u.clone()
+    u2[:, 1, 2:] = torch.rand(B, 2, dtype=torch.float64)
+    u2[:, 2] = torch.rand(B, k, dtype=torch.float64)
+    out = student(x, anchors=anchors, noise=u2)
+    torch.testing.assert_close(out[:, 1, :2], base[:, 1, :2], rtol=0, atol=1e-5)
+    torch.testing.assert_close(out[:, [0, 3]], base[:, [0, 3]], rtol=0, atol=1e-5)
+    assert (out[:, 1, 2:] - base[:, 1, 2:]).abs().max() > 1e-3
+    # the context rows never see any slot: the AR logits of the student are its plain forward's
+    h_ctx = student.next_token_logits(x, anchors)
+    torch.testing.assert_close(h_ctx, student(x)[0][torch.arange(B)[:, None], anchors], rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_first_slots_of_a_k_model_are_a_smaller_k_model(student):
+    x = torch.randint(0, V, (2, 20))
+    anchors = torch.tensor([[4, 9], [15, 19]])
+    u = torch.rand(2, 2, 4, dtype=torch.float64)
+    full = student(x, anchors=anchors, noise=u).argmax(-1)
+    for kk in (1, 2, 3):
+        assert torch.equal(student(x, anchors=anchors, noise=u[:, :, :kk]).argmax(-1), full[:, :, :kk])
+    # and in decoding: the first window of k = 4 starts with the first window of k = 2
+    prompt, noise = torch.randint(0, V, (3, 6)), torch.rand(3, 8, dtype=torch.float64)
+    g4, g2 = generate(student, prompt, noise, k=4), generate(student, prompt, noise, k=2)
+    assert torch.equal(g4[:, :2], g2[:, :2])
+
+
+def test_inverse_cdf_is_a_deterministic_function_of_u():
+    logits = torch.randn(5, 50)
+    u = torch.rand(5, dtype=torch.float64)
+    assert torch.equal(inverse_cdf(logits, u), inverse_cdf(logits.clone(), u.clone()))
+    # u = 0 gives the first token with mass; u -> 1 gives the last
+    assert (inverse_cdf(logits, torch.zeros(5, dtype=torch.float64)) == 0).all()
+    assert (inverse_cdf(logits, torch.full((5,), 1 - 1e-12, dtype=torch.float64)) == 49).all()
+
+
+def test_inverse_cdf_frequencies_match_the_softmax():
+    torch.manual_seed(0)
+    logits = torch.randn(20) * 2
+    n = 200_000
+    tok = inverse_cdf(logits.expand(n, -1), torch.rand(n, dtype=torch.float64))
+    freq = torch.bincount(tok, minlength=20).double() / n
+    tv = 0.5 * (freq - torch.softmax(logits.double(), -1)).abs().sum().item()
+    assert tv < 0.01, tv       # sampling error of 200k draws over 20 bins is ~0.003
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_same_noise_same_sample(teacher, student, k):
+    model = teacher if k == 1 else student
+    prompt = torch.randint(0, V, (3, 6))
+    noise = torch.rand(3, 16, dtype=torch.float64)
+    a, b = generate(model, prompt, noise, k), generate(model, prompt, noise.clone(), k)
+    assert torch.equal(a, b)
+    if k == 1:   # AR: the noise is the only source of randomness, so other noise gives another sample
+        assert not torch.equal(a, generate(model, prompt, torch.rand(3, 16, dtype=torch.float64), k))
+
+
+@torch.no_grad()
+def test_ar_decode_equals_naive_sampling(teacher):
+    """The cached loop samples x_j = F^-1(u_j | x_<j) exactly as a full forward per token would."""
+    prompt, noise = torch.randint(0, V, (2, 6)), torch.rand(2, 10, dtype=torch.float64)
+    seq = prompt
+    for j in range(10):
+        logits = teacher(seq)[0][:, -1]
+        seq = torch.cat([seq, inverse_cdf(logits, noise[:, j]).unsqueeze(1)], 1)
+    assert torch.equal(generate(teacher, prompt, noise, k=1), seq[:, 6:])
+
+
+@torch.no_grad()
+def test_student_decode_equals_staircase_argmax(student):
+    """Each pass of generate() is the student's staircase window on the tokens committed so far."""
+    prompt, noise = torch.randint(0, V, (2, 6)), torch.rand(2, 12, dtype=torch.float64)
+    out = generate(student, prompt, noise, k=4)
+    seq = torch.cat([prompt, out], 1)
+    for s in range(0, 12, 4):
+        t = 6 + s - 1
+        anchors = torch.full((2, 1), t)
+        ref = student(seq[:, :t + 1], anchors=anchors, noise=noise[:, None, s:s + 4]).argmax(-1)[:, 0]
+        assert torch.equal(out[:, s:s + 4], ref)
+
+
+def test_student_copies_every_shared_tensor(teacher):
+    s = GPT.student_from(teacher, 2)
+    ts, ss = teacher.state_dict(), s.state_dict()
+    assert set(ss) - set(ts) == {k for k in ss if k.startswith("noise_encoder.")} != set()
+    for name, t in ts.items():
+        assert torch.equal(ss[name], t), name
+        assert ss[name].data_ptr() != t.data_ptr(), f"{name} is shared, not copied"
+    # a later stage copies the noise encoder too
+    s2 = GPT.student_from(s, 4)
+    for name, t in s.state_dict().items():
+        assert torch.equal(s2.state_dict()[name], t), name
+    assert s2.config.max_k == 4 and dataclasses.asdict(s2.config)["n_embd"] == 32
+
+
+@pytest.mark.parametrize("features", ["paper", "high"])
+def test_noise_features_separate_nearby_noise(features):
+    s = tiny(max_k=1, noise_features=features)
+    u = torch.tensor([0.50, 0.51], dtype=torch.float64)
+    e = s.noise_encoder(u)
+    assert torch.isfinite(e).all() and (e[0] - e[1]).abs().max() > 0
+    with pytest.raises(ValueError):
+        tiny(max_k=1, noise_features="nope")
+
+
+def test_agreement_per_slot():
+    a = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    b = torch.tensor([[1, 0, 3, 4, 0, 0]])
+    assert same_noise_agreement(a, b, 2) == pytest.approx([2 / 3, 1 / 3])
+
+
+def test_decode_step_rejects_multi_token_ar(teacher):
+    cache = KVCache(teacher.config, 1, "cpu", torch.float32)
+    with pytest.raises(AssertionError):
+        decode_step(teacher, torch.zeros(1, 3, dtype=torch.long), torch.arange(3),
+                    torch.rand(1, 2, dtype=torch.float64), cache)
