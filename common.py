@@ -44,9 +44,15 @@ def field(default, help):
     return dataclasses.field(default=default, metadata={"help": help})
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but an unknown flag or a bad value is one line like every other UserError, not a usage block."""
+
+    def error(self, message):
+        raise UserError(f"{message}; see {self.prog} --help")
+
+
 def parse_config(cls, presets, description, argv=None, extra=None):
-    p = argparse.ArgumentParser(description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default=next(iter(presets)), choices=list(presets),
                    help="named defaults: " + "; ".join(f"{k}: {v.get('_about', '')}" for k, v in presets.items()))
     for f in dataclasses.fields(cls):

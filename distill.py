@@ -143,6 +143,7 @@ def main(argv=None):
     ar_tokens = generate(teacher, prompts, eval_noise, k=1)
 
     gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)   # the first stage's new noise encoder; torch's own default seed varies per process
     state = load_checkpoint(last_path, kind="student") if args.resume else None
     if state is not None:
         if state["schedule"] != schedule:
@@ -152,7 +153,7 @@ def main(argv=None):
     results = state["results"] if state else []
     global_step = state["global_step"] if state else 0
     prev = teacher
-    stop = StopFlag()
+    stop, bar = StopFlag(), None
     try:
         for si, k in enumerate(schedule):
             if state is not None and si < state["stage"]:   # finished before the resume
@@ -162,7 +163,8 @@ def main(argv=None):
             optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
                                           weight_decay=cfg.weight_decay, fused=rt.device.type == "cuda")
             step = 0
-            if state is not None and si == state["stage"]:
+            # A stage's final checkpoint (no optimizer) points at the next stage, which then starts afresh.
+            if state is not None and si == state["stage"] and state["optimizer"] is not None:
                 student.load_state_dict(state["model"])
                 optimizer.load_state_dict(state["optimizer"])
                 step, agree_init = state["step"], state["agreement_init"]
@@ -252,6 +254,8 @@ def main(argv=None):
                             f"fit in memory on {rt.device}; lower --batch_size or --anchors") from None
         raise
     finally:
+        if bar is not None:
+            bar.close()   # so that an error starts on a line of its own
         stop.restore()
 
     if rt.master:

@@ -16,7 +16,8 @@ import re
 
 import torch
 
-from common import UserError, load_checkpoint, load_split, model_from_checkpoint, run_cli, sample_windows
+from common import (ArgumentParser, UserError, load_checkpoint, load_split, model_from_checkpoint, run_cli,
+                    sample_windows)
 from model import generate, same_noise_agreement
 from prepare_data import get_encoding
 
@@ -55,8 +56,8 @@ def marked(enc, tokens, reference):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.strip().splitlines()[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--teacher", default=None, help="AR teacher checkpoint (default: out/teacher_small or _tiny best.pt)")
     p.add_argument("--student", default=None, help="student checkpoint (default: the highest student_k*.pt "
                                                    "distilled from the default teacher)")

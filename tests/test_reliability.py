@@ -1,0 +1,526 @@
+"""Reliability of teacher.py / distill.py / sample.py (issue 5): runs killed with SIGKILL or stopped with
+Ctrl-C resume exactly, checkpoints are never half-written, DDP under torchrun matches one process, and every
+bad input is one line, a non-zero exit, no traceback and nothing overwritten.
+
+CPU only, tiny models on a small corpus built here (data/offline is not needed), about a minute on 2 cores.
+Run: python -m pytest tests/test_reliability.py -q"""
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import distill  # noqa: E402
+import model  # noqa: E402
+import sample  # noqa: E402
+import teacher  # noqa: E402
+from common import UserError, load_checkpoint, run_cli, save_checkpoint  # noqa: E402
+from prepare_data import get_encoding  # noqa: E402
+
+TEXT = """The river ran past the old mill and under the stone bridge.
+Children played in the fields until the evening bell rang.
+A merchant came to town with silk, spices and news from the coast.
+The council met on Tuesday to argue about the price of bread.
+Rain fell for three days, and the road to the north was closed.
+She wrote a letter to her brother, who had gone to sea in the spring.
+In the library the clocks ticked and the pages turned slowly.
+The baker rose before dawn, as his father had done before him.
+Soldiers marched through the square, and nobody cheered.
+By winter the harvest was stored and the granary doors were locked."""
+
+# Tiny shapes: the GPT-2 vocabulary (50257) is fixed and its LM head dominates CPU time.
+TEACHER = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "4",
+           "--dropout", "0", "--lr", "3e-3", "--min_lr", "3e-4", "--warmup_steps", "4", "--eval_iters", "1",
+           "--seed", "7", "--device", "cpu"]
+TEACHER_REF = TEACHER + ["--max_steps", "16", "--eval_interval", "4"]
+DISTILL = ["--block_size", "32", "--batch_size", "4", "--anchors", "4", "--eval_samples", "4",
+           "--eval_tokens", "8", "--prompt_len", "4", "--lr", "1e-3", "--warmup_steps", "2", "--log_interval", "1",
+           "--ckpt_interval", "2", "--schedule", "1,2", "--k", "2", "--seed", "7", "--device", "cpu"]
+DISTILL_REF = DISTILL + ["--steps_per_stage", "8"]
+EXACT = 1e-6   # resumed vs uninterrupted losses on CPU fp32: the same arithmetic in the same order
+DDP_TOL = 1e-4  # 2 processes vs 1: only the order of float reductions (gradient all-reduce) differs
+# One thread everywhere (this process and the runs it starts): the same float arithmetic in all of them,
+# and no thread oversubscription on a small, shared machine.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------------------------------
+# helpers
+
+def read_log(path):
+    rows = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:   # a line being written right now
+                    pass
+    return rows
+
+
+def numbers(rows):
+    """The logged numbers that must reproduce (not the timing: tok_s)."""
+    return [{k: v for k, v in r.items() if k != "tok_s"} for r in rows]
+
+
+def assert_same_log(got, want, tol):
+    got, want = numbers(got), numbers(want)
+    assert [sorted(r) for r in got] == [sorted(r) for r in want]
+    for g, w in zip(got, want):
+        for key in w:
+            a, b = np.atleast_1d(np.asarray(g[key], dtype=float)), np.atleast_1d(np.asarray(w[key], dtype=float))
+            assert np.allclose(a, b, rtol=0, atol=tol), (key, g, w)
+
+
+def start(script, argv, tmp_path, name):
+    out = open(tmp_path / f"{name}.out", "w")
+    err = open(tmp_path / f"{name}.err", "w")
+    return subprocess.Popen([sys.executable, script, *argv], cwd=REPO, stdout=out, stderr=err, text=True, env=ENV)
+
+
+def wait_for(proc, log, pred, timeout=120):
+    """Poll log.jsonl until a row satisfies pred; the run must still be going."""
+    deadline = time.time() + timeout
+    while not any(pred(r) for r in read_log(log)):
+        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before the point to stop it at"
+        assert time.time() < deadline, "timed out waiting for the run"
+        time.sleep(0.02)
+
+
+def run(script, argv, timeout=180):
+    return subprocess.run([sys.executable, script, *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+
+
+def error_line(stderr):
+    """The one message a bad input may print: no traceback, and nothing else on stderr but progress bars."""
+    assert "Traceback" not in stderr, stderr
+    lines = [ln for ln in stderr.splitlines() if ln.strip() and not re.search(r"\d+%\|", ln)]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    return lines[0]
+
+
+def cli(mod, argv, capsys):
+    """Run a script's main exactly as its __main__ does (through run_cli) and return its one error line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: mod.main(argv))
+    assert e.value.code == 2
+    return error_line(capsys.readouterr().err)
+
+
+def snapshot(*dirs):
+    """Content and mtime of every file under dirs: to prove that nothing was rewritten."""
+    out = {}
+    for d in dirs:
+        for root, _, files in os.walk(d):
+            for f in files:
+                p = os.path.join(root, f)
+                out[p] = (hashlib.sha256(open(p, "rb").read()).hexdigest(), os.stat(p).st_mtime_ns)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# fixtures: a small corpus, a reference teacher run and a reference distill run (uninterrupted, in-process)
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    enc = get_encoding()
+    sents = [enc.encode_ordinary(s + "\n") for s in TEXT.splitlines()]
+    rng = np.random.default_rng(0)
+    d = tmp_path_factory.mktemp("data")
+    for split, n in (("train", 20_000), ("val", 4_000)):
+        toks = []
+        while len(toks) < n:
+            toks += sents[rng.integers(len(sents))]
+        np.array(toks, dtype=np.uint16).tofile(d / f"{split}.bin")
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def teacher_ref(tmp_path_factory, data_dir):
+    tmp = tmp_path_factory.mktemp("teacher_ref")
+    out = str(tmp / "out")
+    teacher.main(TEACHER_REF + ["--data_dir", data_dir, "--out_dir", out, "--results_dir", str(tmp / "res")])
+    return {"out": out, "res": str(tmp / "res"), "log": read_log(os.path.join(out, "log.jsonl")),
+            "best": os.path.join(out, "best.pt")}
+
+
+@pytest.fixture(scope="module")
+def distill_ref(tmp_path_factory, data_dir, teacher_ref):
+    tmp = tmp_path_factory.mktemp("distill_ref")
+    out = str(tmp / "out")
+    distill.main(DISTILL_REF + ["--teacher", teacher_ref["best"], "--data_dir", data_dir, "--out_dir", out,
+                                "--results_dir", str(tmp / "res")])
+    return {"out": out, "res": str(tmp / "res"), "log": read_log(os.path.join(out, "log.jsonl")),
+            "student": os.path.join(out, "student_k2.pt"), "student1": os.path.join(out, "student_k1.pt")}
+
+
+def teacher_args(data_dir, out, tmp_path):
+    return TEACHER_REF + ["--data_dir", data_dir, "--out_dir", str(out), "--results_dir", str(tmp_path / "res")]
+
+
+def distill_args(data_dir, teacher_ckpt, out, tmp_path):
+    return DISTILL_REF + ["--teacher", teacher_ckpt, "--data_dir", data_dir, "--out_dir", str(out),
+                          "--results_dir", str(tmp_path / "res")]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resume: SIGKILL at an arbitrary moment, then --resume, reproduces the uninterrupted run's log exactly.
+
+def test_teacher_sigkill_resume_matches_uninterrupted(tmp_path, data_dir, teacher_ref, capsys):
+    out = tmp_path / "out"
+    argv = teacher_args(data_dir, out, tmp_path)
+    p = start("teacher.py", argv, tmp_path, "killed")
+    wait_for(p, out / "log.jsonl", lambda r: r.get("step", 0) >= 10)   # last.pt of step 8 is complete
+    os.kill(p.pid, signal.SIGKILL)
+    assert p.wait() == -signal.SIGKILL
+    killed_at = load_checkpoint(str(out / "last.pt"), kind="teacher")["step"]
+    assert 8 <= killed_at < 16
+    assert read_log(out / "log.jsonl")[-1]["step"] > killed_at   # rows past the checkpoint, to be dropped
+    teacher.main(argv + ["--resume"])   # in this process: the resume, not a process start, is under test
+    assert f"resuming at step {killed_at}" in capsys.readouterr().out
+    assert_same_log(read_log(out / "log.jsonl"), teacher_ref["log"], EXACT)
+
+
+def test_distill_sigkill_mid_stage_resume_matches_uninterrupted(tmp_path, data_dir, teacher_ref, distill_ref):
+    out = tmp_path / "out"
+    argv = distill_args(data_dir, teacher_ref["best"], out, tmp_path)
+    p = start("distill.py", argv, tmp_path, "killed")
+    # stage 2 (k = 2) is global steps 9..16 with checkpoints at 10, 12, 14: stop after the one at 10
+    wait_for(p, out / "log.jsonl", lambda r: r.get("stage") == 1 and r["step"] >= 11 and "loss" in r)
+    os.kill(p.pid, signal.SIGKILL)
+    assert p.wait() == -signal.SIGKILL
+    ck = load_checkpoint(str(out / "last.pt"), kind="student")
+    assert ck["stage"] == 1 and ck["optimizer"] is not None and 10 <= ck["global_step"] < 16
+    distill.main(argv + ["--resume"])
+    assert_same_log(read_log(out / "log.jsonl"), distill_ref["log"], EXACT)
+
+
+def test_distill_resume_between_stages(tmp_path, data_dir, teacher_ref, distill_ref, capsys):
+    """A kill right after stage 1's final checkpoint: last.pt then equals student_k1.pt (it is written the
+    same way) and student_k2.pt does not exist yet. The resume must start stage 2 afresh."""
+    out = tmp_path / "out"
+    shutil.copytree(distill_ref["out"], out)
+    shutil.copy(out / "student_k1.pt", out / "last.pt")
+    os.remove(out / "student_k2.pt")
+    capsys.readouterr()
+    distill.main(distill_args(data_dir, teacher_ref["best"], out, tmp_path) + ["--resume"])
+    stdout = capsys.readouterr().out
+    assert "stage 2/2" in stdout and "stage 1/2" not in stdout
+    assert_same_log(read_log(out / "log.jsonl"), distill_ref["log"], EXACT)
+    assert os.path.exists(out / "student_k2.pt")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ctrl-C: saves a checkpoint, exits non-zero with one line, and --resume continues exactly.
+
+def test_teacher_ctrl_c_saves_and_resumes(tmp_path, data_dir, teacher_ref):
+    out = tmp_path / "out"
+    argv = teacher_args(data_dir, out, tmp_path)
+    p = start("teacher.py", argv, tmp_path, "sigint")
+    wait_for(p, out / "log.jsonl", lambda r: r.get("step", 0) >= 5)
+    os.kill(p.pid, signal.SIGINT)
+    assert p.wait(timeout=60) == 2
+    msg = error_line((tmp_path / "sigint.err").read_text())
+    step = int(re.search(r"interrupted at step (\d+)", msg).group(1))
+    assert "--resume" in msg and 5 <= step < 16
+    assert load_checkpoint(str(out / "last.pt"), kind="teacher")["step"] == step   # saved on the way out
+    teacher.main(argv + ["--resume"])
+    assert_same_log(read_log(out / "log.jsonl"), teacher_ref["log"], EXACT)
+
+
+def test_distill_ctrl_c_saves_and_resumes(tmp_path, data_dir, teacher_ref, distill_ref):
+    out = tmp_path / "out"
+    argv = distill_args(data_dir, teacher_ref["best"], out, tmp_path)
+    p = start("distill.py", argv, tmp_path, "sigint")
+    wait_for(p, out / "log.jsonl", lambda r: r.get("step", 0) >= 3 and "loss" in r)
+    os.kill(p.pid, signal.SIGINT)
+    assert p.wait(timeout=60) == 2
+    msg = error_line((tmp_path / "sigint.err").read_text())
+    m = re.search(r"interrupted in stage k=(\d) at step (\d+)", msg)
+    assert m and "--resume" in msg
+    ck = load_checkpoint(str(out / "last.pt"), kind="student")
+    assert ck["model_config"]["max_k"] == int(m.group(1)) and ck["step"] == int(m.group(2))
+    distill.main(argv + ["--resume"])
+    assert_same_log(read_log(out / "log.jsonl"), distill_ref["log"], EXACT)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoint files are never half-written.
+
+def test_checkpoint_write_killed_midway_leaves_old_file(tmp_path):
+    path = tmp_path / "last.pt"
+    path.write_bytes(b"the previous checkpoint")
+    code = f"""
+import sys, time, torch
+sys.path.insert(0, {REPO!r})
+from common import save_checkpoint
+class Slow:   # pickled after the zip header is out: the write is in progress while it sleeps
+    def __reduce__(self):
+        print("writing", flush=True)
+        time.sleep(60)
+save_checkpoint({str(path)!r}, {{"model": torch.zeros(1000), "slow": Slow()}})
+"""
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=ENV)
+    assert p.stdout.readline().strip() == "writing"
+    assert [f for f in os.listdir(tmp_path) if f.startswith(".tmp-last.pt")], "no temporary file in progress"
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert path.read_bytes() == b"the previous checkpoint"
+
+
+def test_checkpoint_write_error_leaves_old_file_and_no_temp(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint(str(path), {"step": 1})
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint(str(path), {"step": 2, "x": Boom()})
+    assert torch.load(path)["step"] == 1 and os.listdir(tmp_path) == ["last.pt"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# NaN / inf loss: stop, keep the last good checkpoint, name the step.
+
+def test_teacher_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir, teacher_ref, monkeypatch):
+    forward, calls = model.GPT.forward, [0]
+
+    def nan_from_step_7(self, idx, targets=None, **kw):
+        logits, loss = forward(self, idx, targets, **kw)
+        if self.training and loss is not None:
+            calls[0] += 1
+            if calls[0] >= 7:
+                loss = loss * float("nan")
+        return logits, loss
+    monkeypatch.setattr(model.GPT, "forward", nan_from_step_7)
+    out = tmp_path / "out"
+    argv = teacher_args(data_dir, out, tmp_path)
+    with pytest.raises(UserError, match=r"loss became nan at step 7;.*last good checkpoint"):
+        teacher.main(argv)
+    assert load_checkpoint(str(out / "last.pt"), kind="teacher")["step"] == 4   # the eval at 4; 8 never came
+    assert read_log(out / "log.jsonl")[-1]["step"] == 6                       # the NaN step is not logged
+    assert not os.path.exists(tmp_path / "res" / "teacher_tiny.json")         # no result from a failed run
+    monkeypatch.undo()
+    teacher.main(argv + ["--resume"])   # the kept checkpoint is the good step-4 state: the run goes on exactly
+    assert_same_log(read_log(out / "log.jsonl"), teacher_ref["log"], EXACT)
+
+
+def test_distill_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir, teacher_ref, monkeypatch):
+    staircase, calls = model.GPT.forward_staircase, [0]
+
+    def nan_from_step_3(self, *a, **kw):
+        logits = staircase(self, *a, **kw)
+        if self.training:   # the student's training pass, not the targets' rollout
+            calls[0] += 1
+            if calls[0] >= 3:
+                logits = logits * float("nan")
+        return logits
+    monkeypatch.setattr(model.GPT, "forward_staircase", nan_from_step_3)
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=r"loss became nan at step 3;.*last good checkpoint"):
+        distill.main(distill_args(data_dir, teacher_ref["best"], out, tmp_path))
+    ck = load_checkpoint(str(out / "last.pt"), kind="student")
+    assert ck["global_step"] == 2 and all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+# ----------------------------------------------------------------------------------------------------
+# DDP: 2 processes (gloo on CPU) give the losses of 1 process with the same global batch.
+
+def torchrun(script, argv):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           script, *argv], cwd=REPO, capture_output=True, text=True, timeout=240, env=ENV)
+
+
+def test_ddp_two_processes_match_one(tmp_path, data_dir, teacher_ref):
+    t1 = TEACHER + ["--max_steps", "5", "--eval_interval", "5", "--data_dir", data_dir,
+                    "--results_dir", str(tmp_path / "res")]
+    teacher.main(t1 + ["--out_dir", str(tmp_path / "t1")])
+    r = torchrun("teacher.py", t1 + ["--out_dir", str(tmp_path / "t2")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "x 2," in r.stdout   # really 2 processes
+    one, two = read_log(tmp_path / "t1" / "log.jsonl"), read_log(tmp_path / "t2" / "log.jsonl")
+    assert len(one) == 7 and all(math.isfinite(r.get("loss", 0)) for r in one)
+    assert_same_log(two, one, DDP_TOL)
+
+    d1 = DISTILL + ["--steps_per_stage", "3", "--teacher", teacher_ref["best"], "--data_dir", data_dir,
+                    "--results_dir", str(tmp_path / "res")]
+    distill.main(d1 + ["--out_dir", str(tmp_path / "d1")])
+    r = torchrun("distill.py", d1 + ["--out_dir", str(tmp_path / "d2")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = read_log(tmp_path / "d1" / "log.jsonl"), read_log(tmp_path / "d2" / "log.jsonl")
+    assert sum("loss" in r for r in one) == 6
+    assert_same_log(two, one, DDP_TOL)
+    assert json.load(open(tmp_path / "res" / "distill_tiny.json"))["world_size"] == 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input: one line saying what is wrong and what to do, exit code 2, no traceback, nothing overwritten.
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory, data_dir, teacher_ref, distill_ref):
+    """Broken files of every kind next to the good ones."""
+    d = tmp_path_factory.mktemp("bad")
+    paths = {"data": data_dir, "teacher": teacher_ref["best"], "student": distill_ref["student"],
+             "missing": str(d / "nope"), "file": str(d / "file.txt")}
+    (d / "file.txt").write_text("a regular file")
+    for name, train in (("empty", b""), ("odd", b"\x01\x00\x02"),
+                        ("big_ids", np.full(1000, 60000, dtype=np.uint16).tobytes())):
+        (d / name).mkdir()
+        (d / name / "train.bin").write_bytes(train)
+        shutil.copy(os.path.join(data_dir, "val.bin"), d / name / "val.bin")
+        paths[name] = str(d / name)
+    (d / "garbage.pt").write_bytes(os.urandom(5000))
+    paths["garbage"] = str(d / "garbage.pt")
+    raw = open(teacher_ref["best"], "rb").read()
+    (d / "truncated.pt").write_bytes(raw[:len(raw) // 2])
+    paths["truncated"] = str(d / "truncated.pt")
+    ck = torch.load(teacher_ref["best"], weights_only=False)
+    ck["model_config"]["vocab_size"] = 1000
+    save_checkpoint(str(d / "vocab1000.pt"), ck)
+    paths["vocab"] = str(d / "vocab1000.pt")
+    (d / "corrupt_run").mkdir()
+    (d / "corrupt_run" / "last.pt").write_bytes(raw[:1000])
+    paths["corrupt_run"] = str(d / "corrupt_run")
+    paths["out"] = str(d / "out")
+    paths["res"] = str(d / "res")
+    return paths
+
+
+def T(p, *extra):   # teacher flags with everything valid but what extra overrides
+    return TEACHER_REF + ["--data_dir", p["data"], "--out_dir", p["out"], "--results_dir", p["res"]] + list(extra)
+
+
+def D(p, *extra):
+    return DISTILL_REF + ["--teacher", p["teacher"], "--data_dir", p["data"], "--out_dir", p["out"],
+                          "--results_dir", p["res"]] + list(extra)
+
+
+def S(p, *extra):
+    return ["--teacher", p["teacher"], "--student", p["student"], "--prompt", "The river", "--max_new_tokens", "4",
+            "--num_samples", "2", "--device", "cpu"] + list(extra)
+
+
+BAD = {
+    # data
+    "data dir missing": (teacher, lambda p: T(p, "--data_dir", p["missing"]), r"not found.*prepare_data\.py"),
+    "data empty .bin": (teacher, lambda p: T(p, "--data_dir", p["empty"]), r"train\.bin is empty; rebuild"),
+    "data odd-sized .bin": (teacher, lambda p: T(p, "--data_dir", p["odd"]), r"corrupt.*rebuild"),
+    "data ids past vocab": (teacher, lambda p: T(p, "--data_dir", p["big_ids"]), r"corrupt.*not GPT-2 tokens"),
+    "distill data missing": (distill, lambda p: D(p, "--data_dir", p["missing"]), r"not found"),
+    # checkpoints
+    "teacher ckpt missing": (distill, lambda p: D(p, "--teacher", p["missing"]), r"checkpoint .* not found"),
+    "sample ckpt missing": (sample, lambda p: S(p, "--teacher", p["missing"]), r"checkpoint .* not found"),
+    "teacher ckpt garbage": (distill, lambda p: D(p, "--teacher", p["garbage"]), r"is corrupt or not from"),
+    "teacher ckpt truncated": (distill, lambda p: D(p, "--teacher", p["truncated"]), r"is corrupt or not from"),
+    "resume from corrupt last.pt": (teacher, lambda p: T(p, "--out_dir", p["corrupt_run"], "--resume"),
+                                    r"is corrupt or not from"),
+    "resume without a run": (teacher, lambda p: T(p, "--resume"), r"no checkpoint at .*without --resume"),
+    "student as distill teacher": (distill, lambda p: D(p, "--teacher", p["student"]),
+                                   r"student checkpoint where a teacher is expected; pass an AR"),
+    "student as sample teacher": (sample, lambda p: S(p, "--teacher", p["student"]),
+                                  r"student checkpoint where a teacher is expected"),
+    "teacher as sample student": (sample, lambda p: S(p, "--student", p["teacher"]),
+                                  r"teacher checkpoint where a student is expected; pass a student_k"),
+    "sample ckpt garbage": (sample, lambda p: S(p, "--student", p["garbage"]), r"is corrupt or not from"),
+    "other vocabulary (distill)": (distill, lambda p: D(p, "--teacher", p["vocab"]), r"vocabulary of 1000 tokens"),
+    "other vocabulary (sample)": (sample, lambda p: S(p, "--teacher", p["vocab"]), r"vocabulary of 1000 tokens"),
+    # k
+    "sample k above max_k": (sample, lambda p: S(p, "--k", "3"),
+                             r"--k must be between 1 and the student's max_k \(2\)"),
+    "sample k zero": (sample, lambda p: S(p, "--k", "0"), r"--k must be between 1 and"),
+    "sample k negative": (sample, lambda p: S(p, "--k", "-2"), r"--k must be between 1 and"),
+    "distill k zero": (distill, lambda p: D(p, "--k", "0", "--schedule", ""), r"--k must be at least 1, not 0"),
+    "distill k negative": (distill, lambda p: D(p, "--k", "-3", "--schedule", ""), r"--k must be at least 1"),
+    "distill schedule not reaching k": (distill, lambda p: D(p, "--k", "4"), r"must rise strictly from 1 to --k 4"),
+    # prompts
+    "prompt empty": (sample, lambda p: S(p, "--prompt", ""), r"--prompt is empty"),
+    "prompt longer than block": (sample, lambda p: S(p, "--prompt", "the river " * 40),
+                                 r"exceed the block size 32; shorten"),
+    # flags
+    "unknown preset": (teacher, lambda p: T(p, "--preset", "huge"), r"invalid choice: 'huge'.*--help"),
+    "unknown flag": (teacher, lambda p: T(p, "--learning_rate", "1"), r"unrecognized arguments: --learning_rate"),
+    "bad flag value": (teacher, lambda p: T(p, "--max_steps", "ten"), r"invalid int value: 'ten'"),
+    "distill unknown preset": (distill, lambda p: D(p, "--preset", "huge"), r"invalid choice: 'huge'"),
+    "distill unknown flag": (distill, lambda p: D(p, "--n_layer", "2"), r"unrecognized arguments: --n_layer"),
+    "sample unknown flag": (sample, lambda p: S(p, "--temperature", "1"), r"unrecognized arguments: --temperature"),
+    # memory: a batch that cannot be allocated fails at once (no tens of GB are touched)
+    "teacher batch too big": (teacher, lambda p: T(p, "--batch_size", str(10 ** 12)),
+                              r"does not fit in memory on cpu; lower --batch_size"),
+    "distill batch too big": (distill, lambda p: D(p, "--batch_size", str(10 ** 12)),
+                              r"does not fit in memory on cpu; lower --batch_size"),
+    # unwritable output (tests run as root: a directory under a regular file cannot be created by anyone)
+    "teacher out_dir unwritable": (teacher, lambda p: T(p, "--out_dir", p["file"] + "/out"),
+                                   r"cannot write to output directory .*--out_dir"),
+    "teacher results_dir unwritable": (teacher, lambda p: T(p, "--results_dir", p["file"] + "/res"),
+                                       r"cannot write to output directory"),
+    "distill out_dir unwritable": (distill, lambda p: D(p, "--out_dir", p["file"] + "/out"),
+                                   r"cannot write to output directory"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line(case, bad, capsys):
+    mod, argv, pattern = BAD[case]
+    msg = cli(mod, argv(bad), capsys)
+    assert re.search(pattern, msg), msg
+
+
+def test_good_input_passes_the_same_checks(bad, capsys):
+    """The bad cases above differ from a working call only in what they break."""
+    sample.main(S(bad, "--k", "1"))
+    assert "same-noise agreement" in capsys.readouterr().out
+
+
+def test_bad_input_through_the_real_command_line(bad):
+    for script, argv, pattern in (("teacher.py", T(bad, "--data_dir", bad["missing"]), r"not found"),
+                                  ("distill.py", D(bad, "--bogus"), r"unrecognized arguments: --bogus"),
+                                  ("sample.py", S(bad, "--k", "0"), r"--k must be between")):
+        r = run(script, argv)
+        assert r.returncode == 2 and re.search(pattern, error_line(r.stderr)), (script, r.stderr)
+
+
+def test_bad_input_overwrites_nothing(tmp_path, data_dir, teacher_ref, distill_ref, capsys):
+    before = snapshot(teacher_ref["out"], teacher_ref["res"], distill_ref["out"], distill_ref["res"])
+    t = TEACHER_REF + ["--data_dir", data_dir, "--out_dir", teacher_ref["out"], "--results_dir", teacher_ref["res"]]
+    d = DISTILL_REF + ["--teacher", teacher_ref["best"], "--data_dir", data_dir, "--out_dir", distill_ref["out"],
+                       "--results_dir", distill_ref["res"]]
+    missing, file = str(tmp_path / "nope"), tmp_path / "file.txt"
+    file.write_text("x")
+    for mod, argv, pattern in [
+        (teacher, t, r"already holds a run; pass --resume .* or --overwrite"),
+        (teacher, t + ["--overwrite", "--data_dir", missing], r"not found"),
+        (teacher, t + ["--overwrite", "--preset", "huge"], r"invalid choice"),
+        (teacher, t + ["--overwrite", "--bogus"], r"unrecognized arguments"),
+        (teacher, t + ["--overwrite", "--results_dir", f"{file}/res"], r"cannot write"),
+        (teacher, t + ["--resume", "--n_embd", "64"], r"another model shape; resume with the same flags"),
+        (distill, d, r"already holds a run"),
+        (distill, d + ["--overwrite", "--teacher", distill_ref["student"]], r"student checkpoint where a teacher"),
+        (distill, d + ["--overwrite", "--k", "0", "--schedule", ""], r"--k must be at least 1"),
+        (distill, d + ["--resume", "--k", "4", "--schedule", "1,2,4"], r"resume with the same one"),
+    ]:
+        assert re.search(pattern, cli(mod, argv, capsys))
+    assert snapshot(teacher_ref["out"], teacher_ref["res"], distill_ref["out"], distill_ref["res"]) == before
