@@ -197,6 +197,23 @@ def atomic_write(path, write_fn, binary=True):
         raise
 
 
+def check_run_dir(last_path, resume, overwrite):
+    """Nothing is overwritten by accident: a directory that holds a run needs --resume or --overwrite."""
+    out_dir = os.path.dirname(last_path)
+    if resume and not os.path.exists(last_path):
+        raise UserError(f"--resume: no checkpoint at {last_path}; run without --resume to start")
+    if not resume and not overwrite and os.path.exists(last_path):
+        raise UserError(f"{out_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
+
+
+def check_resume_config(saved, cfg, keys):
+    """A resume continues the same run: the flags that shape the data order and the optimisation must match."""
+    diff = [k for k in keys if saved.get(k) != getattr(cfg, k)]
+    if diff:
+        was = ", ".join(f"--{k} {saved.get(k)}" for k in diff)
+        raise UserError(f"the run being resumed used {was}; resume with the same flags or start a new --out_dir")
+
+
 def write_json(path, obj):
     atomic_write(path, lambda f: json.dump(obj, f, indent=2), binary=False)
 

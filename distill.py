@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (JsonlLog, StopFlag, UserError, all_mean, check_batch_split, check_finite, device_name,
-                    ensure_writable, field, load_checkpoint, load_split, model_from_checkpoint, out_of_memory,
-                    parse_config, rng_state, run_cli, sample_windows, save_checkpoint, set_rng_state,
-                    setup_runtime, shard, write_json)
+from common import (JsonlLog, StopFlag, UserError, all_mean, check_batch_split, check_finite, check_resume_config,
+                    check_run_dir, device_name, ensure_writable, field, load_checkpoint, load_split,
+                    model_from_checkpoint, out_of_memory, parse_config, rng_state, run_cli, sample_windows,
+                    save_checkpoint, set_rng_state, setup_runtime, shard, write_json)
 from model import GPT, generate, inverse_cdf, same_noise_agreement
 
 
@@ -131,10 +131,7 @@ def main(argv=None):
     ensure_writable(cfg.results_dir)
     last_path = os.path.join(cfg.out_dir, "last.pt")
     stage_path = lambda k: os.path.join(cfg.out_dir, f"student_k{k}.pt")
-    if args.resume and not os.path.exists(last_path):
-        raise UserError(f"--resume: no checkpoint at {last_path}; run without --resume to start")
-    if not args.resume and not args.overwrite and os.path.exists(last_path):
-        raise UserError(f"{cfg.out_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    check_run_dir(last_path, args.resume, args.overwrite)
 
     # The agreement benchmark: fixed val prefixes and noise, and the AR teacher's samples on them, drawn once.
     g = torch.Generator().manual_seed(0)
@@ -148,6 +145,8 @@ def main(argv=None):
     if state is not None:
         if state["schedule"] != schedule:
             raise UserError(f"{last_path} was made with --schedule {state['schedule']}; resume with the same one")
+        check_resume_config(state["train_config"], cfg, ["batch_size", "block_size", "anchors", "lr",
+                                                         "warmup_steps", "noise_features", "seed"])
         set_rng_state(state["rng"], gen)
     log = JsonlLog(os.path.join(cfg.out_dir, "log.jsonl"), state and state["global_step"], rt.master)
     results = state["results"] if state else []

@@ -368,6 +368,7 @@ class CUDAGraphStep:
 
     def __call__(self, model, tokens, pos, u, cache):
         if tokens.size(1) != u.size(1):   # prefill (prompt + k slots): a one-off shape, not worth a graph
+            # (a prompt of exactly k tokens has the decode step's shape and simply replays its graph)
             return decode_step(model, tokens, pos, u, cache)
         w = next(model.parameters())      # a graph holds the addresses of the weights and of the cache
         key = (id(model), w.data_ptr(), w.dtype, cache.k.data_ptr(), cache.v.data_ptr(),
@@ -381,8 +382,11 @@ class CUDAGraphStep:
         return static["run"]()
 
     def _record(self, model, tokens, pos, u, cache):
-        static = {"tokens": tokens.clone(), "pos": pos.clone(), "u": u.clone()}
-        step = lambda: decode_step(model, static["tokens"], static["pos"], static["u"], cache)  # noqa: E731
+        # The closures below hold the buffers, not this dict: no reference cycle, so dropping the step
+        # object frees its graphs' memory at once (without waiting for the garbage collector).
+        tokens, pos, u = tokens.clone(), pos.clone(), u.clone()
+        static = {"tokens": tokens, "pos": pos, "u": u}
+        step = lambda: decode_step(model, tokens, pos, u, cache)  # noqa: E731
         if not (self.capture and tokens.is_cuda):
             static["run"] = step
             return static

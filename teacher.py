@@ -9,7 +9,6 @@ distill.py turns it into a push-forward student, and its own samples are what th
 import dataclasses
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -18,10 +17,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (JsonlLog, StopFlag, UserError, all_mean, check_batch_split, check_finite, device_name,
-                    ensure_writable, field, load_checkpoint, load_split, lr_at, out_of_memory, parse_config,
-                    rng_state, run_cli, sample_windows, save_checkpoint, set_rng_state, setup_runtime, shard,
-                    write_json)
+from common import (JsonlLog, StopFlag, UserError, all_mean, check_batch_split, check_finite, check_resume_config,
+                    check_run_dir, device_name, ensure_writable, field, load_checkpoint, load_split, lr_at,
+                    out_of_memory, parse_config, rng_state, run_cli, sample_windows, save_checkpoint, set_rng_state,
+                    setup_runtime, shard, write_json)
 from model import GPT, GPTConfig, flops_per_token, peak_flops
 
 
@@ -105,10 +104,7 @@ def main(argv=None):
     ensure_writable(cfg.out_dir)
     ensure_writable(cfg.results_dir)
     last_path, best_path = os.path.join(cfg.out_dir, "last.pt"), os.path.join(cfg.out_dir, "best.pt")
-    if args.resume and not os.path.exists(last_path):
-        raise UserError(f"--resume: no checkpoint at {last_path}; run without --resume to start")
-    if not args.resume and not args.overwrite and os.path.exists(last_path):
-        raise UserError(f"{cfg.out_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    check_run_dir(last_path, args.resume, args.overwrite)
 
     torch.manual_seed(cfg.seed)
     model = GPT(model_config(cfg)).to(rt.device)
@@ -124,6 +120,8 @@ def main(argv=None):
         ckpt = load_checkpoint(last_path, kind="teacher")
         if ckpt["model_config"] != dataclasses.asdict(model_config(cfg)):
             raise UserError(f"{last_path} was trained with another model shape; resume with the same flags")
+        check_resume_config(ckpt["train_config"], cfg, ["batch_size", "grad_accum", "seed", "lr", "min_lr",
+                                                        "warmup_steps", "weight_decay", "beta1", "beta2"])
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step, best_val, resumed = ckpt["step"], ckpt["best_val"], ckpt["step"]

@@ -517,10 +517,12 @@ def test_bad_input_overwrites_nothing(tmp_path, data_dir, teacher_ref, distill_r
         (teacher, t + ["--overwrite", "--bogus"], r"unrecognized arguments"),
         (teacher, t + ["--overwrite", "--results_dir", f"{file}/res"], r"cannot write"),
         (teacher, t + ["--resume", "--n_embd", "64"], r"another model shape; resume with the same flags"),
+        (teacher, t + ["--resume", "--batch_size", "2", "--seed", "8"], r"resumed used --batch_size \d+, --seed"),
         (distill, d, r"already holds a run"),
         (distill, d + ["--overwrite", "--teacher", distill_ref["student"]], r"student checkpoint where a teacher"),
         (distill, d + ["--overwrite", "--k", "0", "--schedule", ""], r"--k must be at least 1"),
         (distill, d + ["--resume", "--k", "4", "--schedule", "1,2,4"], r"resume with the same one"),
+        (distill, d + ["--resume", "--anchors", "3"], r"resumed used --anchors"),
     ]:
         assert re.search(pattern, cli(mod, argv, capsys))
     assert snapshot(teacher_ref["out"], teacher_ref["res"], distill_ref["out"], distill_ref["res"]) == before
