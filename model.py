@@ -63,12 +63,15 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Static KV cache of REAL tokens only, preallocated for batch x block_size and written in place.
-    Noise-slot keys/values are used inside the pass and never stored (paper §4)."""
+    """Static KV cache, preallocated for batch x block_size and written in place. It keeps REAL tokens only
+    (paper §4): a pass's noise-slot keys/values go to `slots` scratch rows after the last position, are
+    attended by their own window in that pass, and are overwritten by the next one. Writing them there
+    rather than concatenating them to the cache avoids copying the whole cache in every layer."""
 
-    def __init__(self, cfg, batch_size, device, dtype):
+    def __init__(self, cfg, batch_size, device, dtype, slots=None):
         hd = cfg.n_embd // cfg.n_head
-        shape = (cfg.n_layer, batch_size, cfg.n_head, cfg.block_size, hd)
+        self.length, self.slots = cfg.block_size, cfg.max_k if slots is None else slots
+        shape = (cfg.n_layer, batch_size, cfg.n_head, self.length + self.slots, hd)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
 
@@ -81,18 +84,18 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0, pos=None, n_real=0):
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, rows=None):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            # The first n_real rows are real tokens: write them into the cache at their positions, then
-            # attend over [whole cache | this pass's noise slots]; `mask` hides stale cache entries.
+            # Write this pass's keys/values in place (cache rows `rows`: real tokens at their positions,
+            # noise slots in the scratch rows), then attend over [cache | scratch rows in use]; `mask`
+            # hides the stale entries.
             ck, cv = cache.k[layer], cache.v[layer]
-            ck.index_copy_(2, pos[:n_real], k[:, :, :n_real].to(ck.dtype))
-            cv.index_copy_(2, pos[:n_real], v[:, :, :n_real].to(cv.dtype))
-            k = torch.cat([ck, k[:, :, n_real:].to(ck.dtype)], dim=2)
-            v = torch.cat([cv, v[:, :, n_real:].to(cv.dtype)], dim=2)
+            ck.index_copy_(2, rows, k.to(ck.dtype))
+            cv.index_copy_(2, rows, v.to(cv.dtype))
+            k, v = ck[:, :, :mask.size(-1)], cv[:, :, :mask.size(-1)]
             q = q.to(ck.dtype)
         # is_causal=True for plain AR training lets SDPA pick the flash kernel on CUDA
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
@@ -195,11 +198,11 @@ class GPT(nn.Module):
         assert not unexpected and all(k.startswith("noise_encoder.") for k in missing), (missing, unexpected)
         return student
 
-    def _trunk(self, x, pos, mask, cache=None, n_real=0):
+    def _trunk(self, x, pos, mask, cache=None, rows=None):
         cos, sin = rope(self.config, pos)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            cache_args = dict(cache=cache, layer=i, pos=pos, n_real=n_real) if cache is not None else {}
+            cache_args = dict(cache=cache, layer=i, rows=rows) if cache is not None else {}
             x = block(x, cos, sin, mask, **cache_args)
         return self.ln_f(x)
 
@@ -257,11 +260,15 @@ class GPT(nn.Module):
         Returns the logits of the last real token (for AR) and of the slots: (B, 1 + k, vocab)."""
         n = tokens.size(1)
         k = 0 if noise is None else noise.size(1)
+        if k > cache.slots:
+            raise ValueError(f"{k} noise slots but the cache has {cache.slots} scratch rows")
         x = self.wte(tokens)
+        rows = pos
         if k:
             x = torch.cat([x, self.noise_encoder(noise).to(x.dtype)], dim=1)
-            pos = torch.cat([pos, pos[-1] + 1 + torch.arange(k, device=pos.device)])
-        h = self._trunk(x, pos, step_mask(pos, n, self.config.block_size), cache=cache, n_real=n)
+            slots = torch.arange(k, device=pos.device)
+            pos, rows = torch.cat([pos, pos[-1] + 1 + slots]), torch.cat([pos, cache.length + slots])
+        h = self._trunk(x, pos, step_mask(pos, n, cache.length), cache=cache, rows=rows)
         return self._logits(h[:, n - 1:])
 
 
@@ -340,8 +347,8 @@ def generate(model, prompt, noise, k=1, cache_dtype=None, step_fn=None, cache=No
     dev = prompt.device
     if cache is None:
         cache = KVCache(model.config, B, dev, cache_dtype or next(model.parameters()).dtype)
-    elif cache.k.shape[:4] != (model.config.n_layer, B, model.config.n_head, model.config.block_size):
-        raise ValueError(f"the cache {tuple(cache.k.shape)} does not fit this model and batch size {B}")
+    elif cache.k.shape[:3] != (model.config.n_layer, B, model.config.n_head) or cache.length < P + n_new:
+        raise ValueError(f"the cache {tuple(cache.k.shape)} does not fit this model, batch size {B} and length")
     step_fn = step_fn or (CUDAGraphStep() if cuda_graph else decode_step)
     out = torch.empty(B, n_new, dtype=torch.long, device=dev)
     tokens, pos = prompt, torch.arange(P, device=dev)

@@ -22,15 +22,13 @@ from model import generate, same_noise_agreement
 from prepare_data import get_encoding
 
 
-def default_checkpoints():
-    """The newest teacher and its newest student: small if present, else tiny."""
-    for preset in ("small", "tiny"):
-        teacher = f"out/teacher_{preset}/best.pt"
-        students = glob.glob(f"out/distill_{preset}/student_k*.pt")
-        if os.path.exists(teacher):
-            best = max(students, key=lambda p: int(re.findall(r"k(\d+)", p)[-1]), default=None)
-            return teacher, best
-    return "out/teacher_tiny/best.pt", None
+def default_checkpoints(preset=None):
+    """The preset's teacher and its student of highest k (preset None: small if trained, else tiny)."""
+    if preset is None:
+        preset = "small" if os.path.exists("out/teacher_small/best.pt") else "tiny"
+    students = glob.glob(f"out/distill_{preset}/student_k*.pt")
+    best = max(students, key=lambda p: int(re.findall(r"k(\d+)", p)[-1]), default=None)
+    return f"out/teacher_{preset}/best.pt", best
 
 
 def load_models(teacher_path, student_path, device):

@@ -1,0 +1,481 @@
+"""
+Benchmark K-Forcing against AR decoding: speed (tokens/s, speedup, memory-bandwidth utilisation) and quality
+(gen-PPL, entropy, same-noise agreement, repetition). Writes results/<name>.json, two CSVs and two plots.
+
+    python bench.py                               # CPU: tiny preset, a small grid (about a minute)
+    python bench.py --preset small                # one GPU: the full grid, paper shape + the trained model
+    python bench.py --no-quality --batch_sizes 1,64 --seq_lens 128
+
+Speed (paper §4): fixed-length generation from 6-token prefixes to a total of --seq_lens tokens, bf16 weights
+and KV cache on both sides, and ONE decode path for both: model.generate with a static KV cache and, on CUDA,
+each decode step replayed from a CUDA graph (model.CUDAGraphStep). AR is the teacher (k = 1, one token per
+pass); K-Forcing is the student with k tokens per pass (a k=4 student decodes k = 2, 3 with its first slots).
+tokens/s counts new tokens over the whole generation (prefill included); warm-up and graph capture are not
+timed; AR and every k are timed back to back in each repeat and the medians over --repeats are reported.
+Two models: the paper's shape (12 x 768, 12 heads, block 1024) with RANDOM weights (speed does not depend
+on the weights) and the trained teacher/student.
+
+Quality (METHOD.md §7): --quality_samples continuations of 6-token val prefixes, decoded in float32 by the
+teacher (AR) and by the student at k = 1..max_k from the SAME noise, temperature 1, no penalty.
+"""
+import argparse
+import copy
+import csv
+import io
+import math
+import os
+import re
+import statistics
+import time
+from collections import Counter
+from dataclasses import asdict, replace
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common import (ArgumentParser, UserError, atomic_write, device_name, ensure_writable, keep_freed_memory,
+                    load_checkpoint, load_split, model_from_checkpoint, out_of_memory, run_cli, sample_windows,
+                    write_json)
+from model import GPT, GPTConfig, CUDAGraphStep, KVCache, generate, same_noise_agreement
+from sample import default_checkpoints, load_models
+
+PROMPT_LEN = 6   # the paper's 6-token prefixes
+PAPER_SHAPE = GPTConfig(block_size=1024, n_layer=12, n_head=12, n_embd=768, tie_embeddings=False)
+PAPER_BAND = (2.4, 3.5)   # the abstract's k = 4 speedup "across batch sizes" on an H100
+# Peak HBM bandwidth (bytes/s), matched in order against torch.cuda.get_device_name
+PEAK_BANDWIDTH = [("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12), ("H200", 4.8e12),
+                  ("A100", 2.0e12)]
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=["tiny", "small"], default=None,
+                   help="trained checkpoints: out/teacher_<preset>/best.pt and the highest "
+                        "out/distill_<preset>/student_k*.pt (default: small if trained, else tiny, as sample.py)")
+    p.add_argument("--teacher", default=None, help="AR teacher checkpoint (overrides --preset)")
+    p.add_argument("--student", default=None, help="K-Forcing student checkpoint (overrides --preset)")
+    p.add_argument("--judge", default=None, help="AR checkpoint that scores gen-PPL (default: the teacher)")
+    p.add_argument("--batch_sizes", default=None,
+                   help="comma list (default: 1,8,32,64,128,256,512 on CUDA, 1,8 on CPU)")
+    p.add_argument("--seq_lens", default=None, help="total tokens (prefix + generated), comma list; each model "
+                   "runs those that fit its block size (default: 128,1024 on CUDA, 64 on CPU)")
+    p.add_argument("--ks", default=None, help="student tokens per pass, comma list of 2..max_k; AR (k = 1) is "
+                   "always measured (default: 2,3,4, up to the student's max_k)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed runs per point, median reported (default: 3 on CUDA, 1 on CPU)")
+    p.add_argument("--paper_shape", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time the paper's 12 x 768 shape with random weights (default: on for CUDA, off on CPU)")
+    p.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the speed grid (default: on)")
+    p.add_argument("--quality", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the quality metrics (default: on)")
+    p.add_argument("--quality_samples", type=int, default=256,
+                   help="val prefixes, one continuation each (default: 256)")
+    p.add_argument("--quality_tokens", type=int, default=None,
+                   help="continuation length (default: 96, or less where the block size requires)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="weights and KV cache of the speed runs, both sides (default: bfloat16); "
+                        "quality always decodes in float32")
+    p.add_argument("--data_dir", default="data/offline",
+                   help="where val.bin lives, for the quality prefixes (default: data/offline)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the prefixes, the noise and the random paper-shape weights (default: 0)")
+    p.add_argument("--device", default="auto", help="cuda, cpu or auto (default: auto: cuda if available)")
+    p.add_argument("--name", default=None,
+                   help="output file stem (default: bench_<preset>, or bench_trained with --teacher/--student)")
+    p.add_argument("--out_dir", default="results", help="where the JSON, CSVs and plots go (default: results)")
+    return p.parse_args(argv)
+
+
+def int_list(text, flag, example):
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise UserError(f"--{flag} {text!r} is not a comma list of integers, e.g. {example}") from None
+
+
+def find_checkpoints(args):
+    """(label, teacher, student): the checkpoints of --preset (default: small if trained, else tiny)."""
+    teacher, student = default_checkpoints(args.preset)
+    preset = re.search(r"teacher_(\w+)", teacher).group(1)
+    if args.teacher is None and not os.path.exists(teacher):
+        raise UserError(f"no trained teacher at {teacher}; run `python teacher.py --preset {preset}` or pass --teacher")
+    if args.student is None and student is None:
+        raise UserError(f"no student in out/distill_{preset}/; run `python distill.py --preset {preset}` "
+                        "or pass --student")
+    label = preset if args.teacher is None and args.student is None else "trained"
+    return label, args.teacher or teacher, args.student or student
+
+
+# ----------------------------------------------------------------------------------------------------
+# Speed
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)   # kernels run asynchronously: wait before reading a timer
+
+
+def peak_bandwidth(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((bw for key, bw in PEAK_BANDWIDTH if key in name), None)
+
+
+def weight_bytes(model):
+    """Bytes of the weights one pass must read. parameters() counts a tied embedding once; an untied input
+    embedding is only gathered (a few rows), so it does not count."""
+    n = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not model.config.tie_embeddings:
+        n -= model.wte.weight.numel() * model.wte.weight.element_size()
+    return n
+
+
+def bytes_moved(model, B, P, n_new, k, cache_elem):
+    """Bytes that must move in a whole generation: per pass all weights once, the KV cache read up to the
+    current length and the K/V of the committed tokens written (activations and logits not counted)."""
+    cfg = model.config
+    kv_token = 2 * cfg.n_layer * cfg.n_embd * cache_elem   # K and V of one token, all layers
+    weights, total, length = weight_bytes(model), 0, 0
+    for s in range(0, n_new, k):
+        written = P if s == 0 else k                       # the prompt at prefill, then the last k tokens
+        length += written
+        total += weights + B * kv_token * (length + written)
+    return total
+
+
+def sized_to(model, length):
+    """The same model (shared weights) whose static KV cache holds `length` entries instead of block_size,
+    as a server sizes it to its longest request: a 128-token generation should not attend over 1024 masked
+    slots. RoPE has no table, so nothing else depends on the block size."""
+    m = copy.copy(model)
+    m.config = replace(model.config, block_size=length)
+    return m
+
+
+def time_point(teacher, student, ks, B, seq_len, repeats, device, gen):
+    """Time AR and every k at one (batch, seq_len) on the same prompts and noise. Returns
+    {k: (new tokens, [seconds per repeat])}. One static cache and one set of CUDA graphs serve the point."""
+    teacher, student = sized_to(teacher, seq_len), sized_to(student, seq_len)
+    prompt = torch.randint(teacher.config.vocab_size, (B, PROMPT_LEN), generator=gen).to(device)
+    noise = torch.rand(B, seq_len - PROMPT_LEN, generator=gen, dtype=torch.float64).to(device)
+    cache = KVCache(student.config, B, device, next(teacher.parameters()).dtype)   # with the student's slot rows
+    step = CUDAGraphStep()
+    runs = {1: teacher, **{k: student for k in ks}}
+    n_new = {k: (seq_len - PROMPT_LEN) // k * k for k in runs}   # whole passes that fit seq_len
+
+    def run(k, n):
+        sync(device)
+        t0 = time.perf_counter()
+        generate(runs[k], prompt, noise[:, :n], k, cache=cache, step_fn=step)
+        sync(device)
+        return time.perf_counter() - t0
+
+    # Warm-up, not timed: prefill + one decode step captures the step's graph (every decode step of a
+    # generation has the same shape) and lets cuBLAS pick its kernels.
+    for k in runs:
+        run(k, min(2 * k, n_new[k]))
+    times = {k: [] for k in runs}
+    for _ in range(repeats):   # AR and K-Forcing back to back, so that each speedup compares one moment
+        for k in runs:
+            times[k].append(run(k, n_new[k]))
+    return {k: (n_new[k], times[k]) for k in runs}
+
+
+def run_speed(models, ks, batch_sizes, repeats, device, seed):
+    """models: [(label, teacher, student, seq_lens)]. Returns (rows, skipped)."""
+    rows, skipped = [], []
+    grid = [(m, s, B) for m in models for s in m[3] for B in batch_sizes]
+    peak = peak_bandwidth(device)
+    gen = torch.Generator().manual_seed(seed)
+    for (label, teacher, student, _), seq_len, B in tqdm(grid, desc="speed", dynamic_ncols=True):
+        try:
+            res = time_point(teacher, student, ks, B, seq_len, repeats, device, gen)
+        except Exception as e:
+            if not out_of_memory(e):
+                raise
+            skipped.append({"model": label, "seq_len": seq_len, "batch_size": B, "reason": "out of memory"})
+            continue
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()   # give the point's cache and graph pools back before the next one
+        ar_n, ar_t = res[1]
+        for k, (n, ts) in res.items():
+            model = teacher if k == 1 else student
+            speedups = [(B * n / t) / (B * ar_n / t_ar) for t, t_ar in zip(ts, ar_t)]
+            t = statistics.median(ts)
+            mbu = bytes_moved(model, B, PROMPT_LEN, n, k, next(model.parameters()).element_size()) / t / peak \
+                if peak else None
+            rows.append({"model": label, "seq_len": seq_len, "batch_size": B, "k": k, "new_tokens": n,
+                         "tokens_per_s": statistics.median(B * n / t for t in ts),
+                         "speedup": 1.0 if k == 1 else statistics.median(speedups), "mbu": mbu})
+    return rows, skipped
+
+
+# ----------------------------------------------------------------------------------------------------
+# Quality
+
+@torch.no_grad()
+def gen_ppl(judge, prompts, samples, batch=32):
+    """exp(mean NLL) of the continuation tokens under the judge (float32), given prompt + previous tokens."""
+    x = torch.cat([prompts, samples], dim=1)
+    P, nll = prompts.size(1), 0.0
+    for i in range(0, len(x), batch):
+        xb = x[i:i + batch]
+        logits, _ = judge(xb[:, :-1])   # position j predicts token j + 1
+        logp = F.log_softmax(logits[:, P - 1:].float(), dim=-1)
+        nll -= logp.gather(-1, xb[:, P:].unsqueeze(-1)).sum().item()
+    return math.exp(nll / samples.numel())
+
+
+def unigram_entropy(row):
+    """Entropy (nats) of the empirical token distribution within one sample."""
+    n = len(row)
+    return -sum(c / n * math.log(c / n) for c in Counter(row).values())
+
+
+def repeat4(row):
+    """Fraction of the sample's 4-grams that already occurred earlier in the same sample."""
+    seen, repeats = set(), 0
+    for i in range(len(row) - 3):
+        gram = tuple(row[i:i + 4])
+        repeats += gram in seen
+        seen.add(gram)
+    return repeats / (len(row) - 3)
+
+
+def quality_row(model, k, samples, prompts, judge, ar_samples):
+    rows = samples.tolist()
+    return {"model": model, "k": k, "gen_ppl": gen_ppl(judge, prompts, samples),
+            "entropy": statistics.mean(map(unigram_entropy, rows)),
+            "agreement": same_noise_agreement(ar_samples.cpu(), samples.cpu(), k),
+            "repeat4": statistics.mean(map(repeat4, rows))}
+
+
+def quality_tokens(args, teacher, student, judge):
+    """The continuation length: --quality_tokens, or 96 if it fits. Every k generates whole passes
+    (ceil(T / k) * k tokens, then cut to T), so the longest run must fit each model's block size."""
+    max_k = student.config.max_k
+    block = min(teacher.config.block_size, student.config.block_size, judge.config.block_size)
+    fits = lambda T: all(PROMPT_LEN + -(-T // k) * k <= block for k in range(1, max_k + 1))  # noqa: E731
+    if args.quality_tokens is None:
+        T = max((T for T in range(4, 97) if fits(T)), default=None)
+        if T is None:
+            raise UserError(f"the block size {block} leaves no room for a continuation of 4 tokens or more")
+        return T
+    if args.quality_tokens < 4:
+        raise UserError(f"--quality_tokens must be at least 4 (repeat4 counts 4-grams), not {args.quality_tokens}")
+    if not fits(args.quality_tokens):
+        raise UserError(f"--quality_tokens {args.quality_tokens} + the {PROMPT_LEN}-token prefix (rounded up to whole "
+                        f"passes of k <= {max_k}) exceed the block size {block}")
+    return args.quality_tokens
+
+
+def run_quality(teacher, student, judge, T, args, device):
+    gen = torch.Generator().manual_seed(args.seed)
+    prompts = sample_windows(load_split(args.data_dir, "val"), args.quality_samples, PROMPT_LEN, gen)[0].to(device)
+    max_k = student.config.max_k
+    # ONE noise tensor for everything: sample j of every model and k is decoded from the same u
+    noise = torch.rand(args.quality_samples, T + max_k - 1, generator=gen, dtype=torch.float64).to(device)
+    ar = generate(teacher, prompts, noise[:, :T], 1)
+    rows = [quality_row("ar", 1, ar, prompts, judge, ar)]
+    for k in tqdm(range(1, max_k + 1), desc="quality", dynamic_ncols=True):
+        samples = generate(student, prompts, noise[:, :-(-T // k) * k], k)[:, :T]
+        rows.append(quality_row("student", k, samples, prompts, judge, ar))
+    for r in rows:   # ratios to the AR teacher's own samples (None if the teacher's entropy is 0)
+        r["gen_ppl_ratio"] = r["gen_ppl"] / rows[0]["gen_ppl"]
+        r["entropy_ratio"] = r["entropy"] / rows[0]["entropy"] if rows[0]["entropy"] > 0 else None
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# Outputs
+
+def write_csv(path, rows, columns):
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write(path, lambda f: f.write(buf.getvalue()), binary=False)
+
+
+def save_figure(fig, path):
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
+
+
+def plot_speed(rows, device, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        ax.axhspan(*PAPER_BAND, color="tab:green", alpha=0.15, label="paper, k = 4, H100: 2.4-3.5x")
+        ax.axhline(1.0, color="gray", lw=0.8, ls=":")
+        lines = sorted({(r["k"], r["seq_len"]) for r in rows if r["model"] == m and r["k"] > 1})
+        for k, s in lines:
+            pts = sorted((r["batch_size"], r["speedup"]) for r in rows
+                         if (r["model"], r["k"], r["seq_len"]) == (m, k, s) and r["speedup"] is not None)
+            ax.plot(*zip(*pts), marker="o", ls="-" if s == max(l[1] for l in lines) else "--",
+                    label=f"k = {k}, {s} tokens")
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel="batch size", ylabel="speedup over AR (tokens/s ratio)", title=m)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"K-Forcing speedup over AR decoding on {device}")
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_quality(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ar = rows[0]
+    st = [r for r in rows if r["model"] == "student"]
+    ks = [r["k"] for r in st]
+    panels = [("gen-PPL ratio to AR", "gen_ppl_ratio"), ("entropy ratio to AR", "entropy_ratio"),
+              ("slot-1 same-noise agreement", None), ("repeated 4-grams", "repeat4")]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    for ax, (title, key) in zip(axes, panels):
+        ys = [r["agreement"][0] for r in st] if key is None else [r[key] for r in st]
+        ax.plot(ks, ys, marker="o", label="student")
+        ax.axhline(ar["repeat4"] if key == "repeat4" else 1.0, color="gray", ls="--", label="AR teacher")
+        ax.set(xlabel="k (tokens per pass)", title=title, xticks=ks)
+        ax.legend(fontsize=8)
+    fig.suptitle("K-Forcing quality against k (float32 decoding, same noise, temperature 1, no penalty)", y=1.03)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def print_tables(speed, skipped, quality, device):
+    print(f"\ndevice: {device}")
+    if speed:
+        print(f"{'model':<20}{'seq':>6}{'batch':>7}{'k':>3}{'tokens/s':>12}{'speedup':>9}{'MBU':>7}")
+        for r in speed:
+            mbu = f"{r['mbu']:.1%}" if r["mbu"] is not None else "-"
+            sp = f"{r['speedup']:.2f}x" if r["speedup"] is not None else "-"
+            print(f"{r['model']:<20}{r['seq_len']:>6}{r['batch_size']:>7}{r['k']:>3}{r['tokens_per_s']:>12,.0f}"
+                  f"{sp:>9}{mbu:>7}")
+    for s in skipped:
+        print(f"skipped: {s['model']} seq_len {s['seq_len']} batch {s['batch_size']} ({s['reason']})")
+    if quality:
+        print(f"\n{'model':<9}{'k':>2}{'gen-PPL':>9}{'ratio':>7}{'entropy':>9}{'ratio':>7}{'repeat4':>9}"
+              "  agreement per slot")
+        for r in quality:
+            er = f"{r['entropy_ratio']:.2f}" if r["entropy_ratio"] is not None else "-"
+            print(f"{r['model']:<9}{r['k']:>2}{r['gen_ppl']:>9.1f}{r['gen_ppl_ratio']:>7.2f}{r['entropy']:>9.2f}"
+                  f"{er:>7}{r['repeat4']:>9.3f}  " + " / ".join(f"{a:.0%}" for a in r["agreement"]))
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    except RuntimeError:
+        raise UserError(f"--device {args.device!r} is not a device; use cuda, cpu or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but no CUDA device is available; use --device cpu")
+    gpu = device.type == "cuda"
+    if not gpu:
+        keep_freed_memory()   # the 50k-wide logit buffers would otherwise be page-faulted in every pass
+    # Defaults: the full grid on a GPU, a small one that finishes in a minute or two on a CPU
+    batch_sizes = int_list(args.batch_sizes or ("1,8,32,64,128,256,512" if gpu else "1,8"), "batch_sizes", "1,8,32")
+    seq_lens = int_list(args.seq_lens or ("128,1024" if gpu else "64"), "seq_lens", "128,1024")
+    repeats = args.repeats if args.repeats is not None else (3 if gpu else 1)
+    paper_shape = args.paper_shape if args.paper_shape is not None else gpu
+    if min(batch_sizes) < 1 or repeats < 1 or args.quality_samples < 1:
+        raise UserError("--batch_sizes, --repeats and --quality_samples must be at least 1")
+    if not (args.speed or args.quality):
+        raise UserError("nothing to do: both --no-speed and --no-quality were given")
+    torch.set_float32_matmul_precision("highest")   # float32 quality decoding must not silently use TF32
+
+    label, teacher_path, student_path = find_checkpoints(args)
+    teacher, student = load_models(teacher_path, student_path, device)
+    max_k = student.config.max_k
+    ks = int_list(args.ks, "ks", "2,3,4") if args.ks else [k for k in (2, 3, 4) if k <= max_k]
+    for k in ks:
+        if not 2 <= k <= max_k:
+            raise UserError(f"--ks: k = {k} is not between 2 and the student's max_k ({max_k}) "
+                            "(AR, k = 1, is always measured)")
+    name = args.name or f"bench_{label}"
+    ensure_writable(args.out_dir)
+
+    # The models to time: (label, AR teacher, student, the seq_lens that fit), weights cast to --dtype
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    models, ps_config = [], None
+    if args.speed:
+        if not ks:
+            raise UserError(f"the student's max_k is {max_k}: no k >= 2 to time against AR; use --no-speed")
+        if min(seq_lens) < PROMPT_LEN + max(ks, default=1):
+            raise UserError(f"--seq_lens must be at least the {PROMPT_LEN}-token prefix + the largest k")
+        candidates = [(label, teacher, student)]
+        if paper_shape:   # random weights: the speed of a pass does not depend on them
+            torch.manual_seed(args.seed)
+            ps_teacher = GPT(PAPER_SHAPE)
+            candidates.insert(0, ("paper_shape_random", ps_teacher, GPT.student_from(ps_teacher, max(ks))))
+            ps_config = asdict(candidates[0][2].config)
+        for m, t, s in candidates:
+            fit = [L for L in seq_lens if L <= t.config.block_size]
+            if args.seq_lens is None and not fit:   # default lengths too long for this model: use its block
+                fit = [t.config.block_size]
+            if fit:   # copies: the float32 originals decode the quality samples
+                cast = lambda model: copy.deepcopy(model).to(device, dtype).eval()  # noqa: E731
+                models.append((m, cast(t), cast(s), fit))
+            else:
+                print(f"note: {m} (block size {t.config.block_size}) is not timed: no --seq_lens fits it")
+        if not models:
+            raise UserError(f"--seq_lens {args.seq_lens}: every length exceeds the block size "
+                            f"({teacher.config.block_size} for the trained model)")
+
+    judge = teacher
+    if args.judge:
+        judge = model_from_checkpoint(load_checkpoint(args.judge, kind="teacher"), device).eval()
+    T = quality_tokens(args, teacher, student, judge) if args.quality else None
+
+    print(f"bench on {device_name(device)}: teacher {teacher_path}, student {student_path} (max_k {max_k})"
+          + (", paper shape with random weights" if paper_shape and args.speed else ""))
+    speed, skipped = run_speed(models, ks, batch_sizes, repeats, device, args.seed) if args.speed else ([], [])
+    quality = run_quality(teacher, student, judge, T, args, device) if args.quality else []
+
+    config = {**vars(args), "batch_sizes": batch_sizes, "seq_lens": seq_lens, "ks": ks, "repeats": repeats,
+              "paper_shape": paper_shape, "quality_tokens": T, "device": str(device), "model_label": label,
+              "teacher": teacher_path, "student": student_path,
+              "judge": args.judge or teacher_path, "prompt_len": PROMPT_LEN,
+              "speed_dtype": args.dtype, "quality_dtype": "float32",
+              "model_configs": {"trained_teacher": asdict(teacher.config), "trained_student": asdict(student.config),
+                                "judge": asdict(judge.config), "paper_shape_random": ps_config},
+              "notes": ["paper_shape_random has random weights: its speed is real, its tokens are meaningless",
+                        "speed: static KV cache sized to seq_len (as a server sizes it to its longest request), "
+                        "shared by AR and K-Forcing; prompts and noise random",
+                        "tokens_per_s: new tokens / whole generation (prefill included), median over repeats; "
+                        "speedup: median over repeats of K-Forcing tokens/s / AR tokens/s timed back to back",
+                        "mbu: (weights + KV cache read up to the current length + KV written) per pass, summed, "
+                        "/ time / peak HBM bandwidth; None where the peak is unknown (CPU). It counts the bytes a "
+                        "pass needs, not what this implementation moves: model.py attends over the whole static "
+                        "cache (seq_len entries, stale ones masked) and concatenates it with the slots' K/V "
+                        "in every layer",
+                        "quality: samples decoded in float32 from one shared noise tensor, temperature 1, no penalty; "
+                        "gen-PPL under the judge in float32; entropy and repeat4 over the continuation only"]}
+    out = {"device": device_name(device), "torch": torch.__version__, "config": config,
+           "speed": speed, "skipped": skipped, "quality": quality}
+    stem = os.path.join(args.out_dir, name)
+    write_json(stem + ".json", out)
+    if speed:
+        write_csv(stem + "_speed.csv", speed, ["model", "seq_len", "batch_size", "k", "new_tokens", "tokens_per_s",
+                                               "speedup", "mbu"])
+        plot_speed(speed, device_name(device), stem + "_speedup_vs_batch.png")
+    if quality:
+        flat = [{**r, **{f"agreement_slot{i + 1}": a for i, a in enumerate(r["agreement"])}} for r in quality]
+        write_csv(stem + "_quality.csv", flat, ["model", "k", "gen_ppl", "gen_ppl_ratio", "entropy", "entropy_ratio",
+                                                "repeat4"] + [f"agreement_slot{i + 1}" for i in range(max_k)])
+        plot_quality(quality, stem + "_quality_vs_k.png")
+    print_tables(speed, skipped, quality, device_name(device))
+    print(f"\nwrote {stem}.json" + (", _speed.csv, _speedup_vs_batch.png" if speed else "")
+          + (", _quality.csv, _quality_vs_k.png" if quality else ""))
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,146 @@
+"""Tests for bench.py and the decode path it times: the outputs of a tiny end-to-end run, the static-buffer
+decode step (CUDA graphs' plumbing, run eagerly on CPU) against generate's plain path, and one-line errors.
+CPU only, well under a minute. Run: python -m pytest tests/test_bench.py -q"""
+
+import csv
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import weakref
+
+import numpy as np
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from common import save_checkpoint  # noqa: E402
+from bench import sized_to  # noqa: E402
+from model import GPT, GPTConfig, CUDAGraphStep, KVCache, generate  # noqa: E402
+
+K = 4
+
+
+def tiny_models():
+    torch.manual_seed(0)
+    teacher = GPT(GPTConfig(block_size=64, n_layer=1, n_head=2, n_embd=32)).eval()
+    student = GPT.student_from(teacher, K).eval()
+    with torch.no_grad():   # a noise encoder whose output matters, so that tokens depend on u
+        for p in student.noise_encoder.parameters():
+            p.normal_(0, 0.5)
+    return teacher, student
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    teacher, student = tiny_models()
+    for kind, m in (("teacher", teacher), ("student", student)):
+        save_checkpoint(str(tmp / f"{kind}.pt"), {"kind": kind, "model_config": dataclasses.asdict(m.config),
+                                                  "model": m.state_dict()})
+    (tmp / "data").mkdir()   # a val split of random GPT-2 ids: CI has no prepared corpus
+    np.random.default_rng(0).integers(0, 50257, 4000, dtype=np.uint16).tofile(tmp / "data" / "val.bin")
+    return tmp
+
+
+def bench(tmp, *args):
+    return subprocess.run([sys.executable, "bench.py", "--teacher", str(tmp / "teacher.pt"), "--student",
+                           str(tmp / "student.pt"), "--data_dir", str(tmp / "data"), "--out_dir", str(tmp / "out"),
+                           "--device", "cpu", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_end_to_end_outputs(files):
+    r = bench(files, "--batch_sizes", "1,2", "--seq_lens", "32", "--quality_samples", "8",
+              "--quality_tokens", "12", "--no-paper_shape", "--name", "t")
+    assert r.returncode == 0, r.stderr
+    out = files / "out"
+    res = json.loads((out / "t.json").read_text())
+    assert {"device", "torch", "config", "speed", "quality"} <= set(res)
+    assert res["device"].startswith("cpu") and res["config"]["quality_dtype"] == "float32"
+    assert res["config"]["model_configs"]["trained_student"]["max_k"] == K
+
+    speed = res["speed"]
+    assert {(r["batch_size"], r["k"]) for r in speed} == {(b, k) for b in (1, 2) for k in (1, 2, 3, 4)}
+    for row in speed:
+        assert {"model", "seq_len", "batch_size", "k", "tokens_per_s", "speedup", "mbu"} <= set(row)
+        assert row["model"] == "trained" and row["seq_len"] == 32
+        assert row["tokens_per_s"] > 0 and row["speedup"] > 0
+        assert row["mbu"] is None   # no peak bandwidth on a CPU
+        assert row["new_tokens"] == (32 - 6) // row["k"] * row["k"]
+        if row["k"] == 1:
+            assert row["speedup"] == 1.0
+
+    quality = res["quality"]
+    assert [(r["model"], r["k"]) for r in quality] == [("ar", 1)] + [("student", k) for k in range(1, K + 1)]
+    for row in quality:
+        assert {"k", "gen_ppl", "gen_ppl_ratio", "entropy", "entropy_ratio", "agreement", "repeat4"} <= set(row)
+        assert len(row["agreement"]) == row["k"]
+        # random tiny weights: the teacher's distribution is nearly uniform, so a student rarely matches it
+        assert all(0 <= a <= 1 for a in row["agreement"])
+        assert row["gen_ppl"] > 1 and 0 < row["entropy"] <= np.log(12) + 1e-9 and 0 <= row["repeat4"] <= 1
+    ar = quality[0]
+    assert ar["agreement"] == [1.0] and ar["gen_ppl_ratio"] == 1.0 and ar["entropy_ratio"] == 1.0
+
+    with open(out / "t_speed.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(speed)
+    with open(out / "t_quality.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(quality)
+    for png in ("t_speedup_vs_batch.png", "t_quality_vs_k.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert "tokens/s" in r.stdout and "agreement" in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ks", "0"], "--ks"),
+    (["--ks", "9"], "max_k"),
+    (["--seq_lens", "100"], "block size"),
+    (["--quality_tokens", "80", "--no-speed"], "block size"),
+    (["--student", "missing.pt"], "not found"),
+])
+def test_bad_input_is_one_line(files, args, message):
+    r = bench(files, "--batch_sizes", "1", *args)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.stderr
+
+
+def test_static_step_matches_eager_generate():
+    """CUDAGraphStep's plumbing (static input buffers, the static output fed back as the next input, one
+    cache reused across generations, a step object reused across shapes) gives generate's exact tokens.
+    On CPU it runs the steps eagerly; on a GPU the same test checks the captured graphs."""
+    teacher, student = tiny_models()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    teacher, student = teacher.to(dev), student.to(dev)
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(50257, (3, 6), generator=gen).to(dev)
+    noise = torch.rand(3, 24, generator=gen, dtype=torch.float64).to(dev)
+    cache = KVCache(student.config, 3, dev, torch.float32)   # with scratch rows for 4 slots
+    step = CUDAGraphStep(capture=dev.type == "cuda")
+    for model, k in ((teacher, 1), (student, 2), (student, 4), (teacher, 1)):
+        eager = generate(model, prompt, noise, k)
+        assert torch.equal(generate(model, prompt, noise, k, cache=cache, step_fn=step), eager), k
+        # the same cache again, now holding a longer generation's stale entries, and new noise
+        other = noise.flip(0)
+        assert torch.equal(generate(model, prompt, other, k, cache=cache, step_fn=step),
+                           generate(model, prompt, other, k)), k
+    assert len(step.graphs) == 3   # one per (model, batch, k); prefill runs eagerly
+    buffer = weakref.ref(next(iter(step.graphs.values()))["tokens"])
+    del step   # no reference cycle: the graphs and their memory go with the step object
+    assert buffer() is None
+    assert torch.equal(generate(student, prompt, noise, 4, cuda_graph=True), generate(student, prompt, noise, 4))
+
+
+def test_cache_sized_to_the_generation_gives_the_same_tokens():
+    """bench.py times generations with a static cache of seq_len entries instead of block_size."""
+    teacher, student = tiny_models()
+    gen = torch.Generator().manual_seed(2)
+    prompt = torch.randint(50257, (2, 6), generator=gen)
+    noise = torch.rand(2, 20, generator=gen, dtype=torch.float64)
+    for model, k in ((teacher, 1), (student, 4)):
+        small = sized_to(model, 26)
+        assert small.config.block_size == 26 and model.config.block_size == 64   # the original is untouched
+        assert small.lm_head.weight is model.lm_head.weight                      # weights are shared
+        assert torch.equal(generate(small, prompt, noise, k), generate(model, prompt, noise, k))
