@@ -1,5 +1,6 @@
 # make demo: install, then the whole pipeline on the offline corpus with the tiny preset (CPU, ~10 min)
 # make test: the test suite (CPU, a few minutes)
+# PRESET=small make teacher distill sample bench: the same steps on one GPU
 PY ?= python3
 PRESET ?= tiny
 
@@ -11,22 +12,23 @@ setup:
 data:
 	$(PY) prepare_data.py --dataset offline
 
-teacher: data
-	$(PY) teacher.py --preset $(PRESET) --resume || $(PY) teacher.py --preset $(PRESET)
+teacher:
+	$(PY) teacher.py --preset $(PRESET)
 
-distill: teacher
+distill:
 	$(PY) distill.py --preset $(PRESET) --k 4
 
 sample:
-	$(PY) sample.py --num_samples 3
+	$(PY) sample.py --preset $(PRESET) --num_samples 3
 
 bench:
 	$(PY) bench.py --preset $(PRESET)
 
+# --overwrite: the demo replaces its own earlier tiny run (out/*_tiny) instead of refusing to start
 demo: setup data
 	$(PY) teacher.py --preset $(PRESET) --overwrite
 	$(PY) distill.py --preset $(PRESET) --k 4 --overwrite
-	$(PY) sample.py --num_samples 3
+	$(PY) sample.py --preset $(PRESET) --num_samples 3
 	$(PY) bench.py --preset $(PRESET)
 
 test:

@@ -56,9 +56,10 @@ def marked(enc, tokens, reference):
 def main(argv=None):
     p = ArgumentParser(description=__doc__.strip().splitlines()[0],
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--teacher", default=None, help="AR teacher checkpoint (default: out/teacher_small or _tiny best.pt)")
-    p.add_argument("--student", default=None, help="student checkpoint (default: the highest student_k*.pt "
-                                                   "distilled from the default teacher)")
+    p.add_argument("--preset", default=None, help="use out/teacher_<preset>/best.pt and the highest "
+                   "out/distill_<preset>/student_k*.pt (default: small if trained, else tiny)")
+    p.add_argument("--teacher", default=None, help="AR teacher checkpoint (overrides --preset)")
+    p.add_argument("--student", default=None, help="student checkpoint (overrides --preset)")
     p.add_argument("--teacher_only", action="store_true", help="sample from the teacher alone")
     p.add_argument("--k", type=int, default=None, help="tokens per student pass (1..the student's max_k; default max_k)")
     p.add_argument("--prompt", default=None, help="prompt text; default: prefixes of the val split")
@@ -73,7 +74,7 @@ def main(argv=None):
     if args.num_samples < 1 or args.max_new_tokens < 1:
         raise UserError("--num_samples and --max_new_tokens must be at least 1")
 
-    teacher_path, student_path = default_checkpoints()
+    teacher_path, student_path = default_checkpoints(args.preset)
     teacher_path = args.teacher or teacher_path
     student_path = None if args.teacher_only else (args.student or student_path)
     if not args.teacher_only and student_path is None:
