@@ -455,8 +455,7 @@ def main(argv=None):
                         "mbu: (weights + KV cache read up to the current length + KV written) per pass, summed, "
                         "/ time / peak HBM bandwidth; None where the peak is unknown (CPU). It counts the bytes a "
                         "pass needs, not what this implementation moves: model.py attends over the whole static "
-                        "cache (seq_len entries, stale ones masked) and concatenates it with the slots' K/V "
-                        "in every layer",
+                        "cache (seq_len entries, stale ones masked)",
                         "quality: samples decoded in float32 from one shared noise tensor, temperature 1, no penalty; "
                         "gen-PPL under the judge in float32; entropy and repeat4 over the continuation only"]}
     out = {"device": device_name(device), "torch": torch.__version__, "config": config,

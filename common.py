@@ -183,6 +183,9 @@ def atomic_write(path, write_fn, binary=True):
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-" + os.path.basename(path))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes files private (0600); results are meant to be shared
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write_fn(f)
