@@ -1,4 +1,4 @@
-# make demo: install, then the whole pipeline on the offline corpus with the tiny preset (CPU, ~10 min)
+# make demo: install, then the whole pipeline on the offline corpus with the tiny preset (CPU, ~5 min)
 # make test: the test suite (CPU, a few minutes)
 # PRESET=small make teacher distill sample bench: the same steps on one GPU
 PY ?= python3

@@ -52,17 +52,20 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def parse_config(cls, presets, description, argv=None, extra=None):
-    p = ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default=next(iter(presets)), choices=list(presets),
-                   help="named defaults: " + "; ".join(f"{k}: {v.get('_about', '')}" for k, v in presets.items()))
+                   help=f"named defaults (default: {next(iter(presets))}): " +
+                        "; ".join(f"{k}: {v.get('_about', '')}" for k, v in presets.items()))
     for f in dataclasses.fields(cls):
+        per_preset = {name: pre.get(f.name, f.default) for name, pre in presets.items()}
+        shown = (f"default: {f.default}" if len(set(map(str, per_preset.values()))) == 1 else
+                 "default: " + ", ".join(f"{v} ({name})" for name, v in per_preset.items()))
+        help = f"{f.metadata.get('help', '')} ({shown})"
         if f.type in (bool, "bool"):
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None,
-                           help=f.metadata.get("help", ""))
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=help)
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            p.add_argument(f"--{f.name}", type=typ, default=None,
-                           help=f"{f.metadata.get('help', '')} (preset default: {f.default})")
+            p.add_argument(f"--{f.name}", type=typ, default=None, help=help)
     if extra:
         extra(p)
     args = p.parse_args(argv)

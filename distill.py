@@ -112,7 +112,7 @@ def eval_agreement(student, k, prompts, noise, ar_tokens):
 
 
 def main(argv=None):
-    cfg, args = parse_config(DistillConfig, PRESETS, __doc__.strip().splitlines()[0], argv, extra=lambda p: (
+    cfg, args = parse_config(DistillConfig, PRESETS, __doc__, argv, extra=lambda p: (
         p.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pt"),
         p.add_argument("--overwrite", action="store_true", help="start afresh even if <out_dir> has a run")))
     schedule = parse_schedule(cfg)

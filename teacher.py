@@ -95,7 +95,7 @@ def evaluate(model, val, cfg, rt):
 
 
 def main(argv=None):
-    cfg, args = parse_config(TeacherConfig, PRESETS, __doc__.strip().splitlines()[0], argv, extra=lambda p: (
+    cfg, args = parse_config(TeacherConfig, PRESETS, __doc__, argv, extra=lambda p: (
         p.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pt"),
         p.add_argument("--overwrite", action="store_true", help="start afresh even if <out_dir> has a checkpoint")))
     rt = setup_runtime(cfg.device, cfg.dtype)
