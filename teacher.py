@@ -204,6 +204,8 @@ def main(argv=None):
         bar.close()
         stop.restore()
 
+    if math.isnan(val_loss):   # resumed a finished run: nothing trained, but report where it stands
+        val_loss = evaluate(raw, val, cfg, rt)
     if rt.master:
         baseline = unigram_entropy(np.asarray(val))
         result = {"device": device_name(rt.device), "world_size": rt.world, "torch": torch.__version__,
