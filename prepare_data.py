@@ -40,6 +40,8 @@ from urllib.parse import urlparse
 import numpy as np
 from tqdm import tqdm
 
+from common import write_json   # temporary file, fsync, rename
+
 EOT = 50256          # <|endoftext|>, the document separator
 VOCAB_SIZE = 50257   # GPT-2 BPE; every id fits in uint16
 MIN_VAL_TOKENS = 50_000  # below this the val loss is too noisy to compare runs
@@ -164,16 +166,6 @@ class TokenFile:
         self.f.close()
         if os.path.exists(self.tmp):
             os.remove(self.tmp)
-
-
-def write_json(path, obj):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def finished_meta(out):

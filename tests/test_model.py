@@ -214,3 +214,20 @@ def test_decode_step_rejects_multi_token_ar(teacher):
     with pytest.raises(AssertionError):
         decode_step(teacher, torch.zeros(1, 3, dtype=torch.long), torch.arange(3),
                     torch.rand(1, 2, dtype=torch.float64), cache)
+
+
+@torch.no_grad()
+def test_noise_slots_never_enter_the_cache(teacher, student):
+    """Slots live in scratch rows past the cache's positions; a cache without them refuses a student step,
+    and a student step leaves the real-token rows exactly as an AR pass over the same tokens leaves them."""
+    x = torch.randint(0, V, (1, 10))
+    with pytest.raises(ValueError, match="scratch rows"):
+        student.forward_step(x, torch.arange(10), torch.rand(1, 2, dtype=torch.float64),
+                             KVCache(teacher.config, 1, "cpu", torch.float32))
+    with_slots, without = (KVCache(student.config, 1, "cpu", torch.float32) for _ in range(2))
+    student.forward_step(x, torch.arange(10), torch.rand(1, 4, dtype=torch.float64), with_slots)
+    student.forward_step(x, torch.arange(10), None, without)
+    L = with_slots.length
+    torch.testing.assert_close(with_slots.k[:, :, :, :L], without.k[:, :, :, :L], rtol=0, atol=1e-5)
+    torch.testing.assert_close(with_slots.v[:, :, :, :L], without.v[:, :, :, :L], rtol=0, atol=1e-5)
+    assert with_slots.k[:, :, :, L:].abs().sum() > 0 and without.k[:, :, :, L:].abs().sum() == 0
