@@ -28,6 +28,8 @@ class UserError(Exception):
 def run_cli(main):
     try:
         main()
+        if dist.is_initialized():
+            dist.barrier()   # let every rank finish before the group goes: gloo aborts a rank torn down early
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
