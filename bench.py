@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (ArgumentParser, UserError, atomic_write, device_name, ensure_writable, keep_freed_memory,
+from common import (ArgumentParser, UserError, atomic_write, device_name, ensure_writable, resolve_device,
                     load_checkpoint, load_split, model_from_checkpoint, out_of_memory, run_cli, sample_windows,
                     write_json)
 from model import GPT, GPTConfig, CUDAGraphStep, KVCache, generate, same_noise_agreement
@@ -372,15 +372,8 @@ def print_tables(speed, skipped, quality, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    except RuntimeError:
-        raise UserError(f"--device {args.device!r} is not a device; use cuda, cpu or auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda, but no CUDA device is available; use --device cpu")
+    device = resolve_device(args.device)
     gpu = device.type == "cuda"
-    if not gpu:
-        keep_freed_memory()   # the 50k-wide logit buffers would otherwise be page-faulted in every pass
     # Defaults: the full grid on a GPU, a small one that finishes in a minute or two on a CPU
     batch_sizes = int_list(args.batch_sizes or ("1,8,32,64,128,256,512" if gpu else "1,8"), "batch_sizes", "1,8,32")
     seq_lens = int_list(args.seq_lens or ("128,1024" if gpu else "64"), "seq_lens", "128,1024")

@@ -83,24 +83,33 @@ def parse_config(cls, presets, description, argv=None, extra=None):
 # Devices, precision and DDP. Under torchrun every rank draws the same global batch from the same seeded
 # generator and keeps its own share, so a run's numbers do not depend on how many processes ran it.
 
-def setup_runtime(device="auto", dtype="auto"):
-    ddp = "RANK" in os.environ
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
+def resolve_device(name):
+    """--device: cuda, cpu (or cuda:N), or auto (CUDA where there is one). On CPU, keep freed memory."""
+    try:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device; use cuda, cpu or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but no CUDA device is available; use --device cpu")
+    if device.type == "cpu":
         keep_freed_memory()
+    return device
+
+
+def setup_runtime(device="auto", dtype="auto", tf32=True):
+    """tf32=False keeps float32 matmuls exact: distill.py's same-noise targets are that sensitive."""
+    ddp = "RANK" in os.environ
+    device = resolve_device(device)
     if ddp:
-        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
-        if device == "cuda":
-            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        if device.type == "cuda":
+            device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
             torch.cuda.set_device(device)
     else:
         rank, world = 0, 1
-    device = torch.device(device)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" else "float32"
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]

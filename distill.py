@@ -117,7 +117,7 @@ def main(argv=None):
         p.add_argument("--overwrite", action="store_true", help="start afresh even if <out_dir> has a run")))
     schedule = parse_schedule(cfg)
     cfg.teacher = cfg.teacher.format(preset=args.preset)
-    rt = setup_runtime(cfg.device, cfg.dtype)
+    rt = setup_runtime(cfg.device, cfg.dtype, tf32=False)   # fp32 targets: no TF32 rounding
     check_batch_split(cfg.batch_size, rt)
     teacher = model_from_checkpoint(load_checkpoint(cfg.teacher, kind="teacher"), rt.device).eval()
     if cfg.block_size > teacher.config.block_size:

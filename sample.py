@@ -16,8 +16,8 @@ import re
 
 import torch
 
-from common import (ArgumentParser, UserError, load_checkpoint, load_split, model_from_checkpoint, run_cli,
-                    sample_windows)
+from common import (ArgumentParser, UserError, load_checkpoint, load_split, model_from_checkpoint, resolve_device,
+                    run_cli, sample_windows)
 from model import generate, same_noise_agreement
 from prepare_data import get_encoding
 
@@ -70,7 +70,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seeds the noise and the choice of val prefixes")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto")
     args = p.parse_args(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     if args.num_samples < 1 or args.max_new_tokens < 1:
         raise UserError("--num_samples and --max_new_tokens must be at least 1")
 
