@@ -64,13 +64,13 @@ def apply_rope(x, cos, sin):
 
 class KVCache:
     """Static KV cache, preallocated for batch x block_size and written in place. It keeps REAL tokens only
-    (paper §4): a pass's noise-slot keys/values go to `slots` scratch rows after the last position, are
+    (paper §4): a pass's noise-slot keys/values go to max_k scratch rows after the last position, are
     attended by their own window in that pass, and are overwritten by the next one. Writing them there
     rather than concatenating them to the cache avoids copying the whole cache in every layer."""
 
-    def __init__(self, cfg, batch_size, device, dtype, slots=None):
+    def __init__(self, cfg, batch_size, device, dtype):
         hd = cfg.n_embd // cfg.n_head
-        self.length, self.slots = cfg.block_size, cfg.max_k if slots is None else slots
+        self.length, self.slots = cfg.block_size, cfg.max_k
         shape = (cfg.n_layer, batch_size, cfg.n_head, self.length + self.slots, hd)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
@@ -330,14 +330,14 @@ def decode_step(model, tokens, pos, u, cache):
 
 
 @torch.no_grad()
-def generate(model, prompt, noise, k=1, cache_dtype=None, step_fn=None, cache=None, cuda_graph=False):
+def generate(model, prompt, noise, k=1, cache_dtype=None, step_fn=None, cache=None):
     """The one decode loop. prompt: (B, P) tokens, every row the same length. noise: (B, n_new), u_j is
     the noise of the j-th new token, so the same noise can be decoded by AR (k = 1) and by a student with
     any k and the tokens compared position by position. Each pass commits the previous k tokens and
     produces k more; the prompt is committed by the first pass (prefill). Returns (B, n_new) tokens.
     cache: a KVCache to reuse (its stale entries are hidden by the mask, so it needs no clearing; reusing
-    one keeps CUDA graphs valid across calls). cuda_graph: replay the decode steps from CUDA graphs
-    (a fresh CUDAGraphStep; pass step_fn=CUDAGraphStep() yourself to keep its graphs between calls)."""
+    one keeps CUDA graphs valid across calls). step_fn: decode_step, or a CUDAGraphStep() to replay the
+    decode steps from CUDA graphs (keep the object to keep its graphs between calls)."""
     B, P = prompt.shape
     n_new = noise.size(1)
     if n_new % k:
@@ -349,7 +349,7 @@ def generate(model, prompt, noise, k=1, cache_dtype=None, step_fn=None, cache=No
         cache = KVCache(model.config, B, dev, cache_dtype or next(model.parameters()).dtype)
     elif cache.k.shape[:3] != (model.config.n_layer, B, model.config.n_head) or cache.length < P + n_new:
         raise ValueError(f"the cache {tuple(cache.k.shape)} does not fit this model, batch size {B} and length")
-    step_fn = step_fn or (CUDAGraphStep() if cuda_graph else decode_step)
+    step_fn = step_fn or decode_step
     out = torch.empty(B, n_new, dtype=torch.long, device=dev)
     tokens, pos = prompt, torch.arange(P, device=dev)
     for s in range(0, n_new, k):

@@ -60,7 +60,7 @@ PRESETS = {
     "tiny": dict(_about="CPU demo and tests, ~2 min on 2 cores", n_layer=2, n_head=2, n_embd=64,
                  block_size=64, dropout=0.0, batch_size=8, max_steps=400, lr=3e-3, min_lr=3e-4,
                  warmup_steps=20, eval_interval=100, eval_iters=8),
-    "small": dict(_about="one GPU, ~5-10 min: the README's numbers (6 x 384, block 256)"),
+    "small": dict(_about="one GPU, sized for ~5-10 min on an H100 (6 x 384, block 256)"),
     "paper": dict(_about="the paper's shape: 12 x 768, 12 heads, untied, block 128 as on LM1B",
                   n_layer=12, n_head=12, n_embd=768, block_size=128, tie_embeddings=False,
                   batch_size=512, max_steps=100_000, lr=3e-4, min_lr=3e-5, warmup_steps=2500,

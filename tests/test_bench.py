@@ -130,7 +130,8 @@ def test_static_step_matches_eager_generate():
     buffer = weakref.ref(next(iter(step.graphs.values()))["tokens"])
     del step   # no reference cycle: the graphs and their memory go with the step object
     assert buffer() is None
-    assert torch.equal(generate(student, prompt, noise, 4, cuda_graph=True), generate(student, prompt, noise, 4))
+    assert torch.equal(generate(student, prompt, noise, 4, step_fn=CUDAGraphStep(capture=dev.type == "cuda")),
+                       generate(student, prompt, noise, 4))
 
 
 def test_cache_sized_to_the_generation_gives_the_same_tokens():
