@@ -74,6 +74,10 @@ def parse_args(argv=None):
                    help="val prefixes, one continuation each (default: 256)")
     p.add_argument("--quality_tokens", type=int, default=None,
                    help="continuation length (default: 96, or less where the block size requires)")
+    p.add_argument("--attention", choices=["auto", "flex", "sdpa"], default="auto",
+                   help="attention of the cached decode passes, both sides: flex (FlexAttention, reads only the "
+                        "written part of the cache), sdpa (boolean mask over the whole cache); auto: flex on CUDA, "
+                        "sdpa elsewhere (default: auto)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="weights and KV cache of the speed runs, both sides (default: bfloat16); "
                         "quality always decodes in float32")
@@ -154,13 +158,14 @@ def sized_to(model, length):
     return m
 
 
-def time_point(teacher, student, ks, B, seq_len, repeats, device, gen):
+def time_point(teacher, student, ks, B, seq_len, repeats, device, gen, attention):
     """Time AR and every k at one (batch, seq_len) on the same prompts and noise. Returns
-    {k: (new tokens, [seconds per repeat])}. One static cache and one set of CUDA graphs serve the point."""
+    {k: (new tokens, [seconds per repeat], warm-up seconds)}. One static cache and one set of CUDA graphs
+    serve the point."""
     teacher, student = sized_to(teacher, seq_len), sized_to(student, seq_len)
     prompt = torch.randint(teacher.config.vocab_size, (B, PROMPT_LEN), generator=gen).to(device)
     noise = torch.rand(B, seq_len - PROMPT_LEN, generator=gen, dtype=torch.float64).to(device)
-    cache = KVCache(student.config, B, device, next(teacher.parameters()).dtype)   # with the student's slot rows
+    cache = KVCache(student.config, B, device, next(teacher.parameters()).dtype, attention)
     step = CUDAGraphStep()
     runs = {1: teacher, **{k: student for k in ks}}
     n_new = {k: (seq_len - PROMPT_LEN) // k * k for k in runs}   # whole passes that fit seq_len
@@ -172,18 +177,17 @@ def time_point(teacher, student, ks, B, seq_len, repeats, device, gen):
         sync(device)
         return time.perf_counter() - t0
 
-    # Warm-up, not timed: prefill + one decode step captures the step's graph (every decode step of a
-    # generation has the same shape) and lets cuBLAS pick its kernels.
-    for k in runs:
-        run(k, min(2 * k, n_new[k]))
+    # Warm-up, not timed: prefill + one decode step compiles the attention kernels, captures the step's
+    # graph (every decode step of a generation has the same shape) and lets cuBLAS pick its kernels.
+    warmup = {k: run(k, min(2 * k, n_new[k])) for k in runs}
     times = {k: [] for k in runs}
     for _ in range(repeats):   # AR and K-Forcing back to back, so that each speedup compares one moment
         for k in runs:
             times[k].append(run(k, n_new[k]))
-    return {k: (n_new[k], times[k]) for k in runs}
+    return {k: (n_new[k], times[k], warmup[k]) for k in runs}
 
 
-def run_speed(models, ks, batch_sizes, repeats, device, seed):
+def run_speed(models, ks, batch_sizes, repeats, device, seed, attention):
     """models: [(label, teacher, student, seq_lens)]. Returns (rows, skipped)."""
     rows, skipped = [], []
     grid = [(m, s, B) for m in models for s in m[3] for B in batch_sizes]
@@ -191,7 +195,7 @@ def run_speed(models, ks, batch_sizes, repeats, device, seed):
     gen = torch.Generator().manual_seed(seed)
     for (label, teacher, student, _), seq_len, B in tqdm(grid, desc="speed", dynamic_ncols=True):
         try:
-            res = time_point(teacher, student, ks, B, seq_len, repeats, device, gen)
+            res = time_point(teacher, student, ks, B, seq_len, repeats, device, gen, attention)
         except Exception as e:
             if not out_of_memory(e):
                 raise
@@ -200,8 +204,8 @@ def run_speed(models, ks, batch_sizes, repeats, device, seed):
         finally:
             if device.type == "cuda":
                 torch.cuda.empty_cache()   # give the point's cache and graph pools back before the next one
-        ar_n, ar_t = res[1]
-        for k, (n, ts) in res.items():
+        ar_n, ar_t, _ = res[1]
+        for k, (n, ts, warm) in res.items():
             model = teacher if k == 1 else student
             speedups = [(B * n / t) / (B * ar_n / t_ar) for t, t_ar in zip(ts, ar_t)]
             t = statistics.median(ts)
@@ -209,7 +213,8 @@ def run_speed(models, ks, batch_sizes, repeats, device, seed):
                 if peak else None
             rows.append({"model": label, "seq_len": seq_len, "batch_size": B, "k": k, "new_tokens": n,
                          "tokens_per_s": statistics.median(B * n / t for t in ts),
-                         "speedup": 1.0 if k == 1 else statistics.median(speedups), "mbu": mbu})
+                         "speedup": 1.0 if k == 1 else statistics.median(speedups), "mbu": mbu,
+                         "warmup_s": warm})
     return rows, skipped
 
 
@@ -430,11 +435,13 @@ def main(argv=None):
 
     print(f"bench on {device_name(device)}: teacher {teacher_path}, student {student_path} (max_k {max_k})"
           + (", paper shape with random weights" if paper_shape and args.speed else ""))
-    speed, skipped = run_speed(models, ks, batch_sizes, repeats, device, args.seed) if args.speed else ([], [])
+    attention = args.attention if args.attention != "auto" else ("flex" if gpu else "sdpa")
+    speed, skipped = run_speed(models, ks, batch_sizes, repeats, device, args.seed, attention) \
+        if args.speed else ([], [])
     quality = run_quality(teacher, student, judge, T, args, device) if args.quality else []
 
     config = {**vars(args), "batch_sizes": batch_sizes, "seq_lens": seq_lens, "ks": ks, "repeats": repeats,
-              "paper_shape": paper_shape, "quality_tokens": T, "device": str(device), "model_label": label,
+              "paper_shape": paper_shape, "attention": attention if args.speed else None, "quality_tokens": T, "device": str(device), "model_label": label,
               "teacher": teacher_path, "student": student_path,
               "judge": args.judge or teacher_path, "prompt_len": PROMPT_LEN,
               "speed_dtype": args.dtype, "quality_dtype": "float32",
@@ -447,8 +454,10 @@ def main(argv=None):
                         "speedup: median over repeats of K-Forcing tokens/s / AR tokens/s timed back to back",
                         "mbu: (weights + KV cache read up to the current length + KV written) per pass, summed, "
                         "/ time / peak HBM bandwidth; None where the peak is unknown (CPU). It counts the bytes a "
-                        "pass needs, not what this implementation moves: model.py attends over the whole static "
-                        "cache (seq_len entries, stale ones masked)",
+                        "pass needs, not what this implementation moves: flex reads the cache up to the last "
+                        "written 128-entry block, sdpa the whole static cache (seq_len entries, stale ones masked)",
+                        "warmup_s: the untimed first prefill + decode step of each k at a point (kernel compilation "
+                        "and CUDA-graph capture)",
                         "quality: samples decoded in float32 from one shared noise tensor, temperature 1, no penalty; "
                         "gen-PPL under the judge in float32; entropy and repeat4 over the continuation only"]}
     out = {"device": device_name(device), "torch": torch.__version__, "config": config,

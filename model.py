@@ -11,12 +11,14 @@ Read in this order: GPTConfig, the blocks, GPT (forward = AR training, forward_s
 training and self-forcing targets, forward_step = cached decoding), then inverse_cdf, decode_step and
 generate: the one decode loop, in which AR is the k = 1 case.
 """
+import inspect
 import math
 from dataclasses import dataclass, asdict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 
 @dataclass
@@ -57,23 +59,46 @@ def rope(cfg, pos, base=10000.0):
 
 
 def apply_rope(x, cos, sin):
-    # x: (B, H, T, hd); cos/sin: (T, hd/2), rotating pairs (first half, second half)
+    # x: (..., B, H, T, hd); cos/sin: (T, hd/2) or (B, 1, T, hd/2), rotating pairs (first half, second half)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
-class KVCache:
-    """Static KV cache, preallocated for batch x block_size and written in place. It keeps REAL tokens only
-    (paper §4): a pass's noise-slot keys/values go to max_k scratch rows after the last position, are
-    attended by their own window in that pass, and are overwritten by the next one. Writing them there
-    rather than concatenating them to the cache avoids copying the whole cache in every layer."""
+# FlexAttention's KV block (its default): the granularity at which a cached pass skips unwritten entries
+FLEX_BLOCK = 128
+# decoding needs no backward pass, so no transposed (query-block) index where this torch can skip it
+_NO_Q_BLOCKS = {"compute_q_blocks": False} if "compute_q_blocks" in inspect.signature(
+    BlockMask.from_kv_blocks).parameters else {}
+_flex_compiled = None
 
-    def __init__(self, cfg, batch_size, device, dtype):
+
+class KVCache:
+    """Static KV cache, preallocated for batch x block_size and written in place; positions come as tensors,
+    so a decode step has static shapes (compilable, capturable in a CUDA graph). A pass writes the keys and
+    values of ALL its inputs at their positions: the committed tokens, then the k noise slots. A slot's row is
+    the position of the token it produces, so the next pass overwrites it with that very token before any
+    query reads it: between passes the cache holds real tokens only (paper §4), and no per-layer copy of the
+    cache is ever made. Entries past a query's position (stale or not yet written) are hidden by the mask.
+
+    attention: how a cached pass attends (both compute the same function, see decode_mask):
+      "sdpa": SDPA with a boolean mask over the whole cache. Any device; reads every cache entry.
+      "flex": FlexAttention (compiled on CUDA) with a block mask that stops at the last written block, so a
+              pass reads only the valid prefix and its 2k queries cost little more than one (METHOD.md §5).
+      "auto": flex on CUDA, sdpa elsewhere."""
+
+    def __init__(self, cfg, batch_size, device, dtype, attention="auto"):
+        device = torch.device(device)
+        if attention == "auto":
+            attention = "flex" if device.type == "cuda" else "sdpa"
+        if attention not in ("sdpa", "flex"):
+            raise ValueError(f"attention must be 'sdpa', 'flex' or 'auto', not {attention!r}")
         hd = cfg.n_embd // cfg.n_head
-        self.length, self.slots = cfg.block_size, cfg.max_k
-        shape = (cfg.n_layer, batch_size, cfg.n_head, self.length + self.slots, hd)
+        self.length, self.attention = cfg.block_size, attention
+        shape = (cfg.n_layer, batch_size, cfg.n_head, self.length, hd)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # flex: KV blocks of FLEX_BLOCK entries (the cache is padded up to whole blocks, never attended there)
+        self.kv_blocks = -(-self.length // FLEX_BLOCK)
 
 
 class CausalSelfAttention(nn.Module):
@@ -84,19 +109,20 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0, rows=None):
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, pos=None):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(qkv[:2], cos, sin)   # q and k rotated together: half the kernels of a decode step's RoPE
+        v = qkv[2]
         if cache is not None:
-            # Write this pass's keys/values in place (cache rows `rows`: real tokens at their positions,
-            # noise slots in the scratch rows), then attend over [cache | scratch rows in use]; `mask`
-            # hides the stale entries.
+            # write this pass's keys/values at their positions, then attend over the whole static cache;
+            # `mask` hides the entries past each query's position
             ck, cv = cache.k[layer], cache.v[layer]
-            ck.index_copy_(2, rows, k.to(ck.dtype))
-            cv.index_copy_(2, rows, v.to(cv.dtype))
-            k, v = ck[:, :, :mask.size(-1)], cv[:, :, :mask.size(-1)]
-            q = q.to(ck.dtype)
+            ck.index_copy_(2, pos, k.to(ck.dtype))
+            cv.index_copy_(2, pos, v.to(cv.dtype))
+            k, v, q = ck, cv, q.to(ck.dtype)
+            if cache.attention == "flex":
+                return self.proj(flex(q, k, v, mask).transpose(1, 2).reshape(B, T, C).to(x.dtype))
         # is_causal=True for plain AR training lets SDPA pick the flash kernel on CUDA
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            dropout_p=self.dropout if self.training else 0.0)
@@ -198,11 +224,11 @@ class GPT(nn.Module):
         assert not unexpected and all(k.startswith("noise_encoder.") for k in missing), (missing, unexpected)
         return student
 
-    def _trunk(self, x, pos, mask, cache=None, rows=None):
+    def _trunk(self, x, pos, mask, cache=None):
         cos, sin = rope(self.config, pos)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            cache_args = dict(cache=cache, layer=i, rows=rows) if cache is not None else {}
+            cache_args = dict(cache=cache, layer=i, pos=pos) if cache is not None else {}
             x = block(x, cos, sin, mask, **cache_args)
         return self.ln_f(x)
 
@@ -256,19 +282,15 @@ class GPT(nn.Module):
 
     def forward_step(self, tokens, pos, noise, cache):
         """One cached decode pass (paper §4): feed the n tokens committed last step (or the prompt, at
-        prefill) at positions `pos` (n,), followed by k noise slots; the real tokens go into the cache.
+        prefill) at consecutive positions `pos` (n,), followed by k noise slots at the next k positions.
         Returns the logits of the last real token (for AR) and of the slots: (B, 1 + k, vocab)."""
         n = tokens.size(1)
-        k = 0 if noise is None else noise.size(1)
-        if k > cache.slots:
-            raise ValueError(f"{k} noise slots but the cache has {cache.slots} scratch rows")
         x = self.wte(tokens)
-        rows = pos
-        if k:
+        if noise is not None:
+            k = noise.size(1)
             x = torch.cat([x, self.noise_encoder(noise).to(x.dtype)], dim=1)
-            slots = torch.arange(k, device=pos.device)
-            pos, rows = torch.cat([pos, pos[-1] + 1 + slots]), torch.cat([pos, cache.length + slots])
-        h = self._trunk(x, pos, step_mask(pos, n, cache.length), cache=cache, rows=rows)
+            pos = torch.cat([pos, pos[-1] + 1 + torch.arange(k, device=pos.device)])
+        h = self._trunk(x, pos, decode_mask(pos[0], pos.numel(), cache), cache=cache)
         return self._logits(h[:, n - 1:])
 
 
@@ -290,18 +312,41 @@ def staircase_mask(N, anchors, W):
     return mask.unsqueeze(1)
 
 
-def step_mask(pos, n_real, cache_len):
-    """Mask of a cached decode pass: queries [n real | k slots], keys [cache_len cache entries | k slots].
-    Real token j sees cache entries up to its own position; every slot sees the cache up to the last real
-    token and the slots of its window up to itself. Built from the position tensor, so stale entries past
-    the current length are hidden without slicing the cache (static shapes, CUDA-graph friendly)."""
-    T = pos.numel()
-    k = T - n_real
-    qlim = torch.cat([pos[:n_real], pos[n_real - 1].expand(k)])
-    to_cache = torch.arange(cache_len, device=pos.device)[None, :] <= qlim[:, None]
-    to_slots = torch.zeros(T, k, dtype=torch.bool, device=pos.device)
-    to_slots[n_real:] = torch.ones(k, k, dtype=torch.bool, device=pos.device).tril()
-    return torch.cat([to_cache, to_slots], dim=1)
+def decode_mask(pos0, T, cache):
+    """Mask of a cached pass whose T queries sit at consecutive positions pos0, pos0 + 1, ..: query i sees
+    the cache entries up to its own position pos0 + i. For [k committed tokens | k noise slots] that is
+    exactly the paper's rule (a real token sees the context up to itself; slot i sees the context up to the
+    last real token and slots 1..i), i.e. bottom-right causal over the valid prefix. Built from the position
+    tensor pos0, so stale entries are hidden without slicing the cache (static shapes).
+    "sdpa": a boolean (T, cache.length) mask. "flex": a BlockMask whose every query block lists only the KV
+    blocks up to its last query's position; the kernel skips the rest of the cache."""
+    dev = cache.k.device
+    qpos = pos0 + torch.arange(T, device=dev)
+    if cache.attention == "sdpa":
+        return torch.arange(cache.length, device=dev)[None, :] <= qpos[:, None]
+    last = qpos[(torch.arange(0, T, FLEX_BLOCK, device=dev) + FLEX_BLOCK - 1).clamp(max=T - 1)]
+    kv_num_blocks = (last // FLEX_BLOCK + 1).to(torch.int32).view(1, 1, -1)      # per query block
+    kv_indices = torch.arange(cache.kv_blocks, device=dev, dtype=torch.int32).expand(1, 1, last.numel(), -1)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return kv_idx <= pos0 + q_idx
+    return BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod,
+                                    seq_lengths=(T, cache.length), **_NO_Q_BLOCKS)
+
+
+def flex(q, k, v, block_mask):
+    """FlexAttention: compiled into one fused kernel on CUDA (flex-decoding for short queries); the unfused
+    reference implementation elsewhere (what the CPU tests check against SDPA)."""
+    global _flex_compiled
+    if not q.is_cuda:
+        return flex_attention(q, k, v, block_mask=block_mask)
+    if _flex_compiled is None:
+        # one compiled kernel per (batch, queries, cache length) shape: allow many shapes before giving up
+        for name in ("recompile_limit", "cache_size_limit"):   # the name changed across torch versions
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
+        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+    return _flex_compiled(q, k, v, block_mask=block_mask)
 
 
 # ----------------------------------------------------------------------------------------------------

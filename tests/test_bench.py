@@ -1,6 +1,7 @@
 """Tests for bench.py and the decode path it times: the outputs of a tiny end-to-end run, the static-buffer
 decode step (CUDA graphs' plumbing, run eagerly on CPU) against generate's plain path, and one-line errors.
-CPU only, well under a minute. Run: python -m pytest tests/test_bench.py -q"""
+Well under a minute on CPU. On a GPU the same tests check the captured graphs, and one more checks the
+compiled FlexAttention kernel against SDPA. Run: python -m pytest tests/test_bench.py -q"""
 
 import csv
 import dataclasses
@@ -117,7 +118,7 @@ def test_static_step_matches_eager_generate():
     gen = torch.Generator().manual_seed(1)
     prompt = torch.randint(50257, (3, 6), generator=gen).to(dev)
     noise = torch.rand(3, 24, generator=gen, dtype=torch.float64).to(dev)
-    cache = KVCache(student.config, 3, dev, torch.float32)   # with scratch rows for 4 slots
+    cache = KVCache(student.config, 3, dev, torch.float32)
     step = CUDAGraphStep(capture=dev.type == "cuda")
     for model, k in ((teacher, 1), (student, 2), (student, 4), (teacher, 1)):
         eager = generate(model, prompt, noise, k)
@@ -145,3 +146,26 @@ def test_cache_sized_to_the_generation_gives_the_same_tokens():
         assert small.config.block_size == 26 and model.config.block_size == 64   # the original is untouched
         assert small.lm_head.weight is model.lm_head.weight                      # weights are shared
         assert torch.equal(generate(small, prompt, noise, k), generate(model, prompt, noise, k))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled FlexAttention kernel needs a GPU")
+@torch.no_grad()
+def test_compiled_flex_matches_sdpa_on_gpu():
+    """The fused flex kernel skips the KV blocks its block mask does not list; over a prefix that spans
+    several blocks (and a prefill of several query blocks) it must still give SDPA's logits, with garbage
+    in the unwritten cache."""
+    torch.manual_seed(0)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = GPTConfig(block_size=512, n_layer=2, n_head=2, n_embd=64, max_k=K)
+    student = GPT(cfg).cuda().eval()
+    x = torch.randint(50257, (3, 420), device="cuda")
+    u = torch.rand(3, 60, K, dtype=torch.float64, device="cuda")
+    logits = {}
+    for attention in ("sdpa", "flex"):
+        cache = KVCache(cfg, 3, "cuda", torch.float32, attention)
+        cache.k.normal_(), cache.v.normal_()
+        out = [student.forward_step(x[:, :300], torch.arange(300, device="cuda"), u[:, 0], cache)]
+        for i, s in enumerate(range(300, 420, K)):
+            out.append(student.forward_step(x[:, s:s + K], torch.arange(s, s + K, device="cuda"), u[:, i + 1], cache))
+        logits[attention] = torch.stack(out)
+    torch.testing.assert_close(logits["flex"], logits["sdpa"], rtol=0, atol=2e-3)

@@ -217,17 +217,57 @@ def test_decode_step_rejects_multi_token_ar(teacher):
 
 
 @torch.no_grad()
-def test_noise_slots_never_enter_the_cache(teacher, student):
-    """Slots live in scratch rows past the cache's positions; a cache without them refuses a student step,
-    and a student step leaves the real-token rows exactly as an AR pass over the same tokens leaves them."""
-    x = torch.randint(0, V, (1, 10))
-    with pytest.raises(ValueError, match="scratch rows"):
-        student.forward_step(x, torch.arange(10), torch.rand(1, 2, dtype=torch.float64),
-                             KVCache(teacher.config, 1, "cpu", torch.float32))
-    with_slots, without = (KVCache(student.config, 1, "cpu", torch.float32) for _ in range(2))
-    student.forward_step(x, torch.arange(10), torch.rand(1, 4, dtype=torch.float64), with_slots)
-    student.forward_step(x, torch.arange(10), None, without)
-    L = with_slots.length
-    torch.testing.assert_close(with_slots.k[:, :, :, :L], without.k[:, :, :, :L], rtol=0, atol=1e-5)
-    torch.testing.assert_close(with_slots.v[:, :, :, :L], without.v[:, :, :, :L], rtol=0, atol=1e-5)
-    assert with_slots.k[:, :, :, L:].abs().sum() > 0 and without.k[:, :, :, L:].abs().sum() == 0
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_noise_slots_leave_only_real_tokens_in_the_cache(teacher, student, attention):
+    """A slot's K/V goes to the row of the token it produces, and the next pass overwrites that row with the
+    token: between passes the rows up to the last committed token hold exactly what an AR pass over the same
+    tokens writes, and only the latest slots sit past it."""
+    x = torch.randint(0, V, (1, 14))
+    with_slots, without = (KVCache(student.config, 1, "cpu", torch.float32, attention) for _ in range(2))
+    student.forward_step(x[:, :10], torch.arange(10), torch.rand(1, 4, dtype=torch.float64), with_slots)
+    student.forward_step(x[:, 10:], torch.arange(10, 14), torch.rand(1, 4, dtype=torch.float64), with_slots)
+    student.forward_step(x, torch.arange(14), None, without)
+    torch.testing.assert_close(with_slots.k[:, :, :, :14], without.k[:, :, :, :14], rtol=0, atol=1e-5)
+    torch.testing.assert_close(with_slots.v[:, :, :, :14], without.v[:, :, :, :14], rtol=0, atol=1e-5)
+    assert with_slots.k[:, :, :, 14:18].abs().min() > 0 and without.k[:, :, :, 14:].abs().sum() == 0
+    assert with_slots.k[:, :, :, 18:].abs().sum() == 0
+
+
+@torch.no_grad()
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_and_sdpa_decoding_agree(teacher, student):
+    """The two attention paths of a cached pass compute the same function (on CPU flex runs its unfused
+    reference; tests/test_bench.py checks the compiled kernel on a GPU), with garbage in the stale entries."""
+    gen = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, V, (2, 6), generator=gen)
+    noise = torch.rand(2, 36, generator=gen, dtype=torch.float64)
+    for model, k in ((teacher, 1), (student, 3), (student, 4)):
+        out = {}
+        for attention in ("sdpa", "flex"):
+            cache = KVCache(student.config, 2, "cpu", torch.float32, attention)
+            cache.k.normal_(), cache.v.normal_()
+            out[attention] = generate(model, prompt, noise, k, cache=cache)
+        assert torch.equal(out["sdpa"], out["flex"]), k
+    with pytest.raises(ValueError, match="attention must be"):
+        KVCache(teacher.config, 1, "cpu", torch.float32, "flash")
+
+
+@pytest.mark.parametrize("pos0,T,length", [(0, 1, 512), (5, 8, 512), (124, 8, 512), (127, 1, 512),
+                                           (128, 1, 512), (300, 200, 512), (0, 10, 64), (1000, 24, 1024)])
+def test_flex_block_mask_lists_exactly_the_written_blocks(pos0, T, length):
+    """The block mask is what makes flex fast: a query block must list every KV block that holds a key its
+    queries may see (or attention would be wrong on a GPU, where the kernel skips unlisted blocks; the CPU
+    reference ignores the block list) and no block past it (or the unwritten cache would still be read)."""
+    from model import FLEX_BLOCK, decode_mask
+    cfg = GPTConfig(block_size=length, n_layer=1, n_head=1, n_embd=8)
+    cache = KVCache(cfg, 1, "cpu", torch.float32, "flex")
+    bm = decode_mask(torch.tensor(pos0), T, cache)
+    listed = bm.to_dense()[0, 0].bool()                               # (query blocks, KV blocks)
+    need = torch.zeros_like(listed)
+    for q in range(T):
+        need[q // FLEX_BLOCK, :(pos0 + q) // FLEX_BLOCK + 1] = True
+    assert torch.equal(listed, need)
+    q, kv = torch.arange(T)[:, None], torch.arange(length)[None, :]
+    assert torch.equal(bm.mask_mod(0, 0, q, kv), kv <= pos0 + q)      # the same rule as the sdpa mask
+    assert torch.equal(decode_mask(torch.tensor(pos0), T, KVCache(cfg, 1, "cpu", torch.float32, "sdpa")),
+                       kv <= pos0 + q)
