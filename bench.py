@@ -8,7 +8,8 @@ Benchmark K-Forcing against AR decoding: speed (tokens/s, speedup, memory-bandwi
 
 Speed (paper §4): fixed-length generation from 6-token prefixes to a total of --seq_lens tokens, bf16 weights
 and KV cache on both sides, and ONE decode path for both: model.generate with a static KV cache and, on CUDA,
-each decode step replayed from a CUDA graph (model.CUDAGraphStep). AR is the teacher (k = 1, one token per
+each decode step replayed from a CUDA graph (model.CUDAGraphStep); --attention picks how a cached pass
+attends (model.KVCache), the same for both sides. AR is the teacher (k = 1, one token per
 pass); K-Forcing is the student with k tokens per pass (a k=4 student decodes k = 2, 3 with its first slots).
 tokens/s counts new tokens over the whole generation (prefill included); warm-up and graph capture are not
 timed; AR and every k are timed back to back in each repeat and the medians over --repeats are reported.
@@ -74,10 +75,10 @@ def parse_args(argv=None):
                    help="val prefixes, one continuation each (default: 256)")
     p.add_argument("--quality_tokens", type=int, default=None,
                    help="continuation length (default: 96, or less where the block size requires)")
-    p.add_argument("--attention", choices=["auto", "flex", "sdpa"], default="auto",
-                   help="attention of the cached decode passes, both sides: flex (FlexAttention, reads only the "
-                        "written part of the cache), sdpa (boolean mask over the whole cache); auto: flex on CUDA, "
-                        "sdpa elsewhere (default: auto)")
+    p.add_argument("--attention", choices=["sdpa", "flex"], default="sdpa",
+                   help="attention of the cached decode passes, both sides: sdpa (boolean mask over the whole "
+                        "cache) or flex (FlexAttention over the written blocks only; experimental, see model.KVCache) "
+                        "(default: sdpa)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="weights and KV cache of the speed runs, both sides (default: bfloat16); "
                         "quality always decodes in float32")
@@ -435,13 +436,13 @@ def main(argv=None):
 
     print(f"bench on {device_name(device)}: teacher {teacher_path}, student {student_path} (max_k {max_k})"
           + (", paper shape with random weights" if paper_shape and args.speed else ""))
-    attention = args.attention if args.attention != "auto" else ("flex" if gpu else "sdpa")
-    speed, skipped = run_speed(models, ks, batch_sizes, repeats, device, args.seed, attention) \
+    speed, skipped = run_speed(models, ks, batch_sizes, repeats, device, args.seed, args.attention) \
         if args.speed else ([], [])
     quality = run_quality(teacher, student, judge, T, args, device) if args.quality else []
 
     config = {**vars(args), "batch_sizes": batch_sizes, "seq_lens": seq_lens, "ks": ks, "repeats": repeats,
-              "paper_shape": paper_shape, "attention": attention if args.speed else None, "quality_tokens": T, "device": str(device), "model_label": label,
+              "paper_shape": paper_shape, "attention": args.attention if args.speed else None,
+              "quality_tokens": T, "device": str(device), "model_label": label,
               "teacher": teacher_path, "student": student_path,
               "judge": args.judge or teacher_path, "prompt_len": PROMPT_LEN,
               "speed_dtype": args.dtype, "quality_dtype": "float32",

@@ -171,7 +171,10 @@ def main(argv=None):
                 agree_init = eval_agreement(student, k, prompts, eval_noise, ar_tokens)
             model = student
             if cfg.compile and rt.device.type == "cuda":
-                model = torch.compile(model)
+                # static shapes: every stage has its own layout (N + A*k), and torch's automatic dynamic shapes
+                # would compile the next stage's student symbolically, which crashed inductor in torch 2.11 on
+                # an H100 (a reduction workspace sized for the previous stage)
+                model = torch.compile(model, dynamic=False)
             if rt.ddp:
                 model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
 

@@ -128,7 +128,7 @@ def main(argv=None):
         set_rng_state(ckpt["rng"], gen)
     raw = model
     if cfg.compile and rt.device.type == "cuda":
-        model = torch.compile(model)
+        model = torch.compile(model, dynamic=False)   # one training shape; no symbolic recompiles
     if rt.ddp:
         model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
 

@@ -169,3 +169,11 @@ def test_compiled_flex_matches_sdpa_on_gpu():
             out.append(student.forward_step(x[:, s:s + K], torch.arange(s, s + K, device="cuda"), u[:, i + 1], cache))
         logits[attention] = torch.stack(out)
     torch.testing.assert_close(logits["flex"], logits["sdpa"], rtol=0, atol=2e-3)
+    # whole generations at an evaluation's batch size, the AR teacher's 1-query steps included: distill.py's
+    # end-of-stage agreement decodes exactly these shapes
+    teacher = GPT(dataclasses.replace(cfg, max_k=0)).cuda().eval()
+    prompt, noise = x[:, :6].repeat(86, 1), torch.rand(258, 48, dtype=torch.float64, device="cuda")
+    for model, k in ((teacher, 1), (student, 1), (student, 2), (student, 4)):
+        out = {a: generate(model, prompt, noise, k, cache=KVCache(cfg, 258, "cuda", torch.float32, a))
+               for a in ("sdpa", "flex")}
+        assert (out["flex"] == out["sdpa"]).float().mean() > 0.99, k
