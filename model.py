@@ -90,7 +90,6 @@ class KVCache:
     """
 
     def __init__(self, cfg, batch_size, device, dtype, attention="sdpa"):
-        device = torch.device(device)
         if attention not in ("sdpa", "flex"):
             raise ValueError(f"attention must be 'sdpa' or 'flex', not {attention!r}")
         hd = cfg.n_embd // cfg.n_head
