@@ -25,7 +25,7 @@ from common import (JsonlLog, StopFlag, UserError, all_mean, check_batch_split, 
                     check_run_dir, device_name, ensure_writable, field, load_checkpoint, load_split,
                     model_from_checkpoint, out_of_memory, parse_config, rng_state, run_cli, sample_windows,
                     save_checkpoint, set_rng_state, setup_runtime, shard, write_json)
-from model import GPT, generate, inverse_cdf, same_noise_agreement
+from model import GPT, generate, inverse_cdf, same_noise_agreement, window_agreement
 
 
 @dataclass
@@ -237,16 +237,18 @@ def main(argv=None):
                                     "continue with --resume")
             bar.close()
             agree = eval_agreement(student, k, prompts, eval_noise, ar_tokens)
+            window = window_agreement(student.eval(), prompts, ar_tokens, eval_noise, k)
             speed = n_steps_timed / t_train if t_train else None
             results.append({"k": k, "steps": step, "steps_per_s": speed,
                             "tokens_per_s": speed and speed * cfg.batch_size * cfg.block_size,
                             "slots_per_s": speed and speed * slots_per_step,
                             "final_loss_per_slot": slot_loss, "final_acc_per_slot": slot_acc,
-                            "final_window_acc": win_acc, "agreement_init": agree_init, "agreement": agree})
-            log.write(step=global_step, stage=si, k=k, agreement=agree)
+                            "final_window_acc": win_acc, "agreement_init": agree_init, "agreement": agree,
+                            "window_agreement": window})
+            log.write(step=global_step, stage=si, k=k, agreement=agree, window_agreement=window)
             if rt.master:
                 print(f"stage k={k} done: same-noise agreement with the AR teacher per slot {fmt(agree)} "
-                      f"(start {fmt(agree_init)})")
+                      f"(start {fmt(agree_init)}); on the teacher's own context {fmt(window)}")
             checkpoint(stage_path(k), final=True)
             checkpoint(last_path, final=True)    # a resume after this point starts the next stage
             prev = student.eval()
@@ -265,11 +267,13 @@ def main(argv=None):
             "device": device_name(rt.device), "world_size": rt.world, "torch": torch.__version__,
             "config": dataclasses.asdict(cfg), "teacher_config": dataclasses.asdict(teacher.config),
             "schedule": schedule, "stages": results})
-        print("\nsame-noise agreement with the AR teacher (val prefixes of "
-              f"{cfg.prompt_len} tokens, {cfg.eval_samples} samples):")
-        print("  k  " + "".join(f"  slot {i + 1}" for i in range(schedule[-1])))
-        for r in results:
-            print(f"  {r['k']}  " + "".join(f"  {a:6.1%}" for a in r["agreement"]))
+        for key, what in (("agreement", "free-running, both decode their own tokens"),
+                          ("window_agreement", "each window on the teacher's own context")):
+            print(f"\nsame-noise agreement with the AR teacher, {what} (val prefixes of "
+                  f"{cfg.prompt_len} tokens, {cfg.eval_samples} samples):")
+            print("  k  " + "".join(f"  slot {i + 1}" for i in range(schedule[-1])))
+            for r in results:
+                print(f"  {r['k']}  " + "".join(f"  {a:6.1%}" for a in r[key]))
 
 
 def fmt(agree):

@@ -468,6 +468,21 @@ def same_noise_agreement(a, b, k):
     return [eq[:, i::k].mean().item() for i in range(k)]
 
 
+@torch.no_grad()
+def window_agreement(student, prompts, ar_tokens, noise, k):
+    """Same-noise agreement per slot on the AR teacher's own context. Window j starts from the teacher's
+    sample so far (prompt + its first j*k tokens), takes the noise the teacher used for its next k tokens,
+    and is compared with those k tokens. In free-running decoding (same_noise_agreement on two generations)
+    the sequences part at the first different token and later positions agree mostly by chance; here every
+    window starts in step with the teacher. One staircase pass computes all windows."""
+    B, P = prompts.shape
+    n = ar_tokens.size(1) // k * k
+    seq = torch.cat([prompts, ar_tokens[:, :n]], dim=1)[:, :P + n - k]   # the last window's context ends there
+    anchors = (P - 1 + torch.arange(0, n, k, device=seq.device)).expand(B, -1)
+    tokens = student(seq, anchors=anchors, noise=noise[:, :n].reshape(B, -1, k)).argmax(-1)   # (B, n/k, k)
+    return (tokens == ar_tokens[:, :n].reshape(B, -1, k)).float().mean(dim=(0, 1)).tolist()
+
+
 # ----------------------------------------------------------------------------------------------------
 # Model FLOPs utilisation, against the device's peak dense bf16 rate.
 

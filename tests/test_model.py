@@ -5,7 +5,8 @@ import dataclasses
 import pytest
 import torch
 
-from model import GPT, GPTConfig, KVCache, decode_step, generate, inverse_cdf, same_noise_agreement
+from model import (GPT, GPTConfig, KVCache, decode_step, generate, inverse_cdf, same_noise_agreement,
+                   window_agreement)
 
 V = 50257
 
@@ -271,3 +272,20 @@ def test_flex_block_mask_lists_exactly_the_written_blocks(pos0, T, length):
     assert torch.equal(bm.mask_mod(0, 0, q, kv), kv <= pos0 + q)      # the same rule as the sdpa mask
     assert torch.equal(decode_mask(torch.tensor(pos0), T, KVCache(cfg, 1, "cpu", torch.float32, "sdpa")),
                        kv <= pos0 + q)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_window_agreement_decodes_each_window_on_the_teachers_context(teacher, student, k):
+    """The one-pass windowed agreement equals decoding every window separately: the student's first pass
+    on the teacher's prompt + tokens so far, with the teacher's noise for the next k tokens."""
+    gen = torch.Generator().manual_seed(4)
+    prompts = torch.randint(0, V, (3, 6), generator=gen)
+    noise = torch.rand(3, 24, generator=gen, dtype=torch.float64)
+    ar = generate(teacher, prompts, noise, 1)
+    seq = torch.cat([prompts, ar], dim=1)
+    hits = torch.stack([generate(student, seq[:, :6 + s], noise[:, s:s + k], k) == ar[:, s:s + k]
+                        for s in range(0, 24, k)], dim=1)                               # (B, windows, k)
+    assert window_agreement(student, prompts, ar, noise, k) == hits.float().mean(dim=(0, 1)).tolist()
+    # against the student's own free-running tokens, every window starts in step and must agree everywhere
+    assert window_agreement(student, prompts, generate(student, prompts, noise, k), noise, k) == [1.0] * k

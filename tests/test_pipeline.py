@@ -80,6 +80,7 @@ def test_distillation_raises_same_noise_agreement(iid):
     assert stage1["agreement_init"][0] <= 0.35, stage1
     assert stage1["agreement"][0] >= 0.6, stage1
     assert len(stage2["agreement"]) == 2 and len(stage2["final_loss_per_slot"]) == 2
+    assert len(stage2["window_agreement"]) == 2 and all(0 <= a <= 1 for a in stage2["window_agreement"])
     for k in (1, 2):
         ckpt = load_checkpoint(os.path.join(iid["root"], "students", f"student_k{k}.pt"), kind="student")
         assert ckpt["model_config"]["max_k"] == k
