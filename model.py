@@ -121,11 +121,11 @@ class CausalSelfAttention(nn.Module):
             ck.index_copy_(2, pos, k.to(ck.dtype))
             cv.index_copy_(2, pos, v.to(cv.dtype))
             k, v, q = ck, cv, q.to(ck.dtype)
-            if cache.attention == "flex":
-                return self.proj(flex(q, k, v, mask).transpose(1, 2).reshape(B, T, C).to(x.dtype))
-        # is_causal=True for plain AR training lets SDPA pick the flash kernel on CUDA
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        if cache is not None and cache.attention == "flex":
+            y = flex(q, k, v, mask)
+        else:   # is_causal=True for plain AR training lets SDPA pick the flash kernel on CUDA
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, T, C).to(x.dtype))
 
 
