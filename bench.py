@@ -5,6 +5,7 @@ Benchmark K-Forcing against AR decoding: speed (tokens/s, speedup, memory-bandwi
     python bench.py                               # CPU: tiny preset, a small grid (about a minute)
     python bench.py --preset small                # one GPU: the full grid, paper shape + the trained model
     python bench.py --no-quality --batch_sizes 1,64 --seq_lens 128
+    python bench.py --no-trained                  # speed of the paper shape only: no checkpoint needed
 
 Speed (paper §4): fixed-length generation from 6-token prefixes to a total of --seq_lens tokens, bf16 weights
 and KV cache on both sides, and ONE decode path for both: model.generate with a static KV cache and, on CUDA,
@@ -17,7 +18,10 @@ Two models: the paper's shape (12 x 768, 12 heads, block 1024) with RANDOM weigh
 on the weights) and the trained teacher/student.
 
 Quality (METHOD.md §7): --quality_samples continuations of 6-token val prefixes, decoded in float32 by the
-teacher (AR) and by the student at k = 1..max_k from the SAME noise, temperature 1, no penalty.
+teacher (AR) and by the student at k = 1..max_k from the SAME noise, temperature 1, no penalty. Same-noise
+agreement per slot twice: free-running (`agreement`: both decode their own tokens, so they part at the first
+difference) and on the teacher's context (`window_agreement`: every window of k slots starts from the teacher's
+sample so far, model.window_agreement), the measure to compare with the paper's 59/33/20/16% at k = 4.
 """
 import argparse
 import copy
@@ -38,7 +42,7 @@ from tqdm import tqdm
 from common import (ArgumentParser, UserError, atomic_write, device_name, ensure_writable, resolve_device,
                     load_checkpoint, load_split, model_from_checkpoint, out_of_memory, run_cli, sample_windows,
                     write_json)
-from model import GPT, GPTConfig, CUDAGraphStep, KVCache, generate, same_noise_agreement
+from model import GPT, GPTConfig, CUDAGraphStep, KVCache, generate, same_noise_agreement, window_agreement
 from sample import default_checkpoints, load_models
 
 PROMPT_LEN = 6   # the paper's 6-token prefixes
@@ -67,10 +71,13 @@ def parse_args(argv=None):
                    help="timed runs per point, median reported (default: 3 on CUDA, 1 on CPU)")
     p.add_argument("--paper_shape", action=argparse.BooleanOptionalAction, default=None,
                    help="also time the paper's 12 x 768 shape with random weights (default: on for CUDA, off on CPU)")
+    p.add_argument("--trained", action=argparse.BooleanOptionalAction, default=True,
+                   help="time and score the trained teacher and student (default: on); --no-trained times only "
+                        "the paper's shape with random weights, needs no checkpoint and implies --no-quality")
     p.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True,
                    help="run the speed grid (default: on)")
-    p.add_argument("--quality", action=argparse.BooleanOptionalAction, default=True,
-                   help="run the quality metrics (default: on)")
+    p.add_argument("--quality", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the quality metrics of the trained models (default: on, off with --no-trained)")
     p.add_argument("--quality_samples", type=int, default=256,
                    help="val prefixes, one continuation each (default: 256)")
     p.add_argument("--quality_tokens", type=int, default=None,
@@ -88,7 +95,8 @@ def parse_args(argv=None):
                    help="seeds the prefixes, the noise and the random paper-shape weights (default: 0)")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (default: auto: cuda if available)")
     p.add_argument("--name", default=None,
-                   help="output file stem (default: bench_<preset>, or bench_trained with --teacher/--student)")
+                   help="output file stem (default: bench_<preset>, bench_trained with --teacher/--student, "
+                        "bench_paper_shape with --no-trained)")
     p.add_argument("--out_dir", default="results", help="where the JSON, CSVs and plots go (default: results)")
     return p.parse_args(argv)
 
@@ -251,11 +259,11 @@ def repeat4(row):
     return repeats / (len(row) - 3)
 
 
-def quality_row(model, k, samples, prompts, judge, ar_samples):
+def quality_row(model, k, samples, prompts, judge, ar_samples, window):
     rows = samples.tolist()
     return {"model": model, "k": k, "gen_ppl": gen_ppl(judge, prompts, samples),
             "entropy": statistics.mean(map(unigram_entropy, rows)),
-            "agreement": same_noise_agreement(ar_samples.cpu(), samples.cpu(), k),
+            "agreement": same_noise_agreement(ar_samples.cpu(), samples.cpu(), k), "window_agreement": window,
             "repeat4": statistics.mean(map(repeat4, rows))}
 
 
@@ -285,10 +293,11 @@ def run_quality(teacher, student, judge, T, args, device):
     # ONE noise tensor for everything: sample j of every model and k is decoded from the same u
     noise = torch.rand(args.quality_samples, T + max_k - 1, generator=gen, dtype=torch.float64).to(device)
     ar = generate(teacher, prompts, noise[:, :T], 1)
-    rows = [quality_row("ar", 1, ar, prompts, judge, ar)]
+    rows = [quality_row("ar", 1, ar, prompts, judge, ar, [1.0])]
     for k in tqdm(range(1, max_k + 1), desc="quality", dynamic_ncols=True):
         samples = generate(student, prompts, noise[:, :-(-T // k) * k], k)[:, :T]
-        rows.append(quality_row("student", k, samples, prompts, judge, ar))
+        window = window_agreement(student, prompts, ar, noise[:, :T], k)
+        rows.append(quality_row("student", k, samples, prompts, judge, ar, window))
     for r in rows:   # ratios to the AR teacher's own samples (None if the teacher's entropy is 0)
         r["gen_ppl_ratio"] = r["gen_ppl"] / rows[0]["gen_ppl"]
         r["entropy_ratio"] = r["entropy"] / rows[0]["entropy"] if rows[0]["entropy"] > 0 else None
@@ -344,8 +353,11 @@ def plot_quality(rows, path):
               ("slot-1 same-noise agreement", None), ("repeated 4-grams", "repeat4")]
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
     for ax, (title, key) in zip(axes, panels):
-        ys = [r["agreement"][0] for r in st] if key is None else [r[key] for r in st]
-        ax.plot(ks, ys, marker="o", label="student")
+        if key is None:
+            ax.plot(ks, [r["window_agreement"][0] for r in st], marker="o", label="on the teacher's context")
+            ax.plot(ks, [r["agreement"][0] for r in st], marker="s", ls="--", label="free-running")
+        else:
+            ax.plot(ks, [r[key] for r in st], marker="o", label="student")
         ax.axhline(ar["repeat4"] if key == "repeat4" else 1.0, color="gray", ls="--", label="AR teacher")
         ax.set(xlabel="k (tokens per pass)", title=title, xticks=ks)
         ax.legend(fontsize=8)
@@ -367,11 +379,12 @@ def print_tables(speed, skipped, quality, device):
         print(f"skipped: {s['model']} seq_len {s['seq_len']} batch {s['batch_size']} ({s['reason']})")
     if quality:
         print(f"\n{'model':<9}{'k':>2}{'gen-PPL':>9}{'ratio':>7}{'entropy':>9}{'ratio':>7}{'repeat4':>9}"
-              "  agreement per slot")
+              "  agreement per slot: on the teacher's context | free-running")
         for r in quality:
             er = f"{r['entropy_ratio']:.2f}" if r["entropy_ratio"] is not None else "-"
             print(f"{r['model']:<9}{r['k']:>2}{r['gen_ppl']:>9.1f}{r['gen_ppl_ratio']:>7.2f}{r['entropy']:>9.2f}"
-                  f"{er:>7}{r['repeat4']:>9.3f}  " + " / ".join(f"{a:.0%}" for a in r["agreement"]))
+                  f"{er:>7}{r['repeat4']:>9.3f}  " + " / ".join(f"{a:.0%}" for a in r["window_agreement"])
+                  + " | " + " / ".join(f"{a:.0%}" for a in r["agreement"]))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -384,22 +397,30 @@ def main(argv=None):
     batch_sizes = int_list(args.batch_sizes or ("1,8,32,64,128,256,512" if gpu else "1,8"), "batch_sizes", "1,8,32")
     seq_lens = int_list(args.seq_lens or ("128,1024" if gpu else "64"), "seq_lens", "128,1024")
     repeats = args.repeats if args.repeats is not None else (3 if gpu else 1)
-    paper_shape = args.paper_shape if args.paper_shape is not None else gpu
+    paper_shape = args.paper_shape if args.paper_shape is not None else gpu or not args.trained
+    do_quality = args.quality if args.quality is not None else args.trained
     if min(batch_sizes) < 1 or repeats < 1 or args.quality_samples < 1:
         raise UserError("--batch_sizes, --repeats and --quality_samples must be at least 1")
-    if not (args.speed or args.quality):
+    if not args.trained and (do_quality or not paper_shape or not args.speed or args.teacher or args.student
+                             or args.judge or args.preset):
+        raise UserError("--no-trained times the paper shape only: it takes no --quality, --no-paper_shape, "
+                        "--no-speed, --preset, --teacher, --student or --judge")
+    if not (args.speed or do_quality):
         raise UserError("nothing to do: both --no-speed and --no-quality were given")
     torch.set_float32_matmul_precision("highest")   # float32 quality decoding must not silently use TF32
 
-    label, teacher_path, student_path = find_checkpoints(args)
-    teacher, student = load_models(teacher_path, student_path, device)
-    max_k = student.config.max_k
+    label = teacher_path = student_path = teacher = student = None
+    max_k = 4   # --no-trained: the paper shape's student gets as many slots as the largest k timed
+    if args.trained:
+        label, teacher_path, student_path = find_checkpoints(args)
+        teacher, student = load_models(teacher_path, student_path, device)
+        max_k = student.config.max_k
     ks = int_list(args.ks, "ks", "2,3,4") if args.ks else [k for k in (2, 3, 4) if k <= max_k]
     for k in ks:
         if not 2 <= k <= max_k:
             raise UserError(f"--ks: k = {k} is not between 2 and the student's max_k ({max_k}) "
                             "(AR, k = 1, is always measured)")
-    name = args.name or f"bench_{label}"
+    name = args.name or (f"bench_{label}" if args.trained else "bench_paper_shape")
     ensure_writable(args.out_dir)
 
     # The models to time: (label, AR teacher, student, the seq_lens that fit), weights cast to --dtype
@@ -410,7 +431,7 @@ def main(argv=None):
             raise UserError(f"the student's max_k is {max_k}: no k >= 2 to time against AR; use --no-speed")
         if min(seq_lens) < PROMPT_LEN + max(ks, default=1):
             raise UserError(f"--seq_lens must be at least the {PROMPT_LEN}-token prefix + the largest k")
-        candidates = [(label, teacher, student)]
+        candidates = [(label, teacher, student)] if args.trained else []
         if paper_shape:   # random weights: the speed of a pass does not depend on them
             torch.manual_seed(args.seed)
             ps_teacher = GPT(PAPER_SHAPE)
@@ -426,28 +447,29 @@ def main(argv=None):
             else:
                 print(f"note: {m} (block size {t.config.block_size}) is not timed: no --seq_lens fits it")
         if not models:
-            raise UserError(f"--seq_lens {args.seq_lens}: every length exceeds the block size "
-                            f"({teacher.config.block_size} for the trained model)")
+            raise UserError(f"--seq_lens {args.seq_lens}: every length exceeds the block size of every model")
 
     judge = teacher
     if args.judge:
         judge = model_from_checkpoint(load_checkpoint(args.judge, kind="teacher"), device).eval()
-    T = quality_tokens(args, teacher, student, judge) if args.quality else None
+    T = quality_tokens(args, teacher, student, judge) if do_quality else None
 
-    print(f"bench on {device_name(device)}: teacher {teacher_path}, student {student_path} (max_k {max_k})"
+    print(f"bench on {device_name(device)}: "
+          + (f"teacher {teacher_path}, student {student_path} (max_k {max_k})" if args.trained else "no trained model")
           + (", paper shape with random weights" if paper_shape and args.speed else ""))
     speed, skipped = run_speed(models, ks, batch_sizes, repeats, device, args.seed, args.attention) \
         if args.speed else ([], [])
-    quality = run_quality(teacher, student, judge, T, args, device) if args.quality else []
+    quality = run_quality(teacher, student, judge, T, args, device) if do_quality else []
 
     config = {**vars(args), "batch_sizes": batch_sizes, "seq_lens": seq_lens, "ks": ks, "repeats": repeats,
-              "paper_shape": paper_shape, "attention": args.attention if args.speed else None,
+              "paper_shape": paper_shape, "quality": do_quality, "attention": args.attention if args.speed else None,
               "quality_tokens": T, "device": str(device), "model_label": label,
               "teacher": teacher_path, "student": student_path,
               "judge": args.judge or teacher_path, "prompt_len": PROMPT_LEN,
               "speed_dtype": args.dtype, "quality_dtype": "float32",
-              "model_configs": {"trained_teacher": asdict(teacher.config), "trained_student": asdict(student.config),
-                                "judge": asdict(judge.config), "paper_shape_random": ps_config},
+              "model_configs": {"trained_teacher": teacher and asdict(teacher.config),
+                                "trained_student": student and asdict(student.config),
+                                "judge": judge and asdict(judge.config), "paper_shape_random": ps_config},
               "notes": ["paper_shape_random has random weights: its speed is real, its tokens are meaningless",
                         "speed: static KV cache sized to seq_len (as a server sizes it to its longest request), "
                         "shared by AR and K-Forcing; prompts and noise random",
@@ -470,9 +492,11 @@ def main(argv=None):
                                                "speedup", "mbu"])
         plot_speed(speed, device_name(device), stem + "_speedup_vs_batch.png")
     if quality:
-        flat = [{**r, **{f"agreement_slot{i + 1}": a for i, a in enumerate(r["agreement"])}} for r in quality]
+        slots = lambda key: [f"{key}_slot{i + 1}" for i in range(max_k)]  # noqa: E731
+        flat = [{**r, **dict(zip(slots("agreement"), r["agreement"])),
+                 **dict(zip(slots("window_agreement"), r["window_agreement"]))} for r in quality]
         write_csv(stem + "_quality.csv", flat, ["model", "k", "gen_ppl", "gen_ppl_ratio", "entropy", "entropy_ratio",
-                                                "repeat4"] + [f"agreement_slot{i + 1}" for i in range(max_k)])
+                                                "repeat4"] + slots("window_agreement") + slots("agreement"))
         plot_quality(quality, stem + "_quality_vs_k.png")
     print_tables(speed, skipped, quality, device_name(device))
     print(f"\nwrote {stem}.json" + (", _speed.csv, _speedup_vs_batch.png" if speed else "")

@@ -76,18 +76,20 @@ def test_end_to_end_outputs(files):
     quality = res["quality"]
     assert [(r["model"], r["k"]) for r in quality] == [("ar", 1)] + [("student", k) for k in range(1, K + 1)]
     for row in quality:
-        assert {"k", "gen_ppl", "gen_ppl_ratio", "entropy", "entropy_ratio", "agreement", "repeat4"} <= set(row)
-        assert len(row["agreement"]) == row["k"]
+        assert {"k", "gen_ppl", "gen_ppl_ratio", "entropy", "entropy_ratio", "agreement", "window_agreement",
+                "repeat4"} <= set(row)
+        assert len(row["agreement"]) == len(row["window_agreement"]) == row["k"]
         # random tiny weights: the teacher's distribution is nearly uniform, so a student rarely matches it
-        assert all(0 <= a <= 1 for a in row["agreement"])
+        assert all(0 <= a <= 1 for a in row["agreement"] + row["window_agreement"])
         assert row["gen_ppl"] > 1 and 0 < row["entropy"] <= np.log(12) + 1e-9 and 0 <= row["repeat4"] <= 1
     ar = quality[0]
-    assert ar["agreement"] == [1.0] and ar["gen_ppl_ratio"] == 1.0 and ar["entropy_ratio"] == 1.0
+    assert ar["agreement"] == ar["window_agreement"] == [1.0] and ar["gen_ppl_ratio"] == 1.0 and ar["entropy_ratio"] == 1.0
 
     with open(out / "t_speed.csv") as f:
         assert len(list(csv.DictReader(f))) == len(speed)
     with open(out / "t_quality.csv") as f:
-        assert len(list(csv.DictReader(f))) == len(quality)
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(quality) and rows[-1]["window_agreement_slot4"] != ""
     for png in ("t_speedup_vs_batch.png", "t_quality_vs_k.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert "tokens/s" in r.stdout and "agreement" in r.stdout
@@ -99,6 +101,7 @@ def test_end_to_end_outputs(files):
     (["--seq_lens", "100"], "block size"),
     (["--quality_tokens", "80", "--no-speed"], "block size"),
     (["--student", "missing.pt"], "not found"),
+    (["--no-trained"], "--no-trained"),   # with the --teacher and --student it cannot use
 ])
 def test_bad_input_is_one_line(files, args, message):
     r = bench(files, "--batch_sizes", "1", *args)
@@ -106,6 +109,18 @@ def test_bad_input_is_one_line(files, args, message):
     assert "Traceback" not in r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.stderr
+
+
+def test_paper_shape_needs_no_checkpoint(tmp_path):
+    """--no-trained: the speed of the paper's shape alone, with random weights and no trained model."""
+    r = subprocess.run([sys.executable, "bench.py", "--no-trained", "--batch_sizes", "1", "--seq_lens", "10",
+                        "--ks", "2", "--dtype", "float32", "--out_dir", str(tmp_path), "--device", "cpu"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "bench_paper_shape.json").read_text())
+    assert res["quality"] == [] and res["config"]["model_configs"]["trained_teacher"] is None
+    assert [(row["model"], row["k"]) for row in res["speed"]] == [("paper_shape_random", 1), ("paper_shape_random", 2)]
+    assert res["config"]["model_configs"]["paper_shape_random"]["n_embd"] == 768
 
 
 def test_static_step_matches_eager_generate():
