@@ -49,19 +49,24 @@ class GPTConfig:
 
 def rope(cfg, pos, base=10000.0):
     """cos/sin for integer positions `pos` ((L,) or (B, L)), computed in float32 on the fly: no table to
-    size, and nothing that a cast of the model to bf16 could degrade."""
+    size, and nothing that a cast of the model to bf16 could degrade. Full head width, with the sign of the
+    rotation folded into sin (-sin on the first half), so that apply_rope is two products and a sum."""
     hd = cfg.n_embd // cfg.n_head
     inv_freq = base ** (-torch.arange(0, hd, 2, device=pos.device, dtype=torch.float32) / hd)
     ang = pos.float().unsqueeze(-1) * inv_freq
     if pos.dim() == 2:
         ang = ang.unsqueeze(1)   # per-row positions (B, L): broadcast over heads
-    return torch.cos(ang), torch.sin(ang)
+    cos, sin = torch.cos(ang), torch.sin(ang)
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
 
 def apply_rope(x, cos, sin):
-    # x: (..., B, H, T, hd); cos/sin: (T, hd/2) or (B, 1, T, hd/2), rotating pairs (first half, second half)
+    """Rotate the pairs (x1[i], x2[i]) of the first and second half of x by their angles: x1' = x1 cos - x2 sin,
+    x2' = x2 cos + x1 sin, in float32. x: (..., B, H, T, hd); cos/sin from rope: (T, hd) or (B, 1, T, hd).
+    Written as x * cos + [x2, x1] * sin (sin signed by rope): the same float32 results as the per-half formula,
+    in 5 kernels instead of 9. A decode step is hundreds of tiny kernels, and this runs on q and k in every layer."""
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+    return (x * cos + torch.cat([x2, x1], dim=-1) * sin).type_as(x)
 
 
 # FlexAttention's KV block (its default): the granularity at which a cached pass skips unwritten entries
@@ -283,7 +288,8 @@ class GPT(nn.Module):
     def forward_step(self, tokens, pos, noise, cache):
         """One cached decode pass (paper §4): feed the n tokens committed last step (or the prompt, at
         prefill) at consecutive positions `pos` (n,), followed by k noise slots at the next k positions.
-        Returns the logits of the last real token (for AR) and of the slots: (B, 1 + k, vocab)."""
+        Returns the logits the readout needs: the last real token's (AR, (B, 1, vocab)) or the k slots'
+        ((B, k, vocab)); the LM head, the widest matmul, runs on no other row."""
         n = tokens.size(1)
         x = self.wte(tokens)
         if noise is not None:
@@ -291,7 +297,7 @@ class GPT(nn.Module):
             x = torch.cat([x, self.noise_encoder(noise).to(x.dtype)], dim=1)
             pos = torch.cat([pos, pos[-1] + 1 + torch.arange(k, device=pos.device)])
         h = self._trunk(x, pos, decode_mask(pos[0], pos.numel(), cache), cache=cache)
-        return self._logits(h[:, n - 1:])
+        return self._logits(h[:, n:] if noise is not None else h[:, n - 1:])
 
 
 def staircase_mask(N, anchors, W):
@@ -369,9 +375,8 @@ def decode_step(model, tokens, pos, u, cache):
     if model.config.max_k == 0:
         assert u.size(1) == 1, "an AR model decodes one token per pass"
         logits = model.forward_step(tokens, pos, None, cache)
-        return inverse_cdf(logits[:, -1].float(), u[:, 0]).unsqueeze(1)
-    logits = model.forward_step(tokens, pos, u, cache)
-    return logits[:, 1:].argmax(dim=-1)
+        return inverse_cdf(logits[:, -1], u[:, 0]).unsqueeze(1)   # (inverse_cdf casts to float64 itself)
+    return model.forward_step(tokens, pos, u, cache).argmax(dim=-1)
 
 
 @torch.no_grad()
