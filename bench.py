@@ -84,8 +84,8 @@ def parse_args(argv=None):
                    help="continuation length (default: 96, or less where the block size requires)")
     p.add_argument("--attention", choices=["sdpa", "flex"], default="sdpa",
                    help="attention of the cached decode passes, both sides: sdpa (boolean mask over the whole "
-                        "cache) or flex (FlexAttention over the written blocks only; experimental, see model.KVCache) "
-                        "(default: sdpa)")
+                        "cache) or flex (FlexAttention over the written blocks only, compiled per shape: the faster "
+                        "on a GPU, see model.KVCache) (default: sdpa)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="weights and KV cache of the speed runs, both sides (default: bfloat16); "
                         "quality always decodes in float32")
