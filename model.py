@@ -64,7 +64,7 @@ def apply_rope(x, cos, sin):
     """Rotate the pairs (x1[i], x2[i]) of the first and second half of x by their angles: x1' = x1 cos - x2 sin,
     x2' = x2 cos + x1 sin, in float32. x: (..., B, H, T, hd); cos/sin from rope: (T, hd) or (B, 1, T, hd).
     Written as x * cos + [x2, x1] * sin (sin signed by rope): the same float32 results as the per-half formula,
-    in 5 kernels instead of 9. A decode step is hundreds of tiny kernels, and this runs on q and k in every layer."""
+    in 5 kernels instead of 8. A decode step is hundreds of tiny kernels, and this runs on q and k in every layer."""
     x1, x2 = x.chunk(2, dim=-1)
     return (x * cos + torch.cat([x2, x1], dim=-1) * sin).type_as(x)
 

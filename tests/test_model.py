@@ -5,8 +5,8 @@ import dataclasses
 import pytest
 import torch
 
-from model import (GPT, GPTConfig, KVCache, decode_step, generate, inverse_cdf, same_noise_agreement,
-                   window_agreement)
+from model import (GPT, GPTConfig, KVCache, apply_rope, decode_step, generate, inverse_cdf, rope,
+                   same_noise_agreement, window_agreement)
 
 V = 50257
 
@@ -32,6 +32,24 @@ def student(teacher):
         for p in s.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return s
+
+
+def test_rope_rotates_pairs_by_their_position():
+    """Every path calls the same apply_rope, so the consistency tests below cannot catch a wrong rotation. Check it
+    against the per-half formula, and check what RoPE is for: q.k depends on the positions only through m - n."""
+    cfg = GPTConfig(n_head=2, n_embd=16)
+    q, k = torch.randn(2, 8, dtype=torch.float64).float().unbind(0)
+    pos = torch.arange(40)
+    cos, sin = rope(cfg, pos)
+    qr = apply_rope(q.expand(40, 8), cos, sin)
+    ang = pos[:, None].float() * 10000.0 ** (-torch.arange(0, 8, 2).float() / 8)
+    x1, x2 = q[:4], q[4:]
+    torch.testing.assert_close(qr, torch.cat([x1 * ang.cos() - x2 * ang.sin(), x1 * ang.sin() + x2 * ang.cos()], -1),
+                               rtol=0, atol=0)
+    kr = apply_rope(k.expand(40, 8), cos, sin)
+    dots = qr @ kr.T                                   # dots[m, n] = rope(q, m) . rope(k, n)
+    torch.testing.assert_close(dots[10:30, 3:23].diagonal(), dots[17:37, 10:30].diagonal(), rtol=0, atol=1e-4)
+    assert not torch.allclose(dots[10, 3], dots[10, 4])   # and it does depend on m - n
 
 
 @torch.no_grad()
