@@ -252,6 +252,8 @@ def main(argv=None):
             checkpoint(stage_path(k), final=True)
             checkpoint(last_path, final=True)    # a resume after this point starts the next stage
             prev = student.eval()
+            if si + 1 < len(schedule) and stop.should_stop(rt):   # asked during the evaluation: stop here
+                raise UserError(f"interrupted after stage k={k}; saved {last_path}; continue with --resume")
     except (RuntimeError, MemoryError) as e:
         if out_of_memory(e):
             raise UserError(f"a batch of {cfg.batch_size // rt.world} sequences x {cfg.anchors} anchors does not "

@@ -267,6 +267,27 @@ def test_distill_ctrl_c_saves_and_resumes(tmp_path, data_dir, teacher_ref, disti
     assert_same_log(read_log(out / "log.jsonl"), distill_ref["log"], EXACT)
 
 
+def test_distill_ctrl_c_during_evaluation_stops_after_the_stage(tmp_path, data_dir, teacher_ref, distill_ref,
+                                                                monkeypatch):
+    """A Ctrl-C that lands in an end-of-stage evaluation stops the run right after that stage is saved, instead
+    of starting the next stage; --resume then starts the next stage afresh."""
+    window_agreement = distill.window_agreement
+
+    def interrupted(*a, **kw):
+        os.kill(os.getpid(), signal.SIGINT)   # Python runs the StopFlag handler in this thread, at once
+        return window_agreement(*a, **kw)
+    monkeypatch.setattr(distill, "window_agreement", interrupted)
+    out = tmp_path / "out"
+    argv = distill_args(data_dir, teacher_ref["best"], out, tmp_path)
+    with pytest.raises(UserError, match=r"interrupted after stage k=1; .*--resume"):
+        distill.main(argv)
+    assert load_checkpoint(str(out / "last.pt"), kind="student")["stage"] == 1
+    assert os.path.exists(out / "student_k1.pt") and not os.path.exists(out / "student_k2.pt")
+    monkeypatch.undo()
+    distill.main(argv + ["--resume"])
+    assert_same_log(read_log(out / "log.jsonl"), distill_ref["log"], EXACT)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Checkpoint files are never half-written.
 
