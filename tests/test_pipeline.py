@@ -134,6 +134,7 @@ def test_sample_shows_both_on_the_same_noise(iid):
     assert r.stdout.count("AR teacher     |") == 2 and r.stdout.count("K-Forcing k=2  |") == 2
     assert any(w in r.stdout for w in WORDS)
     assert "slot 1:" in r.stdout and "slot 2:" in r.stdout
+    assert "free-running" in r.stdout and "each window on the teacher's tokens" in r.stdout
     again = run_sample("--teacher", iid["teacher"], "--student", student, "--data_dir", iid["data"],
                        "--num_samples", "2", "--max_new_tokens", "9", "--device", "cpu")
     assert again.stdout == r.stdout                           # same seed, same noise, same text
