@@ -6,6 +6,7 @@ Benchmark K-Forcing against AR decoding: speed (tokens/s, speedup, memory-bandwi
     python bench.py --preset small                # one GPU: the full grid, paper shape + the trained model
     python bench.py --no-quality --batch_sizes 1,64 --seq_lens 128
     python bench.py --no-trained                  # speed of the paper shape only: no checkpoint needed
+    python bench.py --no-trained --profile --batch_sizes 1,512 --seq_lens 1024   # where a decode step's time goes
 
 Speed (paper §4): fixed-length generation from 6-token prefixes to a total of --seq_lens tokens, bf16 weights
 and KV cache on both sides, and ONE decode path for both: model.generate with a static KV cache and, on CUDA,
@@ -42,7 +43,8 @@ from tqdm import tqdm
 from common import (ArgumentParser, UserError, atomic_write, device_name, ensure_writable, resolve_device,
                     load_checkpoint, load_split, model_from_checkpoint, out_of_memory, run_cli, sample_windows,
                     write_json)
-from model import GPT, GPTConfig, CUDAGraphStep, KVCache, generate, same_noise_agreement, window_agreement
+from model import (GPT, GPTConfig, CUDAGraphStep, KVCache, decode_step, generate, same_noise_agreement,
+                   window_agreement)
 from sample import default_checkpoints, load_models
 
 PROMPT_LEN = 6   # the paper's 6-token prefixes
@@ -78,6 +80,10 @@ def parse_args(argv=None):
                    help="run the speed grid (default: on)")
     p.add_argument("--quality", action=argparse.BooleanOptionalAction, default=None,
                    help="run the quality metrics of the trained models (default: on, off with --no-trained)")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of the speed grid and quality: profile ONE decode step per point and k (cache half "
+                        "full): its time, the kernels it launches and the heaviest ones (torch.profiler); writes "
+                        "<name>.json with a `profile` list (default name: bench_<preset>_profile)")
     p.add_argument("--quality_samples", type=int, default=256,
                    help="val prefixes, one continuation each (default: 256)")
     p.add_argument("--quality_tokens", type=int, default=None,
@@ -196,24 +202,33 @@ def time_point(teacher, student, ks, B, seq_len, repeats, device, gen, attention
     return {k: (n_new[k], times[k], warmup[k]) for k in runs}
 
 
-def run_speed(models, ks, batch_sizes, repeats, device, seed, attention):
-    """models: [(label, teacher, student, seq_lens)]. Returns (rows, skipped)."""
+def run_grid(models, batch_sizes, device, desc, point):
+    """Call point(label, teacher, student, seq_len, batch) -> rows at every point of the grid, with a progress
+    bar. A point that runs out of memory is skipped (and listed), and the grid goes on.
+    models: [(label, teacher, student, seq_lens)]. Returns (rows, skipped)."""
     rows, skipped = [], []
     grid = [(m, s, B) for m in models for s in m[3] for B in batch_sizes]
-    peak = peak_bandwidth(device)
-    gen = torch.Generator().manual_seed(seed)
-    for (label, teacher, student, _), seq_len, B in tqdm(grid, desc="speed", dynamic_ncols=True):
+    for (label, teacher, student, _), seq_len, B in tqdm(grid, desc=desc, dynamic_ncols=True):
         try:
-            res = time_point(teacher, student, ks, B, seq_len, repeats, device, gen, attention)
+            rows += point(label, teacher, student, seq_len, B)
         except Exception as e:
             if not out_of_memory(e):
                 raise
             skipped.append({"model": label, "seq_len": seq_len, "batch_size": B, "reason": "out of memory"})
-            continue
         finally:
             if device.type == "cuda":
                 torch.cuda.empty_cache()   # give the point's cache and graph pools back before the next one
+    return rows, skipped
+
+
+def run_speed(models, ks, batch_sizes, repeats, device, seed, attention):
+    peak = peak_bandwidth(device)
+    gen = torch.Generator().manual_seed(seed)
+
+    def point(label, teacher, student, seq_len, B):
+        res = time_point(teacher, student, ks, B, seq_len, repeats, device, gen, attention)
         ar_n, ar_t, _ = res[1]
+        rows = []
         for k, (n, ts, warm) in res.items():
             model = teacher if k == 1 else student
             speedups = [(B * n / t) / (B * ar_n / t_ar) for t, t_ar in zip(ts, ar_t)]
@@ -224,7 +239,52 @@ def run_speed(models, ks, batch_sizes, repeats, device, seed, attention):
                          "tokens_per_s": statistics.median(B * n / t for t in ts),
                          "speedup": 1.0 if k == 1 else statistics.median(speedups), "mbu": mbu,
                          "warmup_s": warm})
-    return rows, skipped
+        return rows
+    return run_grid(models, batch_sizes, device, "speed", point)
+
+
+def run_profile(models, ks, batch_sizes, device, seed, attention, steps=5, top=8):
+    """What ONE decode step costs and launches, at each point and k, with the cache half full (a generation's
+    average): the step's time as the speed grid runs it (replayed from a CUDA graph on CUDA), then `steps` eager
+    steps under torch.profiler: the kernels a step launches (on CPU: the operators it calls, views included) and
+    the heaviest by self time. At small batch a decode step is bound by how many kernels it launches, at large
+    batch by the bytes they move: this says which, and where."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    gen = torch.Generator().manual_seed(seed)
+
+    def point(label, teacher, student, seq_len, B):
+        teacher, student = sized_to(teacher, seq_len), sized_to(student, seq_len)
+        cache = KVCache(student.config, B, device, next(teacher.parameters()).dtype, attention)
+        graph_step, rows = CUDAGraphStep(), []
+        for k, model in {1: teacher, **{k: student for k in ks}}.items():
+            tokens = torch.randint(model.config.vocab_size, (B, k), generator=gen).to(device)
+            pos = torch.arange(seq_len // 2, seq_len // 2 + k, device=device)
+            u = torch.rand(B, k, generator=gen, dtype=torch.float64).to(device)
+            for _ in range(3):   # capture and warm up
+                graph_step(model, tokens, pos, u, cache)
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(4 * steps):
+                graph_step(model, tokens, pos, u, cache)
+            sync(device)
+            step_s = (time.perf_counter() - t0) / (4 * steps)
+            with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+                for _ in range(steps):
+                    decode_step(model, tokens, pos, u, cache)
+                sync(device)
+            events = [e for e in prof.key_averages() if e.device_type.name == ("CUDA" if cuda else "CPU")]
+            self_us = lambda e: e.self_device_time_total if cuda else e.self_cpu_time_total  # noqa: E731
+            events.sort(key=self_us, reverse=True)
+            rows.append({"model": label, "seq_len": seq_len, "batch_size": B, "k": k, "step_ms": step_s * 1e3,
+                         "tokens_per_s": B * k / step_s,
+                         "launches": "CUDA kernels" if cuda else "CPU operators (views included)",
+                         "launches_per_step": sum(e.count for e in events) / steps,
+                         "busy_ms_per_step": sum(map(self_us, events)) / steps / 1e3,
+                         "top": [{"name": e.key[:160], "ms_per_step": self_us(e) / steps / 1e3,
+                                  "per_step": e.count / steps} for e in events[:top]]})
+        return rows
+    return run_grid(models, batch_sizes, device, "profile", point)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -366,8 +426,14 @@ def plot_quality(rows, path):
     plt.close(fig)
 
 
-def print_tables(speed, skipped, quality, device):
+def print_tables(speed, skipped, quality, profile, device):
     print(f"\ndevice: {device}")
+    for r in profile:
+        print(f"\n{r['model']}, {r['seq_len']} tokens (cache half full), batch {r['batch_size']}, k = {r['k']}: "
+              f"{r['step_ms']:.3f} ms a step ({r['tokens_per_s']:,.0f} tokens/s); eager, under the profiler: "
+              f"{r['launches_per_step']:.0f} {r['launches']}, {r['busy_ms_per_step']:.3f} ms busy")
+        for t in r["top"]:
+            print(f"  {t['ms_per_step']:8.3f} ms  x{t['per_step']:<4.0f} {t['name'][:100]}")
     if speed:
         print(f"{'model':<20}{'seq':>6}{'batch':>7}{'k':>3}{'tokens/s':>12}{'speedup':>9}{'MBU':>7}")
         for r in speed:
@@ -398,7 +464,9 @@ def main(argv=None):
     seq_lens = int_list(args.seq_lens or ("128,1024" if gpu else "64"), "seq_lens", "128,1024")
     repeats = args.repeats if args.repeats is not None else (3 if gpu else 1)
     paper_shape = args.paper_shape if args.paper_shape is not None else gpu or not args.trained
-    do_quality = args.quality if args.quality is not None else args.trained
+    do_quality = args.quality if args.quality is not None else args.trained and not args.profile
+    if args.profile and (do_quality or not args.speed):
+        raise UserError("--profile replaces the speed grid and the quality metrics: drop --quality / --no-speed")
     if min(batch_sizes) < 1 or repeats < 1 or args.quality_samples < 1:
         raise UserError("--batch_sizes, --repeats and --quality_samples must be at least 1")
     if not args.trained and (do_quality or not paper_shape or not args.speed or args.teacher or args.student
@@ -420,7 +488,7 @@ def main(argv=None):
         if not 2 <= k <= max_k:
             raise UserError(f"--ks: k = {k} is not between 2 and the student's max_k ({max_k}) "
                             "(AR, k = 1, is always measured)")
-    name = args.name or (f"bench_{label}" if args.trained else "bench_paper_shape")
+    name = args.name or (f"bench_{label}" if args.trained else "bench_paper_shape") + ("_profile" * args.profile)
     ensure_writable(args.out_dir)
 
     # The models to time: (label, AR teacher, student, the seq_lens that fit), weights cast to --dtype
@@ -457,8 +525,11 @@ def main(argv=None):
     print(f"bench on {device_name(device)}: "
           + (f"teacher {teacher_path}, student {student_path} (max_k {max_k})" if args.trained else "no trained model")
           + (", paper shape with random weights" if paper_shape and args.speed else ""))
-    speed, skipped = run_speed(models, ks, batch_sizes, repeats, device, args.seed, args.attention) \
-        if args.speed else ([], [])
+    speed, profile, skipped = [], [], []
+    if args.profile:
+        profile, skipped = run_profile(models, ks, batch_sizes, device, args.seed, args.attention)
+    elif args.speed:
+        speed, skipped = run_speed(models, ks, batch_sizes, repeats, device, args.seed, args.attention)
     quality = run_quality(teacher, student, judge, T, args, device) if do_quality else []
 
     config = {**vars(args), "batch_sizes": batch_sizes, "seq_lens": seq_lens, "ks": ks, "repeats": repeats,
@@ -484,7 +555,7 @@ def main(argv=None):
                         "quality: samples decoded in float32 from one shared noise tensor, temperature 1, no penalty; "
                         "gen-PPL under the judge in float32; entropy and repeat4 over the continuation only"]}
     out = {"device": device_name(device), "torch": torch.__version__, "config": config,
-           "speed": speed, "skipped": skipped, "quality": quality}
+           "speed": speed, "skipped": skipped, "quality": quality, **({"profile": profile} if args.profile else {})}
     stem = os.path.join(args.out_dir, name)
     write_json(stem + ".json", out)
     if speed:
@@ -498,7 +569,7 @@ def main(argv=None):
         write_csv(stem + "_quality.csv", flat, ["model", "k", "gen_ppl", "gen_ppl_ratio", "entropy", "entropy_ratio",
                                                 "repeat4"] + slots("window_agreement") + slots("agreement"))
         plot_quality(quality, stem + "_quality_vs_k.png")
-    print_tables(speed, skipped, quality, device_name(device))
+    print_tables(speed, skipped, quality, profile, device_name(device))
     print(f"\nwrote {stem}.json" + (", _speed.csv, _speedup_vs_batch.png" if speed else "")
           + (", _quality.csv, _quality_vs_k.png" if quality else ""))
 

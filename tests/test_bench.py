@@ -102,6 +102,7 @@ def test_end_to_end_outputs(files):
     (["--quality_tokens", "80", "--no-speed"], "block size"),
     (["--student", "missing.pt"], "not found"),
     (["--no-trained"], "--no-trained"),   # with the --teacher and --student it cannot use
+    (["--profile", "--quality"], "--profile"),
 ])
 def test_bad_input_is_one_line(files, args, message):
     r = bench(files, "--batch_sizes", "1", *args)
@@ -121,6 +122,23 @@ def test_paper_shape_needs_no_checkpoint(tmp_path):
     assert res["quality"] == [] and res["config"]["model_configs"]["trained_teacher"] is None
     assert [(row["model"], row["k"]) for row in res["speed"]] == [("paper_shape_random", 1), ("paper_shape_random", 2)]
     assert res["config"]["model_configs"]["paper_shape_random"]["n_embd"] == 768
+
+
+def test_profile_of_one_decode_step(files):
+    """--profile: per point and k, one step's time and what it launches; a student step runs more of everything
+    than an AR step (2k input rows, the noise encoder), so it cannot launch fewer operators."""
+    r = bench(files, "--profile", "--batch_sizes", "2", "--seq_lens", "32", "--no-paper_shape", "--name", "p")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((files / "out" / "p.json").read_text())
+    assert res["speed"] == [] and res["quality"] == []
+    rows = {row["k"]: row for row in res["profile"]}
+    assert sorted(rows) == [1, 2, 3, 4]
+    for row in rows.values():
+        assert row["step_ms"] > 0 and row["busy_ms_per_step"] > 0 and row["launches"].startswith("CPU")
+        assert 0 < len(row["top"]) <= 8 and row["top"][0]["ms_per_step"] >= row["top"][-1]["ms_per_step"]
+        assert row["tokens_per_s"] == pytest.approx(2 * row["k"] / row["step_ms"] * 1e3)
+    assert rows[4]["launches_per_step"] > rows[1]["launches_per_step"]
+    assert "a step" in r.stdout
 
 
 def test_static_step_matches_eager_generate():
