@@ -43,8 +43,7 @@ from tqdm import tqdm
 from common import (ArgumentParser, UserError, atomic_write, device_name, ensure_writable, resolve_device,
                     load_checkpoint, load_split, model_from_checkpoint, out_of_memory, run_cli, sample_windows,
                     write_json)
-from model import (GPT, GPTConfig, CUDAGraphStep, KVCache, decode_step, generate, same_noise_agreement,
-                   window_agreement)
+from model import GPT, GPTConfig, CUDAGraphStep, KVCache, generate, same_noise_agreement, window_agreement
 from sample import default_checkpoints, load_models
 
 PROMPT_LEN = 6   # the paper's 6-token prefixes
@@ -92,6 +91,9 @@ def parse_args(argv=None):
                    help="attention of the cached decode passes, both sides: sdpa (boolean mask over the whole "
                         "cache) or flex (FlexAttention over the written blocks only, compiled per shape: the faster "
                         "on a GPU, see model.KVCache) (default: sdpa)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each decode step before capturing it (experimental, sdpa only; the compile "
+                        "time of every new shape goes into warmup_s, not into the timings)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="weights and KV cache of the speed runs, both sides (default: bfloat16); "
                         "quality always decodes in float32")
@@ -173,7 +175,7 @@ def sized_to(model, length):
     return m
 
 
-def time_point(teacher, student, ks, B, seq_len, repeats, device, gen, attention):
+def time_point(teacher, student, ks, B, seq_len, repeats, device, gen, attention, compile):
     """Time AR and every k at one (batch, seq_len) on the same prompts and noise. Returns
     {k: (new tokens, [seconds per repeat], warm-up seconds)}. One static cache and one set of CUDA graphs
     serve the point."""
@@ -181,7 +183,7 @@ def time_point(teacher, student, ks, B, seq_len, repeats, device, gen, attention
     prompt = torch.randint(teacher.config.vocab_size, (B, PROMPT_LEN), generator=gen).to(device)
     noise = torch.rand(B, seq_len - PROMPT_LEN, generator=gen, dtype=torch.float64).to(device)
     cache = KVCache(student.config, B, device, next(teacher.parameters()).dtype, attention)
-    step = CUDAGraphStep()
+    step = CUDAGraphStep(compile=compile)
     runs = {1: teacher, **{k: student for k in ks}}
     n_new = {k: (seq_len - PROMPT_LEN) // k * k for k in runs}   # whole passes that fit seq_len
 
@@ -221,12 +223,12 @@ def run_grid(models, batch_sizes, device, desc, point):
     return rows, skipped
 
 
-def run_speed(models, ks, batch_sizes, repeats, device, seed, attention):
+def run_speed(models, ks, batch_sizes, repeats, device, seed, attention, compile):
     peak = peak_bandwidth(device)
     gen = torch.Generator().manual_seed(seed)
 
     def point(label, teacher, student, seq_len, B):
-        res = time_point(teacher, student, ks, B, seq_len, repeats, device, gen, attention)
+        res = time_point(teacher, student, ks, B, seq_len, repeats, device, gen, attention, compile)
         ar_n, ar_t, _ = res[1]
         rows = []
         for k, (n, ts, warm) in res.items():
@@ -243,12 +245,12 @@ def run_speed(models, ks, batch_sizes, repeats, device, seed, attention):
     return run_grid(models, batch_sizes, device, "speed", point)
 
 
-def run_profile(models, ks, batch_sizes, device, seed, attention, steps=5, top=8):
+def run_profile(models, ks, batch_sizes, device, seed, attention, compile, steps=5, top=8):
     """What ONE decode step costs and launches, at each point and k, with the cache half full (a generation's
     average): the step's time as the speed grid runs it (replayed from a CUDA graph on CUDA), then `steps` eager
     steps under torch.profiler: the kernels a step launches (on CPU: the operators it calls, views included) and
     the heaviest by self time. At small batch a decode step is bound by how many kernels it launches, at large
-    batch by the bytes they move: this says which, and where."""
+    batch by the bytes they move: this says which, and where. (--compile: the compiled step, fused kernels.)"""
     from torch.profiler import ProfilerActivity, profile
     cuda = device.type == "cuda"
     gen = torch.Generator().manual_seed(seed)
@@ -256,7 +258,7 @@ def run_profile(models, ks, batch_sizes, device, seed, attention, steps=5, top=8
     def point(label, teacher, student, seq_len, B):
         teacher, student = sized_to(teacher, seq_len), sized_to(student, seq_len)
         cache = KVCache(student.config, B, device, next(teacher.parameters()).dtype, attention)
-        graph_step, rows = CUDAGraphStep(), []
+        graph_step, rows = CUDAGraphStep(compile=compile), []
         for k, model in {1: teacher, **{k: student for k in ks}}.items():
             tokens = torch.randint(model.config.vocab_size, (B, k), generator=gen).to(device)
             pos = torch.arange(seq_len // 2, seq_len // 2 + k, device=device)
@@ -271,7 +273,7 @@ def run_profile(models, ks, batch_sizes, device, seed, attention, steps=5, top=8
             step_s = (time.perf_counter() - t0) / (4 * steps)
             with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
                 for _ in range(steps):
-                    decode_step(model, tokens, pos, u, cache)
+                    graph_step.step(model, tokens, pos, u, cache)   # not replayed: the profiler sees each kernel
                 sync(device)
             events = [e for e in prof.key_averages() if e.device_type.name == ("CUDA" if cuda else "CPU")]
             self_us = lambda e: e.self_device_time_total if cuda else e.self_cpu_time_total  # noqa: E731
@@ -465,6 +467,9 @@ def main(argv=None):
     repeats = args.repeats if args.repeats is not None else (3 if gpu else 1)
     paper_shape = args.paper_shape if args.paper_shape is not None else gpu or not args.trained
     do_quality = args.quality if args.quality is not None else args.trained and not args.profile
+    if args.compile and args.attention == "flex":
+        raise UserError("--compile works with --attention sdpa only for now (a compiled flex step gave wrong logits "
+                        "on CPU)")
     if args.profile and (do_quality or not args.speed):
         raise UserError("--profile replaces the speed grid and the quality metrics: drop --quality / --no-speed")
     if min(batch_sizes) < 1 or repeats < 1 or args.quality_samples < 1:
@@ -527,9 +532,9 @@ def main(argv=None):
           + (", paper shape with random weights" if paper_shape and args.speed else ""))
     speed, profile, skipped = [], [], []
     if args.profile:
-        profile, skipped = run_profile(models, ks, batch_sizes, device, args.seed, args.attention)
+        profile, skipped = run_profile(models, ks, batch_sizes, device, args.seed, args.attention, args.compile)
     elif args.speed:
-        speed, skipped = run_speed(models, ks, batch_sizes, repeats, device, args.seed, args.attention)
+        speed, skipped = run_speed(models, ks, batch_sizes, repeats, device, args.seed, args.attention, args.compile)
     quality = run_quality(teacher, student, judge, T, args, device) if do_quality else []
 
     config = {**vars(args), "batch_sizes": batch_sizes, "seq_lens": seq_lens, "ks": ks, "repeats": repeats,

@@ -345,12 +345,17 @@ def flex(q, k, v, block_mask):
     if not q.is_cuda:
         return flex_attention(q, k, v, block_mask=block_mask)
     if _flex_compiled is None:
-        # one compiled kernel per (batch, queries, cache length) shape: allow many shapes before giving up
-        for name in ("recompile_limit", "cache_size_limit"):   # the name changed across torch versions
-            if hasattr(torch._dynamo.config, name):
-                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
-        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+        _flex_compiled = compile_per_shape(flex_attention)
     return _flex_compiled(q, k, v, block_mask=block_mask)
+
+
+def compile_per_shape(fn):
+    """torch.compile with static shapes: one compiled version per (batch, queries, cache length, model), and room
+    for many of them (past dynamo's default limit it would fall back to eager without a word)."""
+    for name in ("recompile_limit", "cache_size_limit"):   # the name changed across torch versions
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
+    return torch.compile(fn, dynamic=False)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -416,10 +421,14 @@ class CUDAGraphStep:
     prefill (the prompt, once per generation) runs eagerly. The returned tokens are the graph's static
     output, overwritten by the next replay (generate copies them out at once). Graphs pin their memory
     until this object is dropped. On CPU, or with capture=False, the same static-buffer plumbing runs
-    eagerly, which is what the CPU tests check against generate's plain path."""
+    eagerly, which is what the CPU tests check against generate's plain path.
+    compile=True runs the decode step through torch.compile first (one compiled step per shape, compiled during
+    the warm-up, then captured): fused elementwise kernels instead of one per operation. Experimental: sdpa only
+    (with flex, the CPU compiler produced wrong logits), and not yet timed on a GPU."""
 
-    def __init__(self, capture=True, warmup=2):
+    def __init__(self, capture=True, warmup=2, compile=False):
         self.capture, self.warmup, self.graphs = capture, warmup, {}
+        self.step = compile_per_shape(decode_step) if compile else decode_step
 
     def __call__(self, model, tokens, pos, u, cache):
         if tokens.size(1) != u.size(1):   # prefill (prompt + k slots): a one-off shape, not worth a graph
@@ -441,7 +450,8 @@ class CUDAGraphStep:
         # object frees its graphs' memory at once (without waiting for the garbage collector).
         tokens, pos, u = tokens.clone(), pos.clone(), u.clone()
         static = {"tokens": tokens, "pos": pos, "u": u}
-        step = lambda: decode_step(model, tokens, pos, u, cache)  # noqa: E731
+        fn = self.step   # (not self: a closure over self would be a reference cycle)
+        step = lambda: fn(model, tokens, pos, u, cache)  # noqa: E731
         if not (self.capture and tokens.is_cuda):
             static["run"] = step
             return static

@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import weakref
@@ -104,6 +105,7 @@ def test_end_to_end_outputs(files):
     (["--student", "missing.pt"], "not found"),
     (["--no-trained"], "--no-trained"),   # with the --teacher and --student it cannot use
     (["--profile", "--quality"], "--profile"),
+    (["--compile", "--attention", "flex"], "--compile"),
 ])
 def test_bad_input_is_one_line(files, args, message):
     r = bench(files, "--batch_sizes", "1", *args)
@@ -167,6 +169,25 @@ def test_static_step_matches_eager_generate():
     assert buffer() is None
     assert torch.equal(generate(student, prompt, noise, 4, step_fn=CUDAGraphStep(capture=dev.type == "cuda")),
                        generate(student, prompt, noise, 4))
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_step_matches_eager_generate():
+    """bench.py --compile: CUDAGraphStep(compile=True) compiles the decode step and gives generate's tokens. The
+    teacher's logits are sharpened so that rounding differences between fused and unfused kernels (~1e-7) cannot
+    move its inverse CDF across a token boundary; the student's argmax readout is robust to them anyway."""
+    teacher, student = tiny_models()
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(30)
+    gen = torch.Generator().manual_seed(2)
+    prompt = torch.randint(50257, (3, 6), generator=gen)
+    noise = torch.rand(3, 16, generator=gen, dtype=torch.float64)
+    torch._dynamo.reset()
+    step = CUDAGraphStep(capture=False, compile=True)
+    for model, k in ((teacher, 1), (student, 2), (student, 4)):
+        assert torch.equal(generate(model, prompt, noise, k, step_fn=step), generate(model, prompt, noise, k)), k
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 3   # really compiled, once per shape
 
 
 def test_cache_sized_to_the_generation_gives_the_same_tokens():
