@@ -448,6 +448,8 @@ class CUDAGraphStep:
     def _record(self, model, tokens, pos, u, cache):
         # The closures below hold the buffers, not this dict: no reference cycle, so dropping the step
         # object frees its graphs' memory at once (without waiting for the garbage collector).
+        if self.step is not decode_step and cache.attention == "flex":
+            raise ValueError("a compiled decode step is not checked with flex attention yet: use attention='sdpa'")
         tokens, pos, u = tokens.clone(), pos.clone(), u.clone()
         static = {"tokens": tokens, "pos": pos, "u": u}
         fn = self.step   # (not self: a closure over self would be a reference cycle)
