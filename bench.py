@@ -175,16 +175,20 @@ def sized_to(model, length):
     return m
 
 
+def point_setup(teacher, student, ks, B, seq_len, device, attention, compile):
+    """What every k at one (batch, seq_len) point shares: {k: model sized to seq_len} (AR is k = 1), one static
+    cache and one CUDAGraphStep, whose graphs serve the whole point."""
+    teacher, student = sized_to(teacher, seq_len), sized_to(student, seq_len)
+    cache = KVCache(student.config, B, device, next(teacher.parameters()).dtype, attention)
+    return {1: teacher, **{k: student for k in ks}}, cache, CUDAGraphStep(compile=compile)
+
+
 def time_point(teacher, student, ks, B, seq_len, repeats, device, gen, attention, compile):
     """Time AR and every k at one (batch, seq_len) on the same prompts and noise. Returns
-    {k: (new tokens, [seconds per repeat], warm-up seconds)}. One static cache and one set of CUDA graphs
-    serve the point."""
-    teacher, student = sized_to(teacher, seq_len), sized_to(student, seq_len)
+    {k: (new tokens, [seconds per repeat], warm-up seconds)}."""
+    runs, cache, step = point_setup(teacher, student, ks, B, seq_len, device, attention, compile)
     prompt = torch.randint(teacher.config.vocab_size, (B, PROMPT_LEN), generator=gen).to(device)
     noise = torch.rand(B, seq_len - PROMPT_LEN, generator=gen, dtype=torch.float64).to(device)
-    cache = KVCache(student.config, B, device, next(teacher.parameters()).dtype, attention)
-    step = CUDAGraphStep(compile=compile)
-    runs = {1: teacher, **{k: student for k in ks}}
     n_new = {k: (seq_len - PROMPT_LEN) // k * k for k in runs}   # whole passes that fit seq_len
 
     def run(k, n):
@@ -256,10 +260,9 @@ def run_profile(models, ks, batch_sizes, device, seed, attention, compile, steps
     gen = torch.Generator().manual_seed(seed)
 
     def point(label, teacher, student, seq_len, B):
-        teacher, student = sized_to(teacher, seq_len), sized_to(student, seq_len)
-        cache = KVCache(student.config, B, device, next(teacher.parameters()).dtype, attention)
-        graph_step, rows = CUDAGraphStep(compile=compile), []
-        for k, model in {1: teacher, **{k: student for k in ks}}.items():
+        runs, cache, graph_step = point_setup(teacher, student, ks, B, seq_len, device, attention, compile)
+        rows = []
+        for k, model in runs.items():
             tokens = torch.randint(model.config.vocab_size, (B, k), generator=gen).to(device)
             pos = torch.arange(seq_len // 2, seq_len // 2 + k, device=device)
             u = torch.rand(B, k, generator=gen, dtype=torch.float64).to(device)

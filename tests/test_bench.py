@@ -47,10 +47,15 @@ def files(tmp_path_factory):
     return tmp
 
 
+def run_bench(*args):
+    return subprocess.run([sys.executable, "bench.py", "--device", "cpu", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+
+
 def bench(tmp, *args):
-    return subprocess.run([sys.executable, "bench.py", "--teacher", str(tmp / "teacher.pt"), "--student",
-                           str(tmp / "student.pt"), "--data_dir", str(tmp / "data"), "--out_dir", str(tmp / "out"),
-                           "--device", "cpu", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    """bench.py on the tiny checkpoints and val split of the `files` fixture."""
+    return run_bench("--teacher", str(tmp / "teacher.pt"), "--student", str(tmp / "student.pt"),
+                     "--data_dir", str(tmp / "data"), "--out_dir", str(tmp / "out"), *args)
 
 
 def test_end_to_end_outputs(files):
@@ -117,9 +122,8 @@ def test_bad_input_is_one_line(files, args, message):
 
 def test_paper_shape_needs_no_checkpoint(tmp_path):
     """--no-trained: the speed of the paper's shape alone, with random weights and no trained model."""
-    r = subprocess.run([sys.executable, "bench.py", "--no-trained", "--batch_sizes", "1", "--seq_lens", "10",
-                        "--ks", "2", "--dtype", "float32", "--out_dir", str(tmp_path), "--device", "cpu"],
-                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    r = run_bench("--no-trained", "--batch_sizes", "1", "--seq_lens", "10", "--ks", "2", "--dtype", "float32",
+                  "--out_dir", str(tmp_path))
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "bench_paper_shape.json").read_text())
     assert res["quality"] == [] and res["config"]["model_configs"]["trained_teacher"] is None
