@@ -100,8 +100,9 @@ class KVCache:
         shape = (cfg.n_layer, batch_size, cfg.n_head, self.length, hd)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        # flex: KV blocks of FLEX_BLOCK entries (the cache is padded up to whole blocks, never attended there)
-        self.kv_blocks = -(-self.length // FLEX_BLOCK)
+        # flex: the ids of its KV blocks of FLEX_BLOCK entries (the cache is padded up to whole blocks, never
+        # attended there), made once here rather than in every pass's block mask
+        self.kv_block_ids = torch.arange(-(-self.length // FLEX_BLOCK), device=device, dtype=torch.int32)
 
 
 class CausalSelfAttention(nn.Module):
@@ -330,7 +331,7 @@ def decode_mask(pos0, T, cache):
         return torch.arange(cache.length, device=dev)[None, :] <= qpos[:, None]
     last = qpos[(torch.arange(0, T, FLEX_BLOCK, device=dev) + FLEX_BLOCK - 1).clamp(max=T - 1)]
     kv_num_blocks = (last // FLEX_BLOCK + 1).to(torch.int32).view(1, 1, -1)      # per query block
-    kv_indices = torch.arange(cache.kv_blocks, device=dev, dtype=torch.int32).expand(1, 1, last.numel(), -1)
+    kv_indices = cache.kv_block_ids.expand(1, 1, last.numel(), -1)
 
     def mask_mod(b, h, q_idx, kv_idx):
         return kv_idx <= pos0 + q_idx
