@@ -49,8 +49,8 @@ class GPTConfig:
 
 def rope(cfg, pos, base=10000.0):
     """cos/sin for integer positions `pos` ((L,) or (B, L)), computed in float32 on the fly: no table to
-    size, and nothing that a cast of the model to bf16 could degrade. Full head width, with the sign of the
-    rotation folded into sin (-sin on the first half), so that apply_rope is two products and a sum."""
+    size, and angles that a cast of the model to bf16 cannot degrade. Full head width, with the sign of the
+    rotation folded into sin (-sin on the first half), so that apply_rope is a product and a multiply-add."""
     hd = cfg.n_embd // cfg.n_head
     inv_freq = base ** (-torch.arange(0, hd, 2, device=pos.device, dtype=torch.float32) / hd)
     ang = pos.float().unsqueeze(-1) * inv_freq
@@ -62,11 +62,11 @@ def rope(cfg, pos, base=10000.0):
 
 def apply_rope(x, cos, sin):
     """Rotate the pairs (x1[i], x2[i]) of the first and second half of x by their angles: x1' = x1 cos - x2 sin,
-    x2' = x2 cos + x1 sin, in float32. x: (..., B, H, T, hd); cos/sin from rope: (T, hd) or (B, 1, T, hd).
-    Written as x * cos + [x2, x1] * sin (sin signed by rope): the same float32 results as the per-half formula,
-    in 5 kernels instead of 8. A decode step is hundreds of tiny kernels, and this runs on q and k in every layer."""
+    x2' = x2 cos + x1 sin, in the dtype of cos/sin. x: (..., B, H, T, hd); cos/sin from rope: (T, hd) or
+    (B, 1, T, hd). Written as x * cos + [x2, x1] * sin (sin signed by rope) in one multiply-add: 3 kernels
+    where the per-half formula takes 8. A decode step is hundreds of tiny kernels, and this runs in every layer."""
     x1, x2 = x.chunk(2, dim=-1)
-    return (x * cos + torch.cat([x2, x1], dim=-1) * sin).type_as(x)
+    return torch.addcmul(x * cos, torch.cat([x2, x1], dim=-1), sin).type_as(x)
 
 
 # FlexAttention's KV block (its default): the granularity at which a cached pass skips unwritten entries
@@ -229,7 +229,9 @@ class GPT(nn.Module):
         return student
 
     def _trunk(self, x, pos, mask, cache=None):
-        cos, sin = rope(self.config, pos)
+        # RoPE in the residual stream's dtype: a model cast to bf16 (decoding) rotates q and k in bf16, as its
+        # matmuls compute them (half the bytes, no dtype conversions); fp32 and autocast (training) stay in fp32
+        cos, sin = (t.to(x.dtype) for t in rope(self.config, pos))
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             cache_args = dict(cache=cache, layer=i, pos=pos) if cache is not None else {}
@@ -323,12 +325,13 @@ def decode_mask(pos0, T, cache):
     exactly the paper's rule (a real token sees the context up to itself; slot i sees the context up to the
     last real token and slots 1..i), i.e. bottom-right causal over the valid prefix. Built from the position
     tensor pos0, so stale entries are hidden without slicing the cache (static shapes).
-    "sdpa": a boolean (T, cache.length) mask. "flex": a BlockMask whose every query block lists only the KV
-    blocks up to its last query's position; the kernel skips the rest of the cache."""
+    "sdpa": an additive (T, cache.length) mask, 0 or -inf. "flex": a BlockMask whose every query block lists only
+    the KV blocks up to its last query's position; the kernel skips the rest of the cache."""
     dev = cache.k.device
     qpos = pos0 + torch.arange(T, device=dev)
-    if cache.attention == "sdpa":
-        return torch.arange(cache.length, device=dev)[None, :] <= qpos[:, None]
+    if cache.attention == "sdpa":   # additive, once per pass: SDPA would turn a boolean mask into it in every layer
+        visible = torch.arange(cache.length, device=dev)[None, :] <= qpos[:, None]
+        return torch.full(visible.shape, float("-inf"), dtype=cache.k.dtype, device=dev).masked_fill_(visible, 0.0)
     last = qpos[(torch.arange(0, T, FLEX_BLOCK, device=dev) + FLEX_BLOCK - 1).clamp(max=T - 1)]
     kv_num_blocks = (last // FLEX_BLOCK + 1).to(torch.int32).view(1, 1, -1)      # per query block
     kv_indices = cache.kv_block_ids.expand(1, 1, last.numel(), -1)
@@ -344,6 +347,10 @@ def flex(q, k, v, block_mask):
     reference implementation elsewhere (what the CPU tests check against SDPA)."""
     global _flex_compiled
     if not q.is_cuda:
+        # Inside a compiled step, give the CPU kernel a graph of its own, with q, k and v as inputs: lowered inside
+        # the step's graph, it ignored the storage offset of a view of the cache (layer 1 read layer 0's keys) and
+        # failed on a q sliced from q and k together.
+        torch._dynamo.graph_break()
         return flex_attention(q, k, v, block_mask=block_mask)
     if _flex_compiled is None:
         _flex_compiled = compile_per_shape(flex_attention)
@@ -424,8 +431,8 @@ class CUDAGraphStep:
     until this object is dropped. On CPU, or with capture=False, the same static-buffer plumbing runs
     eagerly, which is what the CPU tests check against generate's plain path.
     compile=True runs the decode step through torch.compile first (one compiled step per shape, compiled during
-    the warm-up, then captured): fused elementwise kernels instead of one per operation. Experimental: sdpa only
-    (with flex, the CPU compiler produced wrong logits), and not yet timed on a GPU."""
+    the warm-up, then captured): fused elementwise kernels instead of one per operation. Experimental: checked
+    against eager on CPU for both attention paths, not yet timed on a GPU."""
 
     def __init__(self, capture=True, warmup=2, compile=False):
         self.capture, self.warmup, self.graphs = capture, warmup, {}
@@ -449,8 +456,6 @@ class CUDAGraphStep:
     def _record(self, model, tokens, pos, u, cache):
         # The closures below hold the buffers, not this dict: no reference cycle, so dropping the step
         # object frees its graphs' memory at once (without waiting for the garbage collector).
-        if self.step is not decode_step and cache.attention == "flex":
-            raise ValueError("a compiled decode step is not checked with flex attention yet: use attention='sdpa'")
         tokens, pos, u = tokens.clone(), pos.clone(), u.clone()
         static = {"tokens": tokens, "pos": pos, "u": u}
         fn = self.step   # (not self: a closure over self would be a reference cycle)
