@@ -10,6 +10,8 @@ time (x_j = F^-1(u_j | x_<j)); the student turns the same u into k tokens per pa
 differ are marked [like this] in the student's line. The per-slot agreement is printed at the end twice:
 free-running (as shown: the two part at the first different token) and with every window of k slots started on
 the teacher's own sample (model.window_agreement, the measure the README compares with the paper).
+Both decode through bench.py's path (model.generate with a static KV cache, each decode step replayed from a CUDA
+graph on CUDA), in float32 rather than bench's bf16: same-noise agreement is sensitive to rounding.
 """
 import argparse
 import glob
@@ -20,7 +22,7 @@ import torch
 
 from common import (ArgumentParser, UserError, load_checkpoint, load_split, model_from_checkpoint, resolve_device,
                     run_cli, sample_windows)
-from model import generate, same_noise_agreement, window_agreement
+from model import CUDAGraphStep, KVCache, generate, same_noise_agreement, window_agreement
 from prepare_data import get_encoding
 
 
@@ -70,6 +72,8 @@ def main(argv=None):
     p.add_argument("--num_samples", type=int, default=4, help="samples to draw")
     p.add_argument("--max_new_tokens", type=int, default=48, help="tokens to generate per sample")
     p.add_argument("--seed", type=int, default=0, help="seeds the noise and the choice of val prefixes")
+    p.add_argument("--attention", choices=["sdpa", "flex"], default="sdpa",
+                   help="attention of the cached decode passes (model.KVCache; flex compiles each shape on CUDA)")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
@@ -99,9 +103,12 @@ def main(argv=None):
                         f"{block}; shorten one of them")
     noise = torch.rand(args.num_samples, n_new, generator=gen, dtype=torch.float64)
     prompts, noise = prompts.to(device), noise.to(device)
-    ar_tokens = generate(teacher, prompts, noise, k=1)
+    # one static cache for both models (the same shape; stale entries are masked) and one set of CUDA graphs
+    cache, step = KVCache(teacher.config, args.num_samples, device, torch.float32, args.attention), CUDAGraphStep()
+    ar_tokens = generate(teacher, prompts, noise, 1, step_fn=step, cache=cache)
     ar = ar_tokens[:, :args.max_new_tokens].tolist()
-    kf = generate(student, prompts, noise, k=k)[:, :args.max_new_tokens].tolist() if student else None
+    kf = generate(student, prompts, noise, k, step_fn=step, cache=cache)[:, :args.max_new_tokens].tolist() \
+        if student else None
 
     for i in range(args.num_samples):
         print(f"--- sample {i + 1}: {enc.decode(prompts[i].tolist())!r}")

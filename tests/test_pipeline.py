@@ -138,6 +138,9 @@ def test_sample_shows_both_on_the_same_noise(iid):
     again = run_sample("--teacher", iid["teacher"], "--student", student, "--data_dir", iid["data"],
                        "--num_samples", "2", "--max_new_tokens", "9", "--device", "cpu")
     assert again.stdout == r.stdout                           # same seed, same noise, same text
+    flex = run_sample("--teacher", iid["teacher"], "--student", student, "--data_dir", iid["data"],
+                      "--num_samples", "2", "--max_new_tokens", "9", "--device", "cpu", "--attention", "flex")
+    assert flex.stdout == r.stdout, flex.stderr               # both attention paths: the same function
 
     r = run_sample("--teacher", iid["teacher"], "--teacher_only", "--prompt", "Hello world", "--num_samples", "1",
                    "--max_new_tokens", "5", "--device", "cpu")
