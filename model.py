@@ -412,11 +412,12 @@ def generate(model, prompt, noise, k=1, cache_dtype=None, step_fn=None, cache=No
         raise ValueError(f"the cache {tuple(cache.k.shape)} does not fit this model, batch size {B} and length")
     step_fn = step_fn or decode_step
     out = torch.empty(B, n_new, dtype=torch.long, device=dev)
-    tokens, pos = prompt, torch.arange(P, device=dev)
+    positions = torch.arange(P + n_new, device=dev)   # made once: a pass's positions are a slice of it
+    tokens, pos = prompt, positions[:P]
     for s in range(0, n_new, k):
         tokens = step_fn(model, tokens, pos, noise[:, s:s + k], cache)
         out[:, s:s + k] = tokens
-        pos = pos[-1] + 1 + torch.arange(k, device=dev)
+        pos = positions[P + s:P + s + k]   # where the tokens just made are committed by the next pass
     return out
 
 
