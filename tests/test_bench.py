@@ -204,11 +204,11 @@ def test_compiled_step_matches_eager_generate():
 @torch.no_grad()
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 @pytest.mark.parametrize("attention", ["sdpa", "flex"])
-def test_compiled_pass_matches_eager_logits(attention, device):
+def test_compiled_pass_matches_eager_logits(attention, device, monkeypatch):
     """The compiled cached pass gives eager's logits pass after pass, in a model of two layers. A compiled CPU flex
     kernel once ignored the storage offset of a layer's view into one (layers, ...) cache and read layer 0's keys
     for layer 1: logits off by ~1e-3, too little to move these random models' tokens, 10-100 times the tolerance."""
-    torch.backends.cuda.matmul.allow_tf32 = False
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     student = tiny_models()[1].to(device)
     gen = torch.Generator().manual_seed(4)
     tokens, u = torch.randint(50257, (3, 6), generator=gen), torch.rand(3, K, generator=gen, dtype=torch.float64)
