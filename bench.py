@@ -88,7 +88,7 @@ def parse_args(argv=None):
     p.add_argument("--quality_tokens", type=int, default=None,
                    help="continuation length (default: 96, or less where the block size requires)")
     p.add_argument("--attention", choices=["sdpa", "flex"], default="sdpa",
-                   help="attention of the cached decode passes, both sides: sdpa (boolean mask over the whole "
+                   help="attention of the cached decode passes, both sides: sdpa (a mask over the whole "
                         "cache) or flex (FlexAttention over the written blocks only, compiled per shape: the faster "
                         "on a GPU, see model.KVCache) (default: sdpa)")
     p.add_argument("--compile", action="store_true",
@@ -380,14 +380,21 @@ def write_csv(path, rows, columns):
     atomic_write(path, lambda f: f.write(buf.getvalue()), binary=False)
 
 
-def save_figure(fig, path):
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
-
-
-def plot_speed(rows, device, path):
+def pyplot():
+    """matplotlib's pyplot on its file-only backend (no display on a server), imported only to plot."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path):
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
+    pyplot().close(fig)
+
+
+def plot_speed(rows, device, path):
+    plt = pyplot()
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
     for ax, m in zip(axes[0], models):
@@ -404,13 +411,10 @@ def plot_speed(rows, device, path):
         ax.legend(fontsize=8)
     fig.suptitle(f"K-Forcing speedup over AR decoding on {device}")
     save_figure(fig, path)
-    plt.close(fig)
 
 
 def plot_quality(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     ar = rows[0]
     st = [r for r in rows if r["model"] == "student"]
     ks = [r["k"] for r in st]
@@ -428,7 +432,6 @@ def plot_quality(rows, path):
         ax.legend(fontsize=8)
     fig.suptitle("K-Forcing quality against k (float32 decoding, same noise, temperature 1, no penalty)", y=1.03)
     save_figure(fig, path)
-    plt.close(fig)
 
 
 def print_tables(speed, skipped, quality, profile, device):

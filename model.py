@@ -86,7 +86,7 @@ class KVCache:
     cache is ever made. Entries past a query's position (stale or not yet written) are hidden by the mask.
 
     attention: how a cached pass attends (both compute the same function, see decode_mask):
-      "sdpa" (default): SDPA with a boolean mask over the whole cache. Any device; reads every cache entry.
+      "sdpa" (default): SDPA with an additive mask over the whole cache. Any device; reads every cache entry.
       "flex": FlexAttention (compiled on CUDA) with a block mask that stops at the last written block, so a
               pass reads only the valid prefix and its 2k queries cost little more than one (METHOD.md §5).
               The fastest path on an H100 (README); each new (batch, queries) shape compiles once (seconds).
