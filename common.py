@@ -76,6 +76,10 @@ def parse_config(cls, presets, description, argv=None, extra=None):
                    if getattr(args, f.name) is not None})
     cfg = cls(**values)
     cfg.out_dir = cfg.out_dir.format(preset=args.preset)
+    if getattr(cfg, "results_dir", None) == "auto":
+        # a run with its own --out_dir keeps its summary beside its checkpoints, so that an experiment never
+        # replaces the preset's reference summary in results/
+        cfg.results_dir = "results" if args.out_dir is None else cfg.out_dir
     return cfg, args
 
 

@@ -33,7 +33,8 @@ class DistillConfig:
     teacher: str = field("out/teacher_{preset}/best.pt", "the AR teacher checkpoint (from teacher.py)")
     data_dir: str = field("data/offline", "directory with train.bin / val.bin from prepare_data.py")
     out_dir: str = field("out/distill_{preset}", "where student_k<K>.pt, last.pt and log.jsonl go")
-    results_dir: str = field("results", "where the final distill_<preset>.json summary is written")
+    results_dir: str = field("auto", "where the final distill_<preset>.json summary is written; auto: results/ "
+                             "for the preset's own out_dir, else out_dir (an experiment never replaces the reference)")
     k: int = field(4, "the final number of tokens per pass")
     schedule: str = field("", "stages as a comma list starting at 1, e.g. 1,2,3,4; empty: doubling 1,2,4,.. up to k")
     steps_per_stage: int = field(1000, "optimizer steps in each stage")

@@ -28,7 +28,8 @@ from model import GPT, GPTConfig, flops_per_token, peak_flops
 class TeacherConfig:
     data_dir: str = field("data/offline", "directory with train.bin / val.bin from prepare_data.py")
     out_dir: str = field("out/teacher_{preset}", "where checkpoints (last.pt, best.pt) and log.jsonl go")
-    results_dir: str = field("results", "where the final teacher_<preset>.json summary is written")
+    results_dir: str = field("auto", "where the final teacher_<preset>.json summary is written; auto: results/ "
+                             "for the preset's own out_dir, else out_dir (an experiment never replaces the reference)")
     # model
     n_layer: int = field(6, "transformer blocks")
     n_head: int = field(6, "attention heads")
@@ -73,11 +74,25 @@ def model_config(cfg):
                      dropout=cfg.dropout, tie_embeddings=cfg.tie_embeddings)
 
 
-def unigram_entropy(tokens):
-    """Entropy (nats/token) of the split's own unigram distribution: the loss of a model that ignores context."""
-    p = np.bincount(tokens, minlength=50257).astype(np.float64)
-    p = p[p > 0] / p.sum()
-    return float(-(p * np.log(p)).sum())
+def unigram_baselines(train, val, max_train_tokens=2**26):
+    """Two context-free references for the val loss, in nats/token:
+    "unigram_loss": val cross-entropy of a unigram model fitted to the train split, the baseline a model must
+    beat to have learned anything from context. Its counts get a pseudo-count of one token spread over the
+    vocabulary (a token never seen in train costs a finite loss) and cover all of train, or for a larger split
+    64 evenly spaced slices of max_train_tokens in all: a multi-billion-token split is never read into memory whole.
+    "unigram_entropy": the entropy of val's own unigram distribution: the best any context-free model could do,
+    and only by fitting val itself (a small val set's plug-in entropy is biased low; its documents are not train's)."""
+    V = GPTConfig.vocab_size
+    counts = np.full(V, 1.0 / V)
+    n, chunk = len(train), max_train_tokens // 64
+    starts = range(0, n, chunk) if n <= max_train_tokens else np.linspace(0, n - chunk, 64).astype(np.int64)
+    for start in starts:
+        counts += np.bincount(np.asarray(train[start:start + chunk]), minlength=V)
+    val = np.asarray(val)
+    p_val = np.bincount(val, minlength=V).astype(np.float64)
+    p_val = p_val[p_val > 0] / p_val.sum()
+    return {"unigram_loss": float(-np.log(counts / counts.sum())[val].mean()),
+            "unigram_entropy": float(-(p_val * np.log(p_val)).sum())}
 
 
 @torch.no_grad()
@@ -207,13 +222,14 @@ def main(argv=None):
     if math.isnan(val_loss):   # resumed a finished run: nothing trained, but report where it stands
         val_loss = evaluate(raw, val, cfg, rt)
     if rt.master:
-        baseline = unigram_entropy(np.asarray(val))
+        baselines = unigram_baselines(train, val)
         result = {"device": device_name(rt.device), "world_size": rt.world, "torch": torch.__version__,
                   "config": dataclasses.asdict(cfg), "params": raw.num_params(), "steps": step,
                   "tokens_seen": step * tokens_per_step, "final_val_loss": val_loss, "best_val_loss": best_val,
-                  "unigram_entropy": baseline, "tokens_per_s": tok_s, "mfu": mfu}
+                  **baselines, "tokens_per_s": tok_s, "mfu": mfu}
         write_json(os.path.join(cfg.results_dir, f"teacher_{args.preset}.json"), result)
-        print(f"val loss {val_loss:.3f} (best {best_val:.3f}; unigram baseline {baseline:.3f} nats), "
+        print(f"val loss {val_loss:.3f} (best {best_val:.3f}; a unigram model fitted to train: "
+              f"{baselines['unigram_loss']:.3f}, val's own unigram entropy: {baselines['unigram_entropy']:.3f} nats), "
               f"{tok_s:,.0f} tok/s" + (f", MFU {mfu:.1%}" if mfu else "") + f"; checkpoint {best_path}")
 
 

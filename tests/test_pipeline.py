@@ -67,10 +67,35 @@ def test_teacher_learns_context(markov):
     path, result = markov
     # 2.08 nats is the best a model that ignores context can do; 0.90 is the chain's entropy
     assert result["unigram_entropy"] == pytest.approx(np.log(8), abs=0.01)
-    assert result["final_val_loss"] < result["unigram_entropy"] - 0.4, result
+    assert result["unigram_loss"] == pytest.approx(np.log(8), abs=0.01)
+    assert result["final_val_loss"] < result["unigram_loss"] - 0.4, result
     assert result["steps"] == 60 and result["tokens_seen"] == 60 * 8 * 32
     ckpt = load_checkpoint(path, kind="teacher")
     assert ckpt["step"] == 60 and ckpt["model_config"]["max_k"] == 0
+
+
+def test_unigram_baselines():
+    """The unigram baseline is fitted to train and scored on val; a token that train never saw costs a large but
+    finite loss; val's own unigram entropy ignores train; at most max_train_tokens are counted, spread over train."""
+    V = GPTConfig.vocab_size
+    train, val = np.array([1, 2] * 500 + [3] * 1000), np.array([1, 2, 3, 4])
+    b = teacher.unigram_baselines(train, val)
+    p = np.array([500, 500, 1000, 0]) + 1 / V
+    assert b["unigram_loss"] == pytest.approx(-np.log(p / (2000 + 1)).mean())
+    assert b["unigram_entropy"] == pytest.approx(np.log(4))
+    # 64 slices of 2 tokens from 64 evenly spaced starts: the first half of train holds 1s and 2s, the second 3s
+    sub = teacher.unigram_baselines(train, val, max_train_tokens=128)
+    p = np.array([32, 32, 64, 0]) + 1 / V
+    assert sub["unigram_loss"] == pytest.approx(-np.log(p / (128 + 1)).mean())
+
+
+def test_results_dir_follows_an_own_out_dir():
+    """A run with its own --out_dir writes its summary there, not over the preset's reference in results/."""
+    parse = lambda *argv: teacher.parse_config(teacher.TeacherConfig, teacher.PRESETS, "", list(argv))[0]  # noqa: E731
+    cfg = parse("--preset", "tiny")
+    assert (cfg.out_dir, cfg.results_dir) == ("out/teacher_tiny", "results")
+    assert parse("--out_dir", "exp").results_dir == "exp"
+    assert parse("--out_dir", "exp", "--results_dir", "r").results_dir == "r"
 
 
 def test_distillation_raises_same_noise_agreement(iid):
