@@ -72,6 +72,7 @@ def parse_config(cls, presets, description, argv=None, extra=None):
         extra(p)
     args = p.parse_args(argv)
     values = {k: v for k, v in presets[args.preset].items() if not k.startswith("_")}
+    preset_out_dir = cls(**values).out_dir.format(preset=args.preset)   # before --out_dir
     values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
                    if getattr(args, f.name) is not None})
     cfg = cls(**values)
@@ -79,7 +80,8 @@ def parse_config(cls, presets, description, argv=None, extra=None):
     if getattr(cfg, "results_dir", None) == "auto":
         # a run with its own --out_dir keeps its summary beside its checkpoints, so that an experiment never
         # replaces the preset's reference summary in results/
-        cfg.results_dir = "results" if args.out_dir is None else cfg.out_dir
+        own = os.path.normpath(cfg.out_dir) != os.path.normpath(preset_out_dir)
+        cfg.results_dir = cfg.out_dir if own else "results"
     return cfg, args
 
 

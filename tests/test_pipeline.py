@@ -95,6 +95,7 @@ def test_results_dir_follows_an_own_out_dir():
     cfg = parse("--preset", "tiny")
     assert (cfg.out_dir, cfg.results_dir) == ("out/teacher_tiny", "results")
     assert parse("--out_dir", "exp").results_dir == "exp"
+    assert parse("--preset", "tiny", "--out_dir", "out/teacher_tiny/").results_dir == "results"
     assert parse("--out_dir", "exp", "--results_dir", "r").results_dir == "r"
 
 
