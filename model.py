@@ -96,10 +96,14 @@ class KVCache:
         if attention not in ("sdpa", "flex"):
             raise ValueError(f"attention must be 'sdpa' or 'flex', not {attention!r}")
         hd = cfg.n_embd // cfg.n_head
-        self.length, self.attention = cfg.block_size, attention
-        shape = (cfg.n_layer, batch_size, cfg.n_head, self.length, hd)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length, self.attention, self.device, self.dtype = cfg.block_size, attention, torch.device(device), dtype
+        self.shape = (cfg.n_layer, batch_size, cfg.n_head, self.length, hd)
+        # One tensor per layer, not one (n_layer, ...) tensor: torch.compile turns an in-place write into a VIEW of
+        # an input into a copy of the whole viewed tensor (functionalization), i.e. every compiled step would copy
+        # the entire cache of every layer; a write into an input of its own stays in place (tests/test_bench.py).
+        self.k = [torch.zeros(self.shape[1:], device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(self.shape[1:], device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.ptrs = tuple(t.data_ptr() for t in self.k + self.v)   # the addresses a CUDA graph of a pass holds
         # flex: the ids of its KV blocks of FLEX_BLOCK entries (the cache is padded up to whole blocks, never
         # attended there), made once here rather than in every pass's block mask
         self.kv_block_ids = torch.arange(-(-self.length // FLEX_BLOCK), device=device, dtype=torch.int32)
@@ -327,11 +331,11 @@ def decode_mask(pos0, T, cache):
     tensor pos0, so stale entries are hidden without slicing the cache (static shapes).
     "sdpa": an additive (T, cache.length) mask, 0 or -inf. "flex": a BlockMask whose every query block lists only
     the KV blocks up to its last query's position; the kernel skips the rest of the cache."""
-    dev = cache.k.device
+    dev = cache.device
     qpos = pos0 + torch.arange(T, device=dev)
     if cache.attention == "sdpa":   # additive, once per pass: SDPA would turn a boolean mask into it in every layer
         visible = torch.arange(cache.length, device=dev)[None, :] <= qpos[:, None]
-        return torch.full(visible.shape, float("-inf"), dtype=cache.k.dtype, device=dev).masked_fill_(visible, 0.0)
+        return torch.full(visible.shape, float("-inf"), dtype=cache.dtype, device=dev).masked_fill_(visible, 0.0)
     last = qpos[(torch.arange(0, T, FLEX_BLOCK, device=dev) + FLEX_BLOCK - 1).clamp(max=T - 1)]
     kv_num_blocks = (last // FLEX_BLOCK + 1).to(torch.int32).view(1, 1, -1)      # per query block
     kv_indices = cache.kv_block_ids.expand(1, 1, last.numel(), -1)
@@ -347,14 +351,15 @@ def flex(q, k, v, block_mask):
     reference implementation elsewhere (what the CPU tests check against SDPA)."""
     global _flex_compiled
     if not q.is_cuda:
-        # Inside a compiled step, give the CPU kernel a graph of its own, with q, k and v as inputs: lowered inside
-        # the step's graph, it ignored the storage offset of a view of the cache (layer 1 read layer 0's keys) and
-        # failed on a q sliced from q and k together.
-        torch._dynamo.graph_break()
-        return flex_attention(q, k, v, block_mask=block_mask)
+        return _flex_reference(q, k, v, block_mask=block_mask)
     if _flex_compiled is None:
         _flex_compiled = compile_per_shape(flex_attention)
     return _flex_compiled(q, k, v, block_mask=block_mask)
+
+
+# The CPU reference stays eager even inside a compiled step (bench.py --compile): torch's CPU flex kernel failed on
+# a q sliced from q and k together, and failed to build for caches of 2048 entries (torch 2.13).
+_flex_reference = torch.compiler.disable(flex_attention)
 
 
 def compile_per_shape(fn):
@@ -408,8 +413,8 @@ def generate(model, prompt, noise, k=1, cache_dtype=None, step_fn=None, cache=No
     dev = prompt.device
     if cache is None:
         cache = KVCache(model.config, B, dev, cache_dtype or next(model.parameters()).dtype)
-    elif cache.k.shape[:3] != (model.config.n_layer, B, model.config.n_head) or cache.length < P + n_new:
-        raise ValueError(f"the cache {tuple(cache.k.shape)} does not fit this model, batch size {B} and length")
+    elif cache.shape[:3] != (model.config.n_layer, B, model.config.n_head) or cache.length < P + n_new:
+        raise ValueError(f"the cache {cache.shape} does not fit this model, batch size {B} and length")
     step_fn = step_fn or decode_step
     out = torch.empty(B, n_new, dtype=torch.long, device=dev)
     positions = torch.arange(P + n_new, device=dev)   # made once: a pass's positions are a slice of it
@@ -444,7 +449,7 @@ class CUDAGraphStep:
             # (a prompt of exactly k tokens has the decode step's shape and simply replays its graph)
             return decode_step(model, tokens, pos, u, cache)
         w = next(model.parameters())      # a graph holds the addresses of the weights and of the cache
-        key = (id(model), w.data_ptr(), w.dtype, cache.k.data_ptr(), cache.v.data_ptr(),
+        key = (id(model), w.data_ptr(), w.dtype, cache.ptrs,
                tuple(tokens.shape), tuple(u.shape), u.dtype)
         if key not in self.graphs:
             self.graphs[key] = self._record(model, tokens, pos, u, cache)

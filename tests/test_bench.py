@@ -7,7 +7,9 @@ Run: python -m pytest tests/test_bench.py -q"""
 import csv
 import dataclasses
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,7 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from common import save_checkpoint  # noqa: E402
 from bench import sized_to  # noqa: E402
-from model import GPT, GPTConfig, CUDAGraphStep, KVCache, compile_per_shape, generate  # noqa: E402
+from model import GPT, GPTConfig, CUDAGraphStep, KVCache, compile_per_shape, decode_step, generate  # noqa: E402
 
 K = 4
 
@@ -207,7 +209,8 @@ def test_compiled_step_matches_eager_generate():
 def test_compiled_pass_matches_eager_logits(attention, device, monkeypatch):
     """The compiled cached pass gives eager's logits pass after pass, in a model of two layers. A compiled CPU flex
     kernel once ignored the storage offset of a layer's view into one (layers, ...) cache and read layer 0's keys
-    for layer 1: logits off by ~1e-3, too little to move these random models' tokens, 10-100 times the tolerance."""
+    for layer 1: logits off by ~1e-3, too little to move these random models' tokens, 10-100 times the tolerance.
+    (On CPU, flex itself now runs its eager reference inside the compiled step, model._flex_reference.)"""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     student = tiny_models()[1].to(device)
     gen = torch.Generator().manual_seed(4)
@@ -221,6 +224,29 @@ def test_compiled_pass_matches_eager_logits(attention, device, monkeypatch):
         eager, compiled = (f(tokens, pos, u, c) for f, c in zip(passes, caches))
         torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5 if device == "cpu" else 1e-4)
         tokens, pos = eager.argmax(-1), pos[-1] + 1 + torch.arange(K, device=device)
+
+
+@needs_compiler
+@torch.no_grad()
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_compiled_step_writes_the_cache_in_place(attention):
+    """A compiled decode step writes its K/V into the cache in place and allocates nothing of a layer's cache size.
+    With one (layers, ...) tensor for the whole cache, each layer wrote into a view of a graph input, which
+    torch.compile turned into copies of the layer's whole cache (at batch 512 and 1024 tokens, about 1 GB per layer
+    every step); this checks the generated code for such buffers."""
+    from torch._inductor.utils import run_and_get_code
+    cfg = GPTConfig(block_size=512, n_layer=2, n_head=2, n_embd=32, vocab_size=256, max_k=2)
+    student = GPT(cfg).eval()
+    cache = KVCache(cfg, 3, "cpu", torch.float32, attention)
+    tokens, pos, u = torch.randint(256, (3, 2)), torch.arange(40, 42), torch.rand(3, 2, dtype=torch.float64)
+    torch._dynamo.reset()
+    _, code = run_and_get_code(compile_per_shape(decode_step), student, tokens, pos, u, cache)
+    shapes = re.findall(r"empty_strided_\w+\(\(([\d, ]+)\)", "\n".join(code))
+    assert shapes, "no buffers found: the generated code's format changed"
+    layer_cache = math.prod(cache.shape[1:])
+    assert max(math.prod(int(d) for d in s.split(",") if d.strip()) for s in shapes) < layer_cache / 8
+    written = torch.stack(cache.k).abs().sum((0, 1, 2, 4)).nonzero().flatten()   # cache positions written
+    assert written.tolist() == [40, 41, 42, 43]   # the 2 tokens, then the 2 slots
 
 
 def test_cache_sized_to_the_generation_gives_the_same_tokens():
@@ -251,7 +277,7 @@ def test_compiled_flex_matches_sdpa_on_gpu():
     logits = {}
     for attention in ("sdpa", "flex"):
         cache = KVCache(cfg, 3, "cuda", torch.float32, attention)
-        cache.k.normal_(), cache.v.normal_()
+        [t.normal_() for t in cache.k + cache.v]
         out = [student.forward_step(x[:, :300], torch.arange(300, device="cuda"), u[:, 0], cache)]
         for i, s in enumerate(range(300, 420, K)):
             out.append(student.forward_step(x[:, s:s + K], torch.arange(s, s + K, device="cuda"), u[:, i + 1], cache))

@@ -71,7 +71,7 @@ def test_stale_cache_entries_are_masked(teacher):
     x = torch.randint(0, V, (2, 20))
     full, _ = teacher(x)
     cache = KVCache(teacher.config, 2, "cpu", torch.float32)
-    cache.k.normal_(), cache.v.normal_()
+    [t.normal_() for t in cache.k + cache.v]
     last = teacher.forward_step(x, torch.arange(20), None, cache)
     torch.testing.assert_close(last[:, -1], full[:, -1], rtol=0, atol=1e-4)
 
@@ -246,10 +246,11 @@ def test_noise_slots_leave_only_real_tokens_in_the_cache(teacher, student, atten
     student.forward_step(x[:, :10], torch.arange(10), torch.rand(1, 4, dtype=torch.float64), with_slots)
     student.forward_step(x[:, 10:], torch.arange(10, 14), torch.rand(1, 4, dtype=torch.float64), with_slots)
     student.forward_step(x, torch.arange(14), None, without)
-    torch.testing.assert_close(with_slots.k[:, :, :, :14], without.k[:, :, :, :14], rtol=0, atol=1e-5)
-    torch.testing.assert_close(with_slots.v[:, :, :, :14], without.v[:, :, :, :14], rtol=0, atol=1e-5)
-    assert with_slots.k[:, :, :, 14:18].abs().min() > 0 and without.k[:, :, :, 14:].abs().sum() == 0
-    assert with_slots.k[:, :, :, 18:].abs().sum() == 0
+    (k1, v1), (k0, v0) = ((torch.stack(c.k), torch.stack(c.v)) for c in (with_slots, without))   # (layer, B, H, L, hd)
+    torch.testing.assert_close(k1[:, :, :, :14], k0[:, :, :, :14], rtol=0, atol=1e-5)
+    torch.testing.assert_close(v1[:, :, :, :14], v0[:, :, :, :14], rtol=0, atol=1e-5)
+    assert k1[:, :, :, 14:18].abs().min() > 0 and k0[:, :, :, 14:].abs().sum() == 0
+    assert k1[:, :, :, 18:].abs().sum() == 0
 
 
 @torch.no_grad()
@@ -264,7 +265,7 @@ def test_flex_and_sdpa_decoding_agree(teacher, student):
         out = {}
         for attention in ("sdpa", "flex"):
             cache = KVCache(student.config, 2, "cpu", torch.float32, attention)
-            cache.k.normal_(), cache.v.normal_()
+            [t.normal_() for t in cache.k + cache.v]
             out[attention] = generate(model, prompt, noise, k, cache=cache)
         assert torch.equal(out["sdpa"], out["flex"]), k
     with pytest.raises(ValueError, match="attention must be"):
