@@ -352,6 +352,8 @@ def flex(q, k, v, block_mask):
     global _flex_compiled
     if not q.is_cuda:
         return _flex_reference(q, k, v, block_mask=block_mask)
+    if torch.compiler.is_compiling():   # inside a compiled step (bench.py --compile): fused along with the rest of it
+        return flex_attention(q, k, v, block_mask=block_mask)
     if _flex_compiled is None:
         _flex_compiled = compile_per_shape(flex_attention)
     return _flex_compiled(q, k, v, block_mask=block_mask)

@@ -99,6 +99,20 @@ def test_results_dir_follows_an_own_out_dir():
     assert parse("--out_dir", "exp", "--results_dir", "r").results_dir == "r"
 
 
+@pytest.mark.parametrize("script", [teacher, distill])
+def test_every_preset_is_a_valid_config(script):
+    """Each preset names only real fields, with values a run accepts: the paper preset is never trained here."""
+    cls = teacher.TeacherConfig if script is teacher else distill.DistillConfig
+    for preset in script.PRESETS:
+        cfg = script.parse_config(cls, script.PRESETS, "", ["--preset", preset])[0]
+        assert cfg.out_dir == f"out/{script.__name__}_{preset}" and cfg.results_dir == "results"
+        if script is teacher:
+            mc = teacher.model_config(cfg)
+            assert mc.n_embd % mc.n_head == 0 and cfg.eval_interval <= cfg.max_steps
+        else:
+            assert distill.parse_schedule(cfg) == [1, 2, 4] and cfg.anchors <= cfg.block_size
+
+
 def test_distillation_raises_same_noise_agreement(iid):
     stage1, stage2 = iid["result"]["stages"]
     assert [stage1["k"], stage2["k"]] == [1, 2] and iid["result"]["schedule"] == [1, 2]
