@@ -251,9 +251,9 @@ def run_speed(models, ks, batch_sizes, repeats, device, seed, attention, compile
 
 def run_profile(models, ks, batch_sizes, device, seed, attention, compile, steps=5, top=8):
     """What ONE decode step costs and launches, at each point and k, with the cache half full (a generation's
-    average): the step's time as the speed grid runs it (replayed from a CUDA graph on CUDA), then `steps` eager
-    steps under torch.profiler: the kernels a step launches (on CPU: the operators it calls, views included) and
-    the heaviest by self time. At small batch a decode step is bound by how many kernels it launches, at large
+    average): the step's time as the speed grid runs it (replayed from a CUDA graph on CUDA), then `steps` steps
+    under torch.profiler, not replayed, so that it sees each kernel: the kernels a step launches (on CPU: the
+    operators it calls, views included) and the heaviest by self time. At small batch a decode step is bound by how many kernels it launches, at large
     batch by the bytes they move: this says which, and where. (--compile: the compiled step, fused kernels.)"""
     from torch.profiler import ProfilerActivity, profile
     cuda = device.type == "cuda"
@@ -438,8 +438,8 @@ def print_tables(speed, skipped, quality, profile, device):
     print(f"\ndevice: {device}")
     for r in profile:
         print(f"\n{r['model']}, {r['seq_len']} tokens (cache half full), batch {r['batch_size']}, k = {r['k']}: "
-              f"{r['step_ms']:.3f} ms a step ({r['tokens_per_s']:,.0f} tokens/s); eager, under the profiler: "
-              f"{r['launches_per_step']:.0f} {r['launches']}, {r['busy_ms_per_step']:.3f} ms busy")
+              f"{r['step_ms']:.3f} ms a step ({r['tokens_per_s']:,.0f} tokens/s); not replayed from a graph, under the "
+              f"profiler: {r['launches_per_step']:.0f} {r['launches']}, {r['busy_ms_per_step']:.3f} ms busy")
         for t in r["top"]:
             print(f"  {t['ms_per_step']:8.3f} ms  x{t['per_step']:<4.0f} {t['name'][:100]}")
     if speed:
