@@ -253,8 +253,9 @@ def run_profile(models, ks, batch_sizes, device, seed, attention, compile, steps
     """What ONE decode step costs and launches, at each point and k, with the cache half full (a generation's
     average): the step's time as the speed grid runs it (replayed from a CUDA graph on CUDA), then `steps` steps
     under torch.profiler, not replayed, so that it sees each kernel: the kernels a step launches (on CPU: the
-    operators it calls, views included) and the heaviest by self time. At small batch a decode step is bound by how many kernels it launches, at large
-    batch by the bytes they move: this says which, and where. (--compile: the compiled step, fused kernels.)"""
+    operators it calls, views included) and the heaviest by self time. At small batch a decode step is bound by
+    how many kernels it launches, at large batch by the bytes they move: this says which, and where. (--compile:
+    the compiled step, fused kernels.)"""
     from torch.profiler import ProfilerActivity, profile
     cuda = device.type == "cuda"
     gen = torch.Generator().manual_seed(seed)
