@@ -277,7 +277,8 @@ def test_compiled_flex_matches_sdpa_on_gpu():
     logits = {}
     for attention in ("sdpa", "flex"):
         cache = KVCache(cfg, 3, "cuda", torch.float32, attention)
-        [t.normal_() for t in cache.k + cache.v]
+        for t in cache.k + cache.v:   # garbage in every entry
+            t.normal_()
         out = [student.forward_step(x[:, :300], torch.arange(300, device="cuda"), u[:, 0], cache)]
         for i, s in enumerate(range(300, 420, K)):
             out.append(student.forward_step(x[:, s:s + K], torch.arange(s, s + K, device="cuda"), u[:, i + 1], cache))
