@@ -42,8 +42,8 @@ def run_cli(main):
 # Flags: every field of a config dataclass is a flag (its metadata "help" is the flag's help); --preset
 # picks a named set of defaults, and flags given on the command line override it.
 
-def field(default, help):
-    return dataclasses.field(default=default, metadata={"help": help})
+def field(default, help, choices=None, at_least=None):
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "at_least": at_least})
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -62,12 +62,13 @@ def parse_config(cls, presets, description, argv=None, extra=None):
         per_preset = {name: pre.get(f.name, f.default) for name, pre in presets.items()}
         shown = (f"default: {f.default}" if len(set(map(str, per_preset.values()))) == 1 else
                  "default: " + ", ".join(f"{v} ({name})" for name, v in per_preset.items()))
-        help = f"{f.metadata.get('help', '')} ({shown})"
+        low = f.metadata.get("at_least")
+        help = f"{f.metadata.get('help', '')} ({shown}{'' if low is None else f'; at least {low}'})"
         if f.type in (bool, "bool"):
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=help)
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            p.add_argument(f"--{f.name}", type=typ, default=None, help=help)
+            p.add_argument(f"--{f.name}", type=typ, default=None, help=help, choices=f.metadata.get("choices"))
     if extra:
         extra(p)
     args = p.parse_args(argv)
@@ -76,6 +77,10 @@ def parse_config(cls, presets, description, argv=None, extra=None):
     values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
                    if getattr(args, f.name) is not None})
     cfg = cls(**values)
+    for f in dataclasses.fields(cls):
+        low, value = f.metadata.get("at_least"), getattr(cfg, f.name)
+        if low is not None and value < low:
+            raise UserError(f"--{f.name} must be at least {low}, not {value}")
     cfg.out_dir = cfg.out_dir.format(preset=args.preset)
     if getattr(cfg, "results_dir", None) == "auto":
         # a run with its own --out_dir keeps its summary beside its checkpoints, so that an experiment never

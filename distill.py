@@ -35,26 +35,28 @@ class DistillConfig:
     out_dir: str = field("out/distill_{preset}", "where student_k<K>.pt, last.pt and log.jsonl go")
     results_dir: str = field("auto", "where the final distill_<preset>.json summary is written; auto: results/ "
                              "for the preset's own out_dir, else out_dir (an experiment never replaces the reference)")
-    k: int = field(4, "the final number of tokens per pass")
+    k: int = field(4, "the final number of tokens per pass", at_least=1)
     schedule: str = field("", "stages as a comma list starting at 1, e.g. 1,2,3,4; empty: doubling 1,2,4,.. up to k")
-    steps_per_stage: int = field(1000, "optimizer steps in each stage")
-    batch_size: int = field(32, "sequences per step, summed over all processes")
-    block_size: int = field(256, "context tokens per sequence (at most the teacher's block size)")
+    steps_per_stage: int = field(1000, "optimizer steps in each stage", at_least=0)
+    batch_size: int = field(32, "sequences per step, summed over all processes", at_least=1)
+    block_size: int = field(256, "context tokens per sequence (at most the teacher's block size)", at_least=1)
     anchors: int = field(128, "anchor positions sampled per sequence; each anchors a window of k noise slots "
-                              "(the paper uses every position; fewer is cheaper)")
-    lr: float = field(3e-4, "learning rate (AdamW), constant after warmup")
-    warmup_steps: int = field(50, "linear warmup steps at the start of each stage")
-    weight_decay: float = field(0.0, "AdamW weight decay")
-    grad_clip: float = field(1.0, "clip the global gradient norm to this (0: off)")
-    noise_features: str = field("paper", "noise encoder features: paper (<= 1 cycle over [0,1]) or high (1-256 cycles)")
-    eval_samples: int = field(256, "val prefixes for the same-noise agreement at the end of each stage")
-    eval_tokens: int = field(48, "tokens generated per prefix for that agreement")
-    prompt_len: int = field(6, "prefix length for that agreement (6 as in the paper)")
-    log_interval: int = field(10, "write per-slot loss and accuracy every N steps")
-    ckpt_interval: int = field(250, "write a resumable checkpoint every N steps")
+                              "(the paper uses every position; fewer is cheaper)", at_least=1)
+    lr: float = field(3e-4, "learning rate (AdamW), constant after warmup", at_least=0)
+    warmup_steps: int = field(50, "linear warmup steps at the start of each stage", at_least=0)
+    weight_decay: float = field(0.0, "AdamW weight decay", at_least=0)
+    grad_clip: float = field(1.0, "clip the global gradient norm to this (0: off)", at_least=0)
+    noise_features: str = field("paper", "noise encoder features: paper (<= 1 cycle over [0,1]) or high (1-256 cycles)",
+                                choices=("paper", "high"))
+    eval_samples: int = field(256, "val prefixes for the same-noise agreement at the end of each stage", at_least=1)
+    eval_tokens: int = field(48, "tokens generated per prefix for that agreement", at_least=1)
+    prompt_len: int = field(6, "prefix length for that agreement (6 as in the paper)", at_least=1)
+    log_interval: int = field(10, "write per-slot loss and accuracy every N steps", at_least=1)
+    ckpt_interval: int = field(250, "write a resumable checkpoint every N steps", at_least=1)
     seed: int = field(1337, "seeds the data order, the anchors and the noise")
     device: str = field("auto", "cuda, cpu or auto")
-    dtype: str = field("auto", "float32 or bfloat16 (autocast) for the student; targets are always fp32")
+    dtype: str = field("auto", "float32 or bfloat16 (autocast) for the student; targets are always fp32",
+                       choices=("auto", "float32", "bfloat16"))
     compile: bool = field(True, "torch.compile the student (CUDA only)")
 
 
@@ -78,8 +80,6 @@ def parse_schedule(cfg):
             sched = [int(s) for s in cfg.schedule.split(",")]
         except ValueError:
             raise UserError(f"--schedule {cfg.schedule!r} is not a comma list of integers, e.g. 1,2,4") from None
-    if cfg.k < 1:
-        raise UserError(f"--k must be at least 1, not {cfg.k}")
     if sched[0] != 1 or any(b <= a for a, b in zip(sched, sched[1:])) or sched[-1] != cfg.k:
         raise UserError(f"--schedule {','.join(map(str, sched))} must rise strictly from 1 to --k {cfg.k}")
     return sched
@@ -96,7 +96,7 @@ def rollout_targets(prev, x, anchors, u):
     kp, k = prev.config.max_k, u.size(2)
     out = None
     for s in range(0, k, kp):
-        logits = prev(x, anchors=anchors, noise=u[:, :, s:s + kp], window=out)
+        logits = prev.forward_staircase(x, anchors, u[:, :, s:s + kp], window=out)
         tokens = logits.argmax(-1)
         out = tokens if out is None else torch.cat([out, tokens], dim=2)
     return out
@@ -123,10 +123,13 @@ def main(argv=None):
     teacher = model_from_checkpoint(load_checkpoint(cfg.teacher, kind="teacher"), rt.device).eval()
     if cfg.block_size > teacher.config.block_size:
         raise UserError(f"--block_size {cfg.block_size} exceeds the teacher's block size {teacher.config.block_size}")
+    if cfg.eval_tokens < cfg.k:
+        raise UserError(f"--eval_tokens {cfg.eval_tokens} must be at least --k ({cfg.k}): the agreement decodes whole "
+                        "windows of k tokens")
     if cfg.prompt_len + cfg.eval_tokens > teacher.config.block_size:
         raise UserError("--prompt_len + --eval_tokens exceed the teacher's block size")
-    if not 1 <= cfg.anchors <= cfg.block_size:
-        raise UserError(f"--anchors must be between 1 and --block_size ({cfg.block_size})")
+    if cfg.anchors > cfg.block_size:
+        raise UserError(f"--anchors {cfg.anchors} exceeds --block_size ({cfg.block_size})")
     train, val = load_split(cfg.data_dir, "train"), load_split(cfg.data_dir, "val")
     ensure_writable(cfg.out_dir)
     ensure_writable(cfg.results_dir)
@@ -206,7 +209,7 @@ def main(argv=None):
                 x, anchors, u = (shard(t, rt).to(rt.device) for t in (x, anchors, u))
                 targets = rollout_targets(prev, x, anchors, u)            # fp32 teacher, no autocast
                 with rt.autocast:
-                    logits = model(x, anchors=anchors, noise=u)            # (B, A, k, V)
+                    logits, _ = model(x, anchors=anchors, noise=u)         # (B, A, k, V)
                 per_slot = F.cross_entropy(logits.float().flatten(0, 2), targets.flatten(),
                                            reduction="none").view_as(targets).mean((0, 1))
                 loss = per_slot.mean()

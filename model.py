@@ -250,10 +250,10 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, anchors=None, noise=None, window=None):
         """AR training and scoring: plain causal attention over real tokens; returns (logits, loss).
-        With noise (and anchors), the student's staircase pass instead: see forward_staircase. Both go
-        through forward so that DDP and torch.compile wrap them alike."""
+        With noise (and anchors), the student's staircase pass instead, returning (slot logits, None): see
+        forward_staircase. Both go through forward so that DDP and torch.compile wrap them alike."""
         if noise is not None:
-            return self.forward_staircase(idx, anchors, noise, window)
+            return self.forward_staircase(idx, anchors, noise, window), None
         T = idx.size(1)
         logits = self._logits(self._trunk(self.wte(idx), torch.arange(T, device=idx.device), None),
                               real_vocab=targets is None)
@@ -408,6 +408,11 @@ def generate(model, prompt, noise, k=1, cache_dtype=None, step_fn=None, cache=No
     decode steps from CUDA graphs (keep the object to keep its graphs between calls)."""
     B, P = prompt.shape
     n_new = noise.size(1)
+    max_k = model.config.max_k or 1   # an AR model makes one token per pass
+    if not 1 <= k <= max_k:
+        raise ValueError(f"k = {k}, but this model decodes 1 to {max_k} tokens per pass")
+    if P < 1:
+        raise ValueError("the prompt is empty: decoding starts from at least one token")
     if n_new % k:
         raise ValueError(f"the number of new tokens ({n_new}) must be a multiple of k ({k})")
     if P + n_new > model.config.block_size:
@@ -508,7 +513,7 @@ def window_agreement(student, prompts, ar_tokens, noise, k):
     n = ar_tokens.size(1) // k * k
     seq = torch.cat([prompts, ar_tokens[:, :n]], dim=1)[:, :P + n - k]   # the last window's context ends there
     anchors = (P - 1 + torch.arange(0, n, k, device=seq.device)).expand(B, -1)
-    tokens = student(seq, anchors=anchors, noise=noise[:, :n].reshape(B, -1, k)).argmax(-1)   # (B, n/k, k)
+    tokens = student.forward_staircase(seq, anchors, noise[:, :n].reshape(B, -1, k)).argmax(-1)   # (B, n/k, k)
     return (tokens == ar_tokens[:, :n].reshape(B, -1, k)).float().mean(dim=(0, 1)).tolist()
 
 

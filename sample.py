@@ -65,7 +65,8 @@ def main(argv=None):
     p.add_argument("--teacher", default=None, help="AR teacher checkpoint (overrides --preset)")
     p.add_argument("--student", default=None, help="student checkpoint (overrides --preset)")
     p.add_argument("--teacher_only", action="store_true", help="sample from the teacher alone")
-    p.add_argument("--k", type=int, default=None, help="tokens per student pass (1..the student's max_k; default max_k)")
+    p.add_argument("--k", type=int, default=None,
+                   help="tokens per student pass (1..the student's max_k; default max_k)")
     p.add_argument("--prompt", default=None, help="prompt text; default: prefixes of the val split")
     p.add_argument("--data_dir", default="data/offline", help="where val.bin lives (for the default prefixes)")
     p.add_argument("--prompt_len", type=int, default=6, help="length of the val prefixes (6 as in the paper)")
@@ -77,8 +78,8 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="cuda, cpu or auto")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
-    if args.num_samples < 1 or args.max_new_tokens < 1:
-        raise UserError("--num_samples and --max_new_tokens must be at least 1")
+    if min(args.num_samples, args.max_new_tokens, args.prompt_len) < 1:
+        raise UserError("--num_samples, --max_new_tokens and --prompt_len must be at least 1")
 
     teacher_path, student_path = default_checkpoints(args.preset)
     teacher_path = args.teacher or teacher_path
@@ -99,29 +100,33 @@ def main(argv=None):
     n_new = -(-args.max_new_tokens // k) * k   # whole passes; extra tokens are cut below
     block = teacher.config.block_size
     if prompts.size(1) + n_new > block:
-        raise UserError(f"prompt ({prompts.size(1)} tokens) + --max_new_tokens ({n_new}) exceed the block size "
-                        f"{block}; shorten one of them")
+        rounded = f" (rounded up to {n_new}, whole passes of k = {k})" if n_new != args.max_new_tokens else ""
+        raise UserError(f"prompt ({prompts.size(1)} tokens) + --max_new_tokens {args.max_new_tokens}{rounded} exceed "
+                        f"the block size {block}; shorten one of them")
     noise = torch.rand(args.num_samples, n_new, generator=gen, dtype=torch.float64)
     prompts, noise = prompts.to(device), noise.to(device)
     # one static cache for both models (the same shape; stale entries are masked) and one set of CUDA graphs
     cache, step = KVCache(teacher.config, args.num_samples, device, torch.float32, args.attention), CUDAGraphStep()
     ar_tokens = generate(teacher, prompts, noise, 1, step_fn=step, cache=cache)
+    kf_tokens = generate(student, prompts, noise, k, step_fn=step, cache=cache) if student else None
     ar = ar_tokens[:, :args.max_new_tokens].tolist()
-    kf = generate(student, prompts, noise, k, step_fn=step, cache=cache)[:, :args.max_new_tokens].tolist() \
-        if student else None
+    kf = kf_tokens[:, :args.max_new_tokens].tolist() if student else None
 
     for i in range(args.num_samples):
         print(f"--- sample {i + 1}: {enc.decode(prompts[i].tolist())!r}")
         print(f"AR teacher     | {enc.decode(ar[i])}")
         if kf:
             print(f"K-Forcing k={k}  | {marked(enc, kf[i], ar[i])}")
-    if kf:
-        free = same_noise_agreement(torch.tensor(ar), torch.tensor(kf), k)
-        window = window_agreement(student, prompts, ar_tokens, noise, k)
+    n = args.max_new_tokens // k * k   # agreement over whole windows of the tokens shown: every slot counted alike
+    if kf and n:
+        free = same_noise_agreement(ar_tokens[:, :n], kf_tokens[:, :n], k)
+        window = window_agreement(student, prompts, ar_tokens[:, :n], noise, k)
         per_slot = lambda agree: "   ".join(f"slot {j + 1}: {a:.1%}" for j, a in enumerate(agree))  # noqa: E731
-        print(f"\nsame-noise agreement with the AR teacher over {args.num_samples} x {args.max_new_tokens} tokens:")
+        print(f"\nsame-noise agreement with the AR teacher over {args.num_samples} x {n} tokens:")
         print(f"  free-running ([marked] above):       {per_slot(free)}")
         print(f"  each window on the teacher's tokens: {per_slot(window)}")
+    elif kf:
+        print(f"\n(same-noise agreement per slot needs --max_new_tokens of at least k = {k})")
 
 
 if __name__ == "__main__":

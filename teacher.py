@@ -31,29 +31,30 @@ class TeacherConfig:
     results_dir: str = field("auto", "where the final teacher_<preset>.json summary is written; auto: results/ "
                              "for the preset's own out_dir, else out_dir (an experiment never replaces the reference)")
     # model
-    n_layer: int = field(6, "transformer blocks")
-    n_head: int = field(6, "attention heads")
-    n_embd: int = field(384, "model width")
-    block_size: int = field(256, "training sequence length (and the longest context at inference)")
-    dropout: float = field(0.1, "dropout; our corpus is small enough that ~10 epochs overfit without it")
+    n_layer: int = field(6, "transformer blocks", at_least=1)
+    n_head: int = field(6, "attention heads", at_least=1)
+    n_embd: int = field(384, "model width", at_least=2)
+    block_size: int = field(256, "training sequence length (and the longest context at inference)", at_least=1)
+    dropout: float = field(0.1, "dropout; our corpus is small enough that ~10 epochs overfit without it", at_least=0)
     tie_embeddings: bool = field(True, "share the input embedding and the output head")
     # optimisation
-    batch_size: int = field(64, "sequences per micro-batch, summed over all processes")
-    grad_accum: int = field(1, "micro-batches per optimizer step (global batch = batch_size x grad_accum)")
-    max_steps: int = field(3000, "optimizer steps")
-    lr: float = field(1e-3, "peak learning rate (AdamW)")
-    min_lr: float = field(1e-4, "learning rate at the end of the cosine decay")
-    warmup_steps: int = field(200, "linear warmup steps")
-    weight_decay: float = field(0.1, "AdamW weight decay on matrices (not on norms and biases)")
+    batch_size: int = field(64, "sequences per micro-batch, summed over all processes", at_least=1)
+    grad_accum: int = field(1, "micro-batches per optimizer step (global batch = batch_size x grad_accum)", at_least=1)
+    max_steps: int = field(3000, "optimizer steps", at_least=1)
+    lr: float = field(1e-3, "peak learning rate (AdamW)", at_least=0)
+    min_lr: float = field(1e-4, "learning rate at the end of the cosine decay", at_least=0)
+    warmup_steps: int = field(200, "linear warmup steps", at_least=0)
+    weight_decay: float = field(0.1, "AdamW weight decay on matrices (not on norms and biases)", at_least=0)
     beta1: float = field(0.9, "AdamW beta1")
     beta2: float = field(0.95, "AdamW beta2")
-    grad_clip: float = field(1.0, "clip the global gradient norm to this (0: off)")
+    grad_clip: float = field(1.0, "clip the global gradient norm to this (0: off)", at_least=0)
     # bookkeeping
-    eval_interval: int = field(250, "evaluate val loss and write a checkpoint every N steps")
-    eval_iters: int = field(20, "val batches per evaluation (always the same batches)")
+    eval_interval: int = field(250, "evaluate val loss and write a checkpoint every N steps", at_least=1)
+    eval_iters: int = field(20, "val batches per evaluation (always the same batches)", at_least=1)
     seed: int = field(1337, "seeds the model init and the data order")
     device: str = field("auto", "cuda, cpu or auto")
-    dtype: str = field("auto", "float32 or bfloat16 (autocast); auto: bfloat16 on CUDA, float32 on CPU")
+    dtype: str = field("auto", "float32 or bfloat16 (autocast); auto: bfloat16 on CUDA, float32 on CPU",
+                       choices=("auto", "float32", "bfloat16"))
     compile: bool = field(True, "torch.compile the model (CUDA only)")
 
 
@@ -113,6 +114,11 @@ def main(argv=None):
     cfg, args = parse_config(TeacherConfig, PRESETS, __doc__, argv, extra=lambda p: (
         p.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pt"),
         p.add_argument("--overwrite", action="store_true", help="start afresh even if <out_dir> has a checkpoint")))
+    if cfg.n_embd % (2 * cfg.n_head):
+        raise UserError(f"--n_embd {cfg.n_embd} must be a multiple of 2 x --n_head ({cfg.n_head}): equal heads of "
+                        "an even width (RoPE rotates pairs of features)")
+    if cfg.dropout >= 1:
+        raise UserError(f"--dropout must be below 1, not {cfg.dropout}")
     rt = setup_runtime(cfg.device, cfg.dtype)
     check_batch_split(cfg.batch_size, rt)
     train, val = load_split(cfg.data_dir, "train"), load_split(cfg.data_dir, "val")

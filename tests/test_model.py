@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from model import (GPT, GPTConfig, KVCache, apply_rope, decode_step, generate, inverse_cdf, rope,
+from model import (GPT, GPTConfig, KVCache, apply_rope, decode_step, generate, inverse_cdf, rope, staircase_mask,
                    same_noise_agreement, window_agreement)
 
 V = 50257
@@ -87,7 +87,7 @@ def test_student_cached_step_equals_staircase(student, m):
     anchors = torch.stack([torch.randperm(N)[:A] for _ in range(B)])
     u = torch.rand(B, A, k, dtype=torch.float64)
     window = torch.randint(0, V, (B, A, m)) if m else None
-    stair = student(x, anchors=anchors, noise=u, window=window)
+    stair = student.forward_staircase(x, anchors, u, window=window)
     for b in range(B):
         for a in range(A):
             t = anchors[b, a].item()
@@ -110,24 +110,25 @@ def test_staircase_mask_leaks_nothing(student):
     x = torch.randint(0, V, (B, N))
     anchors = torch.tensor([[3, 10, 11, 20], [0, 5, 17, 23]])
     u = torch.rand(B, A, k, dtype=torch.float64)
-    base = student(x, anchors=anchors, noise=u)
+    base = student.forward_staircase(x, anchors, u)
     # later context tokens: change everything after the smallest anchor of row 0 (t = 3)
     x2 = x.clone()
     x2[0, 4:] = torch.randint(0, V, (N - 4,))
-    out = student(x2, anchors=anchors, noise=u)
+    out = student.forward_staircase(x2, anchors, u)
     torch.testing.assert_close(out[0, 0], base[0, 0], rtol=0, atol=1e-5)
     assert (out[0, 1:] - base[0, 1:]).abs().max() > 1e-3        # the others do see it: the test can fail
     # later slots' noise, and other windows' noise: change u of slots 3.. of window 1 and all of window 2
     u2 = u.clone()
     u2[:, 1, 2:] = torch.rand(B, 2, dtype=torch.float64)
     u2[:, 2] = torch.rand(B, k, dtype=torch.float64)
-    out = student(x, anchors=anchors, noise=u2)
+    out = student.forward_staircase(x, anchors, u2)
     torch.testing.assert_close(out[:, 1, :2], base[:, 1, :2], rtol=0, atol=1e-5)
     torch.testing.assert_close(out[:, [0, 3]], base[:, [0, 3]], rtol=0, atol=1e-5)
     assert (out[:, 1, 2:] - base[:, 1, 2:]).abs().max() > 1e-3
-    # the context rows never see any slot: the AR logits of the student are its plain forward's
-    h_ctx = student.next_token_logits(x, anchors)
-    torch.testing.assert_close(h_ctx, student(x)[0][torch.arange(B)[:, None], anchors], rtol=0, atol=1e-5)
+    # the context rows never see any slot (so a window cannot reach another through the context, as windows 0
+    # and 3 above show), and the forward that DDP wraps returns the same staircase logits
+    assert not staircase_mask(N, anchors, k)[:, :, :N, N:].any()
+    assert torch.equal(student(x, anchors=anchors, noise=u)[0], base)
 
 
 @torch.no_grad()
@@ -135,9 +136,9 @@ def test_first_slots_of_a_k_model_are_a_smaller_k_model(student):
     x = torch.randint(0, V, (2, 20))
     anchors = torch.tensor([[4, 9], [15, 19]])
     u = torch.rand(2, 2, 4, dtype=torch.float64)
-    full = student(x, anchors=anchors, noise=u).argmax(-1)
+    full = student.forward_staircase(x, anchors, u).argmax(-1)
     for kk in (1, 2, 3):
-        assert torch.equal(student(x, anchors=anchors, noise=u[:, :, :kk]).argmax(-1), full[:, :, :kk])
+        assert torch.equal(student.forward_staircase(x, anchors, u[:, :, :kk]).argmax(-1), full[:, :, :kk])
     # and in decoding: the first window of k = 4 starts with the first window of k = 2
     prompt, noise = torch.randint(0, V, (3, 6)), torch.rand(3, 8, dtype=torch.float64)
     g4, g2 = generate(student, prompt, noise, k=4), generate(student, prompt, noise, k=2)
@@ -195,7 +196,7 @@ def test_student_decode_equals_staircase_argmax(student):
     for s in range(0, 12, 4):
         t = 6 + s - 1
         anchors = torch.full((2, 1), t)
-        ref = student(seq[:, :t + 1], anchors=anchors, noise=noise[:, None, s:s + 4]).argmax(-1)[:, 0]
+        ref = student.forward_staircase(seq[:, :t + 1], anchors, noise[:, None, s:s + 4]).argmax(-1)[:, 0]
         assert torch.equal(out[:, s:s + 4], ref)
 
 
@@ -213,12 +214,16 @@ def test_student_copies_every_shared_tensor(teacher):
     assert s2.config.max_k == 4 and dataclasses.asdict(s2.config)["n_embd"] == 32
 
 
-@pytest.mark.parametrize("features", ["paper", "high"])
-def test_noise_features_separate_nearby_noise(features):
-    s = tiny(max_k=1, noise_features=features)
+def test_noise_features_separate_nearby_noise():
+    """Noises 0.01 apart (a likely token's share of the inverse CDF) give distinct slot inputs: a little apart with
+    the paper's frequencies (at most one cycle over [0, 1]), much further with "high" (up to 256 cycles)."""
     u = torch.tensor([0.50, 0.51], dtype=torch.float64)
-    e = s.noise_encoder(u)
-    assert torch.isfinite(e).all() and (e[0] - e[1]).abs().max() > 0
+    gap = {}
+    for features in ("paper", "high"):
+        e = tiny(max_k=1, noise_features=features).noise_encoder(u)
+        assert torch.isfinite(e).all()
+        gap[features] = ((e[0] - e[1]).norm() / e[0].norm()).item()   # about 0.02 and 1.1
+    assert gap["paper"] > 0.005 and gap["high"] > 10 * gap["paper"], gap
     with pytest.raises(ValueError):
         tiny(max_k=1, noise_features="nope")
 
@@ -234,6 +239,20 @@ def test_decode_step_rejects_multi_token_ar(teacher):
     with pytest.raises(AssertionError):
         decode_step(teacher, torch.zeros(1, 3, dtype=torch.long), torch.arange(3),
                     torch.rand(1, 2, dtype=torch.float64), cache)
+
+
+def test_generate_rejects_what_the_model_cannot_decode(teacher, student):
+    prompt = torch.zeros(2, 3, dtype=torch.long)
+    noise = lambda n: torch.rand(2, n, dtype=torch.float64)  # noqa: E731
+    for model, prompt_, noise_, k, match in (
+            (teacher, prompt, noise(8), 2, "decodes 1 to 1 tokens per pass"),
+            (student, prompt, noise(8), 8, "decodes 1 to 4 tokens per pass"),
+            (student, prompt, noise(8), 0, "decodes 1 to 4 tokens per pass"),
+            (student, prompt, noise(8), 3, "must be a multiple of k"),
+            (teacher, prompt, noise(48), 1, "exceed the block size 48"),
+            (student, prompt[:, :0], noise(8), 4, "the prompt is empty")):
+        with pytest.raises(ValueError, match=match):
+            generate(model, prompt_, noise_, k=k)
 
 
 @torch.no_grad()

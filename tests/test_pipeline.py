@@ -54,13 +54,15 @@ def iid(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("iid"))
     rng = np.random.default_rng(0)
     p = [0.25, 0.2, 0.15, 0.12, 0.1, 0.08, 0.06, 0.04]
-    data = write_split(os.path.join(root, "data"), TOKENS[rng.choice(8, 20_000, p=p)], TOKENS[rng.choice(8, 4_000, p=p)])
+    data = write_split(os.path.join(root, "data"), TOKENS[rng.choice(8, 20_000, p=p)],
+                       TOKENS[rng.choice(8, 4_000, p=p)])
     teacher_path, _ = train_teacher(root, data, 60)
     distill.main(["--preset", "tiny", "--teacher", teacher_path, "--data_dir", data, "--results_dir", root,
                   "--out_dir", os.path.join(root, "students"), "--schedule", "1,2", "--k", "2",
                   "--steps_per_stage", "60", "--block_size", "32", "--batch_size", "8", "--anchors", "8",
                   "--lr", "3e-3", "--eval_samples", "64", "--eval_tokens", "8"])
-    return dict(root=root, data=data, teacher=teacher_path, result=json.load(open(os.path.join(root, "distill_tiny.json"))))
+    result = json.load(open(os.path.join(root, "distill_tiny.json")))
+    return dict(root=root, data=data, teacher=teacher_path, result=result)
 
 
 def test_teacher_learns_context(markov):
