@@ -265,9 +265,13 @@ def run_profile(models, ks, batch_sizes, device, seed, attention, compile, steps
         runs, cache, graph_step = point_setup(teacher, student, ks, B, seq_len, device, attention, compile)
         rows = []
         for k, model in runs.items():
+            # a step as generate makes it: k tokens to commit; AR then draws with u, a student adds k noise slots
             tokens = torch.randint(model.config.vocab_size, (B, k), generator=gen).to(device)
-            pos = torch.arange(seq_len // 2, seq_len // 2 + k, device=device)
             u = torch.rand(B, k, generator=gen, dtype=torch.float64).to(device)
+            n_in = k if model.config.max_k == 0 else 2 * k
+            pos = torch.arange(seq_len // 2, seq_len // 2 + n_in, device=device)
+            if model.config.max_k:
+                u = model.noise_encoder(u)   # generate encodes the noise before its loop, outside the step
             for _ in range(3):   # capture and warm up
                 graph_step(model, tokens, pos, u, cache)
             sync(device)

@@ -290,19 +290,18 @@ class GPT(nn.Module):
         h = self._trunk(x, pos, mask)
         return self._logits(h[:, N:].reshape(B, A, W, -1)[:, :, m:])
 
-    def forward_step(self, tokens, pos, noise, cache):
+    def forward_step(self, tokens, pos, slots, cache):
         """One cached decode pass (paper §4): feed the n tokens committed last step (or the prompt, at
-        prefill) at consecutive positions `pos` (n,), followed by k noise slots at the next k positions.
+        prefill), followed by the k noise slots' inputs `slots` (B, k, C) = noise_encoder(u) (None for AR),
+        at the consecutive positions `pos` (n + k,): slot i at the position of the token it produces.
         Returns the logits the readout needs: the last real token's (AR, (B, 1, vocab)) or the k slots'
         ((B, k, vocab)); the LM head, the widest matmul, runs on no other row."""
         n = tokens.size(1)
         x = self.wte(tokens)
-        if noise is not None:
-            k = noise.size(1)
-            x = torch.cat([x, self.noise_encoder(noise).to(x.dtype)], dim=1)
-            pos = torch.cat([pos, pos[-1] + 1 + torch.arange(k, device=pos.device)])
-        h = self._trunk(x, pos, decode_mask(pos[0], pos.numel(), cache), cache=cache)
-        return self._logits(h[:, n:] if noise is not None else h[:, n - 1:])
+        if slots is not None:
+            x = torch.cat([x, slots.to(x.dtype)], dim=1)
+        h = self._trunk(x, pos, decode_mask(pos, cache), cache=cache)
+        return self._logits(h[:, n:] if slots is not None else h[:, n - 1:])
 
 
 def staircase_mask(N, anchors, W):
@@ -323,16 +322,15 @@ def staircase_mask(N, anchors, W):
     return mask.unsqueeze(1)
 
 
-def decode_mask(pos0, T, cache):
-    """Mask of a cached pass whose T queries sit at consecutive positions pos0, pos0 + 1, ..: query i sees
-    the cache entries up to its own position pos0 + i. For [k committed tokens | k noise slots] that is
+def decode_mask(qpos, cache):
+    """Mask of a cached pass whose T queries sit at consecutive positions qpos = pos0, pos0 + 1, ..: query i
+    sees the cache entries up to its own position pos0 + i. For [k committed tokens | k noise slots] that is
     exactly the paper's rule (a real token sees the context up to itself; slot i sees the context up to the
     last real token and slots 1..i), i.e. bottom-right causal over the valid prefix. Built from the position
-    tensor pos0, so stale entries are hidden without slicing the cache (static shapes).
+    tensor, so stale entries are hidden without slicing the cache (static shapes).
     "sdpa": an additive (T, cache.length) mask, 0 or -inf. "flex": a BlockMask whose every query block lists only
     the KV blocks up to its last query's position; the kernel skips the rest of the cache."""
-    dev = cache.device
-    qpos = pos0 + torch.arange(T, device=dev)
+    dev, T, pos0 = cache.device, qpos.numel(), qpos[0]
     if cache.attention == "sdpa":   # additive, once per pass: SDPA would turn a boolean mask into it in every layer
         visible = torch.arange(cache.length, device=dev)[None, :] <= qpos[:, None]
         return torch.full(visible.shape, float("-inf"), dtype=cache.dtype, device=dev).masked_fill_(visible, 0.0)
@@ -386,15 +384,17 @@ def inverse_cdf(logits, u):
 
 
 @torch.no_grad()
-def decode_step(model, tokens, pos, u, cache):
-    """Commit `tokens` at positions `pos` and return the next k = u.size(1) tokens.
-    AR (max_k = 0): k must be 1, x = F^-1(u | ctx) from the last real token's logits.
-    K-Forcing: k noise slots, x_i = argmax of slot i's logits (the push-forward readout)."""
+def decode_step(model, tokens, pos, noise, cache):
+    """Commit `tokens` and return the next k = noise.size(1) tokens; pos: the positions of the pass's inputs.
+    AR (max_k = 0): noise is (B, 1) uniforms u and k must be 1; x = F^-1(u | ctx) from the last real token's
+    logits; pos holds the tokens' positions. K-Forcing: noise is the k noise slots' inputs (B, k, C), the
+    noise encoder's image of u; x_i = argmax of slot i's logits (the push-forward readout); pos holds the tokens'
+    positions, then the slots'."""
     if model.config.max_k == 0:
-        assert u.size(1) == 1, "an AR model decodes one token per pass"
+        assert noise.size(1) == 1, "an AR model decodes one token per pass"
         logits = model.forward_step(tokens, pos, None, cache)
-        return inverse_cdf(logits[:, -1], u[:, 0]).unsqueeze(1)   # (inverse_cdf casts to float64 itself)
-    return model.forward_step(tokens, pos, u, cache).argmax(dim=-1)
+        return inverse_cdf(logits[:, -1], noise[:, 0]).unsqueeze(1)   # (inverse_cdf casts to float64 itself)
+    return model.forward_step(tokens, pos, noise, cache).argmax(dim=-1)
 
 
 @torch.no_grad()
@@ -423,13 +423,20 @@ def generate(model, prompt, noise, k=1, cache_dtype=None, step_fn=None, cache=No
     elif cache.shape[:3] != (model.config.n_layer, B, model.config.n_head) or cache.length < P + n_new:
         raise ValueError(f"the cache {cache.shape} does not fit this model, batch size {B} and length")
     step_fn = step_fn or decode_step
+    step_noise, n_slots = noise, 0   # what a pass takes per new token: AR, the uniform u itself
+    if model.config.max_k > 0:
+        # a student, its noise slot's input. That depends on the noise alone, never on a token: encode the whole
+        # generation's noise here, in a few large calls (chunks bound the memory), not in a dozen tiny kernels a pass
+        step_noise = torch.cat([model.noise_encoder(noise[:, i:i + 256]) for i in range(0, n_new, 256)], dim=1)
+        n_slots = k
     out = torch.empty(B, n_new, dtype=torch.long, device=dev)
     positions = torch.arange(P + n_new, device=dev)   # made once: a pass's positions are a slice of it
-    tokens, pos = prompt, positions[:P]
+    tokens, start = prompt, 0
     for s in range(0, n_new, k):
-        tokens = step_fn(model, tokens, pos, noise[:, s:s + k], cache)
+        # the pass's inputs: the tokens to commit, at start .. P + s - 1, then a student's k slots, at P + s ..
+        tokens = step_fn(model, tokens, positions[start:P + s + n_slots], step_noise[:, s:s + k], cache)
         out[:, s:s + k] = tokens
-        pos = positions[P + s:P + s + k]   # where the tokens just made are committed by the next pass
+        start = P + s   # where the tokens just made are committed by the next pass
     return out
 
 

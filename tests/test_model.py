@@ -94,12 +94,13 @@ def test_student_cached_step_equals_staircase(student, m):
             ctx = x[b:b + 1, :t + 1] if not m else torch.cat([x[b:b + 1, :t + 1], window[b:b + 1, a]], 1)
             cache = KVCache(student.config, 1, "cpu", torch.float32)
             split = max(1, ctx.size(1) // 2)   # commit the context in two passes, as decoding does
+            slots, end = student.noise_encoder(u[b:b + 1, a]), ctx.size(1) + k   # the slots sit after the context
             student.forward_step(ctx[:, :split], torch.arange(split), None, cache)
-            step = student.forward_step(ctx[:, split:], torch.arange(split, ctx.size(1)), u[b:b + 1, a], cache) \
+            step = student.forward_step(ctx[:, split:], torch.arange(split, end), slots, cache) \
                 if ctx.size(1) > split else None
             if step is None:   # a 1-token context: commit it together with the slots
                 cache = KVCache(student.config, 1, "cpu", torch.float32)
-                step = student.forward_step(ctx, torch.arange(ctx.size(1)), u[b:b + 1, a], cache)
+                step = student.forward_step(ctx, torch.arange(end), slots, cache)
             torch.testing.assert_close(step[0], stair[b, a], rtol=0, atol=1e-4)
 
 
@@ -263,8 +264,9 @@ def test_noise_slots_leave_only_real_tokens_in_the_cache(teacher, student, atten
     tokens writes, and only the latest slots sit past it."""
     x = torch.randint(0, V, (1, 14))
     with_slots, without = (KVCache(student.config, 1, "cpu", torch.float32, attention) for _ in range(2))
-    student.forward_step(x[:, :10], torch.arange(10), torch.rand(1, 4, dtype=torch.float64), with_slots)
-    student.forward_step(x[:, 10:], torch.arange(10, 14), torch.rand(1, 4, dtype=torch.float64), with_slots)
+    slots = student.noise_encoder(torch.rand(1, 8, dtype=torch.float64))
+    student.forward_step(x[:, :10], torch.arange(14), slots[:, :4], with_slots)
+    student.forward_step(x[:, 10:], torch.arange(10, 18), slots[:, 4:], with_slots)
     student.forward_step(x, torch.arange(14), None, without)
     (k1, v1), (k0, v0) = ((torch.stack(c.k), torch.stack(c.v)) for c in (with_slots, without))   # (layer, B, H, L, hd)
     torch.testing.assert_close(k1[:, :, :, :14], k0[:, :, :, :14], rtol=0, atol=1e-5)
@@ -301,7 +303,7 @@ def test_flex_block_mask_lists_exactly_the_written_blocks(pos0, T, length):
     from model import FLEX_BLOCK, decode_mask
     cfg = GPTConfig(block_size=length, n_layer=1, n_head=1, n_embd=8)
     cache = KVCache(cfg, 1, "cpu", torch.float32, "flex")
-    bm = decode_mask(torch.tensor(pos0), T, cache)
+    bm = decode_mask(pos0 + torch.arange(T), cache)
     listed = bm.to_dense()[0, 0].bool()                               # (query blocks, KV blocks)
     need = torch.zeros_like(listed)
     for q in range(T):
@@ -309,7 +311,7 @@ def test_flex_block_mask_lists_exactly_the_written_blocks(pos0, T, length):
     assert torch.equal(listed, need)
     q, kv = torch.arange(T)[:, None], torch.arange(length)[None, :]
     assert torch.equal(bm.mask_mod(0, 0, q, kv), kv <= pos0 + q)      # the same rule as the sdpa mask
-    assert torch.equal(decode_mask(torch.tensor(pos0), T, KVCache(cfg, 1, "cpu", torch.float32, "sdpa")),
+    assert torch.equal(decode_mask(pos0 + torch.arange(T), KVCache(cfg, 1, "cpu", torch.float32, "sdpa")),
                        torch.where(kv <= pos0 + q, 0.0, float("-inf")))
 
 
