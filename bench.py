@@ -357,9 +357,9 @@ def quality_tokens(args, teacher, student, judge):
     return args.quality_tokens
 
 
-def run_quality(teacher, student, judge, T, args, device):
+def run_quality(teacher, student, judge, T, val, args, device):
     gen = torch.Generator().manual_seed(args.seed)
-    prompts = sample_windows(load_split(args.data_dir, "val"), args.quality_samples, PROMPT_LEN, gen)[0].to(device)
+    prompts = sample_windows(val, args.quality_samples, PROMPT_LEN, gen)[0].to(device)
     max_k = student.config.max_k
     # ONE noise tensor for everything: sample j of every model and k is decoded from the same u
     noise = torch.rand(args.quality_samples, T + max_k - 1, generator=gen, dtype=torch.float64).to(device)
@@ -492,12 +492,13 @@ def main(argv=None):
     torch.set_float32_matmul_precision("highest")   # float32 quality decoding must not silently use TF32
 
     label = teacher_path = student_path = teacher = student = None
-    max_k = 4   # --no-trained: the paper shape's student gets as many slots as the largest k timed
+    ks = int_list(args.ks, "ks", "2,3,4") if args.ks else None
+    max_k = max([4] + (ks or []))   # --no-trained: the paper shape's student, with 4 slots or the largest k timed
     if args.trained:
         label, teacher_path, student_path = find_checkpoints(args)
         teacher, student = load_models(teacher_path, student_path, device)
         max_k = student.config.max_k
-    ks = int_list(args.ks, "ks", "2,3,4") if args.ks else [k for k in (2, 3, 4) if k <= max_k]
+    ks = ks or [k for k in (2, 3, 4) if k <= max_k]
     for k in ks:
         if not 2 <= k <= max_k:
             raise UserError(f"--ks: k = {k} is not between 2 and the student's max_k ({max_k}) "
@@ -535,6 +536,7 @@ def main(argv=None):
     if args.judge:
         judge = model_from_checkpoint(load_checkpoint(args.judge, kind="teacher"), device).eval()
     T = quality_tokens(args, teacher, student, judge) if do_quality else None
+    val = load_split(args.data_dir, "val") if do_quality else None   # now, not after the speed grid
 
     print(f"bench on {device_name(device)}: "
           + (f"teacher {teacher_path}, student {student_path} (max_k {max_k})" if args.trained else "no trained model")
@@ -544,7 +546,7 @@ def main(argv=None):
         profile, skipped = run_profile(models, ks, batch_sizes, device, args.seed, args.attention, args.compile)
     elif args.speed:
         speed, skipped = run_speed(models, ks, batch_sizes, repeats, device, args.seed, args.attention, args.compile)
-    quality = run_quality(teacher, student, judge, T, args, device) if do_quality else []
+    quality = run_quality(teacher, student, judge, T, val, args, device) if do_quality else []
 
     config = {**vars(args), "batch_sizes": batch_sizes, "seq_lens": seq_lens, "ks": ks, "repeats": repeats,
               "paper_shape": paper_shape, "quality": do_quality, "attention": args.attention if args.speed else None,
@@ -572,6 +574,10 @@ def main(argv=None):
            "speed": speed, "skipped": skipped, "quality": quality, **({"profile": profile} if args.profile else {})}
     stem = os.path.join(args.out_dir, name)
     write_json(stem + ".json", out)
+    for suffix, made in (("_speed.csv", speed), ("_speedup_vs_batch.png", speed), ("_quality.csv", quality),
+                         ("_quality_vs_k.png", quality)):
+        if not made and os.path.exists(stem + suffix):
+            os.remove(stem + suffix)   # an earlier run's under this name: a name's files all come from one run
     if speed:
         write_csv(stem + "_speed.csv", speed, ["model", "seq_len", "batch_size", "k", "new_tokens", "tokens_per_s",
                                                "speedup", "mbu"])

@@ -5,6 +5,7 @@ schedule, checkpoints written atomically, and the resume / Ctrl-C / NaN handling
 """
 import argparse
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -223,13 +224,22 @@ def atomic_write(path, write_fn, binary=True):
         raise
 
 
-def check_run_dir(last_path, resume, overwrite):
-    """Nothing is overwritten by accident: a directory that holds a run needs --resume or --overwrite."""
+RUN_CHECKPOINTS = ("last.pt", "best.pt", "student_k*.pt")   # what teacher.py and distill.py write in their out_dir
+
+
+def check_run_dir(last_path, resume, overwrite, master=True):
+    """Nothing is overwritten by accident: a directory that holds a run needs --resume or --overwrite. --overwrite
+    starts afresh: the old run's checkpoints go first, so that none of them outlives it to be taken for the new
+    run's (an old best.pt, or the student_k4.pt of a longer schedule, which sample.py and bench.py would pick)."""
     out_dir = os.path.dirname(last_path)
     if resume and not os.path.exists(last_path):
         raise UserError(f"--resume: no checkpoint at {last_path}; run without --resume to start")
     if not resume and not overwrite and os.path.exists(last_path):
         raise UserError(f"{out_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    if overwrite and not resume and master:
+        for pattern in RUN_CHECKPOINTS:
+            for path in glob.glob(os.path.join(out_dir, pattern)):
+                os.remove(path)
 
 
 def check_resume_config(saved, cfg, keys):
@@ -333,7 +343,13 @@ class JsonlLog:
         rows = []
         if resume_step is not None and os.path.exists(path):
             with open(path) as f:
-                rows = [r for r in map(json.loads, filter(str.strip, f)) if r.get("step", 0) <= resume_step]
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:   # blank, or torn by a crash in the middle of a write
+                        continue
+                    if row.get("step", 0) <= resume_step:
+                        rows.append(row)
         atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows)), binary=False)
 
     def write(self, **row):

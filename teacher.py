@@ -125,7 +125,7 @@ def main(argv=None):
     ensure_writable(cfg.out_dir)
     ensure_writable(cfg.results_dir)
     last_path, best_path = os.path.join(cfg.out_dir, "last.pt"), os.path.join(cfg.out_dir, "best.pt")
-    check_run_dir(last_path, args.resume, args.overwrite)
+    check_run_dir(last_path, args.resume, args.overwrite, rt.master)
 
     torch.manual_seed(cfg.seed)
     model = GPT(model_config(cfg)).to(rt.device)
@@ -136,16 +136,17 @@ def main(argv=None):
                                   lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   fused=rt.device.type == "cuda")
     gen = torch.Generator().manual_seed(cfg.seed)   # the data order; identical on every rank
-    step, best_val, resumed = 0, math.inf, None
+    step, best_val, resumed, tok_s, mfu = 0, math.inf, None, 0.0, None
     if args.resume:
         ckpt = load_checkpoint(last_path, kind="teacher")
         if ckpt["model_config"] != dataclasses.asdict(model_config(cfg)):
             raise UserError(f"{last_path} was trained with another model shape; resume with the same flags")
         check_resume_config(ckpt["train_config"], cfg, ["batch_size", "grad_accum", "seed", "lr", "min_lr",
-                                                        "warmup_steps", "weight_decay", "beta1", "beta2"])
+                                                        "warmup_steps", "max_steps", "weight_decay", "beta1", "beta2"])
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step, best_val, resumed = ckpt["step"], ckpt["best_val"], ckpt["step"]
+        tok_s, mfu = ckpt.get("tokens_per_s", 0.0), ckpt.get("mfu")   # until this run's own steps measure them
         set_rng_state(ckpt["rng"], gen)
     raw = model
     if cfg.compile and rt.device.type == "cuda":
@@ -158,7 +159,8 @@ def main(argv=None):
             save_checkpoint(path, {"kind": "teacher", "model_config": dataclasses.asdict(raw.config),
                                    "model": raw.state_dict(), "train_config": dataclasses.asdict(cfg),
                                    "optimizer": optimizer.state_dict() if with_optimizer else None,
-                                   "step": step, "best_val": best_val, "rng": rng_state(gen)})
+                                   "step": step, "best_val": best_val, "rng": rng_state(gen),
+                                   "tokens_per_s": tok_s, "mfu": mfu})
 
     log = JsonlLog(os.path.join(cfg.out_dir, "log.jsonl"), resumed, rt.master)
     if rt.master:
@@ -166,7 +168,7 @@ def main(argv=None):
               f"{len(train) / 1e6:.1f}M train tokens" + (f", resuming at step {step}" if resumed else ""))
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.block_size
     flops, peak = flops_per_token(raw.config, cfg.block_size), peak_flops(rt.device)
-    train_time, train_tokens, tok_s, mfu, val_loss = 0.0, 0, 0.0, None, math.nan
+    train_time, train_tokens, val_loss = 0.0, 0, math.nan
     stop = StopFlag()
     bar = tqdm(total=cfg.max_steps, initial=step, desc="teacher", disable=not rt.master, dynamic_ncols=True)
     try:

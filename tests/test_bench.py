@@ -113,6 +113,7 @@ def test_end_to_end_outputs(files):
     (["--student", "missing.pt"], "not found"),
     (["--no-trained"], "--no-trained"),   # with the --teacher and --student it cannot use
     (["--profile", "--quality"], "--profile"),
+    (["--data_dir", "/nonexistent"], "not found"),   # before the speed grid, not after it
 ])
 def test_bad_input_is_one_line(files, args, message):
     r = bench(files, "--batch_sizes", "1", *args)
@@ -123,14 +124,20 @@ def test_bad_input_is_one_line(files, args, message):
 
 
 def test_paper_shape_needs_no_checkpoint(tmp_path):
-    """--no-trained: the speed of the paper's shape alone, with random weights and no trained model."""
-    r = run_bench("--no-trained", "--batch_sizes", "1", "--seq_lens", "10", "--ks", "2", "--dtype", "float32",
+    """--no-trained: the speed of the paper's shape alone, with random weights and no trained model; its student
+    gets as many slots as the largest k asked for. Files of an earlier run under the same name that this run does
+    not write are removed, so that a name's files all come from one run."""
+    (tmp_path / "bench_paper_shape_quality.csv").write_text("from an earlier run")
+    r = run_bench("--no-trained", "--batch_sizes", "1", "--seq_lens", "12", "--ks", "2,5", "--dtype", "float32",
                   "--out_dir", str(tmp_path))
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "bench_paper_shape.json").read_text())
     assert res["quality"] == [] and res["config"]["model_configs"]["trained_teacher"] is None
-    assert [(row["model"], row["k"]) for row in res["speed"]] == [("paper_shape_random", 1), ("paper_shape_random", 2)]
+    assert [(row["model"], row["k"]) for row in res["speed"]] == [("paper_shape_random", k) for k in (1, 2, 5)]
     assert res["config"]["model_configs"]["paper_shape_random"]["n_embd"] == 768
+    assert res["config"]["model_configs"]["paper_shape_random"]["max_k"] == 5
+    assert sorted(os.listdir(tmp_path)) == ["bench_paper_shape.json", "bench_paper_shape_speed.csv",
+                                            "bench_paper_shape_speedup_vs_batch.png"]
 
 
 def test_profile_of_one_decode_step(files):

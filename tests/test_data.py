@@ -99,6 +99,24 @@ def test_unfinished_outputs_are_rebuilt(built, tmp_path):
     assert os.path.getsize(out / "custom" / "val.bin") == 2 * meta["val_tokens"]
 
 
+def test_failed_force_keeps_the_finished_dataset(built, tmp_path):
+    """--force that fails before writing (here: one document is too few) leaves the finished dataset as it was, and
+    a temporary file left by a killed run is cleaned up by the next build."""
+    d, _ = built
+    src = json.loads((d / "meta.json").read_text())["config"]["source_dir"]
+    out = tmp_path / "out"
+    assert run("--source_dir", src, "--out_dir", str(out)).returncode == 0
+    before = {f: (out / "custom" / f).read_bytes() for f in ("train.bin", "val.bin", "meta.json")}
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "only.txt").write_text("a single document")
+    (out / "custom" / "train.bin.tmp424242").write_bytes(b"\0" * 64)   # as a killed run leaves it
+    assert "need at least 2" in one_line_error(run("--source_dir", str(one), "--out_dir", str(out), "--force"))
+    assert {f: (out / "custom" / f).read_bytes() for f in before} == before
+    assert sorted(os.listdir(out / "custom")) == ["meta.json", "train.bin", "val.bin"]
+    assert "already prepared" in run("--source_dir", src, "--out_dir", str(out)).stdout
+
+
 def one_line_error(r):
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
@@ -135,6 +153,8 @@ def test_load_tokens_errors(tmp_path):
 
     assert "not found; run `python prepare_data.py`" in error("train", tmp_path / "missing")
     assert "val.bin not found" in error("val")
+    (tmp_path / "shakespeare").mkdir()   # a dataset under another --out_dir: the hint rebuilds that one
+    assert f"--dataset shakespeare --out_dir {tmp_path} --force" in error("val", tmp_path / "shakespeare")
     (tmp_path / "train.bin").write_bytes(b"")
     assert "empty" in error("train")
     (tmp_path / "train.bin").write_bytes(b"\x01\x00\x02")

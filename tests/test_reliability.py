@@ -199,6 +199,8 @@ def test_teacher_sigkill_resume_matches_uninterrupted(tmp_path, data_dir, teache
     killed_at = load_checkpoint(str(out / "last.pt"), kind="teacher")["step"]
     assert 8 <= killed_at < 16
     assert read_log(out / "log.jsonl")[-1]["step"] > killed_at   # rows past the checkpoint, to be dropped
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 15, "loss": 7.')   # and a row torn by the kill in the middle of a write
     teacher.main(argv + ["--resume"])   # in this process: the resume, not a process start, is under test
     assert f"resuming at step {killed_at}" in capsys.readouterr().out
     assert_same_log(read_log(out / "log.jsonl"), teacher_ref["log"], EXACT)
@@ -216,6 +218,17 @@ def test_distill_sigkill_mid_stage_resume_matches_uninterrupted(tmp_path, data_d
     assert ck["stage"] == 1 and ck["optimizer"] is not None and 10 <= ck["global_step"] < 16
     distill.main(argv + ["--resume"])
     assert_same_log(read_log(out / "log.jsonl"), distill_ref["log"], EXACT)
+
+
+def test_overwrite_leaves_no_checkpoint_of_the_old_run(tmp_path, data_dir, teacher_ref, distill_ref):
+    """--overwrite deletes the old run's checkpoints first: a stage that the new schedule does not reach leaves no
+    student behind for sample.py and bench.py to take for this run's."""
+    out = tmp_path / "out"
+    shutil.copytree(distill_ref["out"], out)   # a finished k = 1 -> 2 run
+    distill.main(distill_args(data_dir, teacher_ref["best"], out, tmp_path) + ["--overwrite", "--k", "1",
+                                                                               "--schedule", "1"])
+    assert sorted(os.listdir(out)) == ["last.pt", "log.jsonl", "student_k1.pt"]
+    assert max(r["stage"] for r in read_log(out / "log.jsonl")) == 0
 
 
 def test_distill_resume_between_stages(tmp_path, data_dir, teacher_ref, distill_ref, capsys):
@@ -541,8 +554,9 @@ def test_bad_input_overwrites_nothing(tmp_path, data_dir, teacher_ref, distill_r
     t = TEACHER_REF + ["--data_dir", data_dir, "--out_dir", teacher_ref["out"], "--results_dir", teacher_ref["res"]]
     d = DISTILL_REF + ["--teacher", teacher_ref["best"], "--data_dir", data_dir, "--out_dir", distill_ref["out"],
                        "--results_dir", distill_ref["res"]]
-    missing, file = str(tmp_path / "nope"), tmp_path / "file.txt"
+    missing, file, other_teacher = str(tmp_path / "nope"), tmp_path / "file.txt", str(tmp_path / "teacher2.pt")
     file.write_text("x")
+    shutil.copy(teacher_ref["best"], other_teacher)   # the same weights under another name: still another --teacher
     for mod, argv, pattern in [
         (teacher, t, r"already holds a run; pass --resume .* or --overwrite"),
         (teacher, t + ["--overwrite", "--data_dir", missing], r"not found"),
@@ -556,6 +570,8 @@ def test_bad_input_overwrites_nothing(tmp_path, data_dir, teacher_ref, distill_r
         (distill, d + ["--overwrite", "--k", "0", "--schedule", ""], r"--k must be at least 1"),
         (distill, d + ["--resume", "--k", "4", "--schedule", "1,2,4"], r"resume with the same one"),
         (distill, d + ["--resume", "--anchors", "3"], r"resumed used --anchors"),
+        (distill, d + ["--resume", "--teacher", other_teacher], r"resumed used --teacher .*; resume with the same"),
+        (teacher, t + ["--resume", "--max_steps", "32"], r"resumed used --max_steps 16"),
     ]:
         assert re.search(pattern, cli(mod, argv, capsys))
     assert snapshot(teacher_ref["out"], teacher_ref["res"], distill_ref["out"], distill_ref["res"]) == before
