@@ -145,21 +145,23 @@ def peak_bandwidth(device):
     return next((bw for key, bw in PEAK_BANDWIDTH if key in name), None)
 
 
-def weight_bytes(model):
-    """Bytes of the weights one pass must read. parameters() counts a tied embedding once; an untied input
-    embedding is only gathered (a few rows), so it does not count."""
-    n = sum(p.numel() * p.element_size() for p in model.parameters())
-    if not model.config.tie_embeddings:
+def weight_bytes(model, part=""):
+    """Bytes of the weights of `part` (a module name prefix) that a pass reads. parameters() counts a tied
+    embedding once; an untied input embedding is only gathered (a few rows), so it does not count."""
+    n = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if name.startswith(part))
+    if not model.config.tie_embeddings and not part:
         n -= model.wte.weight.numel() * model.wte.weight.element_size()
     return n
 
 
 def bytes_moved(model, B, P, n_new, k, cache_elem):
-    """Bytes that must move in a whole generation: per pass all weights once, the KV cache read up to the
-    current length and the K/V of the committed tokens written (activations and logits not counted)."""
+    """Bytes that must move in a whole generation: per pass the trunk's weights once, the KV cache read up to the
+    current length and the K/V of the committed tokens written; the noise encoder's weights once, as
+    model.generate runs it before its loop (activations and logits not counted)."""
     cfg = model.config
     kv_token = 2 * cfg.n_layer * cfg.n_embd * cache_elem   # K and V of one token, all layers
-    weights, total, length = weight_bytes(model), 0, 0
+    encoder = weight_bytes(model, "noise_encoder.")
+    weights, total, length = weight_bytes(model) - encoder, encoder, 0
     for s in range(0, n_new, k):
         written = P if s == 0 else k                       # the prompt at prefill, then the last k tokens
         length += written
@@ -563,6 +565,7 @@ def main(argv=None):
                         "tokens_per_s: new tokens / whole generation (prefill included), median over repeats; "
                         "speedup: median over repeats of K-Forcing tokens/s / AR tokens/s timed back to back",
                         "mbu: (weights + KV cache read up to the current length + KV written) per pass, summed, "
+                        "plus the noise encoder's weights once (it runs before the decode loop), "
                         "/ time / peak HBM bandwidth; None where the peak is unknown (CPU). It counts the bytes a "
                         "pass needs, not what this implementation moves: flex reads the cache up to the last "
                         "written 128-entry block, sdpa the whole static cache (seq_len entries, stale ones masked)",

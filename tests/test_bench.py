@@ -22,7 +22,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from common import save_checkpoint  # noqa: E402
-from bench import sized_to  # noqa: E402
+from bench import bytes_moved, sized_to  # noqa: E402
 from model import GPT, GPTConfig, CUDAGraphStep, KVCache, compile_per_shape, decode_step, generate  # noqa: E402
 
 K = 4
@@ -257,6 +257,21 @@ def test_compiled_step_writes_the_cache_in_place(attention):
     assert max(math.prod(int(d) for d in s.split(",") if d.strip()) for s in shapes) < layer_cache / 8
     written = torch.stack(cache.k).abs().sum((0, 1, 2, 4)).nonzero().flatten()   # cache positions written
     assert written.tolist() == [40, 41, 42, 43]   # the 2 tokens, then the 2 slots
+
+
+def test_bytes_moved_per_pass():
+    """MBU's numerator: every pass reads the trunk's weights (a tied embedding once) and the cache so far and writes
+    the K/V it commits; the noise encoder runs once per generation, before the loop, so a student's passes read no
+    more weights than the teacher's."""
+    teacher, student = tiny_models()
+    weights = sum(p.numel() * 4 for p in teacher.parameters())   # float32, tied embedding counted once
+    encoder = sum(p.numel() * 4 for p in student.noise_encoder.parameters())
+    kv = 2 * 2 * 32 * 2   # K and V, 2 layers, width 32, 2-byte cache entries
+    B, P = 3, 6
+    # k = 4, 8 new tokens: the prefill commits the prompt (cache 6 long after it), the next pass the first 4 tokens
+    want = 2 * weights + encoder + B * kv * ((6 + 6) + (10 + 4))
+    assert bytes_moved(student, B, P, 8, 4, 2) == want
+    assert bytes_moved(teacher, B, P, 2, 1, 2) == 2 * weights + B * kv * ((6 + 6) + (7 + 1))
 
 
 def test_cache_sized_to_the_generation_gives_the_same_tokens():
