@@ -263,6 +263,7 @@ def run_profile(models, ks, batch_sizes, device, seed, attention, compile, steps
     cuda = device.type == "cuda"
     gen = torch.Generator().manual_seed(seed)
 
+    @torch.no_grad()   # the noise encoder below runs outside decode_step, which has its own
     def point(label, teacher, student, seq_len, B):
         runs, cache, graph_step = point_setup(teacher, student, ks, B, seq_len, device, attention, compile)
         rows = []
