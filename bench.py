@@ -11,8 +11,9 @@ Benchmark K-Forcing against AR decoding: speed (tokens/s, speedup, memory-bandwi
 Speed (paper §4): fixed-length generation from 6-token prefixes to a total of --seq_lens tokens, bf16 weights
 and KV cache on both sides, and ONE decode path for both: model.generate with a static KV cache and, on CUDA,
 each decode step replayed from a CUDA graph (model.CUDAGraphStep); --attention picks how a cached pass
-attends (model.KVCache), the same for both sides. AR is the teacher (k = 1, one token per
-pass); K-Forcing is the student with k tokens per pass (a k=4 student decodes k = 2, 3 with its first slots).
+attends (model.KVCache), the same for both sides. AR is the teacher (k = 1, one token per pass, sampled by
+the inverse CDF, summed in float32 for bf16 weights as a server would: model.inverse_cdf); K-Forcing is the
+student with k tokens per pass (its argmax readout; a k=4 student decodes k = 2, 3 with its first slots).
 tokens/s counts new tokens over the whole generation (prefill included); warm-up and graph capture are not
 timed; AR and every k are timed back to back in each repeat and the medians over --repeats are reported.
 Two models: the paper's shape (12 x 768, 12 heads, block 1024) with RANDOM weights (speed does not depend
@@ -44,7 +45,8 @@ from tqdm import tqdm
 from common import (ArgumentParser, UserError, atomic_write, device_name, ensure_writable, resolve_device,
                     load_checkpoint, load_split, model_from_checkpoint, out_of_memory, run_cli, sample_windows,
                     write_json)
-from model import GPT, GPTConfig, CUDAGraphStep, KVCache, generate, same_noise_agreement, window_agreement
+from model import (GPT, GPTConfig, NOISE_CHUNK, CUDAGraphStep, KVCache, generate, same_noise_agreement,
+                   window_agreement)
 from sample import default_checkpoints, load_models
 
 PROMPT_LEN = 6   # the paper's 6-token prefixes
@@ -104,8 +106,9 @@ def parse_args(argv=None):
                    help="seeds the prefixes, the noise and the random paper-shape weights (default: 0)")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (default: auto: cuda if available)")
     p.add_argument("--name", default=None,
-                   help="output file stem (default: bench_<preset>, bench_trained with --teacher/--student, "
-                        "bench_paper_shape with --no-trained)")
+                   help="output file stem; a rerun under a name replaces all of that name's files (default: "
+                        "bench_<preset>, bench_trained with --teacher/--student, bench_paper_shape with --no-trained; "
+                        "then _speed with --no-quality, _quality with --no-speed, _profile with --profile)")
     p.add_argument("--out_dir", default="results", help="where the JSON, CSVs and plots go (default: results)")
     return p.parse_args(argv)
 
@@ -156,12 +159,12 @@ def weight_bytes(model, part=""):
 
 def bytes_moved(model, B, P, n_new, k, cache_elem):
     """Bytes that must move in a whole generation: per pass the trunk's weights once, the KV cache read up to the
-    current length and the K/V of the committed tokens written; the noise encoder's weights once, as
-    model.generate runs it before its loop (activations and logits not counted)."""
+    current length and the K/V of the committed tokens written; the noise encoder's weights once per call, as
+    model.generate runs it before its loop, NOISE_CHUNK positions a call (activations and logits not counted)."""
     cfg = model.config
     kv_token = 2 * cfg.n_layer * cfg.n_embd * cache_elem   # K and V of one token, all layers
     encoder = weight_bytes(model, "noise_encoder.")
-    weights, total, length = weight_bytes(model) - encoder, encoder, 0
+    weights, total, length = weight_bytes(model) - encoder, encoder * -(-n_new // NOISE_CHUNK), 0
     for s in range(0, n_new, k):
         written = P if s == 0 else k                       # the prompt at prefill, then the last k tokens
         length += written
@@ -272,7 +275,8 @@ def run_profile(models, ks, batch_sizes, device, seed, attention, compile, steps
             tokens = torch.randint(model.config.vocab_size, (B, k), generator=gen).to(device)
             u = torch.rand(B, k, generator=gen, dtype=torch.float64).to(device)
             n_in = k if model.config.max_k == 0 else 2 * k
-            pos = torch.arange(seq_len // 2, seq_len // 2 + n_in, device=device)
+            start = min(seq_len // 2, seq_len - n_in)   # (a short cache: the pass must still fit in it)
+            pos = torch.arange(start, start + n_in, device=device)
             if model.config.max_k:
                 u = model.noise_encoder(u)   # generate encodes the noise before its loop, outside the step
             for _ in range(3):   # capture and warm up
@@ -506,7 +510,10 @@ def main(argv=None):
         if not 2 <= k <= max_k:
             raise UserError(f"--ks: k = {k} is not between 2 and the student's max_k ({max_k}) "
                             "(AR, k = 1, is always measured)")
-    name = args.name or (f"bench_{label}" if args.trained else "bench_paper_shape") + ("_profile" * args.profile)
+    # a partial run gets a name of its own: it never replaces (or deletes the files of) a whole run's results
+    part = ("_profile" if args.profile else "_quality" if not args.speed else
+            "_speed" if args.trained and not do_quality else "")
+    name = args.name or (f"bench_{label}" if args.trained else "bench_paper_shape") + part
     ensure_writable(args.out_dir)
 
     # The models to time: (label, AR teacher, student, the seq_lens that fit), weights cast to --dtype
@@ -552,6 +559,7 @@ def main(argv=None):
     quality = run_quality(teacher, student, judge, T, val, args, device) if do_quality else []
 
     config = {**vars(args), "batch_sizes": batch_sizes, "seq_lens": seq_lens, "ks": ks, "repeats": repeats,
+              "seq_lens_timed": {m: fit for m, _, _, fit in models},   # those of seq_lens that fit each model
               "paper_shape": paper_shape, "quality": do_quality, "attention": args.attention if args.speed else None,
               "quality_tokens": T, "device": str(device), "model_label": label,
               "teacher": teacher_path, "student": student_path,
@@ -566,7 +574,8 @@ def main(argv=None):
                         "tokens_per_s: new tokens / whole generation (prefill included), median over repeats; "
                         "speedup: median over repeats of K-Forcing tokens/s / AR tokens/s timed back to back",
                         "mbu: (weights + KV cache read up to the current length + KV written) per pass, summed, "
-                        "plus the noise encoder's weights once (it runs before the decode loop), "
+                        f"plus the noise encoder's weights once per {NOISE_CHUNK} positions (generate encodes "
+                        "the noise in calls of that many before its loop), "
                         "/ time / peak HBM bandwidth; None where the peak is unknown (CPU). It counts the bytes a "
                         "pass needs, not what this implementation moves: flex reads the cache up to the last "
                         "written 128-entry block, sdpa the whole static cache (seq_len entries, stale ones masked)",

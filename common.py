@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import tempfile
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from types import SimpleNamespace
 
 import numpy as np
@@ -42,6 +42,11 @@ def run_cli(main):
 # ----------------------------------------------------------------------------------------------------
 # Flags: every field of a config dataclass is a flag (its metadata "help" is the flag's help); --preset
 # picks a named set of defaults, and flags given on the command line override it.
+
+# The flags that say where a run executes and writes and how often it reports, never what it computes: a resume may
+# change them, and a run of a preset that changes only them still writes that preset's reference summary
+BOOKKEEPING = ("out_dir", "results_dir", "device", "compile", "eval_interval", "log_interval", "ckpt_interval")
+
 
 def field(default, help, choices=None, at_least=None):
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "at_least": at_least})
@@ -74,7 +79,7 @@ def parse_config(cls, presets, description, argv=None, extra=None):
         extra(p)
     args = p.parse_args(argv)
     values = {k: v for k, v in presets[args.preset].items() if not k.startswith("_")}
-    preset_out_dir = cls(**values).out_dir.format(preset=args.preset)   # before --out_dir
+    reference = cls(**values)   # the preset as it stands, before the command line
     values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
                    if getattr(args, f.name) is not None})
     cfg = cls(**values)
@@ -84,10 +89,12 @@ def parse_config(cls, presets, description, argv=None, extra=None):
             raise UserError(f"--{f.name} must be at least {low}, not {value}")
     cfg.out_dir = cfg.out_dir.format(preset=args.preset)
     if getattr(cfg, "results_dir", None) == "auto":
-        # a run with its own --out_dir keeps its summary beside its checkpoints, so that an experiment never
-        # replaces the preset's reference summary in results/
-        own = os.path.normpath(cfg.out_dir) != os.path.normpath(preset_out_dir)
-        cfg.results_dir = cfg.out_dir if own else "results"
+        # results/ holds each preset's reference summary, which only the preset as it stands writes: a run with its own
+        # --out_dir, or with a flag that changes what it computes, keeps its summary beside its checkpoints
+        norm = lambda v: os.path.normpath(v.replace("{preset}", args.preset)) if isinstance(v, str) else v  # noqa
+        experiment = [f.name for f in dataclasses.fields(cls) if (f.name == "out_dir" or f.name not in BOOKKEEPING)
+                      and norm(getattr(cfg, f.name)) != norm(getattr(reference, f.name))]
+        cfg.results_dir = cfg.out_dir if experiment else "results"
     return cfg, args
 
 
@@ -100,9 +107,13 @@ def resolve_device(name):
     try:
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device; use cuda, cpu or auto") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):   # (the code paths here are CUDA's and the CPU's)
+        raise UserError(f"--device {name!r} is not supported; use cuda, cuda:N, cpu or auto")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda, but no CUDA device is available; use --device cpu")
+        raise UserError(f"--device {name}, but no CUDA device is available; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}, but there are {torch.cuda.device_count()} CUDA devices")
     if device.type == "cpu":
         keep_freed_memory()
     return device
@@ -164,6 +175,17 @@ def out_of_memory(e):
     return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e)
 
 
+@contextmanager
+def fits_in_memory(hint):
+    """Running out of memory inside the block ends in one line: `hint`, what did not fit and what to lower."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as e:
+        if out_of_memory(e):
+            raise UserError(hint) from None
+        raise
+
+
 # ----------------------------------------------------------------------------------------------------
 # Data
 
@@ -175,11 +197,15 @@ def load_split(data_dir, split):
         raise UserError(str(e)) from None
 
 
-def sample_windows(data, n, T, gen):
-    """n random windows of T + 1 tokens: (inputs, next-token targets), both (n, T) int64."""
-    if len(data) <= T + 1:
-        raise UserError(f"the {len(data)}-token split is shorter than one block ({T + 1}); lower --block_size")
-    ix = torch.randint(len(data) - T - 1, (n,), generator=gen).numpy()
+def check_split_length(data, T, flag="--block_size"):
+    if len(data) < T + 1:
+        raise UserError(f"the {len(data)}-token split is shorter than one window of {T + 1} tokens; lower {flag}")
+
+
+def sample_windows(data, n, T, gen, flag="--block_size"):
+    """n random windows of T + 1 tokens: (inputs, next-token targets), both (n, T) int64. flag: what sets T."""
+    check_split_length(data, T, flag)
+    ix = torch.randint(len(data) - T, (n,), generator=gen).numpy()   # starts 0 .. len - T - 1: every window
     w = torch.from_numpy(data[ix[:, None] + np.arange(T + 1)].astype(np.int64))
     return w[:, :-1], w[:, 1:]
 
@@ -227,24 +253,29 @@ def atomic_write(path, write_fn, binary=True):
 RUN_CHECKPOINTS = ("last.pt", "best.pt", "student_k*.pt")   # what teacher.py and distill.py write in their out_dir
 
 
-def check_run_dir(last_path, resume, overwrite, master=True):
-    """Nothing is overwritten by accident: a directory that holds a run needs --resume or --overwrite. --overwrite
-    starts afresh: the old run's checkpoints go first, so that none of them outlives it to be taken for the new
-    run's (an old best.pt, or the student_k4.pt of a longer schedule, which sample.py and bench.py would pick)."""
-    out_dir = os.path.dirname(last_path)
+def check_run_dir(last_path, resume, overwrite):
+    """Nothing is overwritten by accident: a directory that holds a run needs --resume or --overwrite."""
     if resume and not os.path.exists(last_path):
         raise UserError(f"--resume: no checkpoint at {last_path}; run without --resume to start")
     if not resume and not overwrite and os.path.exists(last_path):
-        raise UserError(f"{out_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
-    if overwrite and not resume and master:
+        raise UserError(f"{os.path.dirname(last_path)} already holds a run; pass --resume to continue it or "
+                        "--overwrite to replace it")
+
+
+def clear_run_dir(out_dir, rt):
+    """--overwrite starts afresh: the old run's checkpoints go, so that none of them outlives it to be taken for the
+    new run's (an old best.pt, or the student_k4.pt of a longer schedule, which sample.py and bench.py would pick).
+    Called once the new run has passed every check of its inputs: a mistake must not cost the old run."""
+    if rt.master:
         for pattern in RUN_CHECKPOINTS:
             for path in glob.glob(os.path.join(out_dir, pattern)):
                 os.remove(path)
 
 
-def check_resume_config(saved, cfg, keys):
-    """A resume continues the same run: the flags that shape the data order and the optimisation must match."""
-    diff = [k for k in keys if saved.get(k) != getattr(cfg, k)]
+def check_resume_config(saved, cfg):
+    """A resume continues the same run: every flag but the BOOKKEEPING ones must be what the run started with."""
+    diff = [f.name for f in dataclasses.fields(cfg)
+            if f.name not in BOOKKEEPING and saved.get(f.name) != getattr(cfg, f.name)]
     if diff:
         was = ", ".join(f"--{k} {saved.get(k)}" for k in diff)
         raise UserError(f"the run being resumed used {was}; resume with the same flags or start a new --out_dir")

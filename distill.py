@@ -22,9 +22,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import (JsonlLog, StopFlag, UserError, all_mean, check_batch_split, check_finite, check_resume_config,
-                    check_run_dir, device_name, ensure_writable, field, load_checkpoint, load_split,
-                    model_from_checkpoint, out_of_memory, parse_config, rng_state, run_cli, sample_windows,
-                    save_checkpoint, set_rng_state, setup_runtime, shard, write_json)
+                    check_run_dir, check_split_length, clear_run_dir, device_name, ensure_writable, field,
+                    fits_in_memory, load_checkpoint, load_split, model_from_checkpoint, out_of_memory, parse_config,
+                    rng_state, run_cli, sample_windows, save_checkpoint, set_rng_state, setup_runtime, shard,
+                    write_json)
 from model import GPT, generate, inverse_cdf, same_noise_agreement, window_agreement
 
 
@@ -34,7 +35,8 @@ class DistillConfig:
     data_dir: str = field("data/offline", "directory with train.bin / val.bin from prepare_data.py")
     out_dir: str = field("out/distill_{preset}", "where student_k<K>.pt, last.pt and log.jsonl go")
     results_dir: str = field("auto", "where the final distill_<preset>.json summary is written; auto: results/ "
-                             "for the preset's own out_dir, else out_dir (an experiment never replaces the reference)")
+                             "for a run of the preset as it stands (--device, --compile and how often it reports "
+                             "aside), else out_dir: an experiment never replaces the reference")
     k: int = field(4, "the final number of tokens per pass", at_least=1)
     schedule: str = field("", "stages as a comma list starting at 1, e.g. 1,2,3,4; empty: doubling 1,2,4,.. up to k")
     steps_per_stage: int = field(1000, "optimizer steps in each stage", at_least=0)
@@ -64,9 +66,9 @@ PRESETS = {
     "tiny": dict(_about="CPU demo and tests, ~1 min", steps_per_stage=150, batch_size=8, block_size=64,
                  anchors=16, lr=1e-3, warmup_steps=10, eval_samples=64, eval_tokens=24, ckpt_interval=50),
     "small": dict(_about="one GPU, ~5-10 min, for the small teacher"),
-    "paper": dict(_about="the paper's K=4 stage: lr 1e-4 constant, batch 512 over all anchors",
+    "paper": dict(_about="the paper's K=4 stage: lr 1e-4 constant, fp32, batch 512 over all anchors",
                   steps_per_stage=20_000, batch_size=512, block_size=128, anchors=128, lr=1e-4, warmup_steps=0,
-                  ckpt_interval=1000),
+                  dtype="float32", ckpt_interval=1000),
 }
 
 
@@ -120,7 +122,11 @@ def main(argv=None):
     cfg.teacher = cfg.teacher.format(preset=args.preset)
     rt = setup_runtime(cfg.device, cfg.dtype, tf32=False)   # fp32 targets: no TF32 rounding
     check_batch_split(cfg.batch_size, rt)
-    teacher = model_from_checkpoint(load_checkpoint(cfg.teacher, kind="teacher"), rt.device).eval()
+    teacher_ckpt = load_checkpoint(cfg.teacher, kind="teacher")
+    teacher = model_from_checkpoint(teacher_ckpt, rt.device).eval()
+    # which training of the teacher (a retrained teacher at the same path must not feed a resumed run's targets)
+    teacher_id = {key: teacher_ckpt.get(key) for key in ("step", "best_val")}
+    del teacher_ckpt
     if cfg.block_size > teacher.config.block_size:
         raise UserError(f"--block_size {cfg.block_size} exceeds the teacher's block size {teacher.config.block_size}")
     if cfg.eval_tokens < cfg.k:
@@ -131,17 +137,20 @@ def main(argv=None):
     if cfg.anchors > cfg.block_size:
         raise UserError(f"--anchors {cfg.anchors} exceeds --block_size ({cfg.block_size})")
     train, val = load_split(cfg.data_dir, "train"), load_split(cfg.data_dir, "val")
+    check_split_length(train, cfg.block_size)
     ensure_writable(cfg.out_dir)
     ensure_writable(cfg.results_dir)
     last_path = os.path.join(cfg.out_dir, "last.pt")
     stage_path = lambda k: os.path.join(cfg.out_dir, f"student_k{k}.pt")
-    check_run_dir(last_path, args.resume, args.overwrite, rt.master)
+    check_run_dir(last_path, args.resume, args.overwrite)
 
     # The agreement benchmark: fixed val prefixes and noise, and the AR teacher's samples on them, drawn once.
     g = torch.Generator().manual_seed(0)
-    prompts = sample_windows(val, cfg.eval_samples, cfg.prompt_len, g)[0].to(rt.device)
-    eval_noise = torch.rand(cfg.eval_samples, cfg.eval_tokens, generator=g, dtype=torch.float64).to(rt.device)
-    ar_tokens = generate(teacher, prompts, eval_noise, k=1)
+    with fits_in_memory(f"the agreement's {cfg.eval_samples} samples do not fit in memory on {rt.device}; "
+                        "lower --eval_samples"):
+        prompts = sample_windows(val, cfg.eval_samples, cfg.prompt_len, g, "--prompt_len")[0].to(rt.device)
+        eval_noise = torch.rand(cfg.eval_samples, cfg.eval_tokens, generator=g, dtype=torch.float64).to(rt.device)
+        ar_tokens = generate(teacher, prompts, eval_noise, k=1)
 
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)   # the first stage's new noise encoder; torch's own default seed varies per process
@@ -149,9 +158,13 @@ def main(argv=None):
     if state is not None:
         if state["schedule"] != schedule:
             raise UserError(f"{last_path} was made with --schedule {state['schedule']}; resume with the same one")
-        check_resume_config(state["train_config"], cfg, ["teacher", "batch_size", "block_size", "anchors", "lr",
-                                                         "warmup_steps", "noise_features", "seed"])
+        check_resume_config(state["train_config"], cfg)
+        if state.get("teacher_id") != teacher_id:
+            raise UserError(f"{cfg.teacher} is not the teacher this run started from (it was trained again since); "
+                            "start a new --out_dir, or --overwrite this one")
         set_rng_state(state["rng"], gen)
+    if args.overwrite and not args.resume:
+        clear_run_dir(cfg.out_dir, rt)
     log = JsonlLog(os.path.join(cfg.out_dir, "log.jsonl"), state and state["global_step"], rt.master)
     results = state["results"] if state else []
     global_step = state["global_step"] if state else 0
@@ -189,7 +202,7 @@ def main(argv=None):
                         "model": student.state_dict(), "train_config": dataclasses.asdict(cfg),
                         "schedule": schedule, "stage": si + final, "step": step, "global_step": global_step,
                         "optimizer": None if final else optimizer.state_dict(), "rng": rng_state(gen),
-                        "agreement_init": agree_init, "results": results})
+                        "agreement_init": agree_init, "results": results, "teacher_id": teacher_id})
 
             if rt.master:
                 print(f"stage {si + 1}/{len(schedule)}: k = {k}, targets from "
@@ -269,7 +282,8 @@ def main(argv=None):
         stop.restore()
 
     if rt.master:
-        write_json(os.path.join(cfg.results_dir, f"distill_{args.preset}.json"), {
+        summary = os.path.join(cfg.results_dir, f"distill_{args.preset}.json")
+        write_json(summary, {
             "device": device_name(rt.device), "world_size": rt.world, "torch": torch.__version__,
             "config": dataclasses.asdict(cfg), "teacher_config": dataclasses.asdict(teacher.config),
             "schedule": schedule, "stages": results})
@@ -280,6 +294,7 @@ def main(argv=None):
             print("  k  " + "".join(f"  slot {i + 1}" for i in range(schedule[-1])))
             for r in results:
                 print(f"  {r['k']}  " + "".join(f"  {a:6.1%}" for a in r[key]))
+        print(f"\nstudents {stage_path('*')}, summary {summary}")
 
 
 def fmt(agree):

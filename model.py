@@ -375,12 +375,17 @@ def compile_per_shape(fn):
 # Sampling as a deterministic function of noise, and the one decode loop.
 
 def inverse_cdf(logits, u):
-    """x = F^-1(u | ctx): the smallest token id whose cumulative probability reaches u. Float64 softmax and
-    cumulative sum in token-id order, so the same (logits, u) always give the same token."""
-    probs = torch.softmax(logits.double(), dim=-1)
-    cdf = torch.cumsum(probs, dim=-1)
-    tok = torch.searchsorted(cdf, u.double().unsqueeze(-1).contiguous(), right=False).squeeze(-1)
-    return tok.clamp_(max=logits.size(-1) - 1)   # u above the float64 total (rounding) -> last token
+    """x = F^-1(u | ctx): the smallest token id whose cumulative probability exceeds u, by a softmax and a
+    cumulative sum in token-id order (u in [0, 1), as torch.rand draws it: even u = 0 gives a token with mass).
+    Float32 logits (teacher targets, quality, same-noise agreement) are summed in float64, so that the same
+    (logits, u) give the same token wherever they are computed. bf16 logits (the bf16 models that bench.py times)
+    in float32, as a server samples: they carry bf16's three digits anyway, and a float64 softmax and cumsum over
+    the vocabulary would add to every AR step bytes that the push-forward readout (an argmax) never moves, i.e.
+    a slower baseline."""
+    dtype = torch.float64 if logits.dtype in (torch.float32, torch.float64) else torch.float32
+    cdf = torch.cumsum(torch.softmax(logits, dim=-1, dtype=dtype), dim=-1)
+    tok = torch.searchsorted(cdf, u.to(dtype).unsqueeze(-1).contiguous(), right=True).squeeze(-1)
+    return tok.clamp_(max=logits.size(-1) - 1)   # u above the total (rounding) -> last token
 
 
 @torch.no_grad()
@@ -393,8 +398,11 @@ def decode_step(model, tokens, pos, noise, cache):
     if model.config.max_k == 0:
         assert noise.size(1) == 1, "an AR model decodes one token per pass"
         logits = model.forward_step(tokens, pos, None, cache)
-        return inverse_cdf(logits[:, -1], noise[:, 0]).unsqueeze(1)   # (inverse_cdf casts to float64 itself)
+        return inverse_cdf(logits[:, -1], noise[:, 0]).unsqueeze(1)
     return model.forward_step(tokens, pos, noise, cache).argmax(dim=-1)
+
+
+NOISE_CHUNK = 256   # noise positions per noise-encoder call in generate: bounds the memory of its activations
 
 
 @torch.no_grad()
@@ -405,7 +413,7 @@ def generate(model, prompt, noise, k=1, cache_dtype=None, step_fn=None, cache=No
     produces k more; the prompt is committed by the first pass (prefill). Returns (B, n_new) tokens.
     cache: a KVCache to reuse (its stale entries are hidden by the mask, so it needs no clearing; reusing
     one keeps CUDA graphs valid across calls). step_fn: decode_step, or a CUDAGraphStep() to replay the
-    decode steps from CUDA graphs (keep the object to keep its graphs between calls)."""
+    decode steps from CUDA graphs, which needs a cache (keep both to keep the graphs between calls)."""
     B, P = prompt.shape
     n_new = noise.size(1)
     max_k = model.config.max_k or 1   # an AR model makes one token per pass
@@ -417,7 +425,12 @@ def generate(model, prompt, noise, k=1, cache_dtype=None, step_fn=None, cache=No
         raise ValueError(f"the number of new tokens ({n_new}) must be a multiple of k ({k})")
     if P + n_new > model.config.block_size:
         raise ValueError(f"prompt ({P}) + new tokens ({n_new}) exceed the block size {model.config.block_size}")
+    if isinstance(step_fn, CUDAGraphStep) and cache is None:
+        raise ValueError("pass cache= with a CUDAGraphStep: its graphs are recorded on one cache, and a new cache "
+                         "per call would record (and keep) new graphs every call")
     dev = prompt.device
+    if n_new == 0:
+        return torch.empty(B, 0, dtype=torch.long, device=dev)
     if cache is None:
         cache = KVCache(model.config, B, dev, cache_dtype or next(model.parameters()).dtype)
     elif cache.shape[:3] != (model.config.n_layer, B, model.config.n_head) or cache.length < P + n_new:
@@ -427,7 +440,8 @@ def generate(model, prompt, noise, k=1, cache_dtype=None, step_fn=None, cache=No
     if model.config.max_k > 0:
         # a student, its noise slot's input. That depends on the noise alone, never on a token: encode the whole
         # generation's noise here, in a few large calls (chunks bound the memory), not in a dozen tiny kernels a pass
-        step_noise = torch.cat([model.noise_encoder(noise[:, i:i + 256]) for i in range(0, n_new, 256)], dim=1)
+        step_noise = torch.cat([model.noise_encoder(noise[:, i:i + NOISE_CHUNK])
+                                for i in range(0, n_new, NOISE_CHUNK)], dim=1)
         n_slots = k
     out = torch.empty(B, n_new, dtype=torch.long, device=dev)
     positions = torch.arange(P + n_new, device=dev)   # made once: a pass's positions are a slice of it
@@ -527,14 +541,16 @@ def window_agreement(student, prompts, ar_tokens, noise, k):
 # ----------------------------------------------------------------------------------------------------
 # Model FLOPs utilisation, against the device's peak dense bf16 rate.
 
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+# Matched in order against torch.cuda.get_device_name: a longer name before the one it contains (L40S, L40, L4).
+PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("A10", 125e12),
+              ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("4090", 165e12)]
 
 
 def peak_flops(device):
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((v for key, v in PEAK_FLOPS.items() if key in name), None)
+    return next((v for key, v in PEAK_FLOPS if key in name), None)
 
 
 def flops_per_token(cfg, seq_len):

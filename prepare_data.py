@@ -121,6 +121,9 @@ class DataError(Exception):
     """A prepared dataset is missing or damaged. The message is one line saying what to do."""
 
 
+UNFINISHED = ".unfinished"   # present while a build replaces the bins: a kill may leave new train beside old val
+
+
 def load_tokens(data_dir, split):
     """<data_dir>/<split>.bin as a read-only uint16 memmap, after cheap sanity checks."""
     name, parent = os.path.basename(os.path.normpath(data_dir)), os.path.dirname(os.path.normpath(data_dir))
@@ -130,6 +133,8 @@ def load_tokens(data_dir, split):
             "python prepare_data.py --force")
     if not os.path.isdir(data_dir):
         raise DataError(f"data directory {data_dir} not found; run `python prepare_data.py` first")
+    if os.path.exists(os.path.join(data_dir, UNFINISHED)):   # train and val may come from two builds
+        raise DataError(f"{data_dir} was left half-built by an interrupted prepare_data.py; rebuild it with `{redo}`")
     path = os.path.join(data_dir, f"{split}.bin")
     if not os.path.isfile(path):
         raise DataError(f"{path} not found; rebuild the dataset with `{redo}`")
@@ -167,9 +172,11 @@ class TokenFile:
         self.f.flush()
         os.fsync(self.f.fileno())  # on disk before the rename, or a crash could leave a short file
         self.f.close()
-        meta = os.path.join(os.path.dirname(self.path), "meta.json")
-        if os.path.exists(meta):
-            os.remove(meta)  # a bin is about to change: the old dataset is unfinished until the new meta.json
+        out = os.path.dirname(self.path)
+        # a bin is about to change: the dataset is unfinished (load_tokens refuses it) until the new meta.json
+        open(os.path.join(out, UNFINISHED), "w").close()
+        if os.path.exists(os.path.join(out, "meta.json")):
+            os.remove(os.path.join(out, "meta.json"))
         os.replace(self.tmp, self.path)
 
     def discard(self):
@@ -543,6 +550,7 @@ def main():
                 format="each document's tokens followed by eot; train/val split by document",
                 train_tokens=train_tokens, val_tokens=val_tokens, num_docs=ndocs, sources=sources, config=config)
     write_json(os.path.join(out, "meta.json"), meta)  # last: its presence marks the dataset finished
+    os.remove(os.path.join(out, UNFINISHED))
 
     print(f"{'source':<12} {'package':<32} {'documents':>9} {'tokens':>11}")
     for s in sources:

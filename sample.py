@@ -1,7 +1,7 @@
 """
 Sample from the AR teacher and a K-Forcing student on the SAME noise, and show where they differ.
 
-    python sample.py                                   # val prefixes, the newest tiny/small checkpoints
+    python sample.py                                   # val prefixes; the small preset's models if trained, else tiny's
     python sample.py --prompt "The king said" --k 4 --num_samples 3
     python sample.py --teacher_only --prompt "Once upon a time"
 
@@ -17,11 +17,12 @@ import argparse
 import glob
 import os
 import re
+from dataclasses import asdict
 
 import torch
 
-from common import (ArgumentParser, UserError, load_checkpoint, load_split, model_from_checkpoint, resolve_device,
-                    run_cli, sample_windows)
+from common import (ArgumentParser, UserError, fits_in_memory, load_checkpoint, load_split, model_from_checkpoint,
+                    resolve_device, run_cli, sample_windows)
 from model import CUDAGraphStep, KVCache, generate, same_noise_agreement, window_agreement
 from prepare_data import get_encoding
 
@@ -40,8 +41,12 @@ def load_models(teacher_path, student_path, device):
     student = None
     if student_path:
         student = model_from_checkpoint(load_checkpoint(student_path, kind="student"), device).eval()
-        if student.config.n_embd != teacher.config.n_embd or student.config.n_layer != teacher.config.n_layer:
-            raise UserError(f"{student_path} was not distilled from {teacher_path} (the shapes differ)")
+        # a student is its teacher's network plus a noise encoder: everything else in the config is the teacher's
+        shape = lambda m: {k: v for k, v in asdict(m.config).items()  # noqa: E731
+                           if k not in ("max_k", "noise_features", "dropout")}
+        diff = [f"{k} {v} vs {shape(teacher)[k]}" for k, v in shape(student).items() if v != shape(teacher)[k]]
+        if diff:
+            raise UserError(f"{student_path} was not distilled from {teacher_path}: {', '.join(diff)}")
     return teacher, student
 
 
@@ -55,6 +60,31 @@ def check_k(k, student):
 
 def marked(enc, tokens, reference):
     return "".join(enc.decode([t]) if t == r else f"[{enc.decode([t])}]" for t, r in zip(tokens, reference))
+
+
+def draw(teacher, student, k, enc, gen, args, device):
+    """The prompts, one noise sequence per sample, and the teacher's and the student's tokens from that noise."""
+    if args.prompt is not None:
+        ids = enc.encode_ordinary(args.prompt)
+        if not ids:
+            raise UserError("--prompt is empty; give some text, or leave it out to use val prefixes")
+        prompts = torch.tensor([ids] * args.num_samples)
+    else:
+        prompts = sample_windows(load_split(args.data_dir, "val"), args.num_samples, args.prompt_len, gen,
+                                 "--prompt_len")[0]
+    n_new = -(-args.max_new_tokens // k) * k   # whole passes; extra tokens are cut by the caller
+    block = teacher.config.block_size
+    if prompts.size(1) + n_new > block:
+        rounded = f" (rounded up to {n_new}, whole passes of k = {k})" if n_new != args.max_new_tokens else ""
+        raise UserError(f"prompt ({prompts.size(1)} tokens) + --max_new_tokens {args.max_new_tokens}{rounded} exceed "
+                        f"the block size {block}; shorten one of them")
+    noise = torch.rand(args.num_samples, n_new, generator=gen, dtype=torch.float64)
+    prompts, noise = prompts.to(device), noise.to(device)
+    # one static cache for both models (the same shape; stale entries are masked) and one set of CUDA graphs
+    cache, step = KVCache(teacher.config, args.num_samples, device, torch.float32, args.attention), CUDAGraphStep()
+    ar_tokens = generate(teacher, prompts, noise, 1, step_fn=step, cache=cache)
+    kf_tokens = generate(student, prompts, noise, k, step_fn=step, cache=cache) if student else None
+    return prompts, noise, ar_tokens, kf_tokens
 
 
 def main(argv=None):
@@ -90,25 +120,8 @@ def main(argv=None):
     k = check_k(args.k, student) if student else 1
     enc = get_encoding()
     gen = torch.Generator().manual_seed(args.seed)
-    if args.prompt is not None:
-        ids = enc.encode_ordinary(args.prompt)
-        if not ids:
-            raise UserError("--prompt is empty; give some text, or leave it out to use val prefixes")
-        prompts = torch.tensor([ids] * args.num_samples)
-    else:
-        prompts = sample_windows(load_split(args.data_dir, "val"), args.num_samples, args.prompt_len, gen)[0]
-    n_new = -(-args.max_new_tokens // k) * k   # whole passes; extra tokens are cut below
-    block = teacher.config.block_size
-    if prompts.size(1) + n_new > block:
-        rounded = f" (rounded up to {n_new}, whole passes of k = {k})" if n_new != args.max_new_tokens else ""
-        raise UserError(f"prompt ({prompts.size(1)} tokens) + --max_new_tokens {args.max_new_tokens}{rounded} exceed "
-                        f"the block size {block}; shorten one of them")
-    noise = torch.rand(args.num_samples, n_new, generator=gen, dtype=torch.float64)
-    prompts, noise = prompts.to(device), noise.to(device)
-    # one static cache for both models (the same shape; stale entries are masked) and one set of CUDA graphs
-    cache, step = KVCache(teacher.config, args.num_samples, device, torch.float32, args.attention), CUDAGraphStep()
-    ar_tokens = generate(teacher, prompts, noise, 1, step_fn=step, cache=cache)
-    kf_tokens = generate(student, prompts, noise, k, step_fn=step, cache=cache) if student else None
+    with fits_in_memory(f"{args.num_samples} samples do not fit in memory on {device}; lower --num_samples"):
+        prompts, noise, ar_tokens, kf_tokens = draw(teacher, student, k, enc, gen, args, device)
     ar = ar_tokens[:, :args.max_new_tokens].tolist()
     kf = kf_tokens[:, :args.max_new_tokens].tolist() if student else None
 
@@ -120,7 +133,9 @@ def main(argv=None):
     n = args.max_new_tokens // k * k   # agreement over whole windows of the tokens shown: every slot counted alike
     if kf and n:
         free = same_noise_agreement(ar_tokens[:, :n], kf_tokens[:, :n], k)
-        window = window_agreement(student, prompts, ar_tokens[:, :n], noise, k)
+        with fits_in_memory(f"the agreement over {args.num_samples} samples does not fit in memory on {device}; "
+                            "lower --num_samples"):
+            window = window_agreement(student, prompts, ar_tokens[:, :n], noise, k)
         per_slot = lambda agree: "   ".join(f"slot {j + 1}: {a:.1%}" for j, a in enumerate(agree))  # noqa: E731
         print(f"\nsame-noise agreement with the AR teacher over {args.num_samples} x {n} tokens:")
         print(f"  free-running ([marked] above):       {per_slot(free)}")

@@ -18,9 +18,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import (JsonlLog, StopFlag, UserError, all_mean, check_batch_split, check_finite, check_resume_config,
-                    check_run_dir, device_name, ensure_writable, field, load_checkpoint, load_split, lr_at,
-                    out_of_memory, parse_config, rng_state, run_cli, sample_windows, save_checkpoint, set_rng_state,
-                    setup_runtime, shard, write_json)
+                    check_run_dir, check_split_length, clear_run_dir, device_name, ensure_writable, field,
+                    load_checkpoint, load_split, lr_at, out_of_memory, parse_config, rng_state, run_cli, sample_windows,
+                    save_checkpoint, set_rng_state, setup_runtime, shard, write_json)
 from model import GPT, GPTConfig, flops_per_token, peak_flops
 
 
@@ -29,7 +29,8 @@ class TeacherConfig:
     data_dir: str = field("data/offline", "directory with train.bin / val.bin from prepare_data.py")
     out_dir: str = field("out/teacher_{preset}", "where checkpoints (last.pt, best.pt) and log.jsonl go")
     results_dir: str = field("auto", "where the final teacher_<preset>.json summary is written; auto: results/ "
-                             "for the preset's own out_dir, else out_dir (an experiment never replaces the reference)")
+                             "for a run of the preset as it stands (--device, --compile and how often it reports "
+                             "aside), else out_dir: an experiment never replaces the reference")
     # model
     n_layer: int = field(6, "transformer blocks", at_least=1)
     n_head: int = field(6, "attention heads", at_least=1)
@@ -122,10 +123,12 @@ def main(argv=None):
     rt = setup_runtime(cfg.device, cfg.dtype)
     check_batch_split(cfg.batch_size, rt)
     train, val = load_split(cfg.data_dir, "train"), load_split(cfg.data_dir, "val")
+    for split in (train, val):
+        check_split_length(split, cfg.block_size)
     ensure_writable(cfg.out_dir)
     ensure_writable(cfg.results_dir)
     last_path, best_path = os.path.join(cfg.out_dir, "last.pt"), os.path.join(cfg.out_dir, "best.pt")
-    check_run_dir(last_path, args.resume, args.overwrite, rt.master)
+    check_run_dir(last_path, args.resume, args.overwrite)
 
     torch.manual_seed(cfg.seed)
     model = GPT(model_config(cfg)).to(rt.device)
@@ -141,8 +144,7 @@ def main(argv=None):
         ckpt = load_checkpoint(last_path, kind="teacher")
         if ckpt["model_config"] != dataclasses.asdict(model_config(cfg)):
             raise UserError(f"{last_path} was trained with another model shape; resume with the same flags")
-        check_resume_config(ckpt["train_config"], cfg, ["batch_size", "grad_accum", "seed", "lr", "min_lr",
-                                                        "warmup_steps", "max_steps", "weight_decay", "beta1", "beta2"])
+        check_resume_config(ckpt["train_config"], cfg)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step, best_val, resumed = ckpt["step"], ckpt["best_val"], ckpt["step"]
@@ -162,6 +164,8 @@ def main(argv=None):
                                    "step": step, "best_val": best_val, "rng": rng_state(gen),
                                    "tokens_per_s": tok_s, "mfu": mfu})
 
+    if args.overwrite and not args.resume:
+        clear_run_dir(cfg.out_dir, rt)
     log = JsonlLog(os.path.join(cfg.out_dir, "log.jsonl"), resumed, rt.master)
     if rt.master:
         print(f"teacher: {raw.num_params() / 1e6:.1f}M parameters on {device_name(rt.device)} x {rt.world}, "
@@ -235,10 +239,12 @@ def main(argv=None):
                   "config": dataclasses.asdict(cfg), "params": raw.num_params(), "steps": step,
                   "tokens_seen": step * tokens_per_step, "final_val_loss": val_loss, "best_val_loss": best_val,
                   **baselines, "tokens_per_s": tok_s, "mfu": mfu}
-        write_json(os.path.join(cfg.results_dir, f"teacher_{args.preset}.json"), result)
+        summary = os.path.join(cfg.results_dir, f"teacher_{args.preset}.json")
+        write_json(summary, result)
         print(f"val loss {val_loss:.3f} (best {best_val:.3f}; a unigram model fitted to train: "
               f"{baselines['unigram_loss']:.3f}, val's own unigram entropy: {baselines['unigram_entropy']:.3f} nats), "
-              f"{tok_s:,.0f} tok/s" + (f", MFU {mfu:.1%}" if mfu else "") + f"; checkpoint {best_path}")
+              f"{tok_s:,.0f} tok/s" + (f", MFU {mfu:.1%}" if mfu else "") +
+              f"; checkpoint {best_path}, summary {summary}")
 
 
 if __name__ == "__main__":

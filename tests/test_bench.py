@@ -22,7 +22,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from common import save_checkpoint  # noqa: E402
-from bench import bytes_moved, sized_to  # noqa: E402
+from bench import bytes_moved, quality_row, sized_to  # noqa: E402
 from model import GPT, GPTConfig, CUDAGraphStep, KVCache, compile_per_shape, decode_step, generate  # noqa: E402
 
 K = 4
@@ -81,6 +81,9 @@ def test_end_to_end_outputs(files):
         assert row["new_tokens"] == (32 - 6) // row["k"] * row["k"]
         if row["k"] == 1:
             assert row["speedup"] == 1.0
+    for row in speed:   # one repeat on CPU: the speedup is the ratio of this point's tokens/s to AR's
+        ar_row = next(r for r in speed if r["batch_size"] == row["batch_size"] and r["k"] == 1)
+        assert row["speedup"] == pytest.approx(row["tokens_per_s"] / ar_row["tokens_per_s"])
 
     quality = res["quality"]
     assert [(r["model"], r["k"]) for r in quality] == [("ar", 1)] + [("student", k) for k in range(1, K + 1)]
@@ -93,16 +96,37 @@ def test_end_to_end_outputs(files):
         assert row["gen_ppl"] > 1 and 0 < row["entropy"] <= np.log(12) + 1e-9 and 0 <= row["repeat4"] <= 1
     ar = quality[0]
     assert ar["agreement"] == ar["window_agreement"] == [1.0]
-    assert ar["gen_ppl_ratio"] == 1.0 and ar["entropy_ratio"] == 1.0
+    for row in quality:
+        assert row["gen_ppl_ratio"] == pytest.approx(row["gen_ppl"] / ar["gen_ppl"])
+        assert row["entropy_ratio"] == pytest.approx(row["entropy"] / ar["entropy"])
 
     with open(out / "t_speed.csv") as f:
         assert len(list(csv.DictReader(f))) == len(speed)
     with open(out / "t_quality.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == len(quality) and rows[-1]["window_agreement_slot4"] != ""
+    assert len(rows) == len(quality)
+    for row, q in zip(rows, quality):   # the CSV's columns are the JSON's numbers, slot by slot
+        assert float(row["gen_ppl"]) == pytest.approx(q["gen_ppl"])
+        for i in range(q["k"]):
+            assert float(row[f"agreement_slot{i + 1}"]) == pytest.approx(q["agreement"][i])
+            assert float(row[f"window_agreement_slot{i + 1}"]) == pytest.approx(q["window_agreement"][i])
     for png in ("t_speedup_vs_batch.png", "t_quality_vs_k.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert "tokens/s" in r.stdout and "agreement" in r.stdout
+
+
+def test_quality_row_agreement_and_repetition():
+    """A quality row's free-running agreement is per slot against the AR samples, and repeat4 counts repeated
+    4-grams: checked on samples built to give known values."""
+    teacher, _ = tiny_models()
+    prompts = torch.randint(50257, (2, 6))
+    ar = torch.randint(50257, (2, 8))
+    samples = ar.clone()
+    samples[:, 1::2] = (ar[:, 1::2] + 1) % 50257   # slot 2 of every window of k = 2 differs, slot 1 agrees
+    row = quality_row("student", 2, samples, prompts, teacher, ar, [0.5, 0.25])
+    assert row["agreement"] == [1.0, 0.0] and row["window_agreement"] == [0.5, 0.25]
+    looped = torch.tensor([[1, 2, 3, 4, 1, 2, 3, 4]])   # 5 4-grams, the last one a repeat of the first
+    assert quality_row("ar", 1, looped, prompts[:1], teacher, looped, [1.0])["repeat4"] == pytest.approx(1 / 5)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -140,6 +164,19 @@ def test_paper_shape_needs_no_checkpoint(tmp_path):
                                             "bench_paper_shape_speedup_vs_batch.png"]
 
 
+def test_a_partial_run_keeps_the_whole_runs_files(files, tmp_path):
+    """--no-quality (or --no-speed) under the default name writes <name>_speed (_quality): it never replaces or
+    deletes the files of a whole run under <name>."""
+    (tmp_path / "bench_trained.json").write_text("{}")
+    (tmp_path / "bench_trained_quality.csv").write_text("from the whole run")
+    r = run_bench("--teacher", str(files / "teacher.pt"), "--student", str(files / "student.pt"), "--no-quality",
+                  "--batch_sizes", "1", "--seq_lens", "12", "--ks", "4", "--out_dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "bench_trained.json").read_text() == "{}"
+    assert (tmp_path / "bench_trained_quality.csv").read_text() == "from the whole run"
+    assert json.loads((tmp_path / "bench_trained_speed.json").read_text())["speed"]
+
+
 def test_profile_of_one_decode_step(files):
     """--profile: per point and k, one step's time and what it launches. A student's step is the same code at every k
     (only shapes differ), and launches about what an AR step does: the same trunk, the slots' concatenation and an
@@ -157,6 +194,9 @@ def test_profile_of_one_decode_step(files):
     launches = {k: row["launches_per_step"] for k, row in rows.items()}
     assert launches[2] == launches[3] == launches[4] and abs(launches[4] - launches[1]) < 0.1 * launches[1], launches
     assert "a step" in r.stdout
+    # a cache shorter than twice a pass: the profiled pass still fits in it
+    r = bench(files, "--profile", "--batch_sizes", "1", "--seq_lens", "12", "--no-paper_shape", "--name", "p")
+    assert r.returncode == 0, r.stderr
 
 
 def test_static_step_matches_eager_generate():
@@ -182,8 +222,9 @@ def test_static_step_matches_eager_generate():
     buffer = weakref.ref(next(iter(step.graphs.values()))["tokens"])
     del step   # no reference cycle: the graphs and their memory go with the step object
     assert buffer() is None
-    assert torch.equal(generate(student, prompt, noise, 4, step_fn=CUDAGraphStep(capture=dev.type == "cuda")),
-                       generate(student, prompt, noise, 4))
+    fresh = KVCache(student.config, 3, dev, torch.float32)   # a new step object on a new cache
+    assert torch.equal(generate(student, prompt, noise, 4, step_fn=CUDAGraphStep(capture=dev.type == "cuda"),
+                                cache=fresh), generate(student, prompt, noise, 4))
 
 
 needs_compiler = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
@@ -272,6 +313,8 @@ def test_bytes_moved_per_pass():
     want = 2 * weights + encoder + B * kv * ((6 + 6) + (10 + 4))
     assert bytes_moved(student, B, P, 8, 4, 2) == want
     assert bytes_moved(teacher, B, P, 2, 1, 2) == 2 * weights + B * kv * ((6 + 6) + (7 + 1))
+    for n, calls in ((8, 1), (256, 1), (260, 2)):   # generate encodes the noise in calls of NOISE_CHUNK = 256
+        assert bytes_moved(student, B, P, n, 4, 2) - bytes_moved(teacher, B, P, n, 4, 2) == calls * encoder
 
 
 def test_cache_sized_to_the_generation_gives_the_same_tokens():

@@ -11,7 +11,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from prepare_data import EOT, DataError, get_encoding, load_tokens  # noqa: E402
+from prepare_data import EOT, DataError, TokenFile, get_encoding, load_tokens  # noqa: E402
 
 DOCS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -115,6 +115,23 @@ def test_failed_force_keeps_the_finished_dataset(built, tmp_path):
     assert {f: (out / "custom" / f).read_bytes() for f in before} == before
     assert sorted(os.listdir(out / "custom")) == ["meta.json", "train.bin", "val.bin"]
     assert "already prepared" in run("--source_dir", src, "--out_dir", str(out)).stdout
+
+
+def test_a_build_killed_between_its_two_files_is_refused(built, tmp_path):
+    """A rebuild replaces train.bin, then val.bin: killed in between, the directory holds a new train beside an old
+    val (whose documents may be in the new train). Loading refuses it until a build finishes."""
+    d, _ = built
+    src = json.loads((d / "meta.json").read_text())["config"]["source_dir"]
+    out = tmp_path / "out"
+    assert run("--source_dir", src, "--out_dir", str(out)).returncode == 0
+    new_train = TokenFile(str(out / "custom" / "train.bin"))   # what the rebuild commits first ...
+    new_train.write([1, 2, EOT])
+    new_train.commit()                                         # ... and here it is killed
+    with pytest.raises(DataError, match="half-built.*--force"):
+        load_tokens(str(out / "custom"), "val")
+    assert run("--source_dir", src, "--out_dir", str(out)).returncode == 0   # unfinished: built again
+    assert len(load_tokens(str(out / "custom"), "train")) > 3
+    assert sorted(os.listdir(out / "custom")) == ["meta.json", "train.bin", "val.bin"]
 
 
 def one_line_error(r):

@@ -1,12 +1,13 @@
 """The network's contracts: the cached decode path computes what the full forward computes, the staircase
 mask leaks nothing, sampling is a deterministic function of the noise, and a student starts as its teacher."""
 import dataclasses
+import math
 
 import pytest
 import torch
 
-from model import (GPT, GPTConfig, KVCache, apply_rope, decode_step, generate, inverse_cdf, rope, staircase_mask,
-                   same_noise_agreement, window_agreement)
+from model import (GPT, GPTConfig, CUDAGraphStep, KVCache, apply_rope, decode_step, generate, inverse_cdf, rope,
+                   staircase_mask, same_noise_agreement, window_agreement)
 
 V = 50257
 
@@ -148,16 +149,27 @@ def test_first_slots_of_a_k_model_are_a_smaller_k_model(student):
 
 def test_inverse_cdf_is_a_deterministic_function_of_u():
     logits = torch.randn(5, 50)
+    logits[:, :3] = logits[:, 49:] = float("-inf")   # ids without mass at both ends
     u = torch.rand(5, dtype=torch.float64)
     assert torch.equal(inverse_cdf(logits, u), inverse_cdf(logits.clone(), u.clone()))
-    # u = 0 gives the first token with mass; u -> 1 gives the last
-    assert (inverse_cdf(logits, torch.zeros(5, dtype=torch.float64)) == 0).all()
-    assert (inverse_cdf(logits, torch.full((5,), 1 - 1e-12, dtype=torch.float64)) == 49).all()
+    # u = 0 gives the first token with mass, u -> 1 the last: never an id without mass
+    assert (inverse_cdf(logits, torch.zeros(5, dtype=torch.float64)) == 3).all()
+    assert (inverse_cdf(logits, torch.full((5,), 1 - 1e-12, dtype=torch.float64)) == 48).all()
 
 
-def test_inverse_cdf_frequencies_match_the_softmax():
+def test_inverse_cdf_sums_float32_logits_in_float64():
+    """Same-noise targets need the same token for the same (logits, u): a u between a token's float64 cumulative
+    probability and its float32 rounding must fall on the float64 side."""
+    logits = torch.tensor([[math.log(0.3), math.log(0.7)]])
+    edge = torch.softmax(logits.double(), -1)[0, 0].item()
+    for u in (edge - 1e-13, edge + 1e-13):
+        assert inverse_cdf(logits, torch.tensor([u], dtype=torch.float64)).item() == int(u >= edge)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inverse_cdf_frequencies_match_the_softmax(dtype):
     torch.manual_seed(0)
-    logits = torch.randn(20) * 2
+    logits = (torch.randn(20) * 2).to(dtype)   # bf16 logits (bench's speed runs) are summed in float32
     n = 200_000
     tok = inverse_cdf(logits.expand(n, -1), torch.rand(n, dtype=torch.float64))
     freq = torch.bincount(tok, minlength=20).double() / n
@@ -254,6 +266,10 @@ def test_generate_rejects_what_the_model_cannot_decode(teacher, student):
             (student, prompt[:, :0], noise(8), 4, "the prompt is empty")):
         with pytest.raises(ValueError, match=match):
             generate(model, prompt_, noise_, k=k)
+    with pytest.raises(ValueError, match="pass cache= with a CUDAGraphStep"):
+        generate(student, prompt, noise(8), k=4, step_fn=CUDAGraphStep())
+    for model in (teacher, student):   # nothing to generate: both kinds return no tokens alike
+        assert generate(model, prompt, noise(0), k=1).shape == (2, 0)
 
 
 @torch.no_grad()

@@ -390,8 +390,8 @@ def torchrun(script, argv):
 
 
 def test_ddp_two_processes_match_one(tmp_path, data_dir, teacher_ref):
-    t1 = TEACHER + ["--max_steps", "5", "--eval_interval", "5", "--data_dir", data_dir,
-                    "--results_dir", str(tmp_path / "res")]
+    t1 = TEACHER + ["--max_steps", "5", "--eval_interval", "5", "--grad_accum", "2", "--data_dir", data_dir,
+                    "--results_dir", str(tmp_path / "res")]   # grad_accum 2: the no_sync micro-batches too
     teacher.main(t1 + ["--out_dir", str(tmp_path / "t1")])
     r = torchrun("teacher.py", t1 + ["--out_dir", str(tmp_path / "t2")])
     assert r.returncode == 0, r.stderr[-3000:]
@@ -436,6 +436,9 @@ def bad(tmp_path_factory, data_dir, teacher_ref, distill_ref):
     ck["model_config"]["vocab_size"] = 1000
     save_checkpoint(str(d / "vocab1000.pt"), ck)
     paths["vocab"] = str(d / "vocab1000.pt")
+    ck["model_config"].update(vocab_size=50257, block_size=16)   # loads, but no student was distilled from it
+    save_checkpoint(str(d / "block16.pt"), ck)
+    paths["block16"] = str(d / "block16.pt")
     (d / "corrupt_run").mkdir()
     (d / "corrupt_run" / "last.pt").write_bytes(raw[:1000])
     paths["corrupt_run"] = str(d / "corrupt_run")
@@ -482,6 +485,8 @@ BAD = {
     "sample ckpt garbage": (sample, lambda p: S(p, "--student", p["garbage"]), r"is corrupt or not from"),
     "other vocabulary (distill)": (distill, lambda p: D(p, "--teacher", p["vocab"]), r"vocabulary of 1000 tokens"),
     "other vocabulary (sample)": (sample, lambda p: S(p, "--teacher", p["vocab"]), r"vocabulary of 1000 tokens"),
+    "student of another teacher": (sample, lambda p: S(p, "--teacher", p["block16"]),
+                                   r"was not distilled from .*block_size 32 vs 16"),
     # k
     "sample k above max_k": (sample, lambda p: S(p, "--k", "3"),
                              r"--k must be between 1 and the student's max_k \(2\)"),
@@ -513,11 +518,15 @@ BAD = {
     "distill unknown preset": (distill, lambda p: D(p, "--preset", "huge"), r"invalid choice: 'huge'"),
     "distill unknown flag": (distill, lambda p: D(p, "--n_layer", "2"), r"unrecognized arguments: --n_layer"),
     "sample unknown flag": (sample, lambda p: S(p, "--temperature", "1"), r"unrecognized arguments: --temperature"),
+    "device not supported": (teacher, lambda p: T(p, "--device", "mps"), r"--device 'mps' is not supported"),
+    "device not a device": (sample, lambda p: S(p, "--device", "gpu"), r"--device 'gpu' is not supported"),
     # memory: a batch that cannot be allocated fails at once (no tens of GB are touched)
     "teacher batch too big": (teacher, lambda p: T(p, "--batch_size", str(10 ** 12)),
                               r"does not fit in memory on cpu; lower --batch_size"),
     "distill batch too big": (distill, lambda p: D(p, "--batch_size", str(10 ** 12)),
                               r"does not fit in memory on cpu; lower --batch_size"),
+    "sample too many samples": (sample, lambda p: S(p, "--num_samples", str(10 ** 12)),
+                                r"do not fit in memory on cpu; lower --num_samples"),
     # unwritable output (tests run as root: a directory under a regular file cannot be created by anyone)
     "teacher out_dir unwritable": (teacher, lambda p: T(p, "--out_dir", p["file"] + "/out"),
                                    r"cannot write to output directory .*--out_dir"),
@@ -572,6 +581,28 @@ def test_bad_input_overwrites_nothing(tmp_path, data_dir, teacher_ref, distill_r
         (distill, d + ["--resume", "--anchors", "3"], r"resumed used --anchors"),
         (distill, d + ["--resume", "--teacher", other_teacher], r"resumed used --teacher .*; resume with the same"),
         (teacher, t + ["--resume", "--max_steps", "32"], r"resumed used --max_steps 16"),
+        (teacher, t + ["--resume", "--grad_clip", "0"], r"resumed used --grad_clip 1.0"),
+        (distill, d + ["--resume", "--weight_decay", "0.5"], r"resumed used --weight_decay 0.0"),
+        # --overwrite clears the old run only once the new one has passed every check of its inputs
+        (teacher, t + ["--overwrite", "--block_size", "100000"], r"shorter than one window .*lower --block_size"),
+        (distill, d + ["--overwrite", "--eval_samples", str(10 ** 12)], r"do not fit in memory.*--eval_samples"),
     ]:
         assert re.search(pattern, cli(mod, argv, capsys))
     assert snapshot(teacher_ref["out"], teacher_ref["res"], distill_ref["out"], distill_ref["res"]) == before
+
+
+def test_resume_refuses_a_retrained_teacher(tmp_path, distill_ref, capsys):
+    """The teacher at the same path, trained again since the run started, would give the rest of the run other
+    targets: a resume refuses it."""
+    run_dir, teacher_path = tmp_path / "run", str(tmp_path / "teacher.pt")
+    shutil.copytree(distill_ref["out"], run_dir)
+    ck = torch.load(run_dir / "last.pt", weights_only=False)
+    shutil.copy(ck["train_config"]["teacher"], teacher_path)
+    ck["train_config"]["teacher"] = teacher_path   # as if the run had started from this copy
+    save_checkpoint(str(run_dir / "last.pt"), ck)
+    retrained = torch.load(teacher_path, weights_only=False)
+    retrained["step"] += 1
+    save_checkpoint(teacher_path, retrained)
+    argv = DISTILL_REF + ["--teacher", teacher_path, "--data_dir", ck["train_config"]["data_dir"],
+                          "--out_dir", str(run_dir), "--results_dir", str(tmp_path / "res"), "--resume"]
+    assert re.search(r"not the teacher this run started from", cli(distill, argv, capsys))
