@@ -1,6 +1,7 @@
 """
 Benchmark K-Forcing against AR decoding: speed (tokens/s, speedup, memory-bandwidth utilisation) and quality
-(gen-PPL, entropy, same-noise agreement, repetition). Writes results/<name>.json, two CSVs and two plots.
+(gen-PPL, entropy, same-noise agreement, repetition). Writes results/<name>.json, and a CSV and a plot for each of
+speed and quality that it ran (--name: a rerun under a name replaces that name's files).
 
     python bench.py                               # CPU: tiny preset, a small grid (about a minute)
     python bench.py --preset small                # one GPU: the full grid, paper shape + the trained model
@@ -85,7 +86,8 @@ def parse_args(argv=None):
     p.add_argument("--profile", action="store_true",
                    help="instead of the speed grid and quality: profile ONE decode step per point and k (cache half "
                         "full): its time, the kernels it launches and the heaviest ones (torch.profiler); writes "
-                        "<name>.json with a `profile` list (default name: bench_<preset>_profile)")
+                        "<name>.json with a `profile` list (default name: bench_<preset>_profile, or "
+                        "bench_paper_shape_profile with --no-trained)")
     p.add_argument("--quality_samples", type=int, default=256,
                    help="val prefixes, one continuation each (default: 256)")
     p.add_argument("--quality_tokens", type=int, default=None,

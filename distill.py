@@ -65,7 +65,7 @@ class DistillConfig:
 PRESETS = {
     "tiny": dict(_about="CPU demo and tests, ~1 min", steps_per_stage=150, batch_size=8, block_size=64,
                  anchors=16, lr=1e-3, warmup_steps=10, eval_samples=64, eval_tokens=24, ckpt_interval=50),
-    "small": dict(_about="one GPU, ~5-10 min, for the small teacher"),
+    "small": dict(_about="one GPU, ~4 min on an H100 for the three stages, for the small teacher"),
     "paper": dict(_about="the paper's K=4 stage: lr 1e-4 constant, fp32, batch 512 over all anchors",
                   steps_per_stage=20_000, batch_size=512, block_size=128, anchors=128, lr=1e-4, warmup_steps=0,
                   dtype="float32", ckpt_interval=1000),
@@ -122,10 +122,15 @@ def main(argv=None):
     cfg.teacher = cfg.teacher.format(preset=args.preset)
     rt = setup_runtime(cfg.device, cfg.dtype, tf32=False)   # fp32 targets: no TF32 rounding
     check_batch_split(cfg.batch_size, rt)
+    if not os.path.isfile(cfg.teacher) and cfg.teacher == f"out/teacher_{args.preset}/best.pt":
+        raise UserError(f"no teacher at {cfg.teacher}; train it with `python teacher.py --preset {args.preset}` "
+                        "or pass --teacher")
     teacher_ckpt = load_checkpoint(cfg.teacher, kind="teacher")
     teacher = model_from_checkpoint(teacher_ckpt, rt.device).eval()
     # which training of the teacher (a retrained teacher at the same path must not feed a resumed run's targets)
     teacher_id = {key: teacher_ckpt.get(key) for key in ("step", "best_val")}
+    if args.results_dir is None and teacher_ckpt.get("train_config", {}).get("results_dir") != "results":
+        cfg.results_dir = cfg.out_dir   # distilled from an experiment's teacher: an experiment too, whatever its flags
     del teacher_ckpt
     if cfg.block_size > teacher.config.block_size:
         raise UserError(f"--block_size {cfg.block_size} exceeds the teacher's block size {teacher.config.block_size}")

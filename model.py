@@ -542,8 +542,8 @@ def window_agreement(student, prompts, ar_tokens, noise, k):
 # Model FLOPs utilisation, against the device's peak dense bf16 rate.
 
 # Matched in order against torch.cuda.get_device_name: a longer name before the one it contains (L40S, L40, L4).
-PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("A10", 125e12),
-              ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("4090", 165e12)]
+PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
+              ("A10", 125e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("4090", 165e12)]
 
 
 def peak_flops(device):

@@ -132,7 +132,8 @@ def load_tokens(data_dir, split):
             f"python prepare_data.py --source_dir <your folder of .txt files>{where} --force" if name == "custom" else
             "python prepare_data.py --force")
     if not os.path.isdir(data_dir):
-        raise DataError(f"data directory {data_dir} not found; run `python prepare_data.py` first")
+        build = redo.replace(" --force", "") if name in DATASETS else "python prepare_data.py"
+        raise DataError(f"data directory {data_dir} not found; run `{build}` first")
     if os.path.exists(os.path.join(data_dir, UNFINISHED)):   # train and val may come from two builds
         raise DataError(f"{data_dir} was left half-built by an interrupted prepare_data.py; rebuild it with `{redo}`")
     path = os.path.join(data_dir, f"{split}.bin")

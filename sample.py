@@ -13,7 +13,6 @@ the teacher's own sample (model.window_agreement, the measure the README compare
 Both decode through bench.py's path (model.generate with a static KV cache, each decode step replayed from a CUDA
 graph on CUDA), in float32 rather than bench's bf16: same-noise agreement is sensitive to rounding.
 """
-import argparse
 import glob
 import os
 import re
@@ -21,8 +20,8 @@ from dataclasses import asdict
 
 import torch
 
-from common import (ArgumentParser, UserError, fits_in_memory, load_checkpoint, load_split, model_from_checkpoint,
-                    resolve_device, run_cli, sample_windows)
+from common import (ArgumentParser, DefaultsHelpFormatter, UserError, fits_in_memory, load_checkpoint, load_split,
+                    model_from_checkpoint, resolve_device, run_cli, sample_windows)
 from model import CUDAGraphStep, KVCache, generate, same_noise_agreement, window_agreement
 from prepare_data import get_encoding
 
@@ -89,7 +88,7 @@ def draw(teacher, student, k, enc, gen, args, device):
 
 def main(argv=None):
     p = ArgumentParser(description=__doc__.strip().splitlines()[0],
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsHelpFormatter)
     p.add_argument("--preset", default=None, help="use out/teacher_<preset>/best.pt and the highest "
                    "out/distill_<preset>/student_k*.pt (default: small if trained, else tiny)")
     p.add_argument("--teacher", default=None, help="AR teacher checkpoint (overrides --preset)")

@@ -5,6 +5,7 @@ bad input is one line, a non-zero exit, no traceback and nothing overwritten.
 CPU only, tiny models on a small corpus built here (data/offline is not needed), about a minute on 2 cores.
 Run: python -m pytest tests/test_reliability.py -q"""
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -606,3 +607,25 @@ def test_resume_refuses_a_retrained_teacher(tmp_path, distill_ref, capsys):
     argv = DISTILL_REF + ["--teacher", teacher_path, "--data_dir", ck["train_config"]["data_dir"],
                           "--out_dir", str(run_dir), "--results_dir", str(tmp_path / "res"), "--resume"]
     assert re.search(r"not the teacher this run started from", cli(distill, argv, capsys))
+
+
+@pytest.mark.parametrize("teacher_is_reference", [True, False])
+def test_a_student_of_an_experiments_teacher_is_an_experiment(tmp_path, monkeypatch, data_dir, teacher_ref,
+                                                              teacher_is_reference):
+    """distill.py run as its preset stands writes the preset's reference summary to results/ only if its teacher is
+    the teacher preset's reference run too; a teacher from an experiment makes its students experiments."""
+    monkeypatch.chdir(tmp_path)   # the preset's default paths, relative to here
+    os.makedirs("out/teacher_tiny")
+    os.makedirs("data")
+    os.symlink(data_dir, "data/offline")
+    ck = torch.load(teacher_ref["best"], weights_only=False)
+    ck["train_config"]["results_dir"] = "results" if teacher_is_reference else "out/teacher_tiny"
+    save_checkpoint("out/teacher_tiny/best.pt", ck)
+    flags = dict(zip(DISTILL[::2], DISTILL[1::2]))   # the tiny run of these tests, as a preset standing alone
+    preset = {f.name: f.type(flags[f"--{f.name}"]) if f.type in (int, float) else flags[f"--{f.name}"]
+              for f in dataclasses.fields(distill.DistillConfig) if f"--{f.name}" in flags}
+    monkeypatch.setitem(distill.PRESETS, "tiny", {**preset, "steps_per_stage": 2})
+    distill.main(["--preset", "tiny"])
+    reference = os.path.exists("results/distill_tiny.json")
+    assert reference == teacher_is_reference
+    assert os.path.exists("out/distill_tiny/distill_tiny.json") != teacher_is_reference
