@@ -23,9 +23,9 @@ from tqdm import tqdm
 
 from common import (JsonlLog, StopFlag, UserError, all_mean, check_batch_split, check_finite, check_resume_config,
                     check_run_dir, check_split_length, clear_run_dir, device_name, ensure_writable, field,
-                    fits_in_memory, load_checkpoint, load_split, model_from_checkpoint, out_of_memory, parse_config,
-                    rng_state, run_cli, sample_windows, save_checkpoint, set_rng_state, setup_runtime, shard,
-                    write_json)
+                    fits_in_memory, load_checkpoint, load_split, lr_at, model_from_checkpoint, out_of_memory,
+                    parse_config, rng_state, run_cli, sample_windows, save_checkpoint, set_rng_state, setup_runtime,
+                    shard, write_json)
 from model import GPT, generate, inverse_cdf, same_noise_agreement, window_agreement
 
 
@@ -219,8 +219,8 @@ def main(argv=None):
                        dynamic_ncols=True)
             while step < cfg.steps_per_stage:
                 t0 = time.perf_counter()
-                for gr in optimizer.param_groups:
-                    gr["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+                for gr in optimizer.param_groups:   # warmup, then constant: the schedule of lr_at with min_lr = lr
+                    gr["lr"] = lr_at(step, cfg.lr, cfg.lr, cfg.warmup_steps, cfg.steps_per_stage)
                 x, _ = sample_windows(train, cfg.batch_size, cfg.block_size, gen)
                 anchors = torch.rand(cfg.batch_size, cfg.block_size, generator=gen).argsort(-1)[:, :cfg.anchors]
                 u = torch.rand(cfg.batch_size, cfg.anchors, k, generator=gen, dtype=torch.float64)

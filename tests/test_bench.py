@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import weakref
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,7 +23,8 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from common import save_checkpoint  # noqa: E402
-from bench import bytes_moved, quality_row, sized_to  # noqa: E402
+import bench as bench_py  # noqa: E402   (bench() below runs the script)
+from bench import bytes_moved, gen_ppl, quality_row, sized_to  # noqa: E402
 from model import GPT, GPTConfig, CUDAGraphStep, KVCache, compile_per_shape, decode_step, generate  # noqa: E402
 
 K = 4
@@ -127,6 +129,44 @@ def test_quality_row_agreement_and_repetition():
     assert row["agreement"] == [1.0, 0.0] and row["window_agreement"] == [0.5, 0.25]
     looped = torch.tensor([[1, 2, 3, 4, 1, 2, 3, 4]])   # 5 4-grams, the last one a repeat of the first
     assert quality_row("ar", 1, looped, prompts[:1], teacher, looped, [1.0])["repeat4"] == pytest.approx(1 / 5)
+
+
+def test_gen_ppl_scores_each_continuation_token_given_its_prefix():
+    """gen-PPL = exp(mean NLL per continuation token), each token scored by the judge's logits at the position
+    before it: a judge sure that token j + 1 follows token j scores counting sequences at 1, a uniform judge at V."""
+    V = 11
+    prompts, samples = torch.tensor([[0, 1, 2], [4, 5, 6]]), torch.tensor([[3, 4, 5, 6], [7, 8, 9, 10]])
+    counting = lambda x: (50 * torch.nn.functional.one_hot((x + 1) % V, V).float(), None)  # noqa: E731
+    uniform = lambda x: (torch.zeros(*x.shape, V), None)  # noqa: E731
+    assert gen_ppl(counting, prompts, samples) == pytest.approx(1.0)
+    assert gen_ppl(uniform, prompts, samples) == pytest.approx(V)
+
+
+def test_quality_decodes_every_model_from_the_ar_samples_noise(monkeypatch):
+    """Same-noise quality: the student at every k decodes the noise the AR teacher decoded (a prefix of one shared
+    tensor), and its windowed agreement is scored against the AR teacher's samples, not its own."""
+    teacher, student = tiny_models()
+    calls, windows = [], []
+
+    def recording_generate(model, prompts, noise, k, *args, **kwargs):
+        out = generate(model, prompts, noise, k, *args, **kwargs)
+        calls.append((model, noise, out))
+        return out
+
+    def recording_window_agreement(model, prompts, ar_tokens, noise, k):
+        windows.append((ar_tokens, noise))
+        return [0.0] * k
+    monkeypatch.setattr(bench_py, "generate", recording_generate)
+    monkeypatch.setattr(bench_py, "window_agreement", recording_window_agreement)
+    val = np.random.default_rng(0).integers(0, 50257, 500).astype(np.uint16)
+    rows = bench_py.run_quality(teacher, student, teacher, 10, val, SimpleNamespace(seed=0, quality_samples=3), "cpu")
+    (ar_model, ar_noise, ar_out), students = calls[0], calls[1:]
+    assert ar_model is teacher and [m for m, _, _ in students] == [student] * K and len(rows) == K + 1
+    for _, noise, _ in students:
+        n = min(noise.size(1), ar_noise.size(1))
+        assert torch.equal(noise[:, :n], ar_noise[:, :n])
+    for ar_tokens, noise in windows:
+        assert torch.equal(ar_tokens, ar_out) and torch.equal(noise, ar_noise)
 
 
 @pytest.mark.parametrize("args, message", [

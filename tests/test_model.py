@@ -242,9 +242,32 @@ def test_noise_features_separate_nearby_noise():
 
 
 def test_agreement_per_slot():
+    """Position j is slot j mod k (not the j-th block of n/k positions: these samples tell the two apart)."""
     a = torch.tensor([[1, 2, 3, 4, 5, 6]])
-    b = torch.tensor([[1, 0, 3, 4, 0, 0]])
-    assert same_noise_agreement(a, b, 2) == pytest.approx([2 / 3, 1 / 3])
+    b = torch.tensor([[1, 0, 3, 0, 5, 6]])
+    assert same_noise_agreement(a, b, 2) == pytest.approx([1, 1 / 3])
+
+
+@torch.no_grad()
+def test_values_are_not_rotated_and_logits_cover_the_real_vocabulary(teacher, student):
+    """RoPE rotates queries and keys only: the cache holds the plain value projection. And no path gives logits
+    for the padding ids of the embedding (50257 -> 50304), which sampling could pick and the tokenizer not decode."""
+    x = torch.randint(0, V, (2, 5))
+    cache = KVCache(teacher.config, 2, "cpu", torch.float32)
+    assert teacher.forward_step(x, torch.arange(5), None, cache).size(-1) == V
+    block = teacher.blocks[0]
+    v = block.attn.qkv(block.ln1(teacher.wte(x))).view(2, 5, 3, 2, 16)[:, :, 2].transpose(1, 2)
+    torch.testing.assert_close(cache.v[0][:, :, :5], v)
+    assert teacher(x)[0].size(-1) == V
+    slots = student.noise_encoder(torch.rand(2, 4, dtype=torch.float64))
+    cache = KVCache(student.config, 2, "cpu", torch.float32)
+    assert student.forward_step(x, torch.arange(9), slots, cache).size(-1) == V
+    assert student.forward_staircase(x, torch.tensor([[1, 3]] * 2), torch.rand(2, 2, 4)).size(-1) == V
+
+
+def test_a_student_trains_without_dropout():
+    """The k-stages train with dropout 0 (paper), whatever the teacher's."""
+    assert GPT.student_from(tiny(dropout=0.1), 2).config.dropout == 0
 
 
 def test_decode_step_rejects_multi_token_ar(teacher):

@@ -1,17 +1,20 @@
 """The method end to end on CPU, on synthetic corpora small enough to learn in seconds: the teacher learns
 context, distillation teaches the student to turn noise into the teacher's samples, and sample.py shows it."""
 import json
+import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 import distill
+import sample
 import teacher
-from common import UserError, load_checkpoint, model_from_checkpoint
+from common import UserError, load_checkpoint, lr_at, model_from_checkpoint, sample_windows
 from model import GPT, GPTConfig, generate, inverse_cdf
 from prepare_data import get_encoding
 
@@ -128,6 +131,11 @@ def test_distillation_raises_same_noise_agreement(iid):
     assert stage1["agreement_init"][0] <= 0.35, stage1
     assert stage1["agreement"][0] >= 0.6, stage1
     assert len(stage2["agreement"]) == 2 and len(stage2["final_loss_per_slot"]) == 2
+    # progressive: stage 2 starts from the stage-1 student (its slot 1 agrees from the start), not from the teacher
+    assert stage2["agreement_init"][0] >= stage1["agreement"][0] - 0.1, (stage1, stage2)
+    for stage in (stage1, stage2):   # per-slot means (a sum over anchors would be far above log V), windows whole
+        assert all(0 < loss < math.log(50257) for loss in stage["final_loss_per_slot"])
+        assert stage["final_window_acc"] <= min(stage["final_acc_per_slot"]) + 1e-9
     assert len(stage2["window_agreement"]) == 2 and all(0 <= a <= 1 for a in stage2["window_agreement"])
     for k in (1, 2):
         ckpt = load_checkpoint(os.path.join(iid["root"], "students", f"student_k{k}.pt"), kind="student")
@@ -147,15 +155,20 @@ def test_rollout_targets_are_same_noise_samples():
     assert torch.equal(distill.rollout_targets(ar, x, anchors, u)[:, :, 0], ref)
 
     prev = GPT.student_from(ar, 2).eval()
-    for p in prev.parameters():
-        p.add_(0.05 * torch.randn_like(p))
-    u = torch.rand(2, 3, 4, dtype=torch.float64)
+    for p in prev.parameters():   # large enough that the second block's tokens depend on the first's
+        p.add_(0.5 * torch.randn_like(p))
+    anchors = torch.tensor([[0, 2, 4, 7, 9, 12, 15, 18, 21], [1, 3, 5, 6, 8, 11, 14, 17, 20]])
+    u = torch.rand(2, 9, 4, dtype=torch.float64)
     targets = distill.rollout_targets(prev, x, anchors, u)          # a k = 4 window from a k = 2 model
     for b in range(2):
-        for a in range(3):
+        for a in range(9):
             t = anchors[b, a].item()
             own = generate(prev, x[b:b + 1, :t + 1], u[b:b + 1, a], k=2)
             assert torch.equal(targets[b, a], own[0])
+    # self-forcing, not teacher forcing: the second block follows the model's own first block, not the real tokens
+    real = torch.stack([x[b, anchors[b] + 1 + torch.arange(2)[:, None]].T for b in range(2)])   # (2, 9, 2)
+    forced = prev.forward_staircase(x, anchors, u[:, :, 2:], window=real).argmax(-1)
+    assert (forced != targets[:, :, 2:]).any()
 
 
 @pytest.mark.parametrize("schedule,k,want", [("", 4, [1, 2, 4]), ("", 3, [1, 2, 3]), ("", 1, [1]),
@@ -172,6 +185,38 @@ def test_schedule(schedule, k, want):
 
 def run_sample(*args):
     return subprocess.run([sys.executable, "sample.py", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_sample_decodes_both_models_from_one_noise(iid):
+    """sample.py's two lines are the teacher's and the student's decodings of the SAME noise."""
+    teacher_model, student = sample.load_models(iid["teacher"], os.path.join(iid["root"], "students",
+                                                                             "student_k2.pt"), "cpu")
+    args = SimpleNamespace(prompt=None, num_samples=3, data_dir=iid["data"], prompt_len=4, max_new_tokens=8,
+                           attention="sdpa")
+    prompts, noise, ar, kf = sample.draw(teacher_model, student, 2, get_encoding(), torch.Generator().manual_seed(0),
+                                         args, "cpu")
+    assert torch.equal(ar, generate(teacher_model, prompts, noise, 1))
+    assert torch.equal(kf, generate(student, prompts, noise, 2))
+
+
+def test_learning_rate_schedules():
+    """teacher.py: linear warmup to lr, then cosine decay to min_lr at the last step; distill.py: the same warmup,
+    then constant (min_lr = lr)."""
+    assert [lr_at(s, 1.0, 0.1, 4, 16) for s in (0, 3, 4, 10, 16)] == pytest.approx([0.25, 1.0, 1.0, 0.55, 0.1])
+    assert [lr_at(s, 1.0, 1.0, 2, 8) for s in (0, 1, 5, 8)] == pytest.approx([0.5, 1.0, 1.0, 1.0])
+    assert lr_at(0, 1.0, 1.0, 0, 8) == 1.0   # no warmup
+
+
+def test_sample_windows_draws_every_window():
+    """Windows of T + 1 tokens start anywhere from 0 to len - T - 1: a split of exactly T + 1 tokens has one window,
+    one of T + 2 has two, and both get drawn."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = sample_windows(np.arange(5), 1, 4, gen)
+    assert x.tolist() == [[0, 1, 2, 3]] and y.tolist() == [[1, 2, 3, 4]]
+    starts = set(sample_windows(np.arange(6), 64, 4, gen)[0][:, 0].tolist())
+    assert starts == {0, 1}
+    with pytest.raises(UserError, match="shorter than one window"):
+        sample_windows(np.arange(4), 1, 4, gen)
 
 
 def test_sample_shows_both_on_the_same_noise(iid):

@@ -629,3 +629,26 @@ def test_a_student_of_an_experiments_teacher_is_an_experiment(tmp_path, monkeypa
     reference = os.path.exists("results/distill_tiny.json")
     assert reference == teacher_is_reference
     assert os.path.exists("out/distill_tiny/distill_tiny.json") != teacher_is_reference
+
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype")   # CPU autocast: the noise encoder's norm runs unfused
+def test_targets_are_fp32_and_from_models_in_eval_mode(tmp_path, monkeypatch, data_dir, teacher_ref):
+    """Stage targets come from the previous model in eval mode (no dropout) and outside autocast, even when the
+    student trains under bf16 autocast (METHOD.md §6: the same-noise coupling is that sensitive); every update's
+    gradient is clipped to --grad_clip."""
+    seen, clips = [], []
+    rollout, clip = distill.rollout_targets, torch.nn.utils.clip_grad_norm_
+
+    def checked_rollout(prev, *args):
+        seen.append((prev.training, torch.is_autocast_enabled("cpu")))
+        return rollout(prev, *args)
+
+    def counted_clip(params, max_norm, *args, **kwargs):
+        clips.append(max_norm)
+        return clip(params, max_norm, *args, **kwargs)
+    monkeypatch.setattr(distill, "rollout_targets", checked_rollout)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", counted_clip)
+    distill.main(distill_args(data_dir, teacher_ref["best"], tmp_path / "run", tmp_path)
+                 + ["--steps_per_stage", "2", "--dtype", "bfloat16", "--grad_clip", "0.5"])
+    assert seen and all(not training and not autocast for training, autocast in seen), seen
+    assert clips == [0.5] * 4   # 2 steps in each of 2 stages
