@@ -46,7 +46,7 @@ from tqdm import tqdm
 from common import (ArgumentParser, UserError, atomic_write, device_name, ensure_writable, resolve_device,
                     load_checkpoint, load_split, model_from_checkpoint, out_of_memory, run_cli, sample_windows,
                     write_json)
-from model import (GPT, GPTConfig, NOISE_CHUNK, CUDAGraphStep, KVCache, generate, same_noise_agreement,
+from model import (GPT, GPTConfig, NOISE_CHUNK, CUDAGraphStep, KVCache, device_peak, generate, same_noise_agreement,
                    window_agreement)
 from sample import default_checkpoints, load_models
 
@@ -143,13 +143,6 @@ def sync(device):
         torch.cuda.synchronize(device)   # kernels run asynchronously: wait before reading a timer
 
 
-def peak_bandwidth(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((bw for key, bw in PEAK_BANDWIDTH if key in name), None)
-
-
 def weight_bytes(model, part=""):
     """Bytes of the weights of `part` (a module name prefix) that a pass reads. parameters() counts a tied
     embedding once; an untied input embedding is only gathered (a few rows), so it does not count."""
@@ -236,7 +229,7 @@ def run_grid(models, batch_sizes, device, desc, point):
 
 
 def run_speed(models, ks, batch_sizes, repeats, device, seed, attention, compile):
-    peak = peak_bandwidth(device)
+    peak = device_peak(device, PEAK_BANDWIDTH)
     gen = torch.Generator().manual_seed(seed)
 
     def point(label, teacher, student, seq_len, B):

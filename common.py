@@ -270,11 +270,11 @@ def check_run_dir(last_path, resume, overwrite):
                         "--overwrite to replace it")
 
 
-def clear_run_dir(out_dir, rt):
+def clear_run_dir(out_dir, args, rt):
     """--overwrite starts afresh: the old run's checkpoints go, so that none of them outlives it to be taken for the
     new run's (an old best.pt, or the student_k4.pt of a longer schedule, which sample.py and bench.py would pick).
     Called once the new run has passed every check of its inputs: a mistake must not cost the old run."""
-    if rt.master:
+    if args.overwrite and not args.resume and rt.master:
         for pattern in RUN_CHECKPOINTS:
             for path in glob.glob(os.path.join(out_dir, pattern)):
                 os.remove(path)

@@ -122,7 +122,7 @@ def main(argv=None):
     cfg.teacher = cfg.teacher.format(preset=args.preset)
     rt = setup_runtime(cfg.device, cfg.dtype, tf32=False)   # fp32 targets: no TF32 rounding
     check_batch_split(cfg.batch_size, rt)
-    if not os.path.isfile(cfg.teacher) and cfg.teacher == f"out/teacher_{args.preset}/best.pt":
+    if not os.path.isfile(cfg.teacher) and cfg.teacher == DistillConfig.teacher.format(preset=args.preset):
         raise UserError(f"no teacher at {cfg.teacher}; train it with `python teacher.py --preset {args.preset}` "
                         "or pass --teacher")
     teacher_ckpt = load_checkpoint(cfg.teacher, kind="teacher")
@@ -168,8 +168,7 @@ def main(argv=None):
             raise UserError(f"{cfg.teacher} is not the teacher this run started from (it was trained again since); "
                             "start a new --out_dir, or --overwrite this one")
         set_rng_state(state["rng"], gen)
-    if args.overwrite and not args.resume:
-        clear_run_dir(cfg.out_dir, rt)
+    clear_run_dir(cfg.out_dir, args, rt)
     log = JsonlLog(os.path.join(cfg.out_dir, "log.jsonl"), state and state["global_step"], rt.master)
     results = state["results"] if state else []
     global_step = state["global_step"] if state else 0

@@ -128,11 +128,11 @@ def load_tokens(data_dir, split):
     """<data_dir>/<split>.bin as a read-only uint16 memmap, after cheap sanity checks."""
     name, parent = os.path.basename(os.path.normpath(data_dir)), os.path.dirname(os.path.normpath(data_dir))
     where = "" if parent in ("data", "") else f" --out_dir {parent}"
-    redo = (f"python prepare_data.py --dataset {name}{where} --force" if name in DATASETS else
-            f"python prepare_data.py --source_dir <your folder of .txt files>{where} --force" if name == "custom" else
-            "python prepare_data.py --force")
+    build = (f"python prepare_data.py --dataset {name}{where}" if name in DATASETS else
+             f"python prepare_data.py --source_dir <your folder of .txt files>{where}" if name == "custom" else
+             "python prepare_data.py")
+    redo = f"{build} --force"
     if not os.path.isdir(data_dir):
-        build = redo.replace(" --force", "") if name in DATASETS else "python prepare_data.py"
         raise DataError(f"data directory {data_dir} not found; run `{build}` first")
     if os.path.exists(os.path.join(data_dir, UNFINISHED)):   # train and val may come from two builds
         raise DataError(f"{data_dir} was left half-built by an interrupted prepare_data.py; rebuild it with `{redo}`")

@@ -164,8 +164,7 @@ def main(argv=None):
                                    "step": step, "best_val": best_val, "rng": rng_state(gen),
                                    "tokens_per_s": tok_s, "mfu": mfu})
 
-    if args.overwrite and not args.resume:
-        clear_run_dir(cfg.out_dir, rt)
+    clear_run_dir(cfg.out_dir, args, rt)
     log = JsonlLog(os.path.join(cfg.out_dir, "log.jsonl"), resumed, rt.master)
     if rt.master:
         print(f"teacher: {raw.num_params() / 1e6:.1f}M parameters on {device_name(rt.device)} x {rt.world}, "
