@@ -8,6 +8,7 @@ speed and quality that it ran (--name: a rerun under a name replaces that name's
     python bench.py --no-quality --batch_sizes 1,64 --seq_lens 128
     python bench.py --no-trained                  # speed of the paper shape only: no checkpoint needed
     python bench.py --no-trained --profile --batch_sizes 1,512 --seq_lens 1024   # where a decode step's time goes
+    python bench.py --no-trained --roofline H100  # the grid's ceilings on an H100, computed (any machine, seconds)
 
 Speed (paper §4): fixed-length generation from 6-token prefixes to a total of --seq_lens tokens, bf16 weights
 and KV cache on both sides, and ONE decode path for both: model.generate with a static KV cache and, on CUDA,
@@ -19,6 +20,13 @@ tokens/s counts new tokens over the whole generation (prefill included); warm-up
 timed; AR and every k are timed back to back in each repeat and the medians over --repeats are reported.
 Two models: the paper's shape (12 x 768, 12 heads, block 1024) with RANDOM weights (speed does not depend
 on the weights) and the trained teacher/student.
+
+Roofline (on a GPU whose peaks are known, and for any GPU with --roofline): the tokens/s that each side could
+not exceed with its kernels run one after another, every phase of a generation at the peak bandwidth or peak
+FLOP/s that binds it (generation_phases). A K-Forcing pass reads the weights and the cache once for k tokens,
+but runs 2k rows through the dense layers (the k committed tokens and the k noise slots) where AR runs k rows
+over k passes: at small batch, where the bytes bind, the ceiling approaches k x AR; at large batch the slots'
+FLOPs bind and it falls below that.
 
 Quality (METHOD.md §7): --quality_samples continuations of 6-token val prefixes, decoded in float32 by the
 teacher (AR) and by the student at k = 1..max_k from the SAME noise, temperature 1, no penalty. Same-noise
@@ -46,8 +54,8 @@ from tqdm import tqdm
 from common import (ArgumentParser, UserError, atomic_write, device_name, ensure_writable, resolve_device,
                     load_checkpoint, load_split, model_from_checkpoint, out_of_memory, run_cli, sample_windows,
                     write_json)
-from model import (GPT, GPTConfig, NOISE_CHUNK, CUDAGraphStep, KVCache, device_peak, generate, same_noise_agreement,
-                   window_agreement)
+from model import (GPT, GPTConfig, NOISE_CHUNK, PEAK_FLOPS, CUDAGraphStep, KVCache, device_peak, generate,
+                   same_noise_agreement, window_agreement)
 from sample import default_checkpoints, load_models
 
 PROMPT_LEN = 6   # the paper's 6-token prefixes
@@ -88,6 +96,12 @@ def parse_args(argv=None):
                         "full): its time, the kernels it launches and the heaviest ones (torch.profiler); writes "
                         "<name>.json with a `profile` list (default name: bench_<preset>_profile, or "
                         "bench_paper_shape_profile with --no-trained)")
+    p.add_argument("--roofline", metavar="GPU", default=None,
+                   help="instead of timing: the roofline ceiling of every point of the speed grid on that GPU (H100, "
+                        "H200, A100, ...: a name in the peak tables), computed from the bytes and FLOPs a generation "
+                        "needs, on any machine in seconds; writes <name>.json with a `roofline` list and <name>.csv "
+                        "(default name: bench_<preset>_roofline_<gpu>, or bench_paper_shape_roofline_<gpu> with "
+                        "--no-trained)")
     p.add_argument("--quality_samples", type=int, default=256,
                    help="val prefixes, one continuation each (default: 256)")
     p.add_argument("--quality_tokens", type=int, default=None,
@@ -110,7 +124,8 @@ def parse_args(argv=None):
     p.add_argument("--name", default=None,
                    help="output file stem; a rerun under a name replaces all of that name's files (default: "
                         "bench_<preset>, bench_trained with --teacher/--student, bench_paper_shape with --no-trained; "
-                        "then _speed with --no-quality, _quality with --no-speed, _profile with --profile)")
+                        "then _speed with --no-quality, _quality with --no-speed, _profile with --profile, "
+                        "_roofline_<gpu> with --roofline)")
     p.add_argument("--out_dir", default="results", help="where the JSON, CSVs and plots go (default: results)")
     return p.parse_args(argv)
 
@@ -152,19 +167,59 @@ def weight_bytes(model, part=""):
     return n
 
 
-def bytes_moved(model, B, P, n_new, k, cache_elem):
-    """Bytes that must move in a whole generation: per pass the trunk's weights once, the KV cache read up to the
-    current length and the K/V of the committed tokens written; the noise encoder's weights once per call, as
-    model.generate runs it before its loop, NOISE_CHUNK positions a call (activations and logits not counted)."""
+def linear_weights(model, part):
+    """Weights of the nn.Linear layers under `part` (a module name prefix): 2 FLOPs each for every row."""
+    return sum(m.weight.numel() for name, m in model.named_modules()
+               if name.startswith(part) and isinstance(m, torch.nn.Linear))
+
+
+def generation_phases(model, B, P, n_new, k, cache_elem):
+    """What a whole generation must at least move and compute, as (bytes, FLOPs) per phase, in the order they run:
+    the noise encoder once per call (model.generate runs it before its loop, NOISE_CHUNK positions a call), then per
+    pass the dense layers (the trunk's weights read once, 2 FLOPs per weight for each of the pass's rows, the LM
+    head's for the rows read out only) and attention (the KV cache read up to the current length and the K/V of the
+    committed tokens written; 4 FLOPs per query, key and channel). Activations, norms and the sampler not counted."""
     cfg = model.config
     kv_token = 2 * cfg.n_layer * cfg.n_embd * cache_elem   # K and V of one token, all layers
+    slots = k if cfg.max_k else 0                          # AR: no noise slots, one row read out
     encoder = weight_bytes(model, "noise_encoder.")
-    weights, total, length = weight_bytes(model) - encoder, encoder * -(-n_new // NOISE_CHUNK), 0
+    dense = weight_bytes(model) - encoder                  # what a pass reads: the trunk and the LM head
+    trunk, head = linear_weights(model, "blocks."), linear_weights(model, "lm_head")
+    phases = [(encoder, 2 * B * min(NOISE_CHUNK, n_new - i) * linear_weights(model, "noise_encoder."))
+              for i in range(0, n_new, NOISE_CHUNK)] if cfg.max_k else []
+    length = 0
     for s in range(0, n_new, k):
         written = P if s == 0 else k                       # the prompt at prefill, then the last k tokens
+        rows = written + slots
         length += written
-        total += weights + B * kv_token * (length + written)
-    return total
+        phases.append((dense, 2 * B * (rows * trunk + max(slots, 1) * head)))
+        phases.append((B * kv_token * (length + written), 4 * B * cfg.n_layer * cfg.n_embd * rows * (length + slots)))
+    return phases
+
+
+def bytes_moved(model, B, P, n_new, k, cache_elem):
+    """MBU's numerator: the bytes of generation_phases."""
+    return sum(b for b, _ in generation_phases(model, B, P, n_new, k, cache_elem))
+
+
+def roofline(runs, B, seq_len, peaks):
+    """The roofline ceiling at one point: {k: (tokens/s, speedup over AR)} if every phase of generation_phases ran at
+    the GPU's peak bandwidth or peak FLOPs, whichever binds it, one after another, with no launch overhead; None where
+    a peak is unknown (CPU). runs: {k: model} as point_setup makes them (AR is k = 1). A ceiling, not a forecast: no
+    implementation reaches it, and a measured speedup may exceed its ratio where AR runs further below its own."""
+    bandwidth, flops = peaks
+    if not (bandwidth and flops):
+        return {k: (None, None) for k in runs}
+    tok_s = {}
+    for k, model in runs.items():
+        n = new_tokens(seq_len, k)
+        phases = generation_phases(model, B, PROMPT_LEN, n, k, next(model.parameters()).element_size())
+        tok_s[k] = B * n / sum(max(b / bandwidth, f / flops) for b, f in phases)
+    return {k: (t, t / tok_s[1]) for k, t in tok_s.items()}
+
+
+def new_tokens(seq_len, k):
+    return (seq_len - PROMPT_LEN) // k * k   # whole passes that fit seq_len
 
 
 def sized_to(model, length):
@@ -190,7 +245,7 @@ def time_point(teacher, student, ks, B, seq_len, repeats, device, gen, attention
     runs, cache, step = point_setup(teacher, student, ks, B, seq_len, device, attention, compile)
     prompt = torch.randint(teacher.config.vocab_size, (B, PROMPT_LEN), generator=gen).to(device)
     noise = torch.rand(B, seq_len - PROMPT_LEN, generator=gen, dtype=torch.float64).to(device)
-    n_new = {k: (seq_len - PROMPT_LEN) // k * k for k in runs}   # whole passes that fit seq_len
+    n_new = {k: new_tokens(seq_len, k) for k in runs}
 
     def run(k, n):
         sync(device)
@@ -228,26 +283,40 @@ def run_grid(models, batch_sizes, device, desc, point):
     return rows, skipped
 
 
+def peaks_of(device, gpu=None):
+    """(peak HBM bandwidth, peak dense FLOP/s) of this device, or of the GPU named `gpu` (--roofline)."""
+    return device_peak(device, PEAK_BANDWIDTH, gpu), device_peak(device, PEAK_FLOPS, gpu)
+
+
 def run_speed(models, ks, batch_sizes, repeats, device, seed, attention, compile):
-    peak = device_peak(device, PEAK_BANDWIDTH)
+    peaks = peaks_of(device)
     gen = torch.Generator().manual_seed(seed)
 
     def point(label, teacher, student, seq_len, B):
         res = time_point(teacher, student, ks, B, seq_len, repeats, device, gen, attention, compile)
+        roof = roofline({k: teacher if k == 1 else student for k in res}, B, seq_len, peaks)
         ar_n, ar_t, _ = res[1]
         rows = []
         for k, (n, ts, warm) in res.items():
             model = teacher if k == 1 else student
             speedups = [(B * n / t) / (B * ar_n / t_ar) for t, t_ar in zip(ts, ar_t)]
             t = statistics.median(ts)
-            mbu = bytes_moved(model, B, PROMPT_LEN, n, k, next(model.parameters()).element_size()) / t / peak \
-                if peak else None
+            mbu = bytes_moved(model, B, PROMPT_LEN, n, k, next(model.parameters()).element_size()) / t / peaks[0] \
+                if peaks[0] else None
             rows.append({"model": label, "seq_len": seq_len, "batch_size": B, "k": k, "new_tokens": n,
                          "tokens_per_s": statistics.median(B * n / t for t in ts),
                          "speedup": 1.0 if k == 1 else statistics.median(speedups), "mbu": mbu,
-                         "warmup_s": warm})
+                         "roofline_tokens_per_s": roof[k][0], "roofline_speedup": roof[k][1], "warmup_s": warm})
         return rows
     return run_grid(models, batch_sizes, device, "speed", point)
+
+
+def run_roofline(models, ks, batch_sizes, peaks):
+    """The speed grid's roofline ceilings for a GPU's peaks, computed instead of timed (on any machine)."""
+    return [{"model": label, "seq_len": seq_len, "batch_size": B, "k": k, "new_tokens": new_tokens(seq_len, k),
+             "roofline_tokens_per_s": tok_s, "roofline_speedup": speedup}
+            for label, teacher, student, seq_lens in models for seq_len in seq_lens for B in batch_sizes
+            for k, (tok_s, speedup) in roofline({1: teacher, **{k: student for k in ks}}, B, seq_len, peaks).items()]
 
 
 def run_profile(models, ks, batch_sizes, device, seed, attention, compile, steps=5, top=8):
@@ -410,10 +479,13 @@ def plot_speed(rows, device, path):
         ax.axhline(1.0, color="gray", lw=0.8, ls=":")
         lines = sorted({(r["k"], r["seq_len"]) for r in rows if r["model"] == m and r["k"] > 1})
         for k, s in lines:
-            pts = sorted((r["batch_size"], r["speedup"]) for r in rows
-                         if (r["model"], r["k"], r["seq_len"]) == (m, k, s) and r["speedup"] is not None)
-            ax.plot(*zip(*pts), marker="o", ls="-" if s == max(l[1] for l in lines) else "--",
-                    label=f"k = {k}, {s} tokens")
+            line = [r for r in rows if (r["model"], r["k"], r["seq_len"]) == (m, k, s)]
+            pts = sorted((r["batch_size"], r["speedup"]) for r in line if r["speedup"] is not None)
+            drawn = ax.plot(*zip(*pts), marker="o", ls="-" if s == max(l[1] for l in lines) else "--",
+                            label=f"k = {k}, {s} tokens")
+            roof = sorted((r["batch_size"], r["roofline_speedup"]) for r in line if r["roofline_speedup"] is not None)
+            if roof and k == max(l[0] for l in lines):   # the largest k's ceiling: what this layout could reach
+                ax.plot(*zip(*roof), ls=":", color=drawn[0].get_color(), label=f"k = {k}, {s} tokens: roofline")
         ax.set_xscale("log", base=2)
         ax.set(xlabel="batch size", ylabel="speedup over AR (tokens/s ratio)", title=m)
         ax.legend(fontsize=8)
@@ -442,7 +514,8 @@ def plot_quality(rows, path):
     save_figure(fig, path)
 
 
-def print_tables(speed, skipped, quality, profile, device):
+def print_tables(speed, skipped, quality, profile, roof, device):
+    opt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
     print(f"\ndevice: {device}")
     for r in profile:
         print(f"\n{r['model']}, {r['seq_len']} tokens (cache half full), batch {r['batch_size']}, k = {r['k']}: "
@@ -450,13 +523,19 @@ def print_tables(speed, skipped, quality, profile, device):
               f"profiler: {r['launches_per_step']:.0f} {r['launches']}, {r['busy_ms_per_step']:.3f} ms busy")
         for t in r["top"]:
             print(f"  {t['ms_per_step']:8.3f} ms  x{t['per_step']:<4.0f} {t['name'][:100]}")
-    if speed:
-        print(f"{'model':<20}{'seq':>6}{'batch':>7}{'k':>3}{'tokens/s':>12}{'speedup':>9}{'MBU':>7}")
+    if speed:   # roofline: the speedup's ceiling; of roof: tokens/s as a fraction of their ceiling
+        print(f"{'model':<20}{'seq':>6}{'batch':>7}{'k':>3}{'tokens/s':>12}{'speedup':>9}{'MBU':>7}{'roofline':>10}"
+              f"{'of roof':>9}")
         for r in speed:
-            mbu = f"{r['mbu']:.1%}" if r["mbu"] is not None else "-"
-            sp = f"{r['speedup']:.2f}x" if r["speedup"] is not None else "-"
+            roof_frac = r["roofline_tokens_per_s"] and r["tokens_per_s"] / r["roofline_tokens_per_s"]
             print(f"{r['model']:<20}{r['seq_len']:>6}{r['batch_size']:>7}{r['k']:>3}{r['tokens_per_s']:>12,.0f}"
-                  f"{sp:>9}{mbu:>7}")
+                  f"{opt(r['speedup'], '.2f'):>9}{opt(r['mbu'], '.1%'):>7}{opt(r['roofline_speedup'], '.2f'):>10}"
+                  f"{opt(roof_frac, '.1%'):>9}")
+    if roof:
+        print(f"{'model':<20}{'seq':>6}{'batch':>7}{'k':>3}{'ceiling tokens/s':>18}{'ceiling speedup':>17}")
+        for r in roof:
+            print(f"{r['model']:<20}{r['seq_len']:>6}{r['batch_size']:>7}{r['k']:>3}"
+                  f"{r['roofline_tokens_per_s']:>18,.0f}{r['roofline_speedup']:>16.2f}x")
     for s in skipped:
         print(f"skipped: {s['model']} seq_len {s['seq_len']} batch {s['batch_size']} ({s['reason']})")
     if quality:
@@ -474,15 +553,21 @@ def print_tables(speed, skipped, quality, profile, device):
 def main(argv=None):
     args = parse_args(argv)
     device = resolve_device(args.device)
-    gpu = device.type == "cuda"
+    gpu = device.type == "cuda" or args.roofline is not None   # (a roofline is a GPU's: the GPU grid)
     # Defaults: the full grid on a GPU, a small one that finishes in a minute or two on a CPU
     batch_sizes = int_list(args.batch_sizes or ("1,8,32,64,128,256,512" if gpu else "1,8"), "batch_sizes", "1,8,32")
     seq_lens = int_list(args.seq_lens or ("128,1024" if gpu else "64"), "seq_lens", "128,1024")
     repeats = args.repeats if args.repeats is not None else (3 if gpu else 1)
     paper_shape = args.paper_shape if args.paper_shape is not None else gpu or not args.trained
-    do_quality = args.quality if args.quality is not None else args.trained and not args.profile
-    if args.profile and (do_quality or not args.speed):
-        raise UserError("--profile replaces the speed grid and the quality metrics: drop --quality / --no-speed")
+    if args.profile and args.roofline:
+        raise UserError("--profile times one step, --roofline computes ceilings: pick one")
+    alone = "--profile" if args.profile else "--roofline" if args.roofline else None   # instead of the speed grid
+    do_quality = args.quality if args.quality is not None else args.trained and not alone
+    if alone and (do_quality or not args.speed):
+        raise UserError(f"{alone} replaces the speed grid and the quality metrics: drop --quality / --no-speed")
+    if args.roofline and not all(peaks_of(device, args.roofline)):
+        raise UserError(f"--roofline {args.roofline!r}: no peak bandwidth and FLOP/s for that GPU; known: "
+                        + ", ".join(name for name, _ in PEAK_BANDWIDTH if device_peak(device, PEAK_FLOPS, name)))
     if min(batch_sizes) < 1 or repeats < 1 or args.quality_samples < 1:
         raise UserError("--batch_sizes, --repeats and --quality_samples must be at least 1")
     if not args.trained and (do_quality or not paper_shape or not args.speed or args.teacher or args.student
@@ -506,7 +591,8 @@ def main(argv=None):
             raise UserError(f"--ks: k = {k} is not between 2 and the student's max_k ({max_k}) "
                             "(AR, k = 1, is always measured)")
     # a partial run gets a name of its own: it never replaces (or deletes the files of) a whole run's results
-    part = ("_profile" if args.profile else "_quality" if not args.speed else
+    part = ("_profile" if args.profile else "_roofline_" + re.sub(r"\W+", "_", args.roofline).lower() if args.roofline
+            else "_quality" if not args.speed else
             "_speed" if args.trained and not do_quality else "")
     name = args.name or (f"bench_{label}" if args.trained else "bench_paper_shape") + part
     ensure_writable(args.out_dir)
@@ -546,8 +632,10 @@ def main(argv=None):
     print(f"bench on {device_name(device)}: "
           + (f"teacher {teacher_path}, student {student_path} (max_k {max_k})" if args.trained else "no trained model")
           + (", paper shape with random weights" if paper_shape and args.speed else ""))
-    speed, profile, skipped = [], [], []
-    if args.profile:
+    speed, profile, roof, skipped = [], [], [], []
+    if args.roofline:
+        roof = run_roofline(models, ks, batch_sizes, peaks_of(device, args.roofline))
+    elif args.profile:
         profile, skipped = run_profile(models, ks, batch_sizes, device, args.seed, args.attention, args.compile)
     elif args.speed:
         speed, skipped = run_speed(models, ks, batch_sizes, repeats, device, args.seed, args.attention, args.compile)
@@ -557,6 +645,7 @@ def main(argv=None):
               "seq_lens_timed": {m: fit for m, _, _, fit in models},   # those of seq_lens that fit each model
               "paper_shape": paper_shape, "quality": do_quality, "attention": args.attention if args.speed else None,
               "quality_tokens": T, "device": str(device), "model_label": label,
+              "peaks": dict(zip(("hbm_bytes_per_s", "dense_flops_per_s"), peaks_of(device, args.roofline))),
               "teacher": teacher_path, "student": student_path,
               "judge": args.judge or teacher_path, "prompt_len": PROMPT_LEN,
               "speed_dtype": args.dtype, "quality_dtype": "float32",
@@ -574,21 +663,29 @@ def main(argv=None):
                         "/ time / peak HBM bandwidth; None where the peak is unknown (CPU). It counts the bytes a "
                         "pass needs, not what this implementation moves: flex reads the cache up to the last "
                         "written 128-entry block, sdpa the whole static cache (seq_len entries, stale ones masked)",
+                        "roofline_tokens_per_s: the ceiling if every phase of a generation (noise encoder; per pass "
+                        "dense layers, then attention) ran at peak bandwidth or peak dense FLOP/s, whichever binds it, "
+                        "one after another, no launch overhead; roofline_speedup: its ratio to AR's ceiling. A bound "
+                        "on each side's tokens/s, not on the measured speedup, which exceeds it where AR runs further "
+                        "below its ceiling than K-Forcing. None where a peak is unknown (CPU)",
                         "warmup_s: the untimed first prefill + decode step of each k at a point (kernel compilation "
                         "and CUDA-graph capture)",
                         "quality: samples decoded in float32 from one shared noise tensor, temperature 1, no penalty; "
                         "gen-PPL under the judge in float32; entropy and repeat4 over the continuation only"]}
     out = {"device": device_name(device), "torch": torch.__version__, "config": config,
-           "speed": speed, "skipped": skipped, "quality": quality, **({"profile": profile} if args.profile else {})}
+           "speed": speed, "skipped": skipped, "quality": quality, **({"profile": profile} if args.profile else {}),
+           **({"roofline": roof} if args.roofline else {})}
     stem = os.path.join(args.out_dir, name)
     write_json(stem + ".json", out)
     for suffix, made in (("_speed.csv", speed), ("_speedup_vs_batch.png", speed), ("_quality.csv", quality),
                          ("_quality_vs_k.png", quality)):
         if not made and os.path.exists(stem + suffix):
             os.remove(stem + suffix)   # an earlier run's under this name: a name's files all come from one run
+    if roof:
+        write_csv(stem + ".csv", roof, list(roof[0]))
     if speed:
         write_csv(stem + "_speed.csv", speed, ["model", "seq_len", "batch_size", "k", "new_tokens", "tokens_per_s",
-                                               "speedup", "mbu"])
+                                               "speedup", "mbu", "roofline_tokens_per_s", "roofline_speedup"])
         plot_speed(speed, device_name(device), stem + "_speedup_vs_batch.png")
     if quality:
         slots = lambda key: [f"{key}_slot{i + 1}" for i in range(max_k)]  # noqa: E731
@@ -597,8 +694,9 @@ def main(argv=None):
         write_csv(stem + "_quality.csv", flat, ["model", "k", "gen_ppl", "gen_ppl_ratio", "entropy", "entropy_ratio",
                                                 "repeat4"] + slots("window_agreement") + slots("agreement"))
         plot_quality(quality, stem + "_quality_vs_k.png")
-    print_tables(speed, skipped, quality, profile, device_name(device))
-    print(f"\nwrote {stem}.json" + (", _speed.csv, _speedup_vs_batch.png" if speed else "")
+    print_tables(speed, skipped, quality, profile, roof, device_name(device))
+    print(f"\nwrote {stem}.json" + (f", {name}.csv" if roof else "")
+          + (", _speed.csv, _speedup_vs_batch.png" if speed else "")
           + (", _quality.csv, _quality_vs_k.png" if quality else ""))
 
 

@@ -546,13 +546,15 @@ PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H
               ("A10", 125e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("4090", 165e12)]
 
 
-def device_peak(device, table):
-    """The first value of a [(name part, value)] table whose name part is in this GPU's name; None on CPU or for a
-    GPU the table does not know. Serves PEAK_FLOPS here and bench.py's PEAK_BANDWIDTH."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for key, v in table if key in name), None)
+def device_peak(device, table, name=None):
+    """The first value of a [(name part, value)] table whose name part is in this GPU's name (or in `name`, a GPU
+    named instead, in any case); None on CPU or for a GPU the table does not know. Serves PEAK_FLOPS and bench.py's
+    PEAK_BANDWIDTH."""
+    if name is None:
+        if device.type != "cuda":
+            return None
+        name = torch.cuda.get_device_name(device)
+    return next((v for key, v in table if key.lower() in name.lower()), None)
 
 
 def peak_flops(device):

@@ -24,7 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from common import save_checkpoint  # noqa: E402
 import bench as bench_py  # noqa: E402   (bench() below runs the script)
-from bench import bytes_moved, gen_ppl, quality_row, sized_to  # noqa: E402
+from bench import bytes_moved, gen_ppl, generation_phases, quality_row, roofline, sized_to  # noqa: E402
 from model import GPT, GPTConfig, CUDAGraphStep, KVCache, compile_per_shape, decode_step, generate  # noqa: E402
 
 K = 4
@@ -79,7 +79,7 @@ def test_end_to_end_outputs(files):
         assert {"model", "seq_len", "batch_size", "k", "tokens_per_s", "speedup", "mbu"} <= set(row)
         assert row["model"] == "trained" and row["seq_len"] == 32
         assert row["tokens_per_s"] > 0 and row["speedup"] > 0
-        assert row["mbu"] is None   # no peak bandwidth on a CPU
+        assert row["mbu"] is row["roofline_tokens_per_s"] is row["roofline_speedup"] is None   # no peaks on a CPU
         assert row["new_tokens"] == (32 - 6) // row["k"] * row["k"]
         if row["k"] == 1:
             assert row["speedup"] == 1.0
@@ -177,6 +177,9 @@ def test_quality_decodes_every_model_from_the_ar_samples_noise(monkeypatch):
     (["--student", "missing.pt"], "not found"),
     (["--no-trained"], "--no-trained"),   # with the --teacher and --student it cannot use
     (["--profile", "--quality"], "--profile"),
+    (["--roofline", "H100", "--no-speed"], "--roofline"),
+    (["--roofline", "H100", "--profile"], "pick one"),
+    (["--roofline", "TPU"], "known: H100"),
     (["--data_dir", "/nonexistent"], "not found"),   # before the speed grid, not after it
 ])
 def test_bad_input_is_one_line(files, args, message):
@@ -355,6 +358,71 @@ def test_bytes_moved_per_pass():
     assert bytes_moved(teacher, B, P, 2, 1, 2) == 2 * weights + B * kv * ((6 + 6) + (7 + 1))
     for n, calls in ((8, 1), (256, 1), (260, 2)):   # generate encodes the noise in calls of NOISE_CHUNK = 256
         assert bytes_moved(student, B, P, n, 4, 2) - bytes_moved(teacher, B, P, n, 4, 2) == calls * encoder
+
+
+def test_roofline_phases_and_ceiling():
+    """The roofline: per pass, the dense layers compute 2 FLOPs per weight for each row, the k noise slots included,
+    but the LM head's only for the rows read out (AR: the last token; a student: its k slots); attention 4 per
+    query, key and channel. A phase takes max(bytes / bandwidth, FLOPs / peak), phases one after another."""
+    teacher, student = tiny_models()
+    d, L, V = 32, 2, teacher.config.padded_vocab
+    trunk = L * 12 * d * d                         # qkv, projection, MLP up and down
+    encoder_flops = 2 * sum(m.weight.numel() for m in student.noise_encoder.modules()
+                            if isinstance(m, torch.nn.Linear))
+    B, P = 3, 6
+    # k = 4, 8 new tokens: the prefill (6 tokens + 4 slots; cache 6 long), then 4 tokens + 4 slots (cache 10 long)
+    flops = [f for _, f in generation_phases(student, B, P, 8, 4, 2)]
+    assert flops == [B * 8 * encoder_flops,
+                     2 * B * (10 * trunk + 4 * d * V), 4 * B * L * d * 10 * (6 + 4),
+                     2 * B * (8 * trunk + 4 * d * V), 4 * B * L * d * 8 * (10 + 4)]
+    flops = [f for _, f in generation_phases(teacher, B, P, 2, 1, 2)]   # AR: no slots, one row read out
+    assert flops == [2 * B * (6 * trunk + d * V), 4 * B * L * d * 6 * 6, 2 * B * (trunk + d * V), 4 * B * L * d * 7]
+
+    runs = {1: teacher, 4: student}
+    bw_bound = roofline(runs, B, 14, (1e12, math.inf))   # 14 = 6 + 8: 8 new tokens for both
+    for k, model in runs.items():
+        assert bw_bound[k][0] == pytest.approx(B * 8 / (bytes_moved(model, B, P, 8, k, 4) / 1e12))
+    assert bw_bound[1][1] == 1.0 and 1 < bw_bound[4][1] < 4   # fewer passes over the weights, but the cache grows
+    flop_bound = roofline(runs, B, 14, (math.inf, 1e12))
+    student_flops = sum(f for _, f in generation_phases(student, B, P, 8, 4, 4))
+    assert flop_bound[4][0] == pytest.approx(B * 8 * 1e12 / student_flops)
+    assert flop_bound[4][1] < 1   # compute-bound, the slots' rows make a student slower than AR
+    assert roofline(runs, B, 14, (None, 1e12)) == {1: (None, None), 4: (None, None)}   # a peak unknown (CPU)
+
+
+def test_roofline_of_a_gpu_on_any_machine(files):
+    """--roofline GPU: the speed grid's ceilings on that GPU, computed, not timed. At batch 1 a pass reads the
+    weights, so k tokens a pass approach k times AR's ceiling; a wider batch raises every ceiling."""
+    r = bench(files, "--roofline", "H100", "--batch_sizes", "1,64", "--seq_lens", "32", "--no-paper_shape")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((files / "out" / "bench_trained_roofline_h100.json").read_text())
+    assert res["speed"] == [] and res["quality"] == []
+    assert res["config"]["peaks"] == {"hbm_bytes_per_s": 3.35e12, "dense_flops_per_s": 989e12}
+    rows = {(row["batch_size"], row["k"]): row for row in res["roofline"]}
+    assert sorted(rows) == [(b, k) for b in (1, 64) for k in (1, 2, 3, 4)]
+    for (b, k), row in rows.items():
+        assert row["roofline_speedup"] == pytest.approx(
+            row["roofline_tokens_per_s"] / rows[(b, 1)]["roofline_tokens_per_s"])
+        assert 0.9 * k < rows[(1, k)]["roofline_speedup"] <= k
+        assert rows[(64, k)]["roofline_tokens_per_s"] > rows[(1, k)]["roofline_tokens_per_s"]
+    with open(files / "out" / "bench_trained_roofline_h100.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    assert "ceiling speedup" in r.stdout
+
+
+def test_speed_outputs_with_a_roofline(tmp_path, capsys):
+    """On a GPU with known peaks every speed row has its ceiling: the table prints the speedup's ceiling and each
+    side's tokens/s as a fraction of its own; the plot draws the largest k's ceiling."""
+    rows = [{"model": "m", "seq_len": 64, "batch_size": b, "k": k, "tokens_per_s": 100.0 * k * b,
+             "speedup": float(k), "mbu": 0.5, "roofline_tokens_per_s": 400.0 * k * b, "roofline_speedup": k - 0.25}
+            for b in (1, 8) for k in (1, 2, 4)]
+    rows[0]["roofline_speedup"] = 1.0
+    bench_py.print_tables(rows, [], [], [], [], "GPU")
+    out = capsys.readouterr().out
+    assert "roofline" in out and "of roof" in out
+    assert re.search(r"m\s+64\s+8\s+4\s+3,200\s+4\.00\s+50\.0%\s+3\.75\s+25\.0%", out), out
+    bench_py.plot_speed(rows, "GPU", str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_cache_sized_to_the_generation_gives_the_same_tokens():
