@@ -22,11 +22,12 @@ Two models: the paper's shape (12 x 768, 12 heads, block 1024) with RANDOM weigh
 on the weights) and the trained teacher/student.
 
 Roofline (on a GPU whose peaks are known, and for any GPU with --roofline): the tokens/s that each side could
-not exceed with its kernels run one after another, every phase of a generation at the peak bandwidth or peak
-FLOP/s that binds it (generation_phases). A K-Forcing pass reads the weights and the cache once for k tokens,
-but runs 2k rows through the dense layers (the k committed tokens and the k noise slots) where AR runs k rows
-over k passes: at small batch, where the bytes bind, the ceiling approaches k x AR; at large batch the slots'
-FLOPs bind and it falls below that.
+not exceed, from the bytes and FLOPs of each phase of a generation (generation_phases) at the GPU's peaks: in
+sequence (each phase bound by its bytes or its FLOPs, one after another, as the kernels here run) and
+overlapped (compute hidden under memory traffic: the bound for any implementation). A K-Forcing pass reads the
+weights and the cache once for k tokens, but runs 2k rows through the dense layers (the k committed tokens and
+the k noise slots) where AR runs k rows over k passes: where bytes bind (small batch, long cache) the ceiling
+is k x AR's; where the dense layers turn compute-bound it falls below that.
 
 Quality (METHOD.md §7): --quality_samples continuations of 6-token val prefixes, decoded in float32 by the
 teacher (AR) and by the student at k = 1..max_k from the SAME noise, temperature 1, no penalty. Same-noise
@@ -176,24 +177,28 @@ def linear_weights(model, part):
 def generation_phases(model, B, P, n_new, k, cache_elem):
     """What a whole generation must at least move and compute, as (bytes, FLOPs) per phase, in the order they run:
     the noise encoder once per call (model.generate runs it before its loop, NOISE_CHUNK positions a call), then per
-    pass the dense layers (the trunk's weights read once, 2 FLOPs per weight for each of the pass's rows, the LM
-    head's for the rows read out only) and attention (the KV cache read up to the current length and the K/V of the
+    pass the trunk's dense layers (weights read once, 2 FLOPs per weight for each of the pass's rows), the LM head (the
+    same, for the rows read out only) and attention (the KV cache read up to the current length and the K/V of the
     committed tokens written; 4 FLOPs per query, key and channel). Activations, norms and the sampler not counted."""
     cfg = model.config
     kv_token = 2 * cfg.n_layer * cfg.n_embd * cache_elem   # K and V of one token, all layers
-    slots = k if cfg.max_k else 0                          # AR: no noise slots, one row read out
+    slots = k if cfg.max_k else 0                          # AR: no noise slots; it reads out its last row
+    readout = slots or 1
     encoder = weight_bytes(model, "noise_encoder.")
-    dense = weight_bytes(model) - encoder                  # what a pass reads: the trunk and the LM head
-    trunk, head = linear_weights(model, "blocks."), linear_weights(model, "lm_head")
-    phases = [(encoder, 2 * B * min(NOISE_CHUNK, n_new - i) * linear_weights(model, "noise_encoder."))
-              for i in range(0, n_new, NOISE_CHUNK)] if cfg.max_k else []
+    head = model.lm_head.weight.numel()
+    trunk_bytes = weight_bytes(model) - encoder - head * model.lm_head.weight.element_size()   # blocks, final norm
+    phases = []
+    if cfg.max_k:
+        encoder_flops = 2 * B * linear_weights(model, "noise_encoder.")   # per position
+        phases += [(encoder, encoder_flops * min(NOISE_CHUNK, n_new - i)) for i in range(0, n_new, NOISE_CHUNK)]
     length = 0
     for s in range(0, n_new, k):
         written = P if s == 0 else k                       # the prompt at prefill, then the last k tokens
         rows = written + slots
         length += written
-        phases.append((dense, 2 * B * (rows * trunk + max(slots, 1) * head)))
-        phases.append((B * kv_token * (length + written), 4 * B * cfg.n_layer * cfg.n_embd * rows * (length + slots)))
+        phases += [(trunk_bytes, 2 * B * rows * linear_weights(model, "blocks.")),
+                   (head * model.lm_head.weight.element_size(), 2 * B * readout * head),
+                   (B * kv_token * (length + written), 4 * B * cfg.n_layer * cfg.n_embd * rows * (length + slots))]
     return phases
 
 
@@ -202,24 +207,37 @@ def bytes_moved(model, B, P, n_new, k, cache_elem):
     return sum(b for b, _ in generation_phases(model, B, P, n_new, k, cache_elem))
 
 
+ROOFLINE_FIELDS = ("roofline_tokens_per_s", "roofline_speedup", "roofline_overlapped_speedup")
+
+
 def roofline(runs, B, seq_len, peaks):
-    """The roofline ceiling at one point: {k: (tokens/s, speedup over AR)} if every phase of generation_phases ran at
-    the GPU's peak bandwidth or peak FLOPs, whichever binds it, one after another, with no launch overhead; None where
-    a peak is unknown (CPU). runs: {k: model} as point_setup makes them (AR is k = 1). A ceiling, not a forecast: no
-    implementation reaches it, and a measured speedup may exceed its ratio where AR runs further below its own."""
+    """The roofline at one point, {k: {field: value}} (runs: {k: model}, AR is k = 1). roofline_tokens_per_s: what a
+    generation could not exceed with the phases of generation_phases run one after another, as every kernel here
+    runs, each at the peak bandwidth or the peak FLOP/s, whichever binds it, with no launch overhead; roofline_speedup:
+    its ratio to AR's. roofline_overlapped_speedup: the same ratio if compute and memory traffic overlapped perfectly
+    (all bytes / bandwidth against all FLOPs / peak; splitting the batch across streams would approach it, which
+    nothing here does): the bound for any implementation. None where a peak is unknown (CPU) or the weights are not
+    bf16 (the FLOP/s peaks are bf16's). Ceilings, not forecasts: a measured speedup exceeds the ceilings' ratio where
+    AR runs further below its own ceiling than K-Forcing."""
     bandwidth, flops = peaks
-    if not (bandwidth and flops):
-        return {k: (None, None) for k in runs}
-    tok_s = {}
+    if not (bandwidth and flops) or any(next(m.parameters()).dtype != torch.bfloat16 for m in runs.values()):
+        return {k: dict.fromkeys(ROOFLINE_FIELDS) for k in runs}
+    in_sequence, overlapped = {}, {}
     for k, model in runs.items():
         n = new_tokens(seq_len, k)
         phases = generation_phases(model, B, PROMPT_LEN, n, k, next(model.parameters()).element_size())
-        tok_s[k] = B * n / sum(max(b / bandwidth, f / flops) for b, f in phases)
-    return {k: (t, t / tok_s[1]) for k, t in tok_s.items()}
+        in_sequence[k] = B * n / sum(max(b / bandwidth, f / flops) for b, f in phases)
+        overlapped[k] = B * n / max(sum(b for b, _ in phases) / bandwidth, sum(f for _, f in phases) / flops)
+    return {k: dict(zip(ROOFLINE_FIELDS, (in_sequence[k], in_sequence[k] / in_sequence[1],
+                                          overlapped[k] / overlapped[1]))) for k in runs}
 
 
 def new_tokens(seq_len, k):
     return (seq_len - PROMPT_LEN) // k * k   # whole passes that fit seq_len
+
+
+def by_k(teacher, student, ks):
+    return {1: teacher, **{k: student for k in ks}}   # AR is k = 1
 
 
 def sized_to(model, length):
@@ -236,7 +254,7 @@ def point_setup(teacher, student, ks, B, seq_len, device, attention, compile):
     cache and one CUDAGraphStep, whose graphs serve the whole point."""
     teacher, student = sized_to(teacher, seq_len), sized_to(student, seq_len)
     cache = KVCache(student.config, B, device, next(teacher.parameters()).dtype, attention)
-    return {1: teacher, **{k: student for k in ks}}, cache, CUDAGraphStep(compile=compile)
+    return by_k(teacher, student, ks), cache, CUDAGraphStep(compile=compile)
 
 
 def time_point(teacher, student, ks, B, seq_len, repeats, device, gen, attention, compile):
@@ -283,9 +301,9 @@ def run_grid(models, batch_sizes, device, desc, point):
     return rows, skipped
 
 
-def peaks_of(device, gpu=None):
-    """(peak HBM bandwidth, peak dense FLOP/s) of this device, or of the GPU named `gpu` (--roofline)."""
-    return device_peak(device, PEAK_BANDWIDTH, gpu), device_peak(device, PEAK_FLOPS, gpu)
+def peaks_of(device, gpu_name=None):
+    """(peak HBM bandwidth, peak dense bf16 FLOP/s) of this device, or of the GPU named gpu_name (--roofline)."""
+    return device_peak(device, PEAK_BANDWIDTH, gpu_name), device_peak(device, PEAK_FLOPS, gpu_name)
 
 
 def run_speed(models, ks, batch_sizes, repeats, device, seed, attention, compile):
@@ -294,7 +312,7 @@ def run_speed(models, ks, batch_sizes, repeats, device, seed, attention, compile
 
     def point(label, teacher, student, seq_len, B):
         res = time_point(teacher, student, ks, B, seq_len, repeats, device, gen, attention, compile)
-        roof = roofline({k: teacher if k == 1 else student for k in res}, B, seq_len, peaks)
+        roof = roofline(by_k(teacher, student, ks), B, seq_len, peaks)
         ar_n, ar_t, _ = res[1]
         rows = []
         for k, (n, ts, warm) in res.items():
@@ -306,17 +324,16 @@ def run_speed(models, ks, batch_sizes, repeats, device, seed, attention, compile
             rows.append({"model": label, "seq_len": seq_len, "batch_size": B, "k": k, "new_tokens": n,
                          "tokens_per_s": statistics.median(B * n / t for t in ts),
                          "speedup": 1.0 if k == 1 else statistics.median(speedups), "mbu": mbu,
-                         "roofline_tokens_per_s": roof[k][0], "roofline_speedup": roof[k][1], "warmup_s": warm})
+                         **roof[k], "warmup_s": warm})
         return rows
     return run_grid(models, batch_sizes, device, "speed", point)
 
 
 def run_roofline(models, ks, batch_sizes, peaks):
     """The speed grid's roofline ceilings for a GPU's peaks, computed instead of timed (on any machine)."""
-    return [{"model": label, "seq_len": seq_len, "batch_size": B, "k": k, "new_tokens": new_tokens(seq_len, k),
-             "roofline_tokens_per_s": tok_s, "roofline_speedup": speedup}
+    return [{"model": label, "seq_len": seq_len, "batch_size": B, "k": k, "new_tokens": new_tokens(seq_len, k), **roof}
             for label, teacher, student, seq_lens in models for seq_len in seq_lens for B in batch_sizes
-            for k, (tok_s, speedup) in roofline({1: teacher, **{k: student for k in ks}}, B, seq_len, peaks).items()]
+            for k, roof in roofline(by_k(teacher, student, ks), B, seq_len, peaks).items()]
 
 
 def run_profile(models, ks, batch_sizes, device, seed, attention, compile, steps=5, top=8):
@@ -532,10 +549,12 @@ def print_tables(speed, skipped, quality, profile, roof, device):
                   f"{opt(r['speedup'], '.2f'):>9}{opt(r['mbu'], '.1%'):>7}{opt(r['roofline_speedup'], '.2f'):>10}"
                   f"{opt(roof_frac, '.1%'):>9}")
     if roof:
-        print(f"{'model':<20}{'seq':>6}{'batch':>7}{'k':>3}{'ceiling tokens/s':>18}{'ceiling speedup':>17}")
+        print(f"{'model':<20}{'seq':>6}{'batch':>7}{'k':>3}{'ceiling tokens/s':>18}{'ceiling speedup':>17}"
+              f"{'overlapped':>12}")
         for r in roof:
             print(f"{r['model']:<20}{r['seq_len']:>6}{r['batch_size']:>7}{r['k']:>3}"
-                  f"{r['roofline_tokens_per_s']:>18,.0f}{r['roofline_speedup']:>16.2f}x")
+                  f"{r['roofline_tokens_per_s']:>18,.0f}{r['roofline_speedup']:>16.2f}x"
+                  f"{r['roofline_overlapped_speedup']:>11.2f}x")
     for s in skipped:
         print(f"skipped: {s['model']} seq_len {s['seq_len']} batch {s['batch_size']} ({s['reason']})")
     if quality:
@@ -553,21 +572,24 @@ def print_tables(speed, skipped, quality, profile, roof, device):
 def main(argv=None):
     args = parse_args(argv)
     device = resolve_device(args.device)
-    gpu = device.type == "cuda" or args.roofline is not None   # (a roofline is a GPU's: the GPU grid)
+    roofline_only = args.roofline is not None
+    gpu = device.type == "cuda" or roofline_only   # (a roofline is a GPU's: the GPU grid)
     # Defaults: the full grid on a GPU, a small one that finishes in a minute or two on a CPU
     batch_sizes = int_list(args.batch_sizes or ("1,8,32,64,128,256,512" if gpu else "1,8"), "batch_sizes", "1,8,32")
     seq_lens = int_list(args.seq_lens or ("128,1024" if gpu else "64"), "seq_lens", "128,1024")
     repeats = args.repeats if args.repeats is not None else (3 if gpu else 1)
     paper_shape = args.paper_shape if args.paper_shape is not None else gpu or not args.trained
-    if args.profile and args.roofline:
+    if args.profile and roofline_only:
         raise UserError("--profile times one step, --roofline computes ceilings: pick one")
-    alone = "--profile" if args.profile else "--roofline" if args.roofline else None   # instead of the speed grid
+    alone = "--profile" if args.profile else "--roofline" if roofline_only else None   # instead of the speed grid
     do_quality = args.quality if args.quality is not None else args.trained and not alone
     if alone and (do_quality or not args.speed):
         raise UserError(f"{alone} replaces the speed grid and the quality metrics: drop --quality / --no-speed")
-    if args.roofline and not all(peaks_of(device, args.roofline)):
+    if roofline_only and not all(peaks_of(device, args.roofline)):
         raise UserError(f"--roofline {args.roofline!r}: no peak bandwidth and FLOP/s for that GPU; known: "
                         + ", ".join(name for name, _ in PEAK_BANDWIDTH if device_peak(device, PEAK_FLOPS, name)))
+    if roofline_only and args.dtype != "bfloat16":
+        raise UserError("--roofline computes bf16 ceilings (the peak FLOP/s known are bf16's): drop --dtype")
     if min(batch_sizes) < 1 or repeats < 1 or args.quality_samples < 1:
         raise UserError("--batch_sizes, --repeats and --quality_samples must be at least 1")
     if not args.trained and (do_quality or not paper_shape or not args.speed or args.teacher or args.student
@@ -591,9 +613,15 @@ def main(argv=None):
             raise UserError(f"--ks: k = {k} is not between 2 and the student's max_k ({max_k}) "
                             "(AR, k = 1, is always measured)")
     # a partial run gets a name of its own: it never replaces (or deletes the files of) a whole run's results
-    part = ("_profile" if args.profile else "_roofline_" + re.sub(r"\W+", "_", args.roofline).lower() if args.roofline
-            else "_quality" if not args.speed else
-            "_speed" if args.trained and not do_quality else "")
+    part = ""
+    if args.profile:
+        part = "_profile"
+    elif roofline_only:
+        part = "_roofline_" + re.sub(r"\W+", "_", args.roofline).lower()
+    elif not args.speed:
+        part = "_quality"
+    elif args.trained and not do_quality:
+        part = "_speed"
     name = args.name or (f"bench_{label}" if args.trained else "bench_paper_shape") + part
     ensure_writable(args.out_dir)
 
@@ -633,7 +661,7 @@ def main(argv=None):
           + (f"teacher {teacher_path}, student {student_path} (max_k {max_k})" if args.trained else "no trained model")
           + (", paper shape with random weights" if paper_shape and args.speed else ""))
     speed, profile, roof, skipped = [], [], [], []
-    if args.roofline:
+    if roofline_only:
         roof = run_roofline(models, ks, batch_sizes, peaks_of(device, args.roofline))
     elif args.profile:
         profile, skipped = run_profile(models, ks, batch_sizes, device, args.seed, args.attention, args.compile)
@@ -641,51 +669,56 @@ def main(argv=None):
         speed, skipped = run_speed(models, ks, batch_sizes, repeats, device, args.seed, args.attention, args.compile)
     quality = run_quality(teacher, student, judge, T, val, args, device) if do_quality else []
 
-    config = {**vars(args), "batch_sizes": batch_sizes, "seq_lens": seq_lens, "ks": ks, "repeats": repeats,
+    timed = args.speed and not roofline_only
+    notes = {"paper_shape_random has random weights: its speed is real, its tokens are meaningless": True,
+             "speed: static KV cache sized to seq_len (as a server sizes it to its longest request), shared by AR and "
+             "K-Forcing; prompts and noise random": timed,
+             "tokens_per_s: new tokens / whole generation (prefill included), median over repeats; speedup: median "
+             "over repeats of K-Forcing tokens/s / AR tokens/s timed back to back": timed,
+             "mbu: (weights + KV cache read up to the current length + KV written) per pass, summed, plus the noise "
+             f"encoder's weights once per {NOISE_CHUNK} positions (generate encodes the noise in calls of that many "
+             "before its loop), / time / peak HBM bandwidth; None where the peak is unknown (CPU). It counts the bytes "
+             "a pass needs, not what this implementation moves: flex reads the cache up to the last written "
+             "128-entry block, sdpa the whole static cache (seq_len entries, stale ones masked)": timed,
+             "roofline_tokens_per_s: the ceiling if every phase of a generation (the noise encoder; per pass the "
+             "trunk's dense layers, the LM head, attention) ran at peak bandwidth or peak dense bf16 FLOP/s, whichever "
+             "binds it, one after another, with no launch overhead; roofline_speedup: its ratio to AR's ceiling; "
+             "roofline_overlapped_speedup: the same ratio if compute and memory traffic overlapped perfectly (the "
+             "bound for any implementation). Bounds on each side's tokens/s, not on a measured speedup, which exceeds "
+             "their ratio where AR runs further below its ceiling than K-Forcing. None where a peak is unknown (CPU) "
+             "or the weights are not bf16": args.speed,
+             "warmup_s: the untimed first prefill + decode step of each k at a point (kernel compilation and "
+             "CUDA-graph capture)": timed,
+             "quality: samples decoded in float32 from one shared noise tensor, temperature 1, no penalty; gen-PPL "
+             "under the judge in float32; entropy and repeat4 over the continuation only": do_quality}
+    config = {**vars(args), "batch_sizes": batch_sizes, "seq_lens": seq_lens, "ks": ks,
+              "repeats": repeats if timed else None, "compile": args.compile if timed else None,
               "seq_lens_timed": {m: fit for m, _, _, fit in models},   # those of seq_lens that fit each model
-              "paper_shape": paper_shape, "quality": do_quality, "attention": args.attention if args.speed else None,
+              "paper_shape": paper_shape, "quality": do_quality, "attention": args.attention if timed else None,
               "quality_tokens": T, "device": str(device), "model_label": label,
-              "peaks": dict(zip(("hbm_bytes_per_s", "dense_flops_per_s"), peaks_of(device, args.roofline))),
+              "peaks": {"gpu": args.roofline or device_name(device),
+                        **dict(zip(("hbm_bytes_per_s", "dense_flops_per_s"), peaks_of(device, args.roofline)))},
               "teacher": teacher_path, "student": student_path,
               "judge": args.judge or teacher_path, "prompt_len": PROMPT_LEN,
               "speed_dtype": args.dtype, "quality_dtype": "float32",
               "model_configs": {"trained_teacher": teacher and asdict(teacher.config),
                                 "trained_student": student and asdict(student.config),
                                 "judge": judge and asdict(judge.config), "paper_shape_random": ps_config},
-              "notes": ["paper_shape_random has random weights: its speed is real, its tokens are meaningless",
-                        "speed: static KV cache sized to seq_len (as a server sizes it to its longest request), "
-                        "shared by AR and K-Forcing; prompts and noise random",
-                        "tokens_per_s: new tokens / whole generation (prefill included), median over repeats; "
-                        "speedup: median over repeats of K-Forcing tokens/s / AR tokens/s timed back to back",
-                        "mbu: (weights + KV cache read up to the current length + KV written) per pass, summed, "
-                        f"plus the noise encoder's weights once per {NOISE_CHUNK} positions (generate encodes "
-                        "the noise in calls of that many before its loop), "
-                        "/ time / peak HBM bandwidth; None where the peak is unknown (CPU). It counts the bytes a "
-                        "pass needs, not what this implementation moves: flex reads the cache up to the last "
-                        "written 128-entry block, sdpa the whole static cache (seq_len entries, stale ones masked)",
-                        "roofline_tokens_per_s: the ceiling if every phase of a generation (noise encoder; per pass "
-                        "dense layers, then attention) ran at peak bandwidth or peak dense FLOP/s, whichever binds it, "
-                        "one after another, no launch overhead; roofline_speedup: its ratio to AR's ceiling. A bound "
-                        "on each side's tokens/s, not on the measured speedup, which exceeds it where AR runs further "
-                        "below its ceiling than K-Forcing. None where a peak is unknown (CPU)",
-                        "warmup_s: the untimed first prefill + decode step of each k at a point (kernel compilation "
-                        "and CUDA-graph capture)",
-                        "quality: samples decoded in float32 from one shared noise tensor, temperature 1, no penalty; "
-                        "gen-PPL under the judge in float32; entropy and repeat4 over the continuation only"]}
+              "notes": [note for note, applies in notes.items() if applies]}
     out = {"device": device_name(device), "torch": torch.__version__, "config": config,
            "speed": speed, "skipped": skipped, "quality": quality, **({"profile": profile} if args.profile else {}),
-           **({"roofline": roof} if args.roofline else {})}
+           **({"roofline": roof} if roofline_only else {})}
     stem = os.path.join(args.out_dir, name)
     write_json(stem + ".json", out)
-    for suffix, made in (("_speed.csv", speed), ("_speedup_vs_batch.png", speed), ("_quality.csv", quality),
-                         ("_quality_vs_k.png", quality)):
+    for suffix, made in ((".csv", roof), ("_speed.csv", speed), ("_speedup_vs_batch.png", speed),
+                         ("_quality.csv", quality), ("_quality_vs_k.png", quality)):
         if not made and os.path.exists(stem + suffix):
             os.remove(stem + suffix)   # an earlier run's under this name: a name's files all come from one run
     if roof:
         write_csv(stem + ".csv", roof, list(roof[0]))
     if speed:
         write_csv(stem + "_speed.csv", speed, ["model", "seq_len", "batch_size", "k", "new_tokens", "tokens_per_s",
-                                               "speedup", "mbu", "roofline_tokens_per_s", "roofline_speedup"])
+                                               "speedup", "mbu", *ROOFLINE_FIELDS])
         plot_speed(speed, device_name(device), stem + "_speedup_vs_batch.png")
     if quality:
         slots = lambda key: [f"{key}_slot{i + 1}" for i in range(max_k)]  # noqa: E731

@@ -4,6 +4,7 @@ About a minute on CPU. On a GPU the same tests check the captured graphs and the
 more checks the compiled FlexAttention kernel and the compiled step against SDPA on whole generations.
 Run: python -m pytest tests/test_bench.py -q"""
 
+import copy
 import csv
 import dataclasses
 import json
@@ -180,6 +181,8 @@ def test_quality_decodes_every_model_from_the_ar_samples_noise(monkeypatch):
     (["--roofline", "H100", "--no-speed"], "--roofline"),
     (["--roofline", "H100", "--profile"], "pick one"),
     (["--roofline", "TPU"], "known: H100"),
+    (["--roofline", ""], "known: H100"),
+    (["--roofline", "H100", "--dtype", "float32"], "bf16"),
     (["--data_dir", "/nonexistent"], "not found"),   # before the speed grid, not after it
 ])
 def test_bad_input_is_one_line(files, args, message):
@@ -361,33 +364,42 @@ def test_bytes_moved_per_pass():
 
 
 def test_roofline_phases_and_ceiling():
-    """The roofline: per pass, the dense layers compute 2 FLOPs per weight for each row, the k noise slots included,
-    but the LM head's only for the rows read out (AR: the last token; a student: its k slots); attention 4 per
-    query, key and channel. A phase takes max(bytes / bandwidth, FLOPs / peak), phases one after another."""
-    teacher, student = tiny_models()
+    """The roofline: per pass, the trunk computes 2 FLOPs per weight for each row, the k noise slots included, the LM
+    head only for the rows read out (AR: the last token; a student: its k slots), attention 4 per query, key and
+    channel. In sequence, each phase takes the longer of bytes / bandwidth and FLOPs / peak; overlapped, the whole
+    generation takes the longer of all bytes / bandwidth and all FLOPs / peak."""
+    teacher, student = (copy.deepcopy(m).to(torch.bfloat16) for m in tiny_models())
     d, L, V = 32, 2, teacher.config.padded_vocab
     trunk = L * 12 * d * d                         # qkv, projection, MLP up and down
     encoder_flops = 2 * sum(m.weight.numel() for m in student.noise_encoder.modules()
                             if isinstance(m, torch.nn.Linear))
     B, P = 3, 6
     # k = 4, 8 new tokens: the prefill (6 tokens + 4 slots; cache 6 long), then 4 tokens + 4 slots (cache 10 long)
-    flops = [f for _, f in generation_phases(student, B, P, 8, 4, 2)]
-    assert flops == [B * 8 * encoder_flops,
-                     2 * B * (10 * trunk + 4 * d * V), 4 * B * L * d * 10 * (6 + 4),
-                     2 * B * (8 * trunk + 4 * d * V), 4 * B * L * d * 8 * (10 + 4)]
+    phases = generation_phases(student, B, P, 8, 4, 2)
+    assert [f for _, f in phases] == [B * 8 * encoder_flops,
+                                      2 * B * 10 * trunk, 2 * B * 4 * d * V, 4 * B * L * d * 10 * (6 + 4),
+                                      2 * B * 8 * trunk, 2 * B * 4 * d * V, 4 * B * L * d * 8 * (10 + 4)]
+    assert phases[2][0] == phases[5][0] == d * V * 2   # the LM head's bf16 weights, read once a pass
     flops = [f for _, f in generation_phases(teacher, B, P, 2, 1, 2)]   # AR: no slots, one row read out
-    assert flops == [2 * B * (6 * trunk + d * V), 4 * B * L * d * 6 * 6, 2 * B * (trunk + d * V), 4 * B * L * d * 7]
+    assert flops == [2 * B * 6 * trunk, 2 * B * d * V, 4 * B * L * d * 6 * 6,
+                     2 * B * trunk, 2 * B * d * V, 4 * B * L * d * 7]
 
-    runs = {1: teacher, 4: student}
-    bw_bound = roofline(runs, B, 14, (1e12, math.inf))   # 14 = 6 + 8: 8 new tokens for both
-    for k, model in runs.items():
-        assert bw_bound[k][0] == pytest.approx(B * 8 / (bytes_moved(model, B, P, 8, k, 4) / 1e12))
-    assert bw_bound[1][1] == 1.0 and 1 < bw_bound[4][1] < 4   # fewer passes over the weights, but the cache grows
-    flop_bound = roofline(runs, B, 14, (math.inf, 1e12))
-    student_flops = sum(f for _, f in generation_phases(student, B, P, 8, 4, 4))
-    assert flop_bound[4][0] == pytest.approx(B * 8 * 1e12 / student_flops)
-    assert flop_bound[4][1] < 1   # compute-bound, the slots' rows make a student slower than AR
-    assert roofline(runs, B, 14, (None, 1e12)) == {1: (None, None), 4: (None, None)}   # a peak unknown (CPU)
+    # peaks at 16 FLOPs a byte: the encoder and the trunk (24+ FLOPs a byte here) bind on compute, the LM head (12)
+    # and attention (8 or less) on bandwidth
+    bw, fl = 1e12, 16e12
+    roof = roofline({1: teacher, 4: student}, B, 14, (bw, fl))   # 14 = 6 + 8: 8 new tokens for both
+    sequence = (phases[0][1] + phases[1][1] + phases[4][1]) / fl + sum(phases[i][0] for i in (2, 3, 5, 6)) / bw
+    assert roof[4]["roofline_tokens_per_s"] == pytest.approx(B * 8 / sequence)
+    overlapped = max(sum(b for b, _ in phases) / bw, sum(f for _, f in phases) / fl)
+    ar = generation_phases(teacher, B, P, 8, 1, 2)
+    ar_overlapped = max(sum(b for b, _ in ar) / bw, sum(f for _, f in ar) / fl)
+    assert roof[4]["roofline_overlapped_speedup"] == pytest.approx(ar_overlapped / overlapped)
+    assert roof[1]["roofline_speedup"] == roof[1]["roofline_overlapped_speedup"] == 1.0
+    tok_s = {k: r["roofline_tokens_per_s"] for k, r in roof.items()}
+    assert roof[4]["roofline_speedup"] == pytest.approx(tok_s[4] / tok_s[1])
+    none = dict.fromkeys(["roofline_tokens_per_s", "roofline_speedup", "roofline_overlapped_speedup"])
+    assert roofline({1: teacher, 4: student}, B, 14, (None, fl)) == {1: none, 4: none}    # a peak unknown (CPU)
+    assert roofline(dict(zip((1, 4), tiny_models())), B, 14, (bw, fl)) == {1: none, 4: none}   # float32: no peak
 
 
 def test_roofline_of_a_gpu_on_any_machine(files):
@@ -397,7 +409,7 @@ def test_roofline_of_a_gpu_on_any_machine(files):
     assert r.returncode == 0, r.stderr
     res = json.loads((files / "out" / "bench_trained_roofline_h100.json").read_text())
     assert res["speed"] == [] and res["quality"] == []
-    assert res["config"]["peaks"] == {"hbm_bytes_per_s": 3.35e12, "dense_flops_per_s": 989e12}
+    assert res["config"]["peaks"] == {"gpu": "H100", "hbm_bytes_per_s": 3.35e12, "dense_flops_per_s": 989e12}
     rows = {(row["batch_size"], row["k"]): row for row in res["roofline"]}
     assert sorted(rows) == [(b, k) for b in (1, 64) for k in (1, 2, 3, 4)]
     for (b, k), row in rows.items():
@@ -408,6 +420,21 @@ def test_roofline_of_a_gpu_on_any_machine(files):
     with open(files / "out" / "bench_trained_roofline_h100.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     assert "ceiling speedup" in r.stdout
+
+
+def test_timed_rows_carry_each_sides_ceiling(files, tmp_path, monkeypatch):
+    """On a GPU with known peaks (patched in here), each timed row carries the ceiling of the model that made it: AR's
+    of the teacher, every k's of the student, in bf16 as timed."""
+    peaks = (3.35e12, 989e12)
+    monkeypatch.setattr(bench_py, "peaks_of", lambda device, gpu_name=None: peaks)
+    bench_py.main(["--teacher", str(files / "teacher.pt"), "--student", str(files / "student.pt"), "--no-quality",
+                   "--batch_sizes", "2", "--seq_lens", "32", "--device", "cpu", "--out_dir", str(tmp_path),
+                   "--name", "g"])
+    rows = json.loads((tmp_path / "g.json").read_text())["speed"]
+    teacher, student = (copy.deepcopy(m).to(torch.bfloat16) for m in tiny_models())   # the checkpoints' models
+    want = roofline({1: teacher, 2: student, 3: student, 4: student}, 2, 32, peaks)
+    assert [{f: row[f] for f in want[1]} for row in rows] == [want[row["k"]] for row in rows] and len(rows) == 4
+    assert all(row["mbu"] > 0 for row in rows)
 
 
 def test_speed_outputs_with_a_roofline(tmp_path, capsys):
