@@ -4,6 +4,7 @@ flags built from a config dataclass, clear one-line errors, devices and DDP, bat
 schedule, checkpoints written atomically, and the resume / Ctrl-C / NaN handling of a training loop.
 """
 import argparse
+import copy
 import dataclasses
 import glob
 import json
@@ -226,6 +227,31 @@ def lr_at(step, lr, min_lr, warmup, total):
     return min_lr + 0.5 * (1 + math.cos(math.pi * frac)) * (lr - min_lr)
 
 
+class EMA:
+    """An exponential moving average of a model's weights, evaluated and saved in place of the raw weights (the
+    paper's checkpoints: 0.9999 for the AR teacher, 0.999 for the k = 4 stage). The decay ramps up as
+    min(decay, (1 + n) / (10 + n)) after n updates, so that a short run's average does not keep most of its initial
+    weights (0.999^1000 = 0.37 of them after 1000 steps without the ramp). The average is kept in float32 whatever
+    the autocast, on the model's device; one copy per process, identical across DDP ranks (same gradients)."""
+
+    def __init__(self, model, decay):
+        self.decay, self.updates = decay, 0
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)   # a tied embedding stays tied
+
+    @torch.no_grad()
+    def update(self, model):
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
+
+    def state_dict(self):
+        return {"model": self.model.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state["model"])
+        self.updates = state["updates"]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Files: nothing is ever half-written (temporary file in the same directory, fsync, rename), and an
 # output directory is checked before any work is done.
@@ -281,9 +307,11 @@ def clear_run_dir(out_dir, args, rt):
 
 
 def check_resume_config(saved, cfg):
-    """A resume continues the same run: every flag but the BOOKKEEPING ones must be what the run started with."""
+    """A resume continues the same run: every flag but the BOOKKEEPING ones must be what the run started with (a
+    flag added since the run started counts as its default, which is how that run behaved)."""
+    saved = {f.name: saved.get(f.name, f.default) for f in dataclasses.fields(cfg)}
     diff = [f.name for f in dataclasses.fields(cfg)
-            if f.name not in BOOKKEEPING and saved.get(f.name) != getattr(cfg, f.name)]
+            if f.name not in BOOKKEEPING and saved[f.name] != getattr(cfg, f.name)]
     if diff:
         was = ", ".join(f"--{k} {saved.get(k)}" for k in diff)
         raise UserError(f"the run being resumed used {was}; resume with the same flags or start a new --out_dir")

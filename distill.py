@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (JsonlLog, StopFlag, UserError, all_mean, check_batch_split, check_finite, check_resume_config,
+from common import (EMA, JsonlLog, StopFlag, UserError, all_mean, check_batch_split, check_finite, check_resume_config,
                     check_run_dir, check_split_length, clear_run_dir, device_name, ensure_writable, field,
                     fits_in_memory, load_checkpoint, load_split, lr_at, model_from_checkpoint, out_of_memory,
                     parse_config, rng_state, run_cli, sample_windows, save_checkpoint, set_rng_state, setup_runtime,
@@ -48,6 +48,9 @@ class DistillConfig:
     warmup_steps: int = field(50, "linear warmup steps at the start of each stage", at_least=0)
     weight_decay: float = field(0.0, "AdamW weight decay", at_least=0)
     grad_clip: float = field(1.0, "clip the global gradient norm to this (0: off)", at_least=0)
+    ema: float = field(0.0, "decay of an exponential moving average of the student's weights, which is what each "
+                       "stage evaluates, saves as student_k<K>.pt and hands to the next stage (0: off; the paper's "
+                       "k = 4 stage: 0.999)", at_least=0)
     noise_features: str = field("paper", "noise encoder features: paper (<= 1 cycle over [0,1]) or high (1-256 cycles)",
                                 choices=("paper", "high"))
     eval_samples: int = field(256, "val prefixes for the same-noise agreement at the end of each stage", at_least=1)
@@ -68,7 +71,7 @@ PRESETS = {
     "small": dict(_about="one GPU, ~4 min on an H100 for the three stages, for the small teacher"),
     "paper": dict(_about="the paper's K=4 stage: lr 1e-4 constant, fp32, batch 512 over all anchors",
                   steps_per_stage=20_000, batch_size=512, block_size=128, anchors=128, lr=1e-4, warmup_steps=0,
-                  dtype="float32", ckpt_interval=1000),
+                  dtype="float32", ema=0.999, ckpt_interval=1000),
 }
 
 
@@ -139,6 +142,8 @@ def main(argv=None):
                         "windows of k tokens")
     if cfg.prompt_len + cfg.eval_tokens > teacher.config.block_size:
         raise UserError("--prompt_len + --eval_tokens exceed the teacher's block size")
+    if cfg.ema >= 1:
+        raise UserError(f"--ema must be below 1, not {cfg.ema}")
     if cfg.anchors > cfg.block_size:
         raise UserError(f"--anchors {cfg.anchors} exceeds --block_size ({cfg.block_size})")
     train, val = load_split(cfg.data_dir, "train"), load_split(cfg.data_dir, "val")
@@ -183,10 +188,13 @@ def main(argv=None):
             optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
                                           weight_decay=cfg.weight_decay, fused=rt.device.type == "cuda")
             step = 0
+            ema = EMA(student, cfg.ema) if cfg.ema else None
             # A stage's final checkpoint (no optimizer) points at the next stage, which then starts afresh.
             if state is not None and si == state["stage"] and state["optimizer"] is not None:
                 student.load_state_dict(state["model"])
                 optimizer.load_state_dict(state["optimizer"])
+                if ema:
+                    ema.load_state_dict(state["ema"])
                 step, agree_init = state["step"], state["agreement_init"]
             else:
                 agree_init = eval_agreement(student, k, prompts, eval_noise, ar_tokens)
@@ -200,10 +208,13 @@ def main(argv=None):
                 model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
 
             def checkpoint(path, final=False):
+                # mid-stage: the raw weights to continue from, and the average; final: the stage's student
                 if rt.master:
                     save_checkpoint(path, {
                         "kind": "student", "model_config": dataclasses.asdict(student.config),
-                        "model": student.state_dict(), "train_config": dataclasses.asdict(cfg),
+                        "model": (ema.model if final and ema else student).state_dict(),
+                        "ema": ema.state_dict() if ema and not final else None,
+                        "train_config": dataclasses.asdict(cfg),
                         "schedule": schedule, "stage": si + final, "step": step, "global_step": global_step,
                         "optimizer": None if final else optimizer.state_dict(), "rng": rng_state(gen),
                         "agreement_init": agree_init, "results": results, "teacher_id": teacher_id})
@@ -240,6 +251,8 @@ def main(argv=None):
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if ema:
+                    ema.update(student)
                 step, global_step = step + 1, global_step + 1
                 if rt.device.type == "cuda":
                     torch.cuda.synchronize()
@@ -257,8 +270,9 @@ def main(argv=None):
                     raise UserError(f"interrupted in stage k={k} at step {step}; saved {last_path}; "
                                     "continue with --resume")
             bar.close()
-            agree = eval_agreement(student, k, prompts, eval_noise, ar_tokens)
-            window = window_agreement(student.eval(), prompts, ar_tokens, eval_noise, k)
+            finished = ema.model if ema else student   # the stage's student: evaluated, saved, the next one's teacher
+            agree = eval_agreement(finished, k, prompts, eval_noise, ar_tokens)
+            window = window_agreement(finished.eval(), prompts, ar_tokens, eval_noise, k)
             speed = n_steps_timed / t_train if t_train else None
             results.append({"k": k, "steps": step, "steps_per_s": speed,
                             "tokens_per_s": speed and speed * cfg.batch_size * cfg.block_size,
@@ -272,7 +286,7 @@ def main(argv=None):
                       f"(start {fmt(agree_init)}); on the teacher's own context {fmt(window)}")
             checkpoint(stage_path(k), final=True)
             checkpoint(last_path, final=True)    # a resume after this point starts the next stage
-            prev = student.eval()
+            prev = finished.eval()
             if si + 1 < len(schedule) and stop.should_stop(rt):   # asked during the evaluation: stop here
                 raise UserError(f"interrupted after stage k={k}; saved {last_path}; continue with --resume")
     except (RuntimeError, MemoryError) as e:

@@ -17,7 +17,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (JsonlLog, StopFlag, UserError, all_mean, check_batch_split, check_finite, check_resume_config,
+from common import (EMA, JsonlLog, StopFlag, UserError, all_mean, check_batch_split, check_finite, check_resume_config,
                     check_run_dir, check_split_length, clear_run_dir, device_name, ensure_writable, field,
                     load_checkpoint, load_split, lr_at, out_of_memory, parse_config, rng_state, run_cli, sample_windows,
                     save_checkpoint, set_rng_state, setup_runtime, shard, write_json)
@@ -49,6 +49,8 @@ class TeacherConfig:
     beta1: float = field(0.9, "AdamW beta1")
     beta2: float = field(0.95, "AdamW beta2")
     grad_clip: float = field(1.0, "clip the global gradient norm to this (0: off)", at_least=0)
+    ema: float = field(0.0, "decay of an exponential moving average of the weights, which is what is evaluated and "
+                       "saved as best.pt (0: off; the paper's teacher: 0.9999)", at_least=0)
     # bookkeeping
     eval_interval: int = field(250, "evaluate val loss and write a checkpoint every N steps", at_least=1)
     eval_iters: int = field(20, "val batches per evaluation (always the same batches)", at_least=1)
@@ -66,7 +68,7 @@ PRESETS = {
     "small": dict(_about="one GPU, ~1.5 min on an H100 (6 x 384, block 256)"),
     "paper": dict(_about="the paper's shape: 12 x 768, 12 heads, untied, block 128 as on LM1B",
                   n_layer=12, n_head=12, n_embd=768, block_size=128, tie_embeddings=False,
-                  batch_size=512, max_steps=100_000, lr=3e-4, min_lr=3e-5, warmup_steps=2500,
+                  batch_size=512, max_steps=100_000, lr=3e-4, min_lr=3e-5, warmup_steps=2500, ema=0.9999,
                   eval_interval=1000),
 }
 
@@ -100,6 +102,7 @@ def unigram_baselines(train, val, max_train_tokens=2**26):
 @torch.no_grad()
 def evaluate(model, val, cfg, rt):
     """Mean loss over the same eval_iters val batches every time (a fixed generator), so evaluations compare."""
+    training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(0)
     losses = []
@@ -107,7 +110,7 @@ def evaluate(model, val, cfg, rt):
         x, y = sample_windows(val, cfg.batch_size, cfg.block_size, gen)
         with rt.autocast:
             losses.append(model(x.to(rt.device), y.to(rt.device))[1].item())
-    model.train()
+    model.train(training)
     return float(np.mean(losses))
 
 
@@ -118,8 +121,9 @@ def main(argv=None):
     if cfg.n_embd % (2 * cfg.n_head):
         raise UserError(f"--n_embd {cfg.n_embd} must be a multiple of 2 x --n_head ({cfg.n_head}): equal heads of "
                         "an even width (RoPE rotates pairs of features)")
-    if cfg.dropout >= 1:
-        raise UserError(f"--dropout must be below 1, not {cfg.dropout}")
+    for flag in ("dropout", "ema"):
+        if getattr(cfg, flag) >= 1:
+            raise UserError(f"--{flag} must be below 1, not {getattr(cfg, flag)}")
     rt = setup_runtime(cfg.device, cfg.dtype)
     check_batch_split(cfg.batch_size, rt)
     train, val = load_split(cfg.data_dir, "train"), load_split(cfg.data_dir, "val")
@@ -139,6 +143,7 @@ def main(argv=None):
                                   lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   fused=rt.device.type == "cuda")
     gen = torch.Generator().manual_seed(cfg.seed)   # the data order; identical on every rank
+    ema = EMA(model, cfg.ema) if cfg.ema else None
     step, best_val, resumed, tok_s, mfu = 0, math.inf, None, None, None   # tok_s: None until a step is timed
     if args.resume:
         ckpt = load_checkpoint(last_path, kind="teacher")
@@ -147,19 +152,25 @@ def main(argv=None):
         check_resume_config(ckpt["train_config"], cfg)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if ema:
+            ema.load_state_dict(ckpt["ema"])
         step, best_val, resumed = ckpt["step"], ckpt["best_val"], ckpt["step"]
         tok_s, mfu = ckpt.get("tokens_per_s"), ckpt.get("mfu")   # until this run's own steps measure them
         set_rng_state(ckpt["rng"], gen)
     raw = model
+    evaluated = ema.model if ema else raw   # what val loss measures and best.pt keeps
     if cfg.compile and rt.device.type == "cuda":
         model = torch.compile(model, dynamic=False)   # one training shape; no symbolic recompiles
     if rt.ddp:
         model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
 
     def checkpoint(path, with_optimizer=True):
+        # last.pt (with the optimizer): the raw weights to continue from, and the average; best.pt: what was evaluated
         if rt.master:
             save_checkpoint(path, {"kind": "teacher", "model_config": dataclasses.asdict(raw.config),
-                                   "model": raw.state_dict(), "train_config": dataclasses.asdict(cfg),
+                                   "model": (raw if with_optimizer else evaluated).state_dict(),
+                                   "ema": ema.state_dict() if ema and with_optimizer else None,
+                                   "train_config": dataclasses.asdict(cfg),
                                    "optimizer": optimizer.state_dict() if with_optimizer else None,
                                    "step": step, "best_val": best_val, "rng": rng_state(gen),
                                    "tokens_per_s": tok_s, "mfu": mfu})
@@ -176,7 +187,7 @@ def main(argv=None):
     bar = tqdm(total=cfg.max_steps, initial=step, desc="teacher", disable=not rt.master, dynamic_ncols=True)
     try:
         if resumed is None:
-            val_loss = evaluate(raw, val, cfg, rt)
+            val_loss = evaluate(evaluated, val, cfg, rt)
             log.write(step=0, val_loss=val_loss)
         while step < cfg.max_steps:
             t0 = time.perf_counter()
@@ -199,6 +210,8 @@ def main(argv=None):
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if ema:
+                ema.update(raw)
             step += 1
             if rt.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -212,7 +225,7 @@ def main(argv=None):
             bar.set_postfix(loss=f"{loss:.3f}", val=f"{val_loss:.3f}", tok_s=f"{tok_s:,.0f}" if tok_s else "-",
                             **({"mfu": f"{mfu:.1%}"} if mfu else {}))
             if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-                val_loss = evaluate(raw, val, cfg, rt)
+                val_loss = evaluate(evaluated, val, cfg, rt)
                 log.write(step=step, val_loss=val_loss)
                 if val_loss < best_val:
                     best_val = val_loss
@@ -231,7 +244,7 @@ def main(argv=None):
         stop.restore()
 
     if math.isnan(val_loss):   # resumed a finished run: nothing trained, but report where it stands
-        val_loss = evaluate(raw, val, cfg, rt)
+        val_loss = evaluate(evaluated, val, cfg, rt)
     if rt.master:
         baselines = unigram_baselines(train, val)
         result = {"device": device_name(rt.device), "world_size": rt.world, "torch": torch.__version__,

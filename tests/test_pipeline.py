@@ -14,7 +14,8 @@ import torch
 import distill
 import sample
 import teacher
-from common import UserError, load_checkpoint, lr_at, model_from_checkpoint, sample_windows
+import common
+from common import EMA, UserError, load_checkpoint, lr_at, model_from_checkpoint, sample_windows
 from model import GPT, GPTConfig, generate, inverse_cdf
 from prepare_data import get_encoding
 
@@ -140,6 +141,76 @@ def test_distillation_raises_same_noise_agreement(iid):
     for k in (1, 2):
         ckpt = load_checkpoint(os.path.join(iid["root"], "students", f"student_k{k}.pt"), kind="student")
         assert ckpt["model_config"]["max_k"] == k
+
+
+def test_ema_update_ramps_then_keeps_its_decay():
+    """EMA: after the n-th update, average = d * average + (1 - d) * weights with d = min(decay, (1 + n) / (10 + n)),
+    every tensor of the model once (a tied embedding stays tied), the model itself untouched."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, n_layer=1, n_head=2, n_embd=8))
+    ema = EMA(model, 0.6)
+    assert ema.model.lm_head.weight is ema.model.wte.weight and not ema.model.training
+    want = [p.detach().clone() for p in model.parameters()]
+    for n in range(1, 15):   # the ramp binds up to n = 12, the decay from n = 13 ((1 + n) / (10 + n) > 0.6)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(model)
+        d = min(0.6, (1 + n) / (10 + n))
+        want = [d * w + (1 - d) * p for w, p in zip(want, model.parameters())]
+    for w, e in zip(want, ema.model.parameters()):
+        torch.testing.assert_close(e, w)
+    restored = EMA(model, 0.6)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.updates == 14 and all(torch.equal(a, b) for a, b in zip(restored.model.parameters(),
+                                                                             ema.model.parameters()))
+
+
+def test_ema_is_what_is_evaluated_saved_and_handed_on(iid, tmp_path, monkeypatch):
+    """With --ema, the average (not the raw weights) is what the teacher's val loss measures and best.pt keeps, and
+    what each distillation stage evaluates, saves as student_k<K>.pt and hands to the next stage as its teacher and
+    its starting point."""
+    made = []
+
+    class Recorded(EMA):
+        def __init__(self, model, decay):
+            super().__init__(model, decay)
+            made.append(self)
+    for module in (teacher, distill):
+        monkeypatch.setattr(module, "EMA", Recorded)
+    out = str(tmp_path / "teacher")
+    teacher.main(["--preset", "tiny", "--data_dir", iid["data"], "--out_dir", out, "--results_dir", str(tmp_path),
+                  "--n_layer", "1", "--n_embd", "32", "--block_size", "32", "--batch_size", "8", "--max_steps", "12",
+                  "--lr", "1e-2", "--eval_interval", "12", "--eval_iters", "2", "--ema", "0.9"])
+    (ema,) = made
+    best, last = (load_checkpoint(os.path.join(out, f), kind="teacher") for f in ("best.pt", "last.pt"))
+    averaged = ema.model.state_dict()
+    assert all(torch.equal(best["model"][k], averaged[k]) for k in averaged)
+    assert all(torch.equal(last["ema"]["model"][k], averaged[k]) for k in averaged) and last["ema"]["updates"] == 12
+    assert any(not torch.equal(last["model"][k], averaged[k]) for k in averaged)   # last.pt: raw weights, to resume
+    logged = json.load(open(os.path.join(tmp_path, "teacher_tiny.json")))["final_val_loss"]
+    cfg = SimpleNamespace(eval_iters=2, batch_size=8, block_size=32)
+    rt = SimpleNamespace(device=torch.device("cpu"), autocast=torch.autocast("cpu", enabled=False))
+    assert teacher.evaluate(ema.model, common.load_split(iid["data"], "val"), cfg, rt) == logged
+
+    made.clear()
+    seen_prev = []
+    rollout = distill.rollout_targets
+    monkeypatch.setattr(distill, "rollout_targets", lambda prev, *a: seen_prev.append(prev) or rollout(prev, *a))
+    seen_init, student_from = [], GPT.student_from
+    monkeypatch.setattr(GPT, "student_from",
+                        lambda prev, *a, **kw: seen_init.append(prev) or student_from(prev, *a, **kw))
+    students = str(tmp_path / "students")
+    distill.main(["--preset", "tiny", "--teacher", os.path.join(out, "best.pt"), "--data_dir", iid["data"],
+                  "--results_dir", str(tmp_path), "--out_dir", students, "--schedule", "1,2", "--k", "2",
+                  "--steps_per_stage", "6", "--block_size", "32", "--batch_size", "4", "--anchors", "4",
+                  "--eval_samples", "8", "--eval_tokens", "8", "--ema", "0.9"])
+    stage1, stage2 = made
+    for k, ema in ((1, stage1), (2, stage2)):
+        saved = load_checkpoint(os.path.join(students, f"student_k{k}.pt"), kind="student")["model"]
+        assert all(torch.equal(saved[name], p) for name, p in ema.model.state_dict().items())
+    assert len(seen_prev) == 12 and all(p is stage1.model for p in seen_prev[6:])   # stage 2's targets
+    assert len(seen_init) == 2 and seen_init[1] is stage1.model                     # and its starting point
 
 
 @torch.no_grad()

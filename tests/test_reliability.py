@@ -44,11 +44,11 @@ By winter the harvest was stored and the granary doors were locked."""
 # Tiny shapes: the GPT-2 vocabulary (50257) is fixed and its LM head dominates CPU time.
 TEACHER = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "4",
            "--dropout", "0", "--lr", "3e-3", "--min_lr", "3e-4", "--warmup_steps", "4", "--eval_iters", "1",
-           "--seed", "7", "--device", "cpu"]
+           "--seed", "7", "--ema", "0.9", "--device", "cpu"]   # with an average: a resume must restore it too
 TEACHER_REF = TEACHER + ["--max_steps", "16", "--eval_interval", "4"]
 DISTILL = ["--block_size", "32", "--batch_size", "4", "--anchors", "4", "--eval_samples", "4",
            "--eval_tokens", "8", "--prompt_len", "4", "--lr", "1e-3", "--warmup_steps", "2", "--log_interval", "1",
-           "--ckpt_interval", "2", "--schedule", "1,2", "--k", "2", "--seed", "7", "--device", "cpu"]
+           "--ckpt_interval", "2", "--schedule", "1,2", "--k", "2", "--seed", "7", "--ema", "0.9", "--device", "cpu"]
 DISTILL_REF = DISTILL + ["--steps_per_stage", "8"]
 EXACT = 1e-6   # resumed vs uninterrupted losses on CPU fp32: the same arithmetic in the same order
 DDP_TOL = 1e-4  # 2 processes vs 1: only the order of float reductions (gradient all-reduce) differs
@@ -92,6 +92,13 @@ def assert_same_log(got, want, tol):
         for key in w:
             a, b = np.atleast_1d(np.asarray(g[key], dtype=float)), np.atleast_1d(np.asarray(w[key], dtype=float))
             assert np.allclose(a, b, rtol=0, atol=tol), (key, g, w)
+
+
+def assert_same_weights(got, want):
+    got, want = torch.load(got, weights_only=False)["model"], torch.load(want, weights_only=False)["model"]
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=EXACT)
 
 
 def start(script, argv, tmp_path, name):
@@ -205,6 +212,7 @@ def test_teacher_sigkill_resume_matches_uninterrupted(tmp_path, data_dir, teache
     teacher.main(argv + ["--resume"])   # in this process: the resume, not a process start, is under test
     assert f"resuming at step {killed_at}" in capsys.readouterr().out
     assert_same_log(read_log(out / "log.jsonl"), teacher_ref["log"], EXACT)
+    assert_same_weights(out / "best.pt", teacher_ref["best"])   # the average, carried across the kill
 
 
 def test_distill_sigkill_mid_stage_resume_matches_uninterrupted(tmp_path, data_dir, teacher_ref, distill_ref):
@@ -219,6 +227,7 @@ def test_distill_sigkill_mid_stage_resume_matches_uninterrupted(tmp_path, data_d
     assert ck["stage"] == 1 and ck["optimizer"] is not None and 10 <= ck["global_step"] < 16
     distill.main(argv + ["--resume"])
     assert_same_log(read_log(out / "log.jsonl"), distill_ref["log"], EXACT)
+    assert_same_weights(out / "student_k2.pt", distill_ref["student"])   # the stage's average, across the kill
 
 
 def test_overwrite_leaves_no_checkpoint_of_the_old_run(tmp_path, data_dir, teacher_ref, distill_ref):
