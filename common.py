@@ -49,8 +49,9 @@ def run_cli(main):
 BOOKKEEPING = ("out_dir", "results_dir", "device", "compile", "eval_interval", "log_interval", "ckpt_interval")
 
 
-def field(default, help, choices=None, at_least=None):
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "at_least": at_least})
+def field(default, help, choices=None, at_least=None, below=None):
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "at_least": at_least,
+                                                        "below": below})
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -77,8 +78,9 @@ def parse_config(cls, presets, description, argv=None, extra=None):
         per_preset = {name: pre.get(f.name, f.default) for name, pre in presets.items()}
         shown = (f"default: {f.default}" if len(set(map(str, per_preset.values()))) == 1 else
                  "default: " + ", ".join(f"{v} ({name})" for name, v in per_preset.items()))
-        low = f.metadata.get("at_least")
-        help = f"{f.metadata.get('help', '')} ({shown}{'' if low is None else f'; at least {low}'})"
+        low, high = f.metadata.get("at_least"), f.metadata.get("below")
+        help = (f"{f.metadata.get('help', '')} ({shown}{'' if low is None else f'; at least {low}'}"
+                f"{'' if high is None else f'; below {high}'})")
         if f.type in (bool, "bool"):
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=help)
         else:
@@ -93,9 +95,13 @@ def parse_config(cls, presets, description, argv=None, extra=None):
                    if getattr(args, f.name) is not None})
     cfg = cls(**values)
     for f in dataclasses.fields(cls):
-        low, value = f.metadata.get("at_least"), getattr(cfg, f.name)
+        low, high, value = f.metadata.get("at_least"), f.metadata.get("below"), getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):   # nan would pass every comparison below
+            raise UserError(f"--{f.name} must be a finite number, not {value}")
         if low is not None and value < low:
             raise UserError(f"--{f.name} must be at least {low}, not {value}")
+        if high is not None and value >= high:
+            raise UserError(f"--{f.name} must be below {high}, not {value}")
     cfg.out_dir = cfg.out_dir.format(preset=args.preset)
     if getattr(cfg, "results_dir", None) == "auto":
         # results/ holds each preset's reference summary, which only the preset as it stands writes: a run with its own
@@ -242,6 +248,7 @@ class EMA:
     def update(self, model):
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        # parameters are the whole state: GPT has no buffers (RoPE and the noise features are computed on the fly)
         torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
 
     def state_dict(self):

@@ -36,7 +36,8 @@ class TeacherConfig:
     n_head: int = field(6, "attention heads", at_least=1)
     n_embd: int = field(384, "model width", at_least=2)
     block_size: int = field(256, "training sequence length (and the longest context at inference)", at_least=1)
-    dropout: float = field(0.1, "dropout; our corpus is small enough that ~10 epochs overfit without it", at_least=0)
+    dropout: float = field(0.1, "dropout; our corpus is small enough that ~10 epochs overfit without it", at_least=0,
+                           below=1)
     tie_embeddings: bool = field(True, "share the input embedding and the output head")
     # optimisation
     batch_size: int = field(64, "sequences per micro-batch, summed over all processes", at_least=1)
@@ -50,7 +51,7 @@ class TeacherConfig:
     beta2: float = field(0.95, "AdamW beta2")
     grad_clip: float = field(1.0, "clip the global gradient norm to this (0: off)", at_least=0)
     ema: float = field(0.0, "decay of an exponential moving average of the weights, which is what is evaluated and "
-                       "saved as best.pt (0: off; the paper's teacher: 0.9999)", at_least=0)
+                       "saved as best.pt (0: off; the paper's teacher: 0.9999)", at_least=0, below=1)
     # bookkeeping
     eval_interval: int = field(250, "evaluate val loss and write a checkpoint every N steps", at_least=1)
     eval_iters: int = field(20, "val batches per evaluation (always the same batches)", at_least=1)
@@ -121,9 +122,6 @@ def main(argv=None):
     if cfg.n_embd % (2 * cfg.n_head):
         raise UserError(f"--n_embd {cfg.n_embd} must be a multiple of 2 x --n_head ({cfg.n_head}): equal heads of "
                         "an even width (RoPE rotates pairs of features)")
-    for flag in ("dropout", "ema"):
-        if getattr(cfg, flag) >= 1:
-            raise UserError(f"--{flag} must be below 1, not {getattr(cfg, flag)}")
     rt = setup_runtime(cfg.device, cfg.dtype)
     check_batch_split(cfg.batch_size, rt)
     train, val = load_split(cfg.data_dir, "train"), load_split(cfg.data_dir, "val")

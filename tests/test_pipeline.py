@@ -179,10 +179,11 @@ def test_ema_is_what_is_evaluated_saved_and_handed_on(iid, tmp_path, monkeypatch
     for module in (teacher, distill):
         monkeypatch.setattr(module, "EMA", Recorded)
     out = str(tmp_path / "teacher")
-    teacher.main(["--preset", "tiny", "--data_dir", iid["data"], "--out_dir", out, "--results_dir", str(tmp_path),
-                  "--n_layer", "1", "--n_embd", "32", "--block_size", "32", "--batch_size", "8", "--max_steps", "12",
-                  "--lr", "1e-2", "--eval_interval", "12", "--eval_iters", "2", "--ema", "0.9"])
-    (ema,) = made
+    teacher_argv = ["--preset", "tiny", "--data_dir", iid["data"], "--out_dir", out, "--results_dir", str(tmp_path),
+                    "--n_layer", "1", "--n_embd", "32", "--block_size", "32", "--batch_size", "8", "--max_steps", "12",
+                    "--lr", "1e-2", "--eval_interval", "12", "--eval_iters", "2", "--ema", "0.9"]
+    teacher.main(teacher_argv)
+    ema = made[0]
     best, last = (load_checkpoint(os.path.join(out, f), kind="teacher") for f in ("best.pt", "last.pt"))
     averaged = ema.model.state_dict()
     assert all(torch.equal(best["model"][k], averaged[k]) for k in averaged)
@@ -192,11 +193,16 @@ def test_ema_is_what_is_evaluated_saved_and_handed_on(iid, tmp_path, monkeypatch
     cfg = SimpleNamespace(eval_iters=2, batch_size=8, block_size=32)
     rt = SimpleNamespace(device=torch.device("cpu"), autocast=torch.autocast("cpu", enabled=False))
     assert teacher.evaluate(ema.model, common.load_split(iid["data"], "val"), cfg, rt) == logged
+    teacher.main(teacher_argv + ["--resume"])   # a finished run, resumed, reports the average's loss again
+    assert json.load(open(os.path.join(tmp_path, "teacher_tiny.json")))["final_val_loss"] == logged
 
     made.clear()
     seen_prev = []
     rollout = distill.rollout_targets
     monkeypatch.setattr(distill, "rollout_targets", lambda prev, *a: seen_prev.append(prev) or rollout(prev, *a))
+    evaluated = []   # the models each stage's agreements decode
+    for name in ("eval_agreement", "window_agreement"):
+        monkeypatch.setattr(distill, name, lambda m, *a, f=getattr(distill, name): evaluated.append(m) or f(m, *a))
     seen_init, student_from = [], GPT.student_from
     monkeypatch.setattr(GPT, "student_from",
                         lambda prev, *a, **kw: seen_init.append(prev) or student_from(prev, *a, **kw))
@@ -211,6 +217,10 @@ def test_ema_is_what_is_evaluated_saved_and_handed_on(iid, tmp_path, monkeypatch
         assert all(torch.equal(saved[name], p) for name, p in ema.model.state_dict().items())
     assert len(seen_prev) == 12 and all(p is stage1.model for p in seen_prev[6:])   # stage 2's targets
     assert len(seen_init) == 2 and seen_init[1] is stage1.model                     # and its starting point
+    # each stage's agreement at its start is the fresh student's; at its end, the average's (both measures)
+    assert len(evaluated) == 6
+    for stage, models in ((stage1, evaluated[:3]), (stage2, evaluated[3:])):
+        assert [m is stage.model for m in models] == [False, True, True]
 
 
 @torch.no_grad()
