@@ -185,8 +185,8 @@ def generation_phases(model, B, P, n_new, k, cache_elem):
     slots = k if cfg.max_k else 0                          # AR: no noise slots; it reads out its last row
     readout = slots or 1
     encoder = weight_bytes(model, "noise_encoder.")
-    head = model.lm_head.weight.numel()
-    trunk_bytes = weight_bytes(model) - encoder - head * model.lm_head.weight.element_size()   # blocks, final norm
+    head, head_bytes = model.lm_head.weight.numel(), model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    trunk, trunk_bytes = linear_weights(model, "blocks."), weight_bytes(model) - encoder - head_bytes   # + final norm
     phases = []
     if cfg.max_k:
         encoder_flops = 2 * B * linear_weights(model, "noise_encoder.")   # per position
@@ -196,8 +196,7 @@ def generation_phases(model, B, P, n_new, k, cache_elem):
         written = P if s == 0 else k                       # the prompt at prefill, then the last k tokens
         rows = written + slots
         length += written
-        phases += [(trunk_bytes, 2 * B * rows * linear_weights(model, "blocks.")),
-                   (head * model.lm_head.weight.element_size(), 2 * B * readout * head),
+        phases += [(trunk_bytes, 2 * B * rows * trunk), (head_bytes, 2 * B * readout * head),
                    (B * kv_token * (length + written), 4 * B * cfg.n_layer * cfg.n_embd * rows * (length + slots))]
     return phases
 
@@ -532,7 +531,7 @@ def plot_quality(rows, path):
 
 
 def print_tables(speed, skipped, quality, profile, roof, device):
-    opt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
+    opt = lambda x, spec, unit="": "-" if x is None else format(x, spec) + unit  # noqa: E731
     print(f"\ndevice: {device}")
     for r in profile:
         print(f"\n{r['model']}, {r['seq_len']} tokens (cache half full), batch {r['batch_size']}, k = {r['k']}: "
@@ -546,8 +545,8 @@ def print_tables(speed, skipped, quality, profile, roof, device):
         for r in speed:
             roof_frac = r["roofline_tokens_per_s"] and r["tokens_per_s"] / r["roofline_tokens_per_s"]
             print(f"{r['model']:<20}{r['seq_len']:>6}{r['batch_size']:>7}{r['k']:>3}{r['tokens_per_s']:>12,.0f}"
-                  f"{opt(r['speedup'], '.2f'):>9}{opt(r['mbu'], '.1%'):>7}{opt(r['roofline_speedup'], '.2f'):>10}"
-                  f"{opt(roof_frac, '.1%'):>9}")
+                  f"{opt(r['speedup'], '.2f', 'x'):>9}{opt(r['mbu'], '.1%'):>7}"
+                  f"{opt(r['roofline_speedup'], '.2f', 'x'):>10}{opt(roof_frac, '.1%'):>9}")
     if roof:
         print(f"{'model':<20}{'seq':>6}{'batch':>7}{'k':>3}{'ceiling tokens/s':>18}{'ceiling speedup':>17}"
               f"{'overlapped':>12}")

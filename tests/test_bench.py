@@ -447,7 +447,7 @@ def test_speed_outputs_with_a_roofline(tmp_path, capsys):
     bench_py.print_tables(rows, [], [], [], [], "GPU")
     out = capsys.readouterr().out
     assert "roofline" in out and "of roof" in out
-    assert re.search(r"m\s+64\s+8\s+4\s+3,200\s+4\.00\s+50\.0%\s+3\.75\s+25\.0%", out), out
+    assert re.search(r"m\s+64\s+8\s+4\s+3,200\s+4\.00x\s+50\.0%\s+3\.75x\s+25\.0%", out), out
     bench_py.plot_speed(rows, "GPU", str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
