@@ -185,7 +185,8 @@ def generation_phases(model, B, P, n_new, k, cache_elem):
     slots = k if cfg.max_k else 0                          # AR: no noise slots; it reads out its last row
     readout = slots or 1
     encoder = weight_bytes(model, "noise_encoder.")
-    head, head_bytes = model.lm_head.weight.numel(), model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    w = model.lm_head.weight   # (tied or not: weight_bytes names a tied tensor after the embedding)
+    head, head_bytes = w.numel(), w.numel() * w.element_size()
     trunk, trunk_bytes = linear_weights(model, "blocks."), weight_bytes(model) - encoder - head_bytes   # + final norm
     phases = []
     if cfg.max_k:
@@ -305,8 +306,7 @@ def peaks_of(device, gpu_name=None):
     return device_peak(device, PEAK_BANDWIDTH, gpu_name), device_peak(device, PEAK_FLOPS, gpu_name)
 
 
-def run_speed(models, ks, batch_sizes, repeats, device, seed, attention, compile):
-    peaks = peaks_of(device)
+def run_speed(models, ks, batch_sizes, repeats, device, seed, attention, compile, peaks):
     gen = torch.Generator().manual_seed(seed)
 
     def point(label, teacher, student, seq_len, B):
@@ -584,7 +584,8 @@ def main(argv=None):
     do_quality = args.quality if args.quality is not None else args.trained and not alone
     if alone and (do_quality or not args.speed):
         raise UserError(f"{alone} replaces the speed grid and the quality metrics: drop --quality / --no-speed")
-    if roofline_only and not all(peaks_of(device, args.roofline)):
+    peaks = peaks_of(device, args.roofline)   # this GPU's (None on CPU), or the --roofline GPU's
+    if roofline_only and not all(peaks):
         raise UserError(f"--roofline {args.roofline!r}: no peak bandwidth and FLOP/s for that GPU; known: "
                         + ", ".join(name for name, _ in PEAK_BANDWIDTH if device_peak(device, PEAK_FLOPS, name)))
     if roofline_only and args.dtype != "bfloat16":
@@ -661,11 +662,12 @@ def main(argv=None):
           + (", paper shape with random weights" if paper_shape and args.speed else ""))
     speed, profile, roof, skipped = [], [], [], []
     if roofline_only:
-        roof = run_roofline(models, ks, batch_sizes, peaks_of(device, args.roofline))
+        roof = run_roofline(models, ks, batch_sizes, peaks)
     elif args.profile:
         profile, skipped = run_profile(models, ks, batch_sizes, device, args.seed, args.attention, args.compile)
     elif args.speed:
-        speed, skipped = run_speed(models, ks, batch_sizes, repeats, device, args.seed, args.attention, args.compile)
+        speed, skipped = run_speed(models, ks, batch_sizes, repeats, device, args.seed, args.attention, args.compile,
+                                   peaks)
     quality = run_quality(teacher, student, judge, T, val, args, device) if do_quality else []
 
     timed = args.speed and not roofline_only
@@ -696,7 +698,7 @@ def main(argv=None):
               "paper_shape": paper_shape, "quality": do_quality, "attention": args.attention if timed else None,
               "quality_tokens": T, "device": str(device), "model_label": label,
               "peaks": {"gpu": args.roofline or device_name(device),
-                        **dict(zip(("hbm_bytes_per_s", "dense_flops_per_s"), peaks_of(device, args.roofline)))},
+                        **dict(zip(("hbm_bytes_per_s", "dense_flops_per_s"), peaks))},
               "teacher": teacher_path, "student": student_path,
               "judge": args.judge or teacher_path, "prompt_len": PROMPT_LEN,
               "speed_dtype": args.dtype, "quality_dtype": "float32",
