@@ -31,6 +31,16 @@ from model import GPT, GPTConfig, CUDAGraphStep, KVCache, compile_per_shape, dec
 K = 4
 
 
+@pytest.fixture
+def no_tf32():
+    """TF32 off (exact float32 matmuls on CUDA), restored afterwards. Not monkeypatch: torch.backends.cuda.matmul
+    serves allow_tf32 through __getattr__, so pytest 9.2's undo deletes the attribute instead of restoring it."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
 def tiny_models():
     torch.manual_seed(0)
     teacher = GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
@@ -302,12 +312,11 @@ def test_compiled_step_matches_eager_generate():
 @torch.no_grad()
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 @pytest.mark.parametrize("attention", ["sdpa", "flex"])
-def test_compiled_pass_matches_eager_logits(attention, device, monkeypatch):
+def test_compiled_pass_matches_eager_logits(attention, device, no_tf32):
     """The compiled cached pass gives eager's logits pass after pass, in a model of two layers. A compiled CPU flex
     kernel once ignored the storage offset of a layer's view into one (layers, ...) cache and read layer 0's keys
     for layer 1: logits off by ~1e-3, too little to move these random models' tokens, 10-100 times the tolerance.
     (On CPU, flex itself now runs its eager reference inside the compiled step, model._flex_reference.)"""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     student = tiny_models()[1].to(device)
     gen = torch.Generator().manual_seed(4)
     tokens, u = torch.randint(50257, (3, 6), generator=gen), torch.rand(3, K, generator=gen, dtype=torch.float64)
@@ -467,12 +476,11 @@ def test_cache_sized_to_the_generation_gives_the_same_tokens():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled FlexAttention kernel needs a GPU")
 @torch.no_grad()
-def test_compiled_flex_matches_sdpa_on_gpu():
+def test_compiled_flex_matches_sdpa_on_gpu(no_tf32):
     """The fused flex kernel skips the KV blocks its block mask does not list; over a prefix that spans
     several blocks (and a prefill of several query blocks) it must still give SDPA's logits, with garbage
     in the unwritten cache."""
     torch.manual_seed(0)
-    torch.backends.cuda.matmul.allow_tf32 = False
     cfg = GPTConfig(block_size=512, n_layer=2, n_head=2, n_embd=64, max_k=K)
     student = GPT(cfg).cuda().eval()
     x = torch.randint(50257, (3, 420), device="cuda")
