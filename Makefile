@@ -1,8 +1,11 @@
-# make demo: install, then the whole pipeline on the offline corpus with the tiny preset (CPU, ~5 min)
+# make demo: install, then the whole pipeline on the offline corpus with the preset sized to the machine: tiny on a
+#            CPU (~5 min), small on a GPU (PRESET=tiny make demo picks one)
 # make test: the test suite (CPU, a few minutes)
-# PRESET=small make teacher distill sample bench: the same steps on one GPU
+# make teacher distill sample bench: the steps one at a time, with the same preset
 PY ?= python3
-PRESET ?= tiny
+# (deferred: asked when a recipe runs, i.e. after `setup` has installed torch)
+PRESET ?= $(shell $(PY) -c "import torch; print('small' if torch.cuda.is_available() else 'tiny')" 2>/dev/null \
+                  || echo tiny)
 
 .PHONY: setup data teacher distill sample bench demo test clean
 
