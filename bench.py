@@ -40,6 +40,7 @@ import argparse
 import copy
 import csv
 import io
+import json
 import math
 import os
 import re
@@ -52,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (ArgumentParser, UserError, atomic_write, device_name, ensure_writable, resolve_device,
+from common import (ArgumentParser, StopFlag, UserError, atomic_write, device_name, ensure_writable, resolve_device,
                     load_checkpoint, load_split, model_from_checkpoint, out_of_memory, run_cli, sample_windows,
                     write_json)
 from model import (GPT, GPTConfig, NOISE_CHUNK, PEAK_FLOPS, CUDAGraphStep, KVCache, device_peak, generate,
@@ -128,6 +129,10 @@ def parse_args(argv=None):
                         "then _speed with --no-quality, _quality with --no-speed, _profile with --profile, "
                         "_roofline_<gpu> with --roofline)")
     p.add_argument("--out_dir", default="results", help="where the JSON, CSVs and plots go (default: results)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an unfinished speed or profile grid (interrupted, killed or crashed) from "
+                        "<out_dir>/<name>.partial.json, which every point updates: the same command and machine, "
+                        "plus --resume; the points done are kept, the rest run")
     return p.parse_args(argv)
 
 
@@ -282,23 +287,79 @@ def time_point(teacher, student, ks, B, seq_len, repeats, device, gen, attention
     return {k: (n_new[k], times[k], warmup[k]) for k in runs}
 
 
-def run_grid(models, batch_sizes, device, desc, point):
-    """Call point(label, teacher, student, seq_len, batch) -> rows at every point of the grid, with a progress
-    bar. A point that runs out of memory is skipped (and listed), and the grid goes on.
-    models: [(label, teacher, student, seq_lens)]. Returns (rows, skipped)."""
-    rows, skipped = [], []
-    grid = [(m, s, B) for m in models for s in m[3] for B in batch_sizes]
-    for (label, teacher, student, _), seq_len, B in tqdm(grid, desc=desc, dynamic_ncols=True):
+class Progress:
+    """The rows of the grid points done so far, saved to <name>.partial.json after every point: a run that is
+    interrupted (Ctrl-C or SIGTERM: it stops after the current point), killed or crashed loses at most the point it
+    was on, and --resume continues it. Only the same command on the same machine may continue it (`identity`: the
+    flags, the GPU, torch, the models' shapes), so that a table never mixes machines. Deleted once the run's
+    outputs are written."""
+
+    def __init__(self, path, identity, resume):
+        self.path, self.identity = path, identity
+        self.done, self.rows, self.skipped = [], [], []   # done: the (model, seq_len, batch) points finished
+        if not os.path.exists(path):
+            if resume:
+                raise UserError(f"--resume: there is no unfinished run to continue ({path} does not exist)")
+            return
         try:
-            rows += point(label, teacher, student, seq_len, B)
-        except Exception as e:
-            if not out_of_memory(e):
-                raise
-            skipped.append({"model": label, "seq_len": seq_len, "batch_size": B, "reason": "out of memory"})
-        finally:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()   # give the point's cache and graph pools back before the next one
-    return rows, skipped
+            with open(path) as f:
+                state = json.load(f)
+            done, rows, skipped, made_by = state["done"], state["rows"], state["skipped"], state["identity"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UserError(f"{path} is not a bench.py progress file; move or delete it") from None
+        if not resume:
+            raise UserError(f"{path} holds an unfinished run ({len(done)} points done): continue it with --resume, "
+                            "or delete that file to start afresh")
+        changed = sorted(key for key in {**identity, **made_by} if identity.get(key) != made_by.get(key))
+        if changed:
+            raise UserError(f"--resume: {path} was made by another command or machine (it differs in "
+                            f"{', '.join(changed)}); run that command, or delete the file to start afresh")
+        self.done, self.rows, self.skipped = [tuple(p) for p in done], rows, skipped
+
+    def add(self, point, rows=(), skipped=None):
+        self.done.append(point)
+        self.rows += rows
+        self.skipped += [skipped] if skipped else []
+        write_json(self.path, {"identity": self.identity, "done": self.done, "rows": self.rows,
+                               "skipped": self.skipped})
+
+    def finish(self):
+        if os.path.exists(self.path):
+            os.remove(self.path)
+
+
+def run_grid(models, batch_sizes, device, desc, point, progress, seed):
+    """Call point(label, teacher, student, seq_len, batch, generator) -> rows at every point of the grid not yet in
+    progress (a Progress), with a progress bar. Each point draws its prompts and noise from a generator of its own,
+    so that a resumed grid times the same inputs as an uninterrupted one. A point that runs out of memory is
+    skipped (and listed), and the grid goes on. models: [(label, teacher, student, seq_lens)].
+    Returns (rows, skipped)."""
+    grid = [(m, s, B) for m in models for s in m[3] for B in batch_sizes]
+    stop, bar = StopFlag(), tqdm(total=len(grid), initial=len(progress.done), desc=desc, dynamic_ncols=True)
+    try:
+        for i, ((label, teacher, student, _), seq_len, B) in enumerate(grid):
+            where = (label, seq_len, B)
+            if where in progress.done:
+                continue
+            try:
+                progress.add(where, point(label, teacher, student, seq_len, B,
+                                          torch.Generator().manual_seed(seed * len(grid) + i)))
+            except Exception as e:
+                if not out_of_memory(e):
+                    raise
+                progress.add(where, skipped={"model": label, "seq_len": seq_len, "batch_size": B,
+                                             "reason": "out of memory"})
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()   # give the point's cache and graph pools back before the next one
+            bar.update(1)
+            if stop.should_stop() and len(progress.done) < len(grid):
+                raise UserError(f"interrupted after {len(progress.done)} of {len(grid)} points; saved "
+                                f"{progress.path}; continue with the same command and --resume")
+    finally:
+        bar.close()   # so that an error starts on a line of its own
+        stop.restore()
+    return progress.rows, progress.skipped
 
 
 def peaks_of(device, gpu_name=None):
@@ -306,10 +367,8 @@ def peaks_of(device, gpu_name=None):
     return device_peak(device, PEAK_BANDWIDTH, gpu_name), device_peak(device, PEAK_FLOPS, gpu_name)
 
 
-def run_speed(models, ks, batch_sizes, repeats, device, seed, attention, compile, peaks):
-    gen = torch.Generator().manual_seed(seed)
-
-    def point(label, teacher, student, seq_len, B):
+def run_speed(models, ks, batch_sizes, repeats, device, seed, attention, compile, peaks, progress):
+    def point(label, teacher, student, seq_len, B, gen):
         res = time_point(teacher, student, ks, B, seq_len, repeats, device, gen, attention, compile)
         roof = roofline(by_k(teacher, student, ks), B, seq_len, peaks)
         ar_n, ar_t, _ = res[1]
@@ -325,7 +384,7 @@ def run_speed(models, ks, batch_sizes, repeats, device, seed, attention, compile
                          "speedup": 1.0 if k == 1 else statistics.median(speedups), "mbu": mbu,
                          **roof[k], "warmup_s": warm})
         return rows
-    return run_grid(models, batch_sizes, device, "speed", point)
+    return run_grid(models, batch_sizes, device, "speed", point, progress, seed)
 
 
 def run_roofline(models, ks, batch_sizes, peaks):
@@ -335,7 +394,7 @@ def run_roofline(models, ks, batch_sizes, peaks):
             for k, roof in roofline(by_k(teacher, student, ks), B, seq_len, peaks).items()]
 
 
-def run_profile(models, ks, batch_sizes, device, seed, attention, compile, steps=5, top=8):
+def run_profile(models, ks, batch_sizes, device, seed, attention, compile, progress, steps=5, top=8):
     """What ONE decode step costs and launches, at each point and k, with the cache half full (a generation's
     average): the step's time as the speed grid runs it (replayed from a CUDA graph on CUDA), then `steps` steps
     under torch.profiler, not replayed, so that it sees each kernel: the kernels a step launches (on CPU: the
@@ -344,10 +403,9 @@ def run_profile(models, ks, batch_sizes, device, seed, attention, compile, steps
     the compiled step, fused kernels.)"""
     from torch.profiler import ProfilerActivity, profile
     cuda = device.type == "cuda"
-    gen = torch.Generator().manual_seed(seed)
 
     @torch.no_grad()   # the noise encoder below runs outside decode_step, which has its own
-    def point(label, teacher, student, seq_len, B):
+    def point(label, teacher, student, seq_len, B, gen):
         runs, cache, graph_step = point_setup(teacher, student, ks, B, seq_len, device, attention, compile)
         rows = []
         for k, model in runs.items():
@@ -382,7 +440,7 @@ def run_profile(models, ks, batch_sizes, device, seed, attention, compile, steps
                          "top": [{"name": e.key[:160], "ms_per_step": self_us(e) / steps / 1e3,
                                   "per_step": e.count / steps} for e in events[:top]]})
         return rows
-    return run_grid(models, batch_sizes, device, "profile", point)
+    return run_grid(models, batch_sizes, device, "profile", point, progress, seed)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -598,6 +656,8 @@ def main(argv=None):
                         "--no-speed, --preset, --teacher, --student or --judge")
     if not (args.speed or do_quality):
         raise UserError("nothing to do: both --no-speed and --no-quality were given")
+    if args.resume and (roofline_only or not args.speed):
+        raise UserError("--resume continues a speed or profile grid: drop it with --roofline or --no-speed")
     torch.set_float32_matmul_precision("highest")   # float32 quality decoding must not silently use TF32
 
     label = teacher_path = student_path = teacher = student = None
@@ -651,6 +711,15 @@ def main(argv=None):
         if not models:
             raise UserError(f"--seq_lens {args.seq_lens}: every length exceeds the block size of every model")
 
+    stem = os.path.join(args.out_dir, name)
+    progress = None
+    if args.speed and not roofline_only:   # a grid to time: saved point by point, resumable
+        identity = {**{key: v for key, v in vars(args).items() if key != "resume"}, "machine": device_name(device),
+                    "torch": torch.__version__, "models": [(m, asdict(t.config), asdict(s.config), fit)
+                                                           for m, t, s, fit in models]}
+        # (through JSON: tuples become lists, as they come back from the file)
+        progress = Progress(stem + ".partial.json", json.loads(json.dumps(identity)), args.resume)
+
     judge = teacher
     if args.judge:
         judge = model_from_checkpoint(load_checkpoint(args.judge, kind="teacher"), device).eval()
@@ -664,10 +733,11 @@ def main(argv=None):
     if roofline_only:
         roof = run_roofline(models, ks, batch_sizes, peaks)
     elif args.profile:
-        profile, skipped = run_profile(models, ks, batch_sizes, device, args.seed, args.attention, args.compile)
+        profile, skipped = run_profile(models, ks, batch_sizes, device, args.seed, args.attention, args.compile,
+                                       progress)
     elif args.speed:
         speed, skipped = run_speed(models, ks, batch_sizes, repeats, device, args.seed, args.attention, args.compile,
-                                   peaks)
+                                   peaks, progress)
     quality = run_quality(teacher, student, judge, T, val, args, device) if do_quality else []
 
     timed = args.speed and not roofline_only
@@ -690,6 +760,8 @@ def main(argv=None):
              "or the weights are not bf16": args.speed,
              "warmup_s: the untimed first prefill + decode step of each k at a point (kernel compilation and "
              "CUDA-graph capture)": timed,
+             "resumed (--resume): the points come from more than one process of the same command on this machine; "
+             "AR and every k of a point were timed in one process, back to back": args.resume,
              "quality: samples decoded in float32 from one shared noise tensor, temperature 1, no penalty; gen-PPL "
              "under the judge in float32; entropy and repeat4 over the continuation only": do_quality}
     config = {**vars(args), "batch_sizes": batch_sizes, "seq_lens": seq_lens, "ks": ks,
@@ -709,7 +781,6 @@ def main(argv=None):
     out = {"device": device_name(device), "torch": torch.__version__, "config": config,
            "speed": speed, "skipped": skipped, "quality": quality, **({"profile": profile} if args.profile else {}),
            **({"roofline": roof} if roofline_only else {})}
-    stem = os.path.join(args.out_dir, name)
     write_json(stem + ".json", out)
     for suffix, made in ((".csv", roof), ("_speed.csv", speed), ("_speedup_vs_batch.png", speed),
                          ("_quality.csv", quality), ("_quality_vs_k.png", quality)):
@@ -728,6 +799,8 @@ def main(argv=None):
         write_csv(stem + "_quality.csv", flat, ["model", "k", "gen_ppl", "gen_ppl_ratio", "entropy", "entropy_ratio",
                                                 "repeat4"] + slots("window_agreement") + slots("agreement"))
         plot_quality(quality, stem + "_quality_vs_k.png")
+    if progress:
+        progress.finish()   # the outputs are written: nothing left to resume
     print_tables(speed, skipped, quality, profile, roof, device_name(device))
     print(f"\nwrote {stem}.json" + (f", {name}.csv" if roof else "")
           + (", _speed.csv, _speedup_vs_batch.png" if speed else "")

@@ -375,7 +375,8 @@ def set_rng_state(state, gen):
 
 class StopFlag:
     """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step, save and exit; a second
-    Ctrl-C stops at once. Under DDP the ranks agree on the flag each step so that all stop together."""
+    Ctrl-C stops at once. Under DDP (should_stop's rt: setup_runtime's) the ranks agree on the flag each step so
+    that all stop together."""
 
     def __init__(self):
         self.requested = False
@@ -386,9 +387,9 @@ class StopFlag:
             raise KeyboardInterrupt
         self.requested = True
 
-    def should_stop(self, rt):
+    def should_stop(self, rt=None):
         flag = torch.tensor(float(self.requested))
-        if rt.ddp:
+        if rt is not None and rt.ddp:
             if rt.device.type == "cuda":
                 flag = flag.to(rt.device)
             dist.all_reduce(flag)

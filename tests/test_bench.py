@@ -12,6 +12,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import weakref
@@ -23,7 +24,7 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from common import save_checkpoint  # noqa: E402
+from common import UserError, save_checkpoint  # noqa: E402
 import bench as bench_py  # noqa: E402   (bench() below runs the script)
 from bench import bytes_moved, gen_ppl, generation_phases, quality_row, roofline, sized_to  # noqa: E402
 from model import GPT, GPTConfig, CUDAGraphStep, KVCache, compile_per_shape, decode_step, generate  # noqa: E402
@@ -194,6 +195,8 @@ def test_quality_decodes_every_model_from_the_ar_samples_noise(monkeypatch):
     (["--roofline", ""], "known: H100"),
     (["--roofline", "H100", "--dtype", "float32"], "bf16"),
     (["--data_dir", "/nonexistent"], "not found"),   # before the speed grid, not after it
+    (["--resume"], "no unfinished run"),
+    (["--resume", "--no-speed"], "--resume continues a speed or profile grid"),
 ])
 def test_bad_input_is_one_line(files, args, message):
     r = bench(files, "--batch_sizes", "1", *args)
@@ -231,6 +234,46 @@ def test_a_partial_run_keeps_the_whole_runs_files(files, tmp_path):
     assert (tmp_path / "bench_trained.json").read_text() == "{}"
     assert (tmp_path / "bench_trained_quality.csv").read_text() == "from the whole run"
     assert json.loads((tmp_path / "bench_trained_speed.json").read_text())["speed"]
+
+
+def test_an_interrupted_grid_resumes_where_it_stopped(files, tmp_path, monkeypatch):
+    """A speed grid saves its rows after every point. Ctrl-C stops it after the current point, leaving
+    <name>.partial.json; a plain rerun refuses to replace that progress, and a resume with other flags to mix two
+    runs; the same command with --resume times only the points not done, keeps the saved rows, and deletes the
+    progress once the outputs are written. Each point draws its inputs from a generator of its own, so the resumed
+    point gets what an uninterrupted run gives it."""
+    timed, time_point = [], bench_py.time_point
+
+    def interrupted_at_the_second_point(teacher, student, ks, B, seq_len, repeats, device, gen, *rest):
+        timed.append((B, gen.initial_seed()))
+        if len(timed) == 2:
+            os.kill(os.getpid(), signal.SIGINT)   # Ctrl-C while the second point is timed
+        return time_point(teacher, student, ks, B, seq_len, repeats, device, gen, *rest)
+    monkeypatch.setattr(bench_py, "time_point", interrupted_at_the_second_point)
+    args = ["--device", "cpu", "--teacher", str(files / "teacher.pt"), "--student", str(files / "student.pt"),
+            "--no-quality", "--seq_lens", "12", "--ks", "4", "--out_dir", str(tmp_path), "--batch_sizes"]
+    with pytest.raises(UserError, match="interrupted after 2 of 3 points"):
+        bench_py.main(args + ["1,2,3"])
+    progress = tmp_path / "bench_trained_speed.partial.json"
+    saved = json.loads(progress.read_text())
+    assert saved["done"] == [["trained", 12, 1], ["trained", 12, 2]] and len(saved["rows"]) == 4
+    assert not (tmp_path / "bench_trained_speed.json").exists()
+    with pytest.raises(UserError, match="holds an unfinished run"):
+        bench_py.main(args + ["1,2,3"])
+    with pytest.raises(UserError, match="differs in batch_sizes"):
+        bench_py.main(args + ["1,2,4", "--resume"])
+    assert progress.read_text() == json.dumps(saved, indent=2)   # refusals leave it as it was
+
+    bench_py.main(args + ["1,2,3", "--resume"])
+    assert [B for B, _ in timed] == [1, 2, 3]   # the third point only
+    speed = json.loads((tmp_path / "bench_trained_speed.json").read_text())["speed"]
+    assert speed[:4] == saved["rows"] and [r["batch_size"] for r in speed[4:]] == [3, 3]
+    assert not progress.exists()
+    seeds = [seed for _, seed in timed]
+    timed.clear()
+    monkeypatch.setattr(bench_py, "time_point", lambda *a: timed.append((a[3], a[7].initial_seed())) or time_point(*a))
+    bench_py.main(args + ["1,2,3"])   # uninterrupted
+    assert [seed for _, seed in timed] == seeds and len(set(seeds)) == 3
 
 
 def test_profile_of_one_decode_step(files):
