@@ -242,14 +242,14 @@ def test_an_interrupted_grid_resumes_where_it_stopped(files, tmp_path, monkeypat
     runs; the same command with --resume times only the points not done, keeps the saved rows, and deletes the
     progress once the outputs are written. Each point draws its inputs from a generator of its own, so the resumed
     point gets what an uninterrupted run gives it."""
-    timed, time_point = [], bench_py.time_point
+    timed, time_point, ctrl_c = [], bench_py.time_point, {"at point": 2}
 
-    def interrupted_at_the_second_point(teacher, student, ks, B, seq_len, repeats, device, gen, *rest):
+    def recorded(teacher, student, ks, B, seq_len, repeats, device, gen, *rest):
         timed.append((B, gen.initial_seed()))
-        if len(timed) == 2:
-            os.kill(os.getpid(), signal.SIGINT)   # Ctrl-C while the second point is timed
+        if len(timed) == ctrl_c["at point"]:
+            os.kill(os.getpid(), signal.SIGINT)   # Ctrl-C while this point is timed
         return time_point(teacher, student, ks, B, seq_len, repeats, device, gen, *rest)
-    monkeypatch.setattr(bench_py, "time_point", interrupted_at_the_second_point)
+    monkeypatch.setattr(bench_py, "time_point", recorded)
     args = ["--device", "cpu", "--teacher", str(files / "teacher.pt"), "--student", str(files / "student.pt"),
             "--no-quality", "--seq_lens", "12", "--ks", "4", "--out_dir", str(tmp_path), "--batch_sizes"]
     with pytest.raises(UserError, match="interrupted after 2 of 3 points"):
@@ -271,7 +271,7 @@ def test_an_interrupted_grid_resumes_where_it_stopped(files, tmp_path, monkeypat
     assert not progress.exists()
     seeds = [seed for _, seed in timed]
     timed.clear()
-    monkeypatch.setattr(bench_py, "time_point", lambda *a: timed.append((a[3], a[7].initial_seed())) or time_point(*a))
+    ctrl_c["at point"] = None
     bench_py.main(args + ["1,2,3"])   # uninterrupted
     assert [seed for _, seed in timed] == seeds and len(set(seeds)) == 3
 
