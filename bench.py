@@ -7,6 +7,7 @@ speed and quality that it ran (--name: a rerun under a name replaces that name's
     python bench.py --preset small                # one GPU: the full grid, paper shape + the trained model
     python bench.py --no-quality --batch_sizes 1,64 --seq_lens 128
     python bench.py --no-trained                  # speed of the paper shape only: no checkpoint needed
+    python bench.py --no-trained --resume         # the same grid, continued after Ctrl-C, a time limit or a crash
     python bench.py --no-trained --profile --batch_sizes 1,512 --seq_lens 1024   # where a decode step's time goes
     python bench.py --no-trained --roofline H100  # the grid's ceilings on an H100, computed (any machine, seconds)
 
