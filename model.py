@@ -381,11 +381,14 @@ def inverse_cdf(logits, u):
     (logits, u) give the same token wherever they are computed. bf16 logits (the bf16 models that bench.py times)
     in float32, as a server samples: they carry bf16's three digits anyway, and a float64 softmax and cumsum over
     the vocabulary would add to every AR step bytes that the push-forward readout (an argmax) never moves, i.e.
-    a slower baseline."""
+    a slower baseline. The cumsum's total misses 1 by its rounding (up to 1e-4 in float32), so u is scaled by
+    that total, and no u, however close to 1, can fall past it onto an id without mass."""
     dtype = torch.float64 if logits.dtype in (torch.float32, torch.float64) else torch.float32
     cdf = torch.cumsum(torch.softmax(logits, dim=-1, dtype=dtype), dim=-1)
-    tok = torch.searchsorted(cdf, u.to(dtype).unsqueeze(-1).contiguous(), right=True).squeeze(-1)
-    return tok.clamp_(max=logits.size(-1) - 1)   # u above the total (rounding) -> last token
+    total = cdf[..., -1:].contiguous()
+    tok = torch.searchsorted(cdf, (u.to(dtype).unsqueeze(-1) * total).contiguous(), right=True)
+    last = torch.searchsorted(cdf, total, right=False)   # the last id with mass: where the total is first reached
+    return torch.minimum(tok, last).squeeze(-1)
 
 
 @torch.no_grad()
@@ -524,17 +527,21 @@ def same_noise_agreement(a, b, k):
 
 
 @torch.no_grad()
-def window_agreement(student, prompts, ar_tokens, noise, k):
+def window_agreement(student, prompts, ar_tokens, noise, k, batch=32):
     """Same-noise agreement per slot on the AR teacher's own context. Window j starts from the teacher's
     sample so far (prompt + its first j*k tokens), takes the noise the teacher used for its next k tokens,
     and is compared with those k tokens. In free-running decoding (same_noise_agreement on two generations)
     the sequences part at the first different token and later positions agree mostly by chance; here every
-    window starts in step with the teacher. One staircase pass computes all windows."""
+    window starts in step with the teacher. One staircase pass per `batch` samples computes all their windows
+    (its logits, batch x n x vocab floats, are what bounds the memory)."""
     B, P = prompts.shape
     n = ar_tokens.size(1) // k * k
     seq = torch.cat([prompts, ar_tokens[:, :n]], dim=1)[:, :P + n - k]   # the last window's context ends there
     anchors = (P - 1 + torch.arange(0, n, k, device=seq.device)).expand(B, -1)
-    tokens = student.forward_staircase(seq, anchors, noise[:, :n].reshape(B, -1, k)).argmax(-1)   # (B, n/k, k)
+    slots = noise[:, :n].reshape(B, -1, k)
+    tokens = torch.cat([student.forward_staircase(seq[i:i + batch], anchors[i:i + batch],
+                                                  slots[i:i + batch]).argmax(-1)
+                        for i in range(0, B, batch)])   # (B, n/k, k)
     return (tokens == ar_tokens[:, :n].reshape(B, -1, k)).float().mean(dim=(0, 1)).tolist()
 
 

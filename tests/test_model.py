@@ -147,14 +147,16 @@ def test_first_slots_of_a_k_model_are_a_smaller_k_model(student):
     assert torch.equal(g4[:, :2], g2[:, :2])
 
 
-def test_inverse_cdf_is_a_deterministic_function_of_u():
-    logits = torch.randn(5, 50)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])   # summed in float64 / float32
+def test_inverse_cdf_is_a_deterministic_function_of_u(dtype):
+    logits = torch.randn(5, 50).to(dtype)
     logits[:, :3] = logits[:, 49:] = float("-inf")   # ids without mass at both ends
     u = torch.rand(5, dtype=torch.float64)
     assert torch.equal(inverse_cdf(logits, u), inverse_cdf(logits.clone(), u.clone()))
-    # u = 0 gives the first token with mass, u -> 1 the last: never an id without mass
+    # u = 0 gives the first token with mass, u -> 1 the last: never an id without mass, whatever the rounding
     assert (inverse_cdf(logits, torch.zeros(5, dtype=torch.float64)) == 3).all()
-    assert (inverse_cdf(logits, torch.full((5,), 1 - 1e-12, dtype=torch.float64)) == 48).all()
+    for u_max in (1 - 1e-12, 1 - 1e-9, 1 - 1e-7):
+        assert (inverse_cdf(logits, torch.full((5,), u_max, dtype=torch.float64)) == 48).all()
 
 
 def test_inverse_cdf_sums_float32_logits_in_float64():
@@ -239,6 +241,24 @@ def test_noise_features_separate_nearby_noise():
     assert gap["paper"] > 0.005 and gap["high"] > 10 * gap["paper"], gap
     with pytest.raises(ValueError):
         tiny(max_k=1, noise_features="nope")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("features", ["paper", "high"])
+def test_noise_encoder_is_the_methods_formula(features):
+    """METHOD.md §2, written out by hand: sinusoidal features of u in float64 (frequencies 10000^(-i/half), or 1 to
+    256 cycles for "high"; arguments u * freq * 2 pi; [cos, sin]) -> Linear -> x + MLP(RMSNorm(x)). At 256 cycles
+    a float32 argument near u = 1 would be off by more than the tolerance."""
+    enc = tiny(max_k=1, noise_features=features).noise_encoder
+    for p in enc.parameters():   # non-trivial weights (RMSNorm's start at 1), so that every term shows
+        p.add_(0.1 * torch.randn_like(p))
+    u = torch.tensor([0.0, 0.3, 0.7001, 0.9999999], dtype=torch.float64)
+    i = torch.arange(enc.half, dtype=torch.float64)
+    freqs = 10000.0 ** (-i / enc.half) if features == "paper" else 256.0 ** (i / (enc.half - 1))
+    arg = u[:, None] * freqs * 2 * math.pi
+    x = enc.inp(torch.cat([arg.cos(), arg.sin()], dim=-1).float())
+    want = x + enc.mlp.proj(torch.nn.functional.gelu(enc.mlp.fc(enc.ln(x))))
+    torch.testing.assert_close(enc(u), want, rtol=0, atol=1e-6)
 
 
 def test_agreement_per_slot():
@@ -366,6 +386,8 @@ def test_window_agreement_decodes_each_window_on_the_teachers_context(teacher, s
     seq = torch.cat([prompts, ar], dim=1)
     hits = torch.stack([generate(student, seq[:, :6 + s], noise[:, s:s + k], k) == ar[:, s:s + k]
                         for s in range(0, 24, k)], dim=1)                               # (B, windows, k)
-    assert window_agreement(student, prompts, ar, noise, k) == hits.float().mean(dim=(0, 1)).tolist()
+    want = hits.float().mean(dim=(0, 1)).tolist()
+    assert window_agreement(student, prompts, ar, noise, k) == window_agreement(student, prompts, ar, noise, k,
+                                                                                batch=2) == want   # 2 + 1 samples
     # against the student's own free-running tokens, every window starts in step and must agree everywhere
     assert window_agreement(student, prompts, generate(student, prompts, noise, k), noise, k) == [1.0] * k
