@@ -40,6 +40,7 @@ measured for the paper's released k = 4 model.
 import argparse
 import copy
 import csv
+import hashlib
 import io
 import json
 import math
@@ -64,9 +65,10 @@ from sample import default_checkpoints, load_models
 PROMPT_LEN = 6   # the paper's 6-token prefixes
 PAPER_SHAPE = GPTConfig(block_size=1024, n_layer=12, n_head=12, n_embd=768, tie_embeddings=False)
 PAPER_BAND = (2.4, 3.5)   # the abstract's k = 4 speedup "across batch sizes" on an H100
-# Peak HBM bandwidth (bytes/s), matched in order against torch.cuda.get_device_name
-PEAK_BANDWIDTH = [("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12), ("H200", 4.8e12),
-                  ("A100", 2.0e12)]
+# Peak HBM bandwidth (bytes/s), matched in order against torch.cuda.get_device_name. GH200 ships with 4.0 or
+# 4.9 TB/s under one name: None (unknown) rather than H200's figure.
+PEAK_BANDWIDTH = [("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12), ("GH200", None), ("H200", 4.8e12),
+                  ("A100-SXM4-40GB", 1.555e12), ("A100-PCIE-40GB", 1.555e12), ("A100", 2.0e12)]
 
 
 def parse_args(argv=None):
@@ -117,8 +119,9 @@ def parse_args(argv=None):
                    help="torch.compile each decode step before capturing it (experimental; the compile "
                         "time of every new shape goes into warmup_s, not into the timings)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
-                   help="weights and KV cache of the speed runs, both sides (default: bfloat16); "
-                        "quality always decodes in float32")
+                   help="weights and KV cache of the speed runs, both sides (default: bfloat16; with float32, "
+                        "AR's sampler sums its softmax in float64, as the quality runs need, so AR runs slower than "
+                        "a server's would and the speedups are not comparable); quality always decodes in float32")
     p.add_argument("--data_dir", default="data/offline",
                    help="where val.bin lives, for the quality prefixes (default: data/offline)")
     p.add_argument("--seed", type=int, default=0,
@@ -291,9 +294,9 @@ def time_point(teacher, student, ks, B, seq_len, repeats, device, gen, attention
 class Progress:
     """The rows of the grid points done so far, saved to <name>.partial.json after every point: a run that is
     interrupted (Ctrl-C or SIGTERM: it stops after the current point), killed or crashed loses at most the point it
-    was on, and --resume continues it. Only the same command on the same machine may continue it (`identity`: the
-    flags, the GPU, torch, the models' shapes), so that a table never mixes machines. Deleted once the run's
-    outputs are written."""
+    was on, and --resume continues it. Only the same command with the same code on the same machine may continue it
+    (`identity`: the flags, source_digest, the GPU, torch, the models' shapes), so that a table never mixes
+    machines or versions. Deleted once the run's outputs are written."""
 
     def __init__(self, path, identity, resume):
         self.path, self.identity = path, identity
@@ -313,7 +316,7 @@ class Progress:
                             "or delete that file to start afresh")
         changed = sorted(key for key in {**identity, **made_by} if identity.get(key) != made_by.get(key))
         if changed:
-            raise UserError(f"--resume: {path} was made by another command or machine (it differs in "
+            raise UserError(f"--resume: {path} was made by another command, code or machine (it differs in "
                             f"{', '.join(changed)}); run that command, or delete the file to start afresh")
         self.done, self.rows, self.skipped = [tuple(p) for p in done], rows, skipped
 
@@ -327,6 +330,15 @@ class Progress:
     def finish(self):
         if os.path.exists(self.path):
             os.remove(self.path)
+
+
+def source_digest():
+    """A digest of the code that a timing depends on: a resumed grid never mixes rows of two versions of it."""
+    h = hashlib.sha256()
+    for name in ("model.py", "common.py", "bench.py"):
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
 
 
 def run_grid(models, batch_sizes, device, desc, point, progress, seed):
@@ -383,7 +395,7 @@ def run_speed(models, ks, batch_sizes, repeats, device, seed, attention, compile
             rows.append({"model": label, "seq_len": seq_len, "batch_size": B, "k": k, "new_tokens": n,
                          "tokens_per_s": statistics.median(B * n / t for t in ts),
                          "speedup": 1.0 if k == 1 else statistics.median(speedups), "mbu": mbu,
-                         **roof[k], "warmup_s": warm})
+                         **roof[k], "warmup_s": warm, "times_s": ts})
         return rows
     return run_grid(models, batch_sizes, device, "speed", point, progress, seed)
 
@@ -715,7 +727,8 @@ def main(argv=None):
     stem = os.path.join(args.out_dir, name)
     progress = None
     if args.speed and not roofline_only:   # a grid to time: saved point by point, resumable
-        identity = {**{key: v for key, v in vars(args).items() if key != "resume"}, "machine": device_name(device),
+        identity = {**{key: v for key, v in vars(args).items() if key != "resume"}, "code": source_digest(),
+                    "machine": device_name(device),
                     "torch": torch.__version__, "models": [(m, asdict(t.config), asdict(s.config), fit)
                                                            for m, t, s, fit in models]}
         # (through JSON: tuples become lists, as they come back from the file)
@@ -741,38 +754,46 @@ def main(argv=None):
                                    peaks, progress)
     quality = run_quality(teacher, student, judge, T, val, args, device) if do_quality else []
 
-    timed = args.speed and not roofline_only
-    notes = {"paper_shape_random has random weights: its speed is real, its tokens are meaningless": True,
+    grid, timed = args.speed and not roofline_only and not args.profile, args.speed and not roofline_only
+    notes = {"paper_shape_random has random weights: its speed is real, its tokens are meaningless":
+             bool(paper_shape and args.speed),
              "speed: static KV cache sized to seq_len (as a server sizes it to its longest request), shared by AR and "
              "K-Forcing; prompts and noise random": timed,
              "tokens_per_s: new tokens / whole generation (prefill included), median over repeats; speedup: median "
-             "over repeats of K-Forcing tokens/s / AR tokens/s timed back to back": timed,
+             "over repeats of K-Forcing tokens/s / AR tokens/s timed back to back; times_s: each repeat's whole "
+             "generation in seconds": grid,
+             "speed_dtype float32: AR's sampler sums its softmax in float64, so AR is slower than a server's and the "
+             "speedups are not comparable with bfloat16 runs": grid and args.dtype == "float32",
+             "profile: one decode step with the cache half full, timed as the speed grid runs it; tokens_per_s: batch "
+             "x k / that step's time (no prefill: not the speed grid's measure); launches and top kernels from "
+             "torch.profiler over steps run without the CUDA graph": bool(args.profile),
              "mbu: (weights + KV cache read up to the current length + KV written) per pass, summed, plus the noise "
              f"encoder's weights once per {NOISE_CHUNK} positions (generate encodes the noise in calls of that many "
              "before its loop), / time / peak HBM bandwidth; None where the peak is unknown (CPU). It counts the bytes "
              "a pass needs, not what this implementation moves: flex reads the cache up to the last written "
-             "128-entry block, sdpa the whole static cache (seq_len entries, stale ones masked)": timed,
+             "128-entry block, sdpa the whole static cache (seq_len entries, stale ones masked)": grid,
              "roofline_tokens_per_s: the ceiling if every phase of a generation (the noise encoder; per pass the "
              "trunk's dense layers, the LM head, attention) ran at peak bandwidth or peak dense bf16 FLOP/s, whichever "
              "binds it, one after another, with no launch overhead; roofline_speedup: its ratio to AR's ceiling; "
              "roofline_overlapped_speedup: the same ratio if compute and memory traffic overlapped perfectly (the "
              "bound for any implementation). Bounds on each side's tokens/s, not on a measured speedup, which exceeds "
              "their ratio where AR runs further below its ceiling than K-Forcing. None where a peak is unknown (CPU) "
-             "or the weights are not bf16": args.speed,
+             "or the weights are not bf16": args.speed and not args.profile,
              "warmup_s: the untimed first prefill + decode step of each k at a point (kernel compilation and "
-             "CUDA-graph capture)": timed,
-             "resumed (--resume): the points come from more than one process of the same command on this machine; "
+             "CUDA-graph capture)": grid,
+             "resumed (--resume): the points come from more than one process of the same command and code on this "
+             "machine; "
              "AR and every k of a point were timed in one process, back to back": args.resume,
              "quality: samples decoded in float32 from one shared noise tensor, temperature 1, no penalty; gen-PPL "
              "under the judge in float32; entropy and repeat4 over the continuation only": do_quality}
     config = {**vars(args), "batch_sizes": batch_sizes, "seq_lens": seq_lens, "ks": ks,
-              "repeats": repeats if timed else None, "compile": args.compile if timed else None,
+              "repeats": repeats if grid else None, "compile": args.compile if timed else None,
               "seq_lens_timed": {m: fit for m, _, _, fit in models},   # those of seq_lens that fit each model
               "paper_shape": paper_shape, "quality": do_quality, "attention": args.attention if timed else None,
               "quality_tokens": T, "device": str(device), "model_label": label,
               "peaks": {"gpu": args.roofline or device_name(device),
                         **dict(zip(("hbm_bytes_per_s", "dense_flops_per_s"), peaks))},
-              "teacher": teacher_path, "student": student_path,
+              "code": source_digest(), "teacher": teacher_path, "student": student_path,
               "judge": args.judge or teacher_path, "prompt_len": PROMPT_LEN,
               "speed_dtype": args.dtype, "quality_dtype": "float32",
               "model_configs": {"trained_teacher": teacher and asdict(teacher.config),

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import weakref
@@ -77,7 +78,7 @@ def bench(tmp, *args):
 
 def test_end_to_end_outputs(files):
     r = bench(files, "--batch_sizes", "1,2", "--seq_lens", "32", "--quality_samples", "8",
-              "--quality_tokens", "12", "--no-paper_shape", "--name", "t")
+              "--quality_tokens", "12", "--no-paper_shape", "--name", "t", "--repeats", "3")
     assert r.returncode == 0, r.stderr
     out = files / "out"
     res = json.loads((out / "t.json").read_text())
@@ -95,9 +96,12 @@ def test_end_to_end_outputs(files):
         assert row["new_tokens"] == (32 - 6) // row["k"] * row["k"]
         if row["k"] == 1:
             assert row["speedup"] == 1.0
-    for row in speed:   # one repeat on CPU: the speedup is the ratio of this point's tokens/s to AR's
+    for row in speed:   # medians over the repeats; the speedup's of ratios within a repeat (AR and k back to back)
         ar_row = next(r for r in speed if r["batch_size"] == row["batch_size"] and r["k"] == 1)
-        assert row["speedup"] == pytest.approx(row["tokens_per_s"] / ar_row["tokens_per_s"])
+        per_s = [row["batch_size"] * row["new_tokens"] / t for t in row["times_s"]]
+        ar_per_s = [ar_row["batch_size"] * ar_row["new_tokens"] / t for t in ar_row["times_s"]]
+        assert len(per_s) == 3 and row["tokens_per_s"] == pytest.approx(statistics.median(per_s))
+        assert row["speedup"] == pytest.approx(statistics.median(a / b for a, b in zip(per_s, ar_per_s)))
 
     quality = res["quality"]
     assert [(r["model"], r["k"]) for r in quality] == [("ar", 1)] + [("student", k) for k in range(1, K + 1)]
@@ -262,6 +266,10 @@ def test_an_interrupted_grid_resumes_where_it_stopped(files, tmp_path, monkeypat
         bench_py.main(args + ["1,2,3"])
     with pytest.raises(UserError, match="differs in batch_sizes"):
         bench_py.main(args + ["1,2,4", "--resume"])
+    with monkeypatch.context() as m:   # the same command after an edit of the decode path
+        m.setattr(bench_py, "source_digest", lambda: "edited")
+        with pytest.raises(UserError, match="differs in code"):
+            bench_py.main(args + ["1,2,3", "--resume"])
     assert progress.read_text() == json.dumps(saved, indent=2)   # refusals leave it as it was
 
     bench_py.main(args + ["1,2,3", "--resume"])
@@ -286,6 +294,8 @@ def test_profile_of_one_decode_step(files):
     assert res["speed"] == [] and res["quality"] == []
     rows = {row["k"]: row for row in res["profile"]}
     assert sorted(rows) == [1, 2, 3, 4]
+    notes = " ".join(res["config"]["notes"])   # what the rows are, not what a speed grid's would be
+    assert "profile: one decode step" in notes and "whole generation" not in notes and "random weights" not in notes
     for row in rows.values():
         assert row["step_ms"] > 0 and row["busy_ms_per_step"] > 0 and row["launches"].startswith("CPU")
         assert 0 < len(row["top"]) <= 8 and row["top"][0]["ms_per_step"] >= row["top"][-1]["ms_per_step"]
