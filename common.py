@@ -46,7 +46,7 @@ def run_cli(main):
 
 # The flags that say where a run executes and writes and how often it reports, never what it computes: a resume may
 # change them, and a run of a preset that changes only them still writes that preset's reference summary
-BOOKKEEPING = ("out_dir", "results_dir", "device", "compile", "eval_interval", "log_interval", "ckpt_interval")
+BOOKKEEPING = ("out_dir", "results_dir", "device", "compile", "log_interval", "ckpt_interval")
 
 
 def field(default, help, choices=None, at_least=None, below=None):
@@ -291,26 +291,53 @@ def atomic_write(path, write_fn, binary=True):
         raise
 
 
-RUN_CHECKPOINTS = ("last.pt", "best.pt", "student_k*.pt")   # what teacher.py and distill.py write in their out_dir
+# What teacher.py and distill.py write in their out_dir (the summary too, for a run whose results_dir is its out_dir),
+# and the file that tells each kind of run apart
+RUN_FILES = {"teacher": ("last.pt", "best.pt", "log.jsonl", "teacher_*.json"),
+             "student": ("last.pt", "student_k*.pt", "log.jsonl", "distill_*.json")}
+RUN_MARK = {"teacher": "best.pt", "student": "student_k*.pt"}
 
 
-def check_run_dir(last_path, resume, overwrite):
-    """Nothing is overwritten by accident: a directory that holds a run needs --resume or --overwrite."""
+def check_run_dir(out_dir, kind, resume, overwrite):
+    """Nothing is overwritten by accident: a directory that holds a run needs --resume or --overwrite, and one that
+    holds the other script's run (a teacher where students would go, or students where a teacher would) is refused
+    whatever the flags."""
+    other = "student" if kind == "teacher" else "teacher"
+    theirs = sorted(glob.glob(os.path.join(out_dir, RUN_MARK[other])))
+    if theirs:
+        raise UserError(f"{out_dir} holds a {'distillation' if other == 'student' else 'teacher'} run "
+                        f"({os.path.basename(theirs[0])}); pick another --out_dir")
+    last_path = os.path.join(out_dir, "last.pt")
     if resume and not os.path.exists(last_path):
         raise UserError(f"--resume: no checkpoint at {last_path}; run without --resume to start")
     if not resume and not overwrite and os.path.exists(last_path):
-        raise UserError(f"{os.path.dirname(last_path)} already holds a run; pass --resume to continue it or "
-                        "--overwrite to replace it")
+        raise UserError(f"{out_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
 
 
-def clear_run_dir(out_dir, args, rt):
-    """--overwrite starts afresh: the old run's checkpoints go, so that none of them outlives it to be taken for the
-    new run's (an old best.pt, or the student_k4.pt of a longer schedule, which sample.py and bench.py would pick).
-    Called once the new run has passed every check of its inputs: a mistake must not cost the old run."""
-    if args.overwrite and not args.resume and rt.master:
-        for pattern in RUN_CHECKPOINTS:
-            for path in glob.glob(os.path.join(out_dir, pattern)):
-                os.remove(path)
+class OldRun:
+    """--overwrite starts afresh, and none of the old run's files may outlive it to be taken for the new run's (an
+    old best.pt, or the student_k4.pt of a longer schedule, which sample.py and bench.py would pick). They are set
+    aside (renamed <name>.replaced) when the new run starts, deleted when it saves its first checkpoint, and put back
+    if it stops before that: a mistake that shows only once training runs (a batch that does not fit in memory)
+    costs the old run nothing. Made once the new run has passed every check of its inputs."""
+
+    def __init__(self, out_dir, kind, args, rt):
+        self.moved = []
+        if args.overwrite and not args.resume and rt.master:
+            for pattern in RUN_FILES[kind]:
+                for path in glob.glob(os.path.join(out_dir, pattern)):
+                    os.replace(path, path + ".replaced")
+                    self.moved.append(path)
+
+    def discard(self):   # the new run saves its first checkpoint: the old one goes for good
+        for path in self.moved:
+            os.remove(path + ".replaced")
+        self.moved = []
+
+    def restore(self):   # the new run stops without a checkpoint: the old one comes back as it was
+        for path in self.moved:
+            os.replace(path + ".replaced", path)
+        self.moved = []
 
 
 def check_resume_config(saved, cfg):
@@ -358,16 +385,18 @@ def model_from_checkpoint(ckpt, device):
     return model.to(device)
 
 
-def rng_state(gen):
+# The generator on the training device only (dropout): every rank seeds its own GPU alike and draws the same number
+# of numbers per step, so rank 0's state is every rank's, and it restores onto whichever GPU a resumed rank uses.
+def rng_state(gen, device):
     return {"torch": torch.get_rng_state(), "gen": gen.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def set_rng_state(state, gen):
+def set_rng_state(state, gen, device):
     torch.set_rng_state(state["torch"])
     gen.set_state(state["gen"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 # ----------------------------------------------------------------------------------------------------

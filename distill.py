@@ -12,6 +12,7 @@ u_{k+1}.. on the real context followed by ITS OWN tokens (self-forcing), in as m
 Each student starts as a copy of the previous one; the loss is cross-entropy per slot against those tokens.
 """
 import dataclasses
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -21,8 +22,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (EMA, JsonlLog, StopFlag, UserError, all_mean, check_batch_split, check_finite, check_resume_config,
-                    check_run_dir, check_split_length, clear_run_dir, device_name, ensure_writable, field,
+from common import (EMA, JsonlLog, OldRun, StopFlag, UserError, all_mean, check_batch_split, check_finite,
+                    check_resume_config, check_run_dir, check_split_length, device_name, ensure_writable, field,
                     fits_in_memory, load_checkpoint, load_split, lr_at, model_from_checkpoint, out_of_memory,
                     parse_config, rng_state, run_cli, sample_windows, save_checkpoint, set_rng_state, setup_runtime,
                     shard, write_json)
@@ -117,6 +118,18 @@ def eval_agreement(student, k, prompts, noise, ar_tokens):
     return same_noise_agreement(ar_tokens[:, :n], out, k)
 
 
+def is_reference_teacher(ckpt, preset):
+    """Whether a teacher is its preset's reference run: the finished run whose summary results/teacher_<preset>.json
+    holds. A teacher of an experiment, or one interrupted or still training at the preset's path, has written none."""
+    try:
+        with open(os.path.join("results", f"teacher_{preset}.json")) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return (ckpt.get("train_config", {}).get("results_dir") == "results"
+            and summary.get("best_val_loss") == ckpt.get("best_val"))
+
+
 def main(argv=None):
     cfg, args = parse_config(DistillConfig, PRESETS, __doc__, argv, extra=lambda p: (
         p.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pt"),
@@ -132,7 +145,7 @@ def main(argv=None):
     teacher = model_from_checkpoint(teacher_ckpt, rt.device).eval()
     # which training of the teacher (a retrained teacher at the same path must not feed a resumed run's targets)
     teacher_id = {key: teacher_ckpt.get(key) for key in ("step", "best_val")}
-    if args.results_dir is None and teacher_ckpt.get("train_config", {}).get("results_dir") != "results":
+    if args.results_dir in (None, "auto") and not is_reference_teacher(teacher_ckpt, args.preset):
         cfg.results_dir = cfg.out_dir   # distilled from an experiment's teacher: an experiment too, whatever its flags
     del teacher_ckpt
     if cfg.block_size > teacher.config.block_size:
@@ -150,7 +163,7 @@ def main(argv=None):
     ensure_writable(cfg.results_dir)
     last_path = os.path.join(cfg.out_dir, "last.pt")
     stage_path = lambda k: os.path.join(cfg.out_dir, f"student_k{k}.pt")
-    check_run_dir(last_path, args.resume, args.overwrite)
+    check_run_dir(cfg.out_dir, "student", args.resume, args.overwrite)
 
     # The agreement benchmark: fixed val prefixes and noise, and the AR teacher's samples on them, drawn once.
     g = torch.Generator().manual_seed(0)
@@ -170,8 +183,8 @@ def main(argv=None):
         if state.get("teacher_id") != teacher_id:
             raise UserError(f"{cfg.teacher} is not the teacher this run started from (it was trained again since); "
                             "start a new --out_dir, or --overwrite this one")
-        set_rng_state(state["rng"], gen)
-    clear_run_dir(cfg.out_dir, args, rt)
+        set_rng_state(state["rng"], gen, rt.device)
+    old_run = OldRun(cfg.out_dir, "student", args, rt)
     log = JsonlLog(os.path.join(cfg.out_dir, "log.jsonl"), state and state["global_step"], rt.master)
     results = state["results"] if state else []
     global_step = state["global_step"] if state else 0
@@ -186,6 +199,8 @@ def main(argv=None):
             optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
                                           weight_decay=cfg.weight_decay, fused=rt.device.type == "cuda")
             step = 0
+            # the stage's last losses and its timing so far, kept in last.pt so that a resumed stage reports them too
+            stats = {"loss": None, "acc": None, "window_acc": None, "train_s": 0.0, "steps_timed": 0}
             ema = EMA(student, cfg.ema) if cfg.ema else None
             # A stage's final checkpoint (no optimizer) points at the next stage, which then starts afresh.
             if state is not None and si == state["stage"] and state["optimizer"] is not None:
@@ -194,6 +209,7 @@ def main(argv=None):
                 if ema:
                     ema.load_state_dict(state["ema"])
                 step, agree_init = state["step"], state["agreement_init"]
+                stats = state.get("stage_stats", stats)   # absent from checkpoints of older versions
             else:
                 agree_init = eval_agreement(student, k, prompts, eval_noise, ar_tokens)
             model = student
@@ -207,6 +223,7 @@ def main(argv=None):
 
             def checkpoint(path, final=False):
                 # mid-stage: the raw weights to continue from, and the average; final: the stage's student
+                old_run.discard()
                 if rt.master:
                     save_checkpoint(path, {
                         "kind": "student", "model_config": dataclasses.asdict(student.config),
@@ -214,15 +231,16 @@ def main(argv=None):
                         "ema": ema.state_dict() if ema and not final else None,
                         "train_config": dataclasses.asdict(cfg),
                         "schedule": schedule, "stage": si + final, "step": step, "global_step": global_step,
-                        "optimizer": None if final else optimizer.state_dict(), "rng": rng_state(gen),
-                        "agreement_init": agree_init, "results": results, "teacher_id": teacher_id})
+                        "optimizer": None if final else optimizer.state_dict(), "rng": rng_state(gen, rt.device),
+                        "agreement_init": agree_init, "stage_stats": stats, "results": results,
+                        "teacher_id": teacher_id})
 
             if rt.master:
                 print(f"stage {si + 1}/{len(schedule)}: k = {k}, targets from "
                       f"{'the AR teacher' if prev is teacher else f'the k = {prev.config.max_k} student'}; "
                       f"same-noise agreement at start {fmt(agree_init)}")
             slots_per_step = cfg.batch_size * cfg.anchors * k
-            t_train, n_steps_timed, slot_loss, slot_acc, win_acc = 0.0, 0, None, None, None
+            first_step = step   # of this process: the first steps it runs compile and warm up, so go untimed
             bar = tqdm(total=cfg.steps_per_stage, initial=step, desc=f"stage k={k}", disable=not rt.master,
                        dynamic_ncols=True)
             while step < cfg.steps_per_stage:
@@ -241,10 +259,10 @@ def main(argv=None):
                 loss = per_slot.mean()
                 loss.backward()
                 hit = logits.argmax(-1) == targets
-                stats = all_mean(torch.cat([per_slot.detach(), hit.float().mean((0, 1)),
-                                            hit.all(-1).float().mean().view(1)]), rt).tolist()
-                slot_loss, slot_acc, win_acc = stats[:k], stats[k:2 * k], stats[-1]
-                check_finite(sum(slot_loss), global_step + 1, last_path)
+                out = all_mean(torch.cat([per_slot.detach(), hit.float().mean((0, 1)),
+                                          hit.all(-1).float().mean().view(1)]), rt).tolist()
+                stats.update(loss=out[:k], acc=out[k:2 * k], window_acc=out[-1])
+                check_finite(sum(out[:k]), global_step + 1, last_path)
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
@@ -254,13 +272,15 @@ def main(argv=None):
                 step, global_step = step + 1, global_step + 1
                 if rt.device.type == "cuda":
                     torch.cuda.synchronize()
-                if step > 3:   # the first steps compile and warm up
-                    t_train, n_steps_timed = t_train + time.perf_counter() - t0, n_steps_timed + 1
+                if step > first_step + 3:
+                    stats["train_s"] += time.perf_counter() - t0
+                    stats["steps_timed"] += 1
                 if step % cfg.log_interval == 0 or step == cfg.steps_per_stage:
-                    log.write(step=global_step, stage=si, k=k, loss=slot_loss, acc=slot_acc, window_acc=win_acc)
+                    log.write(step=global_step, stage=si, k=k, loss=stats["loss"], acc=stats["acc"],
+                              window_acc=stats["window_acc"])
                 bar.update(1)
-                bar.set_postfix(loss=f"{sum(slot_loss) / k:.3f}", acc1=f"{slot_acc[0]:.2f}",
-                                win=f"{win_acc:.2f}")
+                bar.set_postfix(loss=f"{sum(stats['loss']) / k:.3f}", acc1=f"{stats['acc'][0]:.2f}",
+                                win=f"{stats['window_acc']:.2f}")
                 if step % cfg.ckpt_interval == 0 and step < cfg.steps_per_stage:
                     checkpoint(last_path)
                 if stop.should_stop(rt):
@@ -268,15 +288,16 @@ def main(argv=None):
                     raise UserError(f"interrupted in stage k={k} at step {step}; saved {last_path}; "
                                     "continue with --resume")
             bar.close()
+            checkpoint(last_path)   # the whole stage trained: an error in the evaluations below loses none of it
             finished = ema.model if ema else student   # the stage's student: evaluated, saved, the next one's teacher
             agree = eval_agreement(finished, k, prompts, eval_noise, ar_tokens)
             window = window_agreement(finished.eval(), prompts, ar_tokens, eval_noise, k)
-            speed = n_steps_timed / t_train if t_train else None
+            speed = stats["steps_timed"] / stats["train_s"] if stats["train_s"] else None
             results.append({"k": k, "steps": step, "steps_per_s": speed,
                             "tokens_per_s": speed and speed * cfg.batch_size * cfg.block_size,
                             "slots_per_s": speed and speed * slots_per_step,
-                            "final_loss_per_slot": slot_loss, "final_acc_per_slot": slot_acc,
-                            "final_window_acc": win_acc, "agreement_init": agree_init, "agreement": agree,
+                            "final_loss_per_slot": stats["loss"], "final_acc_per_slot": stats["acc"],
+                            "final_window_acc": stats["window_acc"], "agreement_init": agree_init, "agreement": agree,
                             "window_agreement": window})
             log.write(step=global_step, stage=si, k=k, agreement=agree, window_agreement=window)
             if rt.master:
@@ -296,6 +317,7 @@ def main(argv=None):
         if bar is not None:
             bar.close()   # so that an error starts on a line of its own
         stop.restore()
+        old_run.restore()   # (nothing to put back once this run has saved a checkpoint)
 
     if rt.master:
         summary = os.path.join(cfg.results_dir, f"distill_{args.preset}.json")

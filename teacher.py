@@ -17,8 +17,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (EMA, JsonlLog, StopFlag, UserError, all_mean, check_batch_split, check_finite, check_resume_config,
-                    check_run_dir, check_split_length, clear_run_dir, device_name, ensure_writable, field,
+from common import (EMA, JsonlLog, OldRun, StopFlag, UserError, all_mean, check_batch_split, check_finite,
+                    check_resume_config, check_run_dir, check_split_length, device_name, ensure_writable, field,
                     load_checkpoint, load_split, lr_at, out_of_memory, parse_config, rng_state, run_cli, sample_windows,
                     save_checkpoint, set_rng_state, setup_runtime, shard, write_json)
 from model import GPT, GPTConfig, flops_per_token, peak_flops
@@ -102,7 +102,8 @@ def unigram_baselines(train, val, max_train_tokens=2**26):
 
 @torch.no_grad()
 def evaluate(model, val, cfg, rt):
-    """Mean loss over the same eval_iters val batches every time (a fixed generator), so evaluations compare."""
+    """Mean loss over the same eval_iters val batches every time (a fixed generator), so evaluations compare. Under
+    DDP each rank evaluates its share of each batch, as in training."""
     training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(0)
@@ -110,7 +111,8 @@ def evaluate(model, val, cfg, rt):
     for _ in range(cfg.eval_iters):
         x, y = sample_windows(val, cfg.batch_size, cfg.block_size, gen)
         with rt.autocast:
-            losses.append(model(x.to(rt.device), y.to(rt.device))[1].item())
+            loss = model(shard(x, rt).to(rt.device), shard(y, rt).to(rt.device))[1]
+        losses.append(all_mean(loss, rt).item())
     model.train(training)
     return float(np.mean(losses))
 
@@ -130,7 +132,7 @@ def main(argv=None):
     ensure_writable(cfg.out_dir)
     ensure_writable(cfg.results_dir)
     last_path, best_path = os.path.join(cfg.out_dir, "last.pt"), os.path.join(cfg.out_dir, "best.pt")
-    check_run_dir(last_path, args.resume, args.overwrite)
+    check_run_dir(cfg.out_dir, "teacher", args.resume, args.overwrite)
 
     torch.manual_seed(cfg.seed)
     model = GPT(model_config(cfg)).to(rt.device)
@@ -154,7 +156,7 @@ def main(argv=None):
             ema.load_state_dict(ckpt["ema"])
         step, best_val, resumed = ckpt["step"], ckpt["best_val"], ckpt["step"]
         tok_s, mfu = ckpt.get("tokens_per_s"), ckpt.get("mfu")   # until this run's own steps measure them
-        set_rng_state(ckpt["rng"], gen)
+        set_rng_state(ckpt["rng"], gen, rt.device)
     raw = model
     evaluated = ema.model if ema else raw   # what val loss measures and best.pt keeps
     if cfg.compile and rt.device.type == "cuda":
@@ -164,16 +166,17 @@ def main(argv=None):
 
     def checkpoint(path, with_optimizer=True):
         # last.pt (with the optimizer): the raw weights to continue from, and the average; best.pt: what was evaluated
+        old_run.discard()
         if rt.master:
             save_checkpoint(path, {"kind": "teacher", "model_config": dataclasses.asdict(raw.config),
                                    "model": (raw if with_optimizer else evaluated).state_dict(),
                                    "ema": ema.state_dict() if ema and with_optimizer else None,
                                    "train_config": dataclasses.asdict(cfg),
                                    "optimizer": optimizer.state_dict() if with_optimizer else None,
-                                   "step": step, "best_val": best_val, "rng": rng_state(gen),
+                                   "step": step, "best_val": best_val, "rng": rng_state(gen, rt.device),
                                    "tokens_per_s": tok_s, "mfu": mfu})
 
-    clear_run_dir(cfg.out_dir, args, rt)
+    old_run = OldRun(cfg.out_dir, "teacher", args, rt)
     log = JsonlLog(os.path.join(cfg.out_dir, "log.jsonl"), resumed, rt.master)
     if rt.master:
         print(f"teacher: {raw.num_params() / 1e6:.1f}M parameters on {device_name(rt.device)} x {rt.world}, "
@@ -240,6 +243,7 @@ def main(argv=None):
     finally:
         bar.close()
         stop.restore()
+        old_run.restore()   # (nothing to put back once this run has saved a checkpoint)
 
     if math.isnan(val_loss):   # resumed a finished run: nothing trained, but report where it stands
         val_loss = evaluate(evaluated, val, cfg, rt)

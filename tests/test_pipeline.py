@@ -191,7 +191,8 @@ def test_ema_is_what_is_evaluated_saved_and_handed_on(iid, tmp_path, monkeypatch
     assert any(not torch.equal(last["model"][k], averaged[k]) for k in averaged)   # last.pt: raw weights, to resume
     logged = json.load(open(os.path.join(tmp_path, "teacher_tiny.json")))["final_val_loss"]
     cfg = SimpleNamespace(eval_iters=2, batch_size=8, block_size=32)
-    rt = SimpleNamespace(device=torch.device("cpu"), autocast=torch.autocast("cpu", enabled=False))
+    rt = SimpleNamespace(device=torch.device("cpu"), autocast=torch.autocast("cpu", enabled=False), rank=0, world=1,
+                         ddp=False)
     assert teacher.evaluate(ema.model, common.load_split(iid["data"], "val"), cfg, rt) == logged
     teacher.main(teacher_argv + ["--resume"])   # a finished run, resumed, reports the average's loss again
     assert json.load(open(os.path.join(tmp_path, "teacher_tiny.json")))["final_val_loss"] == logged

@@ -311,6 +311,38 @@ def test_distill_ctrl_c_during_evaluation_stops_after_the_stage(tmp_path, data_d
     assert_same_log(read_log(out / "log.jsonl"), distill_ref["log"], EXACT)
 
 
+def test_distill_error_in_end_of_stage_evaluation_loses_no_training(tmp_path, data_dir, teacher_ref, distill_ref,
+                                                                   monkeypatch):
+    """The stage's training is saved before its evaluations run: after an error there (out of memory, say) a resume
+    trains nothing again and reports the stage's last losses and its speed as the uninterrupted run did."""
+    window_agreement, calls = distill.window_agreement, []
+
+    def fails_in_stage_2(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("an error in the evaluation")
+        return window_agreement(*a, **kw)
+    monkeypatch.setattr(distill, "window_agreement", fails_in_stage_2)
+    out = tmp_path / "out"
+    argv = distill_args(data_dir, teacher_ref["best"], out, tmp_path)
+    with pytest.raises(RuntimeError, match="an error in the evaluation"):
+        distill.main(argv)
+    ck = load_checkpoint(str(out / "last.pt"), kind="student")
+    assert ck["stage"] == 1 and ck["step"] == 8 and ck["optimizer"] is not None
+    monkeypatch.undo()
+    trained = []
+    monkeypatch.setattr(distill, "rollout_targets", lambda *a: trained.append(1))
+    distill.main(argv + ["--resume"])
+    assert not trained
+    assert_same_log(read_log(out / "log.jsonl"), distill_ref["log"], EXACT)
+    got, want = (json.load(open(os.path.join(d, "distill_tiny.json")))["stages"]
+                 for d in (tmp_path / "res", distill_ref["res"]))
+    timing = ("steps_per_s", "tokens_per_s", "slots_per_s")
+    assert [{key: v for key, v in s.items() if key not in timing} for s in got] == \
+        [{key: v for key, v in s.items() if key not in timing} for s in want]
+    assert all(s[key] is not None for s in got for key in timing)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Checkpoint files are never half-written.
 
@@ -599,9 +631,33 @@ def test_bad_input_overwrites_nothing(tmp_path, data_dir, teacher_ref, distill_r
         # --overwrite clears the old run only once the new one has passed every check of its inputs
         (teacher, t + ["--overwrite", "--block_size", "100000"], r"shorter than one window .*lower --block_size"),
         (distill, d + ["--overwrite", "--eval_samples", str(10 ** 12)], r"do not fit in memory.*--eval_samples"),
+        # never into the other script's directory, whatever the flags
+        (teacher, t + ["--overwrite", "--out_dir", distill_ref["out"]], r"holds a distillation run \(student_k1.pt\)"),
+        (distill, d + ["--overwrite", "--out_dir", teacher_ref["out"]], r"holds a teacher run \(best.pt\)"),
     ]:
         assert re.search(pattern, cli(mod, argv, capsys))
     assert snapshot(teacher_ref["out"], teacher_ref["res"], distill_ref["out"], distill_ref["res"]) == before
+
+
+def test_overwrite_that_fails_before_its_first_checkpoint_keeps_the_old_run(tmp_path, data_dir, teacher_ref,
+                                                                            distill_ref, monkeypatch, capsys):
+    """--overwrite sets the old run aside and deletes it only when the new run saves its first checkpoint: a
+    mistake that shows only once training runs (here a batch that does not fit in memory) leaves it as it was."""
+    runs = {name: str(tmp_path / name) for name in ("teacher", "distill")}
+    shutil.copytree(teacher_ref["out"], runs["teacher"])
+    shutil.copytree(distill_ref["out"], runs["distill"])
+    (tmp_path / "teacher" / "teacher_tiny.json").write_text("{}")   # an experiment's summary, beside its checkpoints
+    before = snapshot(*runs.values())
+
+    def out_of_memory(*a, **kw):
+        raise MemoryError
+    monkeypatch.setattr(teacher, "evaluate", out_of_memory)         # the teacher's first evaluation, at step 0
+    monkeypatch.setattr(distill, "rollout_targets", out_of_memory)  # distillation's first step
+    t = teacher_args(data_dir, runs["teacher"], tmp_path) + ["--overwrite"]
+    d = distill_args(data_dir, teacher_ref["best"], runs["distill"], tmp_path) + ["--overwrite"]
+    assert re.search(r"does not fit in memory", cli(teacher, t, capsys))
+    assert re.search(r"does not fit in memory", cli(distill, d, capsys))
+    assert snapshot(*runs.values()) == before   # every file back, the logs and the summary included
 
 
 def test_resume_refuses_a_retrained_teacher(tmp_path, distill_ref, capsys):
@@ -621,23 +677,32 @@ def test_resume_refuses_a_retrained_teacher(tmp_path, distill_ref, capsys):
     assert re.search(r"not the teacher this run started from", cli(distill, argv, capsys))
 
 
-@pytest.mark.parametrize("teacher_is_reference", [True, False])
-def test_a_student_of_an_experiments_teacher_is_an_experiment(tmp_path, monkeypatch, data_dir, teacher_ref,
-                                                              teacher_is_reference):
+@pytest.mark.parametrize("teacher", ["reference", "experiment", "unfinished"])
+def test_a_student_of_an_experiments_teacher_is_an_experiment(tmp_path, monkeypatch, data_dir, teacher_ref, teacher):
     """distill.py run as its preset stands writes the preset's reference summary to results/ only if its teacher is
-    the teacher preset's reference run too; a teacher from an experiment makes its students experiments."""
+    the teacher preset's reference run too: the finished run whose summary is results/teacher_<preset>.json. A
+    teacher from an experiment, or one still training (or stopped) at the preset's path, makes its students
+    experiments."""
     monkeypatch.chdir(tmp_path)   # the preset's default paths, relative to here
     os.makedirs("out/teacher_tiny")
     os.makedirs("data")
+    os.makedirs("results")
     os.symlink(data_dir, "data/offline")
     ck = torch.load(teacher_ref["best"], weights_only=False)
-    ck["train_config"]["results_dir"] = "results" if teacher_is_reference else "out/teacher_tiny"
+    ck["train_config"]["results_dir"] = "out/teacher_tiny" if teacher == "experiment" else "results"
     save_checkpoint("out/teacher_tiny/best.pt", ck)
+    # the summary of the finished reference run; an unfinished run has only an earlier run's summary, if any
+    summary = json.load(open(os.path.join(teacher_ref["res"], "teacher_tiny.json")))
+    if teacher == "unfinished":
+        summary["best_val_loss"] += 0.1
+    with open("results/teacher_tiny.json", "w") as f:
+        json.dump(summary, f)
+    teacher_is_reference = teacher == "reference"
     flags = dict(zip(DISTILL[::2], DISTILL[1::2]))   # the tiny run of these tests, as a preset standing alone
     preset = {f.name: f.type(flags[f"--{f.name}"]) if f.type in (int, float) else flags[f"--{f.name}"]
               for f in dataclasses.fields(distill.DistillConfig) if f"--{f.name}" in flags}
     monkeypatch.setitem(distill.PRESETS, "tiny", {**preset, "steps_per_stage": 2})
-    distill.main(["--preset", "tiny"])
+    distill.main(["--preset", "tiny"] + (["--results_dir", "auto"] if teacher == "unfinished" else []))
     reference = os.path.exists("results/distill_tiny.json")
     assert reference == teacher_is_reference
     assert os.path.exists("out/distill_tiny/distill_tiny.json") != teacher_is_reference
