@@ -60,7 +60,7 @@ from common import (ArgumentParser, StopFlag, UserError, atomic_write, device_na
                     write_json)
 from model import (GPT, GPTConfig, NOISE_CHUNK, PEAK_FLOPS, CUDAGraphStep, KVCache, device_peak, generate,
                    same_noise_agreement, window_agreement)
-from sample import default_checkpoints, load_models
+from sample import find_checkpoints, load_models
 
 PROMPT_LEN = 6   # the paper's 6-token prefixes
 PAPER_SHAPE = GPTConfig(block_size=1024, n_layer=12, n_head=12, n_embd=768, tie_embeddings=False)
@@ -145,19 +145,6 @@ def int_list(text, flag, example):
         return [int(s) for s in text.split(",")]
     except ValueError:
         raise UserError(f"--{flag} {text!r} is not a comma list of integers, e.g. {example}") from None
-
-
-def find_checkpoints(args):
-    """(label, teacher, student): the checkpoints of --preset (default: small if trained, else tiny)."""
-    teacher, student = default_checkpoints(args.preset)
-    preset = re.search(r"teacher_(\w+)", teacher).group(1)
-    if args.teacher is None and not os.path.exists(teacher):
-        raise UserError(f"no trained teacher at {teacher}; run `python teacher.py --preset {preset}` or pass --teacher")
-    if args.student is None and student is None:
-        raise UserError(f"no student in out/distill_{preset}/; run `python distill.py --preset {preset}` "
-                        "or pass --student")
-    label = preset if args.teacher is None and args.student is None else "trained"
-    return label, args.teacher or teacher, args.student or student
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -677,7 +664,7 @@ def main(argv=None):
     ks = int_list(args.ks, "ks", "2,3,4") if args.ks else None
     max_k = max([4] + (ks or []))   # --no-trained: the paper shape's student, with 4 slots or the largest k timed
     if args.trained:
-        label, teacher_path, student_path = find_checkpoints(args)
+        label, teacher_path, student_path = find_checkpoints(args.preset, args.teacher, args.student)
         teacher, student = load_models(teacher_path, student_path, device)
         max_k = student.config.max_k
     ks = ks or [k for k in (2, 3, 4) if k <= max_k]

@@ -263,13 +263,13 @@ class EMA:
 # Files: nothing is ever half-written (temporary file in the same directory, fsync, rename), and an
 # output directory is checked before any work is done.
 
-def ensure_writable(d):
+def ensure_writable(d, flag="--out_dir"):
     try:
         os.makedirs(d, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=d):
             pass
     except OSError as e:
-        raise UserError(f"cannot write to output directory {d!r} ({e.strerror}); pick another with --out_dir") from None
+        raise UserError(f"cannot write to output directory {d!r} ({e.strerror}); pick another with {flag}") from None
 
 
 def atomic_write(path, write_fn, binary=True):
@@ -307,6 +307,8 @@ def check_run_dir(out_dir, kind, resume, overwrite):
     if theirs:
         raise UserError(f"{out_dir} holds a {'distillation' if other == 'student' else 'teacher'} run "
                         f"({os.path.basename(theirs[0])}); pick another --out_dir")
+    if resume and overwrite:
+        raise UserError(f"--resume continues the run in {out_dir} and --overwrite replaces it: pass one of them")
     last_path = os.path.join(out_dir, "last.pt")
     if resume and not os.path.exists(last_path):
         raise UserError(f"--resume: no checkpoint at {last_path}; run without --resume to start")
@@ -347,7 +349,7 @@ def check_resume_config(saved, cfg):
     diff = [f.name for f in dataclasses.fields(cfg)
             if f.name not in BOOKKEEPING and saved[f.name] != getattr(cfg, f.name)]
     if diff:
-        was = ", ".join(f"--{k} {saved.get(k)}" for k in diff)
+        was = ", ".join(f"--{k} {saved[k] if saved[k] != '' else repr('')}" for k in diff)
         raise UserError(f"the run being resumed used {was}; resume with the same flags or start a new --out_dir")
 
 
@@ -376,6 +378,13 @@ def load_checkpoint(path, kind=None, vocab_size=50257, map_location="cpu"):
         raise UserError(f"{path!r} is a {got} checkpoint where a {kind} is expected; {hint}")
     if vocab_size is not None and cfg.vocab_size != vocab_size:
         raise UserError(f"{path!r} has a vocabulary of {cfg.vocab_size} tokens, not the GPT-2 BPE's {vocab_size}")
+    with torch.device("meta"):   # the network its config describes, without allocating it
+        want = {name: t.shape for name, t in GPT(cfg).state_dict().items()}
+    got = {name: getattr(t, "shape", None) for name, t in ckpt["model"].items()}
+    if got != want:
+        bad = sorted(set(got) ^ set(want)) or sorted(n for n in want if got[n] != want[n])
+        raise UserError(f"checkpoint {path!r} is corrupt or not from this version: its weights do not match its "
+                        f"model_config ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
     return ckpt
 
 

@@ -59,7 +59,7 @@ class DistillConfig:
     prompt_len: int = field(6, "prefix length for that agreement (6 as in the paper)", at_least=1)
     log_interval: int = field(10, "write per-slot loss and accuracy every N steps", at_least=1)
     ckpt_interval: int = field(250, "write a resumable checkpoint every N steps", at_least=1)
-    seed: int = field(1337, "seeds the data order, the anchors and the noise")
+    seed: int = field(1337, "seeds the data order, the anchors and the noise", at_least=0, below=2 ** 63)
     device: str = field("auto", "cuda, cpu or auto")
     dtype: str = field("auto", "float32 or bfloat16 (autocast) for the student; targets are always fp32",
                        choices=("auto", "float32", "bfloat16"))
@@ -160,7 +160,7 @@ def main(argv=None):
     train, val = load_split(cfg.data_dir, "train"), load_split(cfg.data_dir, "val")
     check_split_length(train, cfg.block_size)
     ensure_writable(cfg.out_dir)
-    ensure_writable(cfg.results_dir)
+    ensure_writable(cfg.results_dir, "--results_dir")
     last_path = os.path.join(cfg.out_dir, "last.pt")
     stage_path = lambda k: os.path.join(cfg.out_dir, f"student_k{k}.pt")
     check_run_dir(cfg.out_dir, "student", args.resume, args.overwrite)
@@ -178,7 +178,8 @@ def main(argv=None):
     state = load_checkpoint(last_path, kind="student") if args.resume else None
     if state is not None:
         if state["schedule"] != schedule:
-            raise UserError(f"{last_path} was made with --schedule {state['schedule']}; resume with the same one")
+            raise UserError(f"{last_path} was made with --k {state['schedule'][-1]} --schedule "
+                            f"{','.join(map(str, state['schedule']))}; resume with the same --k and --schedule")
         check_resume_config(state["train_config"], cfg)
         if state.get("teacher_id") != teacher_id:
             raise UserError(f"{cfg.teacher} is not the teacher this run started from (it was trained again since); "

@@ -138,6 +138,12 @@ def load_tokens(data_dir, split):
         raise DataError(f"{data_dir} was left half-built by an interrupted prepare_data.py; rebuild it with `{redo}`")
     path = os.path.join(data_dir, f"{split}.bin")
     if not os.path.isfile(path):
+        if not any(f.endswith(".bin") for f in os.listdir(data_dir)):   # not a dataset: the folder above one?
+            below = sorted(d for d in os.listdir(data_dir)
+                           if os.path.isfile(os.path.join(data_dir, d, f"{split}.bin")))
+            if below:
+                raise DataError(f"{data_dir} holds no dataset itself but {', '.join(below)}: pass --data_dir "
+                                f"{os.path.join(data_dir, below[0])}")
         raise DataError(f"{path} not found; rebuild the dataset with `{redo}`")
     size = os.path.getsize(path)
     if size == 0:
@@ -466,6 +472,8 @@ def main():
     name = "custom" if args.source_dir is not None else args.dataset
     if not 0 < args.val_fraction < 1:
         die(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
+    if not 0 <= args.seed < 2 ** 32:   # numpy's seed range; checked now, not after the tokenizing
+        die(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
     if args.source_dir is not None and not os.path.isdir(args.source_dir):
         die(f"--source_dir {args.source_dir} is not a directory; point it at a folder of .txt files")
     if args.max_docs is not None and args.max_docs < 2:

@@ -26,24 +26,43 @@ from model import CUDAGraphStep, KVCache, generate, same_noise_agreement, window
 from prepare_data import get_encoding
 
 
-def default_checkpoints(preset=None):
-    """The preset's teacher and its student of highest k (preset None: small if trained, else tiny)."""
+def find_checkpoints(preset=None, teacher=None, student=None, need_student=True, alternative=""):
+    """(label, teacher path, student path): the ones given, else the preset's teacher and its student of highest k
+    (preset None: small if trained, else tiny). A missing one ends with the command that makes it (or `alternative`).
+    label: the preset, or "trained" for checkpoints given by path."""
     if preset is None:
         preset = "small" if os.path.exists("out/teacher_small/best.pt") else "tiny"
-    students = glob.glob(f"out/distill_{preset}/student_k*.pt")
-    best = max(students, key=lambda p: int(re.findall(r"k(\d+)", p)[-1]), default=None)
-    return f"out/teacher_{preset}/best.pt", best
+    if teacher is None and not os.path.exists(f"out/teacher_{preset}/best.pt"):
+        raise UserError(f"no trained teacher at out/teacher_{preset}/best.pt; run `python teacher.py --preset "
+                        f"{preset}` or pass --teacher")
+    label = preset if teacher is None and student is None else "trained"
+    if student is None and need_student:
+        students = glob.glob(f"out/distill_{preset}/student_k*.pt")
+        if not students:
+            raise UserError(f"no student in out/distill_{preset}/; run `python distill.py --preset {preset}` or pass "
+                            f"--student{alternative}")
+        student = max(students, key=lambda p: int(re.findall(r"k(\d+)", p)[-1]))
+    return label, teacher or f"out/teacher_{preset}/best.pt", student
 
 
 def load_models(teacher_path, student_path, device):
-    teacher = model_from_checkpoint(load_checkpoint(teacher_path, kind="teacher"), device).eval()
+    """The teacher and student (None without a path), refusing a student not distilled from this teacher: another
+    shape, or another training of it (a retrained teacher), whose same-noise agreement would measure nothing."""
+    teacher_ckpt = load_checkpoint(teacher_path, kind="teacher")
+    teacher = model_from_checkpoint(teacher_ckpt, device).eval()
     student = None
     if student_path:
-        student = model_from_checkpoint(load_checkpoint(student_path, kind="student"), device).eval()
+        student_ckpt = load_checkpoint(student_path, kind="student")
+        student = model_from_checkpoint(student_ckpt, device).eval()
         # a student is its teacher's network plus a noise encoder: everything else in the config is the teacher's
         shape = lambda m: {k: v for k, v in asdict(m.config).items()  # noqa: E731
                            if k not in ("max_k", "noise_features", "dropout")}
         diff = [f"{k} {v} vs {shape(teacher)[k]}" for k, v in shape(student).items() if v != shape(teacher)[k]]
+        trained = {key: teacher_ckpt.get(key) for key in ("step", "best_val")}
+        if not diff and student_ckpt.get("teacher_id", trained) != trained:
+            diff = [f"its teacher's training ended at step {student_ckpt['teacher_id']['step']}, val loss "
+                    f"{student_ckpt['teacher_id']['best_val']:.4f}; this one's at step {trained['step']}, "
+                    f"{trained['best_val']:.4f} (trained again since?)"]
         if diff:
             raise UserError(f"{student_path} was not distilled from {teacher_path}: {', '.join(diff)}")
     return teacher, student
@@ -109,12 +128,13 @@ def main(argv=None):
     device = resolve_device(args.device)
     if min(args.num_samples, args.max_new_tokens, args.prompt_len) < 1:
         raise UserError("--num_samples, --max_new_tokens and --prompt_len must be at least 1")
+    if not 0 <= args.seed < 2 ** 63:
+        raise UserError(f"--seed must be between 0 and 2**63 - 1, not {args.seed}")
 
-    teacher_path, student_path = default_checkpoints(args.preset)
-    teacher_path = args.teacher or teacher_path
-    student_path = None if args.teacher_only else (args.student or student_path)
-    if not args.teacher_only and student_path is None:
-        raise UserError("no student checkpoint found; run distill.py, pass --student, or use --teacher_only")
+    if args.teacher_only and (args.student or args.k):
+        raise UserError("--teacher_only samples no student: drop --student and --k")
+    _, teacher_path, student_path = find_checkpoints(args.preset, args.teacher, args.student, not args.teacher_only,
+                                                     alternative=", or use --teacher_only")
     teacher, student = load_models(teacher_path, student_path, device)
     k = check_k(args.k, student) if student else 1
     enc = get_encoding()

@@ -47,15 +47,15 @@ class TeacherConfig:
     min_lr: float = field(1e-4, "learning rate at the end of the cosine decay", at_least=0)
     warmup_steps: int = field(200, "linear warmup steps", at_least=0)
     weight_decay: float = field(0.1, "AdamW weight decay on matrices (not on norms and biases)", at_least=0)
-    beta1: float = field(0.9, "AdamW beta1")
-    beta2: float = field(0.95, "AdamW beta2")
+    beta1: float = field(0.9, "AdamW beta1", at_least=0.0, below=1.0)
+    beta2: float = field(0.95, "AdamW beta2", at_least=0.0, below=1.0)
     grad_clip: float = field(1.0, "clip the global gradient norm to this (0: off)", at_least=0)
     ema: float = field(0.0, "decay of an exponential moving average of the weights, which is what is evaluated and "
                        "saved as best.pt (0: off; the paper's teacher: 0.9999)", at_least=0, below=1)
     # bookkeeping
     eval_interval: int = field(250, "evaluate val loss and write a checkpoint every N steps", at_least=1)
     eval_iters: int = field(20, "val batches per evaluation (always the same batches)", at_least=1)
-    seed: int = field(1337, "seeds the model init and the data order")
+    seed: int = field(1337, "seeds the model init and the data order", at_least=0, below=2 ** 63)
     device: str = field("auto", "cuda, cpu or auto")
     dtype: str = field("auto", "float32 or bfloat16 (autocast); auto: bfloat16 on CUDA, float32 on CPU",
                        choices=("auto", "float32", "bfloat16"))
@@ -130,7 +130,7 @@ def main(argv=None):
     for split in (train, val):
         check_split_length(split, cfg.block_size)
     ensure_writable(cfg.out_dir)
-    ensure_writable(cfg.results_dir)
+    ensure_writable(cfg.results_dir, "--results_dir")
     last_path, best_path = os.path.join(cfg.out_dir, "last.pt"), os.path.join(cfg.out_dir, "best.pt")
     check_run_dir(cfg.out_dir, "teacher", args.resume, args.overwrite)
 

@@ -481,6 +481,16 @@ def bad(tmp_path_factory, data_dir, teacher_ref, distill_ref):
     ck["model_config"].update(vocab_size=50257, block_size=16)   # loads, but no student was distilled from it
     save_checkpoint(str(d / "block16.pt"), ck)
     paths["block16"] = str(d / "block16.pt")
+    ck["model_config"]["block_size"] = 32
+    ck["step"] += 1   # the same shape, trained again: its old students are not its students
+    save_checkpoint(str(d / "retrained.pt"), ck)
+    paths["retrained"] = str(d / "retrained.pt")
+    del ck["model"][next(iter(ck["model"]))]   # a weight short of its config
+    save_checkpoint(str(d / "missing_weight.pt"), ck)
+    paths["missing_weight"] = str(d / "missing_weight.pt")
+    (d / "data_parent").mkdir()   # a folder of datasets, not a dataset
+    os.symlink(data_dir, d / "data_parent" / "offline")
+    paths["data_parent"] = str(d / "data_parent")
     (d / "corrupt_run").mkdir()
     (d / "corrupt_run" / "last.pt").write_bytes(raw[:1000])
     paths["corrupt_run"] = str(d / "corrupt_run")
@@ -509,6 +519,8 @@ BAD = {
     "data empty .bin": (teacher, lambda p: T(p, "--data_dir", p["empty"]), r"train\.bin is empty; rebuild"),
     "data odd-sized .bin": (teacher, lambda p: T(p, "--data_dir", p["odd"]), r"corrupt.*rebuild"),
     "data ids past vocab": (teacher, lambda p: T(p, "--data_dir", p["big_ids"]), r"corrupt.*not GPT-2 tokens"),
+    "data dir one level up": (teacher, lambda p: T(p, "--data_dir", p["data_parent"]),
+                              r"holds no dataset itself but offline: pass --data_dir .*data_parent/offline"),
     "distill data missing": (distill, lambda p: D(p, "--data_dir", p["missing"]), r"not found"),
     # checkpoints
     "teacher ckpt missing": (distill, lambda p: D(p, "--teacher", p["missing"]), r"checkpoint .* not found"),
@@ -529,6 +541,12 @@ BAD = {
     "other vocabulary (sample)": (sample, lambda p: S(p, "--teacher", p["vocab"]), r"vocabulary of 1000 tokens"),
     "student of another teacher": (sample, lambda p: S(p, "--teacher", p["block16"]),
                                    r"was not distilled from .*block_size 32 vs 16"),
+    "student of a retrained teacher": (sample, lambda p: S(p, "--teacher", p["retrained"]),
+                                       r"was not distilled from .*trained again since"),
+    "ckpt short of a weight": (sample, lambda p: S(p, "--teacher", p["missing_weight"]),
+                               r"weights do not match its model_config"),
+    "sample teacher_only with k": (sample, lambda p: S(p, "--teacher_only", "--k", "2"),
+                                   r"--teacher_only samples no student"),
     # k
     "sample k above max_k": (sample, lambda p: S(p, "--k", "3"),
                              r"--k must be between 1 and the student's max_k \(2\)"),
@@ -553,6 +571,9 @@ BAD = {
     "infinite learning rate": (teacher, lambda p: T(p, "--lr", "inf"), r"--lr must be a finite number, not inf"),
     "ema nan": (teacher, lambda p: T(p, "--ema", "nan"), r"--ema must be a finite number, not nan"),
     "ema of 1": (distill, lambda p: D(p, "--ema", "1"), r"--ema must be below 1, not 1.0"),
+    "adam beta above 1": (teacher, lambda p: T(p, "--beta1", "2"), r"--beta1 must be below 1.0, not 2.0"),
+    "seed too large": (teacher, lambda p: T(p, "--seed", str(10 ** 20)), r"--seed must be below"),
+    "sample seed negative": (sample, lambda p: S(p, "--seed", "-1"), r"--seed must be between 0 and"),
     "distill prompt_len zero": (distill, lambda p: D(p, "--prompt_len", "0"),
                                 r"--prompt_len must be at least 1, not 0"),
     "sample prompt_len zero": (sample, lambda p: S(p, "--prompt_len", "0"), r"--prompt_len must be at least 1"),
@@ -576,7 +597,7 @@ BAD = {
     "teacher out_dir unwritable": (teacher, lambda p: T(p, "--out_dir", p["file"] + "/out"),
                                    r"cannot write to output directory .*--out_dir"),
     "teacher results_dir unwritable": (teacher, lambda p: T(p, "--results_dir", p["file"] + "/res"),
-                                       r"cannot write to output directory"),
+                                       r"cannot write to output directory .*--results_dir"),
     "distill out_dir unwritable": (distill, lambda p: D(p, "--out_dir", p["file"] + "/out"),
                                    r"cannot write to output directory"),
 }
@@ -622,7 +643,9 @@ def test_bad_input_overwrites_nothing(tmp_path, data_dir, teacher_ref, distill_r
         (distill, d, r"already holds a run"),
         (distill, d + ["--overwrite", "--teacher", distill_ref["student"]], r"student checkpoint where a teacher"),
         (distill, d + ["--overwrite", "--k", "0", "--schedule", ""], r"--k must be at least 1"),
-        (distill, d + ["--resume", "--k", "4", "--schedule", "1,2,4"], r"resume with the same one"),
+        (distill, d + ["--resume", "--k", "4", "--schedule", "1,2,4"],
+         r"made with --k 2 --schedule 1,2; resume with the same --k and --schedule"),
+        (teacher, t + ["--resume", "--overwrite"], r"pass one of them"),
         (distill, d + ["--resume", "--anchors", "3"], r"resumed used --anchors"),
         (distill, d + ["--resume", "--teacher", other_teacher], r"resumed used --teacher .*; resume with the same"),
         (teacher, t + ["--resume", "--max_steps", "32"], r"resumed used --max_steps 16"),
