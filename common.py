@@ -324,17 +324,21 @@ class OldRun:
     costs the old run nothing. Made once the new run has passed every check of its inputs."""
 
     def __init__(self, out_dir, kind, args, rt):
-        self.moved = []
+        self.out_dir, self.kind, self.moved, self.pending = out_dir, kind, [], rt.master
         if args.overwrite and not args.resume and rt.master:
             for pattern in RUN_FILES[kind]:
                 for path in glob.glob(os.path.join(out_dir, pattern)):
                     os.replace(path, path + ".replaced")
                     self.moved.append(path)
 
-    def discard(self):   # the new run saves its first checkpoint: the old one goes for good
-        for path in self.moved:
-            os.remove(path + ".replaced")
-        self.moved = []
+    def discard(self):
+        """At the new run's first checkpoint: the old run goes for good, and so do the files that an overwrite killed
+        before its first checkpoint (SIGKILL: nothing could put them back) left set aside."""
+        if self.pending:
+            for pattern in RUN_FILES[self.kind]:
+                for path in glob.glob(os.path.join(self.out_dir, pattern + ".replaced")):
+                    os.remove(path)
+            self.moved, self.pending = [], False
 
     def restore(self):   # the new run stops without a checkpoint: the old one comes back as it was
         for path in self.moved:

@@ -231,10 +231,12 @@ def test_distill_sigkill_mid_stage_resume_matches_uninterrupted(tmp_path, data_d
 
 
 def test_overwrite_leaves_no_checkpoint_of_the_old_run(tmp_path, data_dir, teacher_ref, distill_ref):
-    """--overwrite deletes the old run's checkpoints first: a stage that the new schedule does not reach leaves no
-    student behind for sample.py and bench.py to take for this run's."""
+    """--overwrite deletes the old run's files by the new run's first checkpoint (and whatever an overwrite killed
+    earlier left set aside): a stage that the new schedule does not reach leaves no student behind for sample.py and
+    bench.py to take for this run's."""
     out = tmp_path / "out"
     shutil.copytree(distill_ref["out"], out)   # a finished k = 1 -> 2 run
+    shutil.copy(out / "student_k2.pt", out / "student_k4.pt.replaced")   # set aside by an overwrite killed early
     distill.main(distill_args(data_dir, teacher_ref["best"], out, tmp_path) + ["--overwrite", "--k", "1",
                                                                                "--schedule", "1"])
     assert sorted(os.listdir(out)) == ["last.pt", "log.jsonl", "student_k1.pt"]
