@@ -266,10 +266,12 @@ def test_an_interrupted_grid_resumes_where_it_stopped(files, tmp_path, monkeypat
         bench_py.main(args + ["1,2,3"])
     with pytest.raises(UserError, match="differs in batch_sizes"):
         bench_py.main(args + ["1,2,4", "--resume"])
-    with monkeypatch.context() as m:   # the same command after an edit of the decode path
-        m.setattr(bench_py, "source_digest", lambda: "edited")
-        with pytest.raises(UserError, match="differs in code"):
-            bench_py.main(args + ["1,2,3", "--resume"])
+    for name, other, field in (("source_digest", lambda: "edited", "code"),   # an edit of the decode path
+                               ("device_name", lambda device: "another GPU", "machine")):
+        with monkeypatch.context() as m:
+            m.setattr(bench_py, name, other)
+            with pytest.raises(UserError, match=f"differs in {field}"):
+                bench_py.main(args + ["1,2,3", "--resume"])
     assert progress.read_text() == json.dumps(saved, indent=2)   # refusals leave it as it was
 
     bench_py.main(args + ["1,2,3", "--resume"])
@@ -284,6 +286,45 @@ def test_an_interrupted_grid_resumes_where_it_stopped(files, tmp_path, monkeypat
     assert [seed for _, seed in timed] == seeds and len(set(seeds)) == 3
 
 
+def test_source_digest_covers_every_file_a_timing_runs(tmp_path, monkeypatch):
+    for name in ("model.py", "common.py", "bench.py"):
+        shutil.copy(os.path.join(REPO, name), tmp_path / name)
+    monkeypatch.setattr(bench_py, "__file__", str(tmp_path / "bench.py"))
+    digests = {bench_py.source_digest()}
+    for name in ("model.py", "common.py", "bench.py"):
+        with open(tmp_path / name, "a") as f:
+            f.write("\n# edited\n")
+        digests.add(bench_py.source_digest())
+    assert len(digests) == 4
+
+
+def test_a_point_out_of_memory_is_skipped_and_the_grid_goes_on(tmp_path):
+    def point(label, teacher, student, seq_len, B, gen):
+        if B == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return [{"batch_size": B}]
+    progress = bench_py.Progress(str(tmp_path / "p.partial.json"), {}, False)
+    rows, skipped = bench_py.run_grid([("m", None, None, [12])], [1, 2, 3], torch.device("cpu"), "t", point,
+                                      progress, 0)
+    assert [r["batch_size"] for r in rows] == [1, 3]
+    assert skipped == [{"model": "m", "seq_len": 12, "batch_size": 2, "reason": "out of memory"}]
+
+
+def test_time_point_warms_up_first_and_fences_each_timed_run(monkeypatch):
+    """Warm-up (prefill + one decode step: compilation, graph capture) runs before any timed generation, and every
+    generation is bracketed by synchronise-then-read-the-clock, so that no queued kernel is left out of a timing."""
+    events, gen, clock = [], bench_py.generate, bench_py.time.perf_counter
+    monkeypatch.setattr(bench_py, "sync", lambda device: events.append("sync"))
+    monkeypatch.setattr(bench_py, "generate",
+                        lambda m, p, u, k, **kw: events.append(f"generate {u.size(1)}") or gen(m, p, u, k, **kw))
+    monkeypatch.setattr(bench_py, "time", SimpleNamespace(perf_counter=lambda: events.append("clock") or clock()))
+    teacher, student = tiny_models()
+    bench_py.time_point(teacher, student, [2], 1, 12, 2, torch.device("cpu"), torch.Generator().manual_seed(0),
+                        "sdpa", False)
+    # warm-up of AR (2 new tokens) and k = 2 (4), then 2 repeats x (AR, k = 2), each generating all 6 new tokens
+    assert events == [e for n in (2, 4, 6, 6, 6, 6) for e in ("sync", "clock", f"generate {n}", "sync", "clock")]
+
+
 def test_profile_of_one_decode_step(files):
     """--profile: per point and k, one step's time and what it launches. A student's step is the same code at every k
     (only shapes differ), and launches about what an AR step does: the same trunk, the slots' concatenation and an
@@ -295,7 +336,8 @@ def test_profile_of_one_decode_step(files):
     rows = {row["k"]: row for row in res["profile"]}
     assert sorted(rows) == [1, 2, 3, 4]
     notes = " ".join(res["config"]["notes"])   # what the rows are, not what a speed grid's would be
-    assert "profile: one decode step" in notes and "whole generation" not in notes and "random weights" not in notes
+    assert "profile: one decode step" in notes and "random weights" not in notes
+    assert not any(grid_note in notes for grid_note in ("whole generation", "mbu:", "warmup_s:"))
     for row in rows.values():
         assert row["step_ms"] > 0 and row["busy_ms_per_step"] > 0 and row["launches"].startswith("CPU")
         assert 0 < len(row["top"]) <= 8 and row["top"][0]["ms_per_step"] >= row["top"][-1]["ms_per_step"]
@@ -496,7 +538,10 @@ def test_timed_rows_carry_each_sides_ceiling(files, tmp_path, monkeypatch):
     teacher, student = (copy.deepcopy(m).to(torch.bfloat16) for m in tiny_models())   # the checkpoints' models
     want = roofline({1: teacher, 2: student, 3: student, 4: student}, 2, 32, peaks)
     assert [{f: row[f] for f in want[1]} for row in rows] == [want[row["k"]] for row in rows] and len(rows) == 4
-    assert all(row["mbu"] > 0 for row in rows)
+    for row in rows:   # MBU: the bytes a generation needs, over its (median) time, over the peak bandwidth
+        model = teacher if row["k"] == 1 else student
+        assert row["mbu"] == pytest.approx(bytes_moved(model, 2, 6, row["new_tokens"], row["k"], 2)
+                                           / statistics.median(row["times_s"]) / peaks[0])
 
 
 def test_speed_outputs_with_a_roofline(tmp_path, capsys):

@@ -364,7 +364,7 @@ def test_flex_block_mask_lists_exactly_the_written_blocks(pos0, T, length):
     cache = KVCache(cfg, 1, "cpu", torch.float32, "flex")
     bm = decode_mask(pos0 + torch.arange(T), cache)
     listed = bm.to_dense()[0, 0].bool()                               # (query blocks, KV blocks)
-    need = torch.zeros_like(listed)
+    need = torch.zeros(-(-T // FLEX_BLOCK), -(-length // FLEX_BLOCK), dtype=torch.bool)   # a partial last block too
     for q in range(T):
         need[q // FLEX_BLOCK, :(pos0 + q) // FLEX_BLOCK + 1] = True
     assert torch.equal(listed, need)
@@ -372,6 +372,24 @@ def test_flex_block_mask_lists_exactly_the_written_blocks(pos0, T, length):
     assert torch.equal(bm.mask_mod(0, 0, q, kv), kv <= pos0 + q)      # the same rule as the sdpa mask
     assert torch.equal(decode_mask(pos0 + torch.arange(T), KVCache(cfg, 1, "cpu", torch.float32, "sdpa")),
                        torch.where(kv <= pos0 + q, 0.0, float("-inf")))
+    # the additive mask comes in the cache's dtype: SDPA would otherwise get a float32 mask beside bf16 queries
+    assert decode_mask(pos0 + torch.arange(T), KVCache(cfg, 1, "cpu", torch.bfloat16, "sdpa")).dtype == torch.bfloat16
+
+
+@torch.no_grad()
+def test_generate_encodes_each_slots_own_noise_in_float64(monkeypatch):
+    """generate encodes the whole generation's noise before its loop, in chunks: each pass must get exactly its k
+    slots' encodings, from the float64 noise (as the staircase encodes it in training; "high" features are
+    sensitive to it)."""
+    import model as model_py
+    monkeypatch.setattr(model_py, "NOISE_CHUNK", 8)   # several chunks, the last one partial
+    torch.manual_seed(0)
+    s = GPT.student_from(GPT(GPTConfig(block_size=48, n_layer=1, n_head=2, n_embd=32)), 2,
+                         noise_features="high").eval()
+    prompt, noise = torch.randint(0, V, (2, 6)), torch.rand(2, 20, dtype=torch.float64)
+    seen = []
+    generate(s, prompt, noise, 2, step_fn=lambda m, t, p, u, c: seen.append(u.clone()) or decode_step(m, t, p, u, c))
+    assert torch.equal(torch.cat(seen, 1), s.noise_encoder(noise))
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ import distill  # noqa: E402
 import model  # noqa: E402
 import sample  # noqa: E402
 import teacher  # noqa: E402
-from common import UserError, load_checkpoint, run_cli, save_checkpoint  # noqa: E402
+from common import OldRun, UserError, load_checkpoint, run_cli, save_checkpoint  # noqa: E402
 from prepare_data import get_encoding  # noqa: E402
 
 TEXT = """The river ran past the old mill and under the stone bridge.
@@ -683,6 +684,24 @@ def test_overwrite_that_fails_before_its_first_checkpoint_keeps_the_old_run(tmp_
     assert re.search(r"does not fit in memory", cli(teacher, t, capsys))
     assert re.search(r"does not fit in memory", cli(distill, d, capsys))
     assert snapshot(*runs.values()) == before   # every file back, the logs and the summary included
+
+
+def test_a_weight_of_the_wrong_shape_is_one_line(tmp_path):
+    m = model.GPT(model.GPTConfig(block_size=8, n_layer=1, n_head=2, n_embd=8))
+    weights = m.state_dict()
+    weights["blocks.0.mlp.fc.weight"] = weights["blocks.0.mlp.fc.weight"][:-1]
+    save_checkpoint(str(tmp_path / "c.pt"), {"model_config": dataclasses.asdict(m.config), "model": weights})
+    with pytest.raises(UserError, match=r"weights do not match its model_config \(blocks.0.mlp.fc.weight\)"):
+        load_checkpoint(str(tmp_path / "c.pt"), vocab_size=None)
+
+
+def test_only_the_master_rank_touches_the_old_run(tmp_path):
+    """Under DDP one process sets the old run aside and deletes it: two deleting the same files would fail."""
+    (tmp_path / "best.pt").write_text("old")
+    (tmp_path / "last.pt.replaced").write_text("older")
+    args, worker = SimpleNamespace(overwrite=True, resume=False), SimpleNamespace(master=False)
+    OldRun(str(tmp_path), "teacher", args, worker).discard()
+    assert sorted(os.listdir(tmp_path)) == ["best.pt", "last.pt.replaced"]
 
 
 def test_resume_refuses_a_retrained_teacher(tmp_path, distill_ref, capsys):
