@@ -370,11 +370,12 @@ def peaks_of(device, gpu_name=None):
 def run_speed(models, ks, batch_sizes, repeats, device, seed, attention, compile, peaks, progress):
     def point(label, teacher, student, seq_len, B, gen):
         res = time_point(teacher, student, ks, B, seq_len, repeats, device, gen, attention, compile)
-        roof = roofline(by_k(teacher, student, ks), B, seq_len, peaks)
+        runs = by_k(teacher, student, ks)
+        roof = roofline(runs, B, seq_len, peaks)
         ar_n, ar_t, _ = res[1]
         rows = []
         for k, (n, ts, warm) in res.items():
-            model = teacher if k == 1 else student
+            model = runs[k]
             speedups = [(B * n / t) / (B * ar_n / t_ar) for t, t_ar in zip(ts, ar_t)]
             t = statistics.median(ts)
             mbu = bytes_moved(model, B, PROMPT_LEN, n, k, next(model.parameters()).element_size()) / t / peaks[0] \
@@ -712,9 +713,10 @@ def main(argv=None):
             raise UserError(f"--seq_lens {args.seq_lens}: every length exceeds the block size of every model")
 
     stem = os.path.join(args.out_dir, name)
+    code = source_digest()
     progress = None
     if args.speed and not roofline_only:   # a grid to time: saved point by point, resumable
-        identity = {**{key: v for key, v in vars(args).items() if key != "resume"}, "code": source_digest(),
+        identity = {**{key: v for key, v in vars(args).items() if key != "resume"}, "code": code,
                     "machine": device_name(device),
                     "torch": torch.__version__, "models": [(m, asdict(t.config), asdict(s.config), fit)
                                                            for m, t, s, fit in models]}
@@ -780,7 +782,7 @@ def main(argv=None):
               "quality_tokens": T, "device": str(device), "model_label": label,
               "peaks": {"gpu": args.roofline or device_name(device),
                         **dict(zip(("hbm_bytes_per_s", "dense_flops_per_s"), peaks))},
-              "code": source_digest(), "teacher": teacher_path, "student": student_path,
+              "code": code, "teacher": teacher_path, "student": student_path,
               "judge": args.judge or teacher_path, "prompt_len": PROMPT_LEN,
               "speed_dtype": args.dtype, "quality_dtype": "float32",
               "model_configs": {"trained_teacher": teacher and asdict(teacher.config),

@@ -392,6 +392,12 @@ def load_checkpoint(path, kind=None, vocab_size=50257, map_location="cpu"):
     return ckpt
 
 
+def teacher_id(ckpt):
+    """Which training of a teacher a checkpoint holds: a student records its teacher's, so that a teacher trained
+    again at the same path is told apart (distill.py's resume, sample.py and bench.py)."""
+    return {key: ckpt.get(key) for key in ("step", "best_val")}
+
+
 def model_from_checkpoint(ckpt, device):
     model = GPT(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])

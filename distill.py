@@ -26,7 +26,7 @@ from common import (EMA, JsonlLog, OldRun, StopFlag, UserError, all_mean, check_
                     check_resume_config, check_run_dir, check_split_length, device_name, ensure_writable, field,
                     fits_in_memory, load_checkpoint, load_split, lr_at, model_from_checkpoint, out_of_memory,
                     parse_config, rng_state, run_cli, sample_windows, save_checkpoint, set_rng_state, setup_runtime,
-                    shard, write_json)
+                    shard, teacher_id, write_json)
 from model import GPT, generate, inverse_cdf, same_noise_agreement, window_agreement
 
 
@@ -144,7 +144,7 @@ def main(argv=None):
     teacher_ckpt = load_checkpoint(cfg.teacher, kind="teacher")
     teacher = model_from_checkpoint(teacher_ckpt, rt.device).eval()
     # which training of the teacher (a retrained teacher at the same path must not feed a resumed run's targets)
-    teacher_id = {key: teacher_ckpt.get(key) for key in ("step", "best_val")}
+    teacher_run = teacher_id(teacher_ckpt)
     if args.results_dir in (None, "auto") and not is_reference_teacher(teacher_ckpt, args.preset):
         cfg.results_dir = cfg.out_dir   # distilled from an experiment's teacher: an experiment too, whatever its flags
     del teacher_ckpt
@@ -181,7 +181,7 @@ def main(argv=None):
             raise UserError(f"{last_path} was made with --k {state['schedule'][-1]} --schedule "
                             f"{','.join(map(str, state['schedule']))}; resume with the same --k and --schedule")
         check_resume_config(state["train_config"], cfg)
-        if state.get("teacher_id") != teacher_id:
+        if state.get("teacher_id") != teacher_run:
             raise UserError(f"{cfg.teacher} is not the teacher this run started from (it was trained again since); "
                             "start a new --out_dir, or --overwrite this one")
         set_rng_state(state["rng"], gen, rt.device)
@@ -234,7 +234,7 @@ def main(argv=None):
                         "schedule": schedule, "stage": si + final, "step": step, "global_step": global_step,
                         "optimizer": None if final else optimizer.state_dict(), "rng": rng_state(gen, rt.device),
                         "agreement_init": agree_init, "stage_stats": stats, "results": results,
-                        "teacher_id": teacher_id})
+                        "teacher_id": teacher_run})
 
             if rt.master:
                 print(f"stage {si + 1}/{len(schedule)}: k = {k}, targets from "

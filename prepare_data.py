@@ -138,9 +138,9 @@ def load_tokens(data_dir, split):
         raise DataError(f"{data_dir} was left half-built by an interrupted prepare_data.py; rebuild it with `{redo}`")
     path = os.path.join(data_dir, f"{split}.bin")
     if not os.path.isfile(path):
-        if not any(f.endswith(".bin") for f in os.listdir(data_dir)):   # not a dataset: the folder above one?
-            below = sorted(d for d in os.listdir(data_dir)
-                           if os.path.isfile(os.path.join(data_dir, d, f"{split}.bin")))
+        names = os.listdir(data_dir)
+        if not any(f.endswith(".bin") for f in names):   # not a dataset: the folder above one?
+            below = sorted(d for d in names if os.path.isfile(os.path.join(data_dir, d, f"{split}.bin")))
             if below:
                 raise DataError(f"{data_dir} holds no dataset itself but {', '.join(below)}: pass --data_dir "
                                 f"{os.path.join(data_dir, below[0])}")

@@ -21,7 +21,7 @@ from dataclasses import asdict
 import torch
 
 from common import (ArgumentParser, DefaultsHelpFormatter, UserError, fits_in_memory, load_checkpoint, load_split,
-                    model_from_checkpoint, resolve_device, run_cli, sample_windows)
+                    model_from_checkpoint, resolve_device, run_cli, sample_windows, teacher_id)
 from model import CUDAGraphStep, KVCache, generate, same_noise_agreement, window_agreement
 from prepare_data import get_encoding
 
@@ -32,9 +32,10 @@ def find_checkpoints(preset=None, teacher=None, student=None, need_student=True,
     label: the preset, or "trained" for checkpoints given by path."""
     if preset is None:
         preset = "small" if os.path.exists("out/teacher_small/best.pt") else "tiny"
-    if teacher is None and not os.path.exists(f"out/teacher_{preset}/best.pt"):
-        raise UserError(f"no trained teacher at out/teacher_{preset}/best.pt; run `python teacher.py --preset "
-                        f"{preset}` or pass --teacher")
+    preset_teacher = f"out/teacher_{preset}/best.pt"
+    if teacher is None and not os.path.exists(preset_teacher):
+        raise UserError(f"no trained teacher at {preset_teacher}; run `python teacher.py --preset {preset}` or pass "
+                        "--teacher")
     label = preset if teacher is None and student is None else "trained"
     if student is None and need_student:
         students = glob.glob(f"out/distill_{preset}/student_k*.pt")
@@ -42,7 +43,7 @@ def find_checkpoints(preset=None, teacher=None, student=None, need_student=True,
             raise UserError(f"no student in out/distill_{preset}/; run `python distill.py --preset {preset}` or pass "
                             f"--student{alternative}")
         student = max(students, key=lambda p: int(re.findall(r"k(\d+)", p)[-1]))
-    return label, teacher or f"out/teacher_{preset}/best.pt", student
+    return label, teacher or preset_teacher, student
 
 
 def load_models(teacher_path, student_path, device):
@@ -58,7 +59,7 @@ def load_models(teacher_path, student_path, device):
         shape = lambda m: {k: v for k, v in asdict(m.config).items()  # noqa: E731
                            if k not in ("max_k", "noise_features", "dropout")}
         diff = [f"{k} {v} vs {shape(teacher)[k]}" for k, v in shape(student).items() if v != shape(teacher)[k]]
-        trained = {key: teacher_ckpt.get(key) for key in ("step", "best_val")}
+        trained = teacher_id(teacher_ckpt)
         if not diff and student_ckpt.get("teacher_id", trained) != trained:
             diff = [f"its teacher's training ended at step {student_ckpt['teacher_id']['step']}, val loss "
                     f"{student_ckpt['teacher_id']['best_val']:.4f}; this one's at step {trained['step']}, "
