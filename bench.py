@@ -11,7 +11,7 @@ speed and quality that it ran (--name: a rerun under a name replaces that name's
     python bench.py --no-trained --profile --batch_sizes 1,512 --seq_lens 1024   # where a decode step's time goes
     python bench.py --no-trained --roofline H100  # the grid's ceilings on an H100, computed (any machine, seconds)
 
-Speed (paper §4): fixed-length generation from 6-token prefixes to a total of --seq_lens tokens, bf16 weights
+Speed (METHOD.md §4): fixed-length generation from 6-token prefixes to a total of --seq_lens tokens, bf16 weights
 and KV cache on both sides, and ONE decode path for both: model.generate with a static KV cache and, on CUDA,
 each decode step replayed from a CUDA graph (model.CUDAGraphStep); --attention picks how a cached pass
 attends (model.KVCache), the same for both sides. AR is the teacher (k = 1, one token per pass, sampled by

@@ -292,10 +292,20 @@ def atomic_write(path, write_fn, binary=True):
 
 
 # What teacher.py and distill.py write in their out_dir (the summary too, for a run whose results_dir is its out_dir),
-# and the file that tells each kind of run apart
+# and the file that tells each kind of run apart (a run stopped before its first evaluation has only last.pt, whose
+# "kind" tells)
 RUN_FILES = {"teacher": ("last.pt", "best.pt", "log.jsonl", "teacher_*.json"),
              "student": ("last.pt", "student_k*.pt", "log.jsonl", "distill_*.json")}
 RUN_MARK = {"teacher": "best.pt", "student": "student_k*.pt"}
+
+
+def checkpoint_kind(path):
+    """The "kind" a checkpoint of teacher.py or distill.py records, None if it has none or cannot be read. Memory-
+    mapped: nothing of its weights is read."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("kind")
+    except Exception:
+        return None
 
 
 def check_run_dir(out_dir, kind, resume, overwrite):
@@ -303,13 +313,15 @@ def check_run_dir(out_dir, kind, resume, overwrite):
     holds the other script's run (a teacher where students would go, or students where a teacher would) is refused
     whatever the flags."""
     other = "student" if kind == "teacher" else "teacher"
+    last_path = os.path.join(out_dir, "last.pt")
     theirs = sorted(glob.glob(os.path.join(out_dir, RUN_MARK[other])))
+    if not theirs and os.path.exists(last_path) and checkpoint_kind(last_path) == other:
+        theirs = [last_path]
     if theirs:
         raise UserError(f"{out_dir} holds a {'distillation' if other == 'student' else 'teacher'} run "
                         f"({os.path.basename(theirs[0])}); pick another --out_dir")
     if resume and overwrite:
         raise UserError(f"--resume continues the run in {out_dir} and --overwrite replaces it: pass one of them")
-    last_path = os.path.join(out_dir, "last.pt")
     if resume and not os.path.exists(last_path):
         raise UserError(f"--resume: no checkpoint at {last_path}; run without --resume to start")
     if not resume and not overwrite and os.path.exists(last_path):

@@ -1,5 +1,5 @@
 """
-Progressive self-forcing distillation (K-Forcing §3): turn the AR teacher into a push-forward student that
+Progressive self-forcing distillation (METHOD.md §3): turn the AR teacher into a push-forward student that
 maps k uniform noises to k joint tokens in one pass, growing k stage by stage (default 1 -> 2 -> 4).
 
     python distill.py --k 4                                  # teacher: out/teacher_<preset>/best.pt
@@ -70,7 +70,8 @@ PRESETS = {
     "tiny": dict(_about="CPU demo and tests, ~1 min", steps_per_stage=150, batch_size=8, block_size=64,
                  anchors=16, lr=1e-3, warmup_steps=10, eval_samples=64, eval_tokens=24, ckpt_interval=50),
     "small": dict(_about="one GPU, ~4 min on an H100 for the three stages, for the small teacher"),
-    "paper": dict(_about="the paper's K=4 stage: lr 1e-4 constant, fp32, batch 512 over all anchors",
+    "paper": dict(_about="the paper's K=4 stage: lr 1e-4 constant, fp32, batch 512 over all anchors; 20k steps "
+                           "per stage (the paper's: not known)",
                   steps_per_stage=20_000, batch_size=512, block_size=128, anchors=128, lr=1e-4, warmup_steps=0,
                   dtype="float32", ema=0.999, ckpt_interval=1000),
 }

@@ -82,8 +82,10 @@ class KVCache:
     so a decode step has static shapes (compilable, capturable in a CUDA graph). A pass writes the keys and
     values of ALL its inputs at their positions: the committed tokens, then the k noise slots. A slot's row is
     the position of the token it produces, so the next pass overwrites it with that very token before any
-    query reads it: between passes the cache holds real tokens only (paper §4), and no per-layer copy of the
-    cache is ever made. Entries past a query's position (stale or not yet written) are hidden by the mask.
+    query reads it. Between passes the rows up to the last committed token hold real tokens only, and the last
+    pass's slots sit just past them, unread: no later pass ever attends to a slot (the paper's "used in the pass
+    and discarded", METHOD.md §4), and no per-layer copy of the cache is ever made. Entries past a query's
+    position (the last slots, stale or not yet written) are hidden by the mask.
 
     attention: how a cached pass attends (both compute the same function, see decode_mask):
       "sdpa" (default): SDPA with an additive mask over the whole cache. Any device; reads every cache entry.
@@ -166,7 +168,9 @@ class Block(nn.Module):
 
 class NoiseEncoder(nn.Module):
     """u in [0, 1) -> one input vector per noise slot: float64 sinusoidal features -> Linear -> a residual MLP.
-    One encoder is shared by all slots; a slot's identity comes from its RoPE position."""
+    One encoder is shared by all slots; a slot's identity comes from its RoPE position. The paper also feeds a
+    temperature tau the same way (METHOD.md §2: most likely a second input Linear, which would make its 5.9M
+    parameters at width 768, against 5.3M here) but trains only at tau = 1, so there is no tau input here."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -223,7 +227,8 @@ class GPT(nn.Module):
     @classmethod
     def student_from(cls, teacher, max_k, noise_features=None):
         """A push-forward student initialised from its teacher: every shared tensor is copied; only a
-        new noise encoder (first stage) starts from scratch."""
+        new noise encoder (first stage) starts from scratch. Dropout is 0, as in the paper's k = 4 stage
+        (METHOD.md §3), whatever the teacher trained with."""
         cfg = GPTConfig(**{**asdict(teacher.config), "max_k": max_k, "dropout": 0.0})
         if noise_features is not None and teacher.noise_encoder is None:
             cfg.noise_features = noise_features
@@ -243,8 +248,8 @@ class GPT(nn.Module):
         return self.ln_f(x)
 
     def _logits(self, h, real_vocab=True):
-        # Sampling and readout never see the padding ids; training losses keep them (they are never
-        # targets, so they learn to vanish) and skip the copy a slice would cost.
+        # Sampling, readouts and the student's loss never see the padding ids; the AR training loss keeps them
+        # (they are never targets, so they learn to vanish) and skips the copy a slice would cost.
         logits = self.lm_head(h)
         return logits[..., :self.config.vocab_size] if real_vocab else logits
 
@@ -291,7 +296,7 @@ class GPT(nn.Module):
         return self._logits(h[:, N:].reshape(B, A, W, -1)[:, :, m:])
 
     def forward_step(self, tokens, pos, slots, cache):
-        """One cached decode pass (paper §4): feed the n tokens committed last step (or the prompt, at
+        """One cached decode pass (METHOD.md §4): feed the n tokens committed last step (or the prompt, at
         prefill), followed by the k noise slots' inputs `slots` (B, k, C) = noise_encoder(u) (None for AR),
         at the consecutive positions `pos` (n + k,): slot i at the position of the token it produces.
         Returns the logits the readout needs: the last real token's (AR, (B, 1, vocab)) or the k slots'
@@ -442,7 +447,8 @@ def generate(model, prompt, noise, k=1, cache_dtype=None, step_fn=None, cache=No
     step_noise, n_slots = noise, 0   # what a pass takes per new token: AR, the uniform u itself
     if model.config.max_k > 0:
         # a student, its noise slot's input. That depends on the noise alone, never on a token: encode the whole
-        # generation's noise here, in a few large calls (chunks bound the memory), not in a dozen tiny kernels a pass
+        # generation's noise here, in a few large calls (chunks bound the memory), not in some twenty small kernels
+        # a pass
         step_noise = torch.cat([model.noise_encoder(noise[:, i:i + NOISE_CHUNK])
                                 for i in range(0, n_new, NOISE_CHUNK)], dim=1)
         n_slots = k
@@ -461,7 +467,8 @@ class CUDAGraphStep:
     """A step_fn for generate that replays decode_step from CUDA graphs. At small batch a decode step is
     hundreds of tiny kernels whose launch cost exceeds their run time; a graph launches them all at once.
     A graph replays fixed kernels on fixed memory, so each (model, cache, batch, n_tokens, k) gets its own,
-    captured on first use, with static input buffers (tokens, pos, u) that each call copies into; the
+    captured on first use, with static input buffers (tokens, pos, u: AR's uniforms, or a student's noise slot
+    inputs, noise_encoder(u), as decode_step takes them) that each call copies into; the
     cache is written in place (the mask built from pos hides stale entries: shapes never change). The
     prefill (the prompt, once per generation) runs eagerly. The returned tokens are the graph's static
     output, overwritten by the next replay (generate copies them out at once). Graphs pin their memory

@@ -11,7 +11,8 @@ differ are marked [like this] in the student's line. The per-slot agreement is p
 free-running (as shown: the two part at the first different token) and with every window of k slots started on
 the teacher's own sample (model.window_agreement, the measure the README compares with the paper).
 Both decode through bench.py's path (model.generate with a static KV cache, each decode step replayed from a CUDA
-graph on CUDA), in float32 rather than bench's bf16: same-noise agreement is sensitive to rounding.
+graph on CUDA), in float32, as bench's quality runs (its speed runs use bf16): same-noise agreement is sensitive
+to rounding.
 """
 import glob
 import os

