@@ -247,8 +247,9 @@ def main(argv=None):
                        dynamic_ncols=True)
             while step < cfg.steps_per_stage:
                 t0 = time.perf_counter()
-                for gr in optimizer.param_groups:   # warmup, then constant: the schedule of lr_at with min_lr = lr
-                    gr["lr"] = lr_at(step, cfg.lr, cfg.lr, cfg.warmup_steps, cfg.steps_per_stage)
+                lr = lr_at(step, cfg.lr, cfg.lr, cfg.warmup_steps, cfg.steps_per_stage)   # warmup, then constant
+                for gr in optimizer.param_groups:
+                    gr["lr"] = lr
                 x, _ = sample_windows(train, cfg.batch_size, cfg.block_size, gen)
                 anchors = torch.rand(cfg.batch_size, cfg.block_size, generator=gen).argsort(-1)[:, :cfg.anchors]
                 u = torch.rand(cfg.batch_size, cfg.anchors, k, generator=gen, dtype=torch.float64)
@@ -279,7 +280,7 @@ def main(argv=None):
                     stats["steps_timed"] += 1
                 if step % cfg.log_interval == 0 or step == cfg.steps_per_stage:
                     log.write(step=global_step, stage=si, k=k, loss=stats["loss"], acc=stats["acc"],
-                              window_acc=stats["window_acc"])
+                              window_acc=stats["window_acc"], lr=lr)
                 bar.update(1)
                 bar.set_postfix(loss=f"{sum(stats['loss']) / k:.3f}", acc1=f"{stats['acc'][0]:.2f}",
                                 win=f"{stats['window_acc']:.2f}")

@@ -245,6 +245,14 @@ def test_overwrite_leaves_no_checkpoint_of_the_old_run(tmp_path, data_dir, teach
     assert max(r["stage"] for r in read_log(out / "log.jsonl")) == 0
 
 
+def test_each_stage_warms_up_then_holds_its_learning_rate(distill_ref):
+    """distill.py's schedule, as the paper's k = 4 stage ran (constant lr), after a warmup that each stage repeats:
+    the learning rate each step of the reference run used, from its log (--warmup_steps 2, --lr 1e-3)."""
+    for stage in (0, 1):
+        lrs = [r["lr"] for r in distill_ref["log"] if r.get("stage") == stage and "loss" in r]
+        assert lrs == pytest.approx([5e-4] + [1e-3] * 7)
+
+
 def test_distill_resume_between_stages(tmp_path, data_dir, teacher_ref, distill_ref, capsys):
     """A kill right after stage 1's final checkpoint: last.pt then equals student_k1.pt (it is written the
     same way) and student_k2.pt does not exist yet. The resume must start stage 2 afresh."""
