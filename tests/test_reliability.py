@@ -315,8 +315,9 @@ def test_teacher_resume_keeps_the_best_so_far(tmp_path, data_dir, monkeypatch):
 def test_teacher_resume_with_dropout_repeats_its_masks(tmp_path, data_dir, monkeypatch):
     """With dropout, a resumed run draws the dropout masks an uninterrupted one draws (the global RNG is restored):
     the same losses."""
-    argv = lambda out: TEACHER + ["--dropout", "0.2", "--max_steps", "8", "--eval_interval", "4", "--data_dir",  # noqa
-                                  data_dir, "--out_dir", str(out), "--results_dir", str(out)]
+    def argv(out):
+        return TEACHER + ["--dropout", "0.2", "--max_steps", "8", "--eval_interval", "4", "--data_dir", data_dir,
+                          "--out_dir", str(out), "--results_dir", str(out)]
     teacher.main(argv(tmp_path / "ref"))
     ctrl_c_in_evaluation(monkeypatch, teacher, 2)   # at step 4
     with pytest.raises(UserError, match="interrupted at step 4"):
