@@ -2,6 +2,7 @@
 mask leaks nothing, sampling is a deterministic function of the noise, and a student starts as its teacher."""
 import dataclasses
 import math
+import os
 
 import pytest
 import torch
@@ -106,6 +107,19 @@ def test_student_cached_step_equals_staircase(student, m):
 
 
 @torch.no_grad()
+def test_the_readmes_staircase_picture_is_staircase_mask():
+    """The README draws the staircase for N = 5, anchors 1 and 3, k = 2: it must be what the code builds."""
+    N, anchors, k = 5, torch.tensor([[1, 3]]), 2
+    mask = staircase_mask(N, anchors, k)[0, 0]
+    names = [f"x{i}" for i in range(N)] + [f"a{t}s{i + 1}" for t in anchors[0].tolist() for i in range(k)]
+    pos = list(range(N)) + [t + 1 + i for t in anchors[0].tolist() for i in range(k)]
+    picture = ["      " + " ".join(f"{n:>4}" for n in names)]
+    picture += [f"{n:>4}@{p} " + " ".join(f"{'x' if seen else '.':>4}" for seen in row.tolist())
+                for n, p, row in zip(names, pos, mask)]
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as f:
+        assert "```text\n" + "\n".join(picture) + "\n```" in f.read()
+
+
 def test_staircase_mask_leaks_nothing(student):
     """A slot sees only context <= its anchor and the slots of its own window up to itself."""
     B, N, A, k = 2, 24, 4, 4
