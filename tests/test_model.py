@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from model import (GPT, GPTConfig, CUDAGraphStep, KVCache, apply_rope, decode_step, generate, inverse_cdf, rope,
-                   staircase_mask, same_noise_agreement, window_agreement)
+from model import (GPT, GPTConfig, CUDAGraphStep, KVCache, apply_rope, decode_mask, decode_step, generate, inverse_cdf,
+                   rope, staircase_mask, same_noise_agreement, window_agreement)
 
 V = 50257
 
@@ -107,17 +107,27 @@ def test_student_cached_step_equals_staircase(student, m):
 
 
 @torch.no_grad()
-def test_the_readmes_staircase_picture_is_staircase_mask():
-    """The README draws the staircase for N = 5, anchors 1 and 3, k = 2: it must be what the code builds."""
-    N, anchors, k = 5, torch.tensor([[1, 3]]), 2
-    mask = staircase_mask(N, anchors, k)[0, 0]
-    names = [f"x{i}" for i in range(N)] + [f"a{t}s{i + 1}" for t in anchors[0].tolist() for i in range(k)]
-    pos = list(range(N)) + [t + 1 + i for t in anchors[0].tolist() for i in range(k)]
-    picture = ["      " + " ".join(f"{n:>4}" for n in names)]
-    picture += [f"{n:>4}@{p} " + " ".join(f"{'x' if seen else '.':>4}" for seen in row.tolist())
-                for n, p, row in zip(names, pos, mask)]
+def picture(mask, rows, positions, columns, width):
+    """A mask as the README draws it: a header of column names, then one line per row, x where it may attend."""
+    lines = [" " * (width + 3) + " ".join(f"{c:>{width}}" for c in columns)]
+    lines += [f"{r:>{width}}@{p} " + " ".join(f"{'x' if seen else '.':>{width}}" for seen in m.tolist())
+              for r, p, m in zip(rows, positions, mask)]
+    return "```text\n" + "\n".join(lines) + "\n```"
+
+
+def test_the_readmes_mask_pictures_are_the_codes():
+    """The README draws the staircase (N = 5, anchors 1 and 3, k = 2) and a decode pass (k = 2, the second pass after
+    a 3-token prompt, a cache of 8): they must be what staircase_mask and decode_mask build."""
     with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as f:
-        assert "```text\n" + "\n".join(picture) + "\n```" in f.read()
+        readme = f.read()
+    N, anchors, k = 5, torch.tensor([[1, 3]]), 2
+    names = [f"x{i}" for i in range(N)] + [f"a{t}s{i + 1}" for t in (1, 3) for i in range(k)]
+    positions = list(range(N)) + [t + 1 + i for t in (1, 3) for i in range(k)]
+    assert picture(staircase_mask(N, anchors, k)[0, 0], names, positions, names, 4) in readme
+    cache = KVCache(GPTConfig(block_size=8, n_layer=1, n_head=1, n_embd=8), 1, "cpu", torch.float32)
+    qpos = torch.arange(3, 7)
+    assert picture(decode_mask(qpos, cache) == 0, ["t3", "t4", "s1", "s2"], qpos.tolist(),
+                   ["p0", "p1", "p2", "t3", "t4", "s1", "s2", "-"], 3) in readme
 
 
 def test_staircase_mask_leaks_nothing(student):
