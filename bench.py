@@ -35,7 +35,8 @@ teacher (AR) and by the student at k = 1..max_k from the SAME noise, temperature
 agreement per slot twice: free-running (`agreement`: both decode their own tokens, so they part at the first
 difference) and on the teacher's context (`window_agreement`: every window of k slots starts from the teacher's
 sample so far, model.window_agreement), the measure to compare with the 59/33/20/16% that a third-party study
-measured for the paper's released k = 4 model.
+measured for the paper's released k = 4 model; and, to read them against, the agreement of a student blind to the
+noise (`agreement_without_noise`: an independent draw from the teacher, or always its most likely token).
 """
 import argparse
 import copy
@@ -56,10 +57,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (ArgumentParser, StopFlag, UserError, atomic_write, device_name, ensure_writable, resolve_device,
-                    load_checkpoint, load_split, model_from_checkpoint, out_of_memory, run_cli, sample_windows,
-                    write_json)
-from model import (GPT, GPTConfig, NOISE_CHUNK, PEAK_FLOPS, CUDAGraphStep, KVCache, device_peak, generate,
-                   same_noise_agreement, window_agreement)
+                    load_checkpoint, load_split, model_from_checkpoint, noise_blind, out_of_memory, run_cli,
+                    sample_windows, write_json)
+from model import (GPT, GPTConfig, NOISE_CHUNK, PEAK_FLOPS, CUDAGraphStep, KVCache, agreement_without_noise,
+                   device_peak, generate, same_noise_agreement, window_agreement)
 from sample import find_checkpoints, load_models
 
 PROMPT_LEN = 6   # the paper's 6-token prefixes
@@ -476,6 +477,9 @@ def repeat4(row):
     return repeats / (len(row) - 3)
 
 
+BLIND = ("independent_draw", "teacher_mode")   # agreement_without_noise's two baselines
+
+
 def quality_row(model, k, samples, prompts, judge, ar_samples, window):
     rows = samples.tolist()
     return {"model": model, "k": k, "gen_ppl": gen_ppl(judge, prompts, samples),
@@ -515,9 +519,12 @@ def run_quality(teacher, student, judge, T, val, args, device):
         samples = generate(student, prompts, noise[:, :-(-T // k) * k], k)[:, :T]
         window = window_agreement(student, prompts, ar, noise[:, :T], k)
         rows.append(quality_row("student", k, samples, prompts, judge, ar, window))
+    # the agreement a student blind to the noise would reach: what every row's agreement is to be read against
+    blind = dict(zip(BLIND, agreement_without_noise(teacher, prompts, ar)))
     for r in rows:   # ratios to the AR teacher's own samples (None if the teacher's entropy is 0)
         r["gen_ppl_ratio"] = r["gen_ppl"] / rows[0]["gen_ppl"]
         r["entropy_ratio"] = r["entropy"] / rows[0]["entropy"] if rows[0]["entropy"] > 0 else None
+        r["agreement_without_noise"] = blind
     return rows
 
 
@@ -580,6 +587,10 @@ def plot_quality(rows, path):
         if key is None:
             ax.plot(ks, [r["window_agreement"][0] for r in st], marker="o", label="on the teacher's context")
             ax.plot(ks, [r["agreement"][0] for r in st], marker="s", ls="--", label="free-running")
+            blind = ar["agreement_without_noise"]
+            ax.axhline(blind["teacher_mode"], color="tab:red", ls=":", label="blind to the noise: teacher's mode")
+            ax.axhline(blind["independent_draw"], color="tab:purple", ls=":",
+                       label="blind to the noise: independent draw")
         else:
             ax.plot(ks, [r[key] for r in st], marker="o", label="student")
         ax.axhline(ar["repeat4"] if key == "repeat4" else 1.0, color="gray", ls="--", label="AR teacher")
@@ -623,6 +634,7 @@ def print_tables(speed, skipped, quality, profile, roof, device):
             print(f"{r['model']:<9}{r['k']:>2}{r['gen_ppl']:>9.1f}{r['gen_ppl_ratio']:>7.2f}{r['entropy']:>9.2f}"
                   f"{er:>7}{r['repeat4']:>9.3f}  " + " / ".join(f"{a:.0%}" for a in r["window_agreement"])
                   + " | " + " / ".join(f"{a:.0%}" for a in r["agreement"]))
+        print(f"({noise_blind(*quality[0]['agreement_without_noise'].values())})")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -774,7 +786,9 @@ def main(argv=None):
              "machine; "
              "AR and every k of a point were timed in one process, back to back": args.resume,
              "quality: samples decoded in float32 from one shared noise tensor, temperature 1, no penalty; gen-PPL "
-             "under the judge in float32; entropy and repeat4 over the continuation only": do_quality}
+             "under the judge in float32; entropy and repeat4 over the continuation only; agreement_without_noise: "
+             "over the positions of the teacher's samples, the mean of sum p^2 (an independent draw from the teacher) "
+             "and of max p (its most likely token), p the teacher's distribution there": do_quality}
     config = {**vars(args), "batch_sizes": batch_sizes, "seq_lens": seq_lens, "ks": ks,
               "repeats": repeats if grid else None, "compile": args.compile if timed else None,
               "seq_lens_timed": {m: fit for m, _, _, fit in models},   # those of seq_lens that fit each model
@@ -805,10 +819,12 @@ def main(argv=None):
         plot_speed(speed, device_name(device), stem + "_speedup_vs_batch.png")
     if quality:
         slots = lambda key: [f"{key}_slot{i + 1}" for i in range(max_k)]  # noqa: E731
+        blind = [f"agreement_without_noise_{b}" for b in BLIND]
         flat = [{**r, **dict(zip(slots("agreement"), r["agreement"])),
-                 **dict(zip(slots("window_agreement"), r["window_agreement"]))} for r in quality]
+                 **dict(zip(slots("window_agreement"), r["window_agreement"])),
+                 **dict(zip(blind, r["agreement_without_noise"].values()))} for r in quality]
         write_csv(stem + "_quality.csv", flat, ["model", "k", "gen_ppl", "gen_ppl_ratio", "entropy", "entropy_ratio",
-                                                "repeat4"] + slots("window_agreement") + slots("agreement"))
+                                                "repeat4"] + slots("window_agreement") + slots("agreement") + blind)
         plot_quality(quality, stem + "_quality_vs_k.png")
     if progress:
         progress.finish()   # the outputs are written: nothing left to resume

@@ -24,10 +24,10 @@ from tqdm import tqdm
 
 from common import (EMA, JsonlLog, OldRun, StopFlag, UserError, all_mean, check_batch_split, check_finite,
                     check_resume_config, check_run_dir, check_split_length, device_name, ensure_writable, field,
-                    fits_in_memory, load_checkpoint, load_split, lr_at, model_from_checkpoint, out_of_memory,
-                    parse_config, rng_state, run_cli, sample_windows, save_checkpoint, set_rng_state, setup_runtime,
-                    shard, teacher_id, write_json)
-from model import GPT, generate, inverse_cdf, same_noise_agreement, window_agreement
+                    fits_in_memory, load_checkpoint, load_split, lr_at, model_from_checkpoint, noise_blind,
+                    out_of_memory, parse_config, rng_state, run_cli, sample_windows, save_checkpoint, set_rng_state,
+                    setup_runtime, shard, teacher_id, write_json)
+from model import GPT, agreement_without_noise, generate, inverse_cdf, same_noise_agreement, window_agreement
 
 
 @dataclass
@@ -173,6 +173,7 @@ def main(argv=None):
         prompts = sample_windows(val, cfg.eval_samples, cfg.prompt_len, g, "--prompt_len")[0].to(rt.device)
         eval_noise = torch.rand(cfg.eval_samples, cfg.eval_tokens, generator=g, dtype=torch.float64).to(rt.device)
         ar_tokens = generate(teacher, prompts, eval_noise, k=1)
+        blind = agreement_without_noise(teacher, prompts, ar_tokens)   # what a student blind to the noise would reach
 
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)   # the first stage's new noise encoder; torch's own default seed varies per process
@@ -327,7 +328,8 @@ def main(argv=None):
         write_json(summary, {
             "device": device_name(rt.device), "world_size": rt.world, "torch": torch.__version__,
             "config": dataclasses.asdict(cfg), "teacher_config": dataclasses.asdict(teacher.config),
-            "schedule": schedule, "stages": results})
+            "schedule": schedule, "stages": results,
+            "agreement_without_noise": dict(zip(("independent_draw", "teacher_mode"), blind))})
         for key, what in (("agreement", "free-running, both decode their own tokens"),
                           ("window_agreement", "each window on the teacher's own context")):
             print(f"\nsame-noise agreement with the AR teacher, {what} (val prefixes of "
@@ -335,6 +337,7 @@ def main(argv=None):
             print("  k  " + "".join(f"  slot {i + 1}" for i in range(schedule[-1])))
             for r in results:
                 print(f"  {r['k']}  " + "".join(f"  {a:6.1%}" for a in r[key]))
+        print(f"({noise_blind(*blind)})")
         print(f"\nstudents {stage_path('*')}, summary {summary}")
 
 

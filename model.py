@@ -552,6 +552,24 @@ def window_agreement(student, prompts, ar_tokens, noise, k, batch=32):
     return (tokens == ar_tokens[:, :n].reshape(B, -1, k)).float().mean(dim=(0, 1)).tolist()
 
 
+@torch.no_grad()
+def agreement_without_noise(teacher, prompts, ar_tokens, batch=16):
+    """The agreement a student blind to the noise would reach on the teacher's own context, averaged over the
+    positions of the teacher's samples: an independent draw from the teacher's distribution p there matches the
+    teacher's token with probability sum_v p(v)^2, and its most likely token (what a student that has collapsed to the
+    mode answers) with probability max_v p(v). Same-noise agreement above these is information carried by the noise.
+    Returns (independent draw, most likely token)."""
+    P = prompts.size(1)
+    seq = torch.cat([prompts, ar_tokens], dim=1)[:, :-1]
+    independent = mode = 0.0
+    for i in range(0, len(seq), batch):
+        logits, _ = teacher(seq[i:i + batch])
+        p = torch.softmax(logits[:, P - 1:].float(), dim=-1)   # each new token's distribution, given the sample so far
+        independent += (p * p).sum().item()
+        mode += p.max(dim=-1).values.sum().item()
+    return independent / ar_tokens.numel(), mode / ar_tokens.numel()
+
+
 # ----------------------------------------------------------------------------------------------------
 # Model FLOPs utilisation, against the device's peak dense bf16 rate.
 

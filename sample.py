@@ -22,8 +22,8 @@ from dataclasses import asdict
 import torch
 
 from common import (ArgumentParser, DefaultsHelpFormatter, UserError, fits_in_memory, load_checkpoint, load_split,
-                    model_from_checkpoint, resolve_device, run_cli, sample_windows, teacher_id)
-from model import CUDAGraphStep, KVCache, generate, same_noise_agreement, window_agreement
+                    model_from_checkpoint, noise_blind, resolve_device, run_cli, sample_windows, teacher_id)
+from model import CUDAGraphStep, KVCache, agreement_without_noise, generate, same_noise_agreement, window_agreement
 from prepare_data import get_encoding
 
 
@@ -157,10 +157,12 @@ def main(argv=None):
         with fits_in_memory(f"the agreement over {args.num_samples} samples does not fit in memory on {device}; "
                             "lower --num_samples"):
             window = window_agreement(student, prompts, ar_tokens[:, :n], noise, k)
+            blind = agreement_without_noise(teacher, prompts, ar_tokens[:, :n])
         per_slot = lambda agree: "   ".join(f"slot {j + 1}: {a:.1%}" for j, a in enumerate(agree))  # noqa: E731
         print(f"\nsame-noise agreement with the AR teacher over {args.num_samples} x {n} tokens:")
         print(f"  free-running ([marked] above):       {per_slot(free)}")
         print(f"  each window on the teacher's tokens: {per_slot(window)}")
+        print(f"  ({noise_blind(*blind)})")
     elif kf:
         print(f"\n(same-noise agreement per slot needs --max_new_tokens of at least k = {k})")
 

@@ -112,6 +112,9 @@ def test_end_to_end_outputs(files):
         # random tiny weights: the teacher's distribution is nearly uniform, so a student rarely matches it
         assert all(0 <= a <= 1 for a in row["agreement"] + row["window_agreement"])
         assert row["gen_ppl"] > 1 and 0 < row["entropy"] <= np.log(12) + 1e-9 and 0 <= row["repeat4"] <= 1
+        blind = row["agreement_without_noise"]   # the teacher's, the same for every row; sum p^2 <= max p
+        assert blind == quality[0]["agreement_without_noise"]
+        assert 0 < blind["independent_draw"] <= blind["teacher_mode"] <= 1
     ar = quality[0]
     assert ar["agreement"] == ar["window_agreement"] == [1.0]
     for row in quality:
@@ -125,6 +128,8 @@ def test_end_to_end_outputs(files):
     assert len(rows) == len(quality)
     for row, q in zip(rows, quality):   # the CSV's columns are the JSON's numbers, slot by slot
         assert float(row["gen_ppl"]) == pytest.approx(q["gen_ppl"])
+        assert float(row["agreement_without_noise_teacher_mode"]) == pytest.approx(
+            q["agreement_without_noise"]["teacher_mode"])
         for i in range(q["k"]):
             assert float(row[f"agreement_slot{i + 1}"]) == pytest.approx(q["agreement"][i])
             assert float(row[f"window_agreement_slot{i + 1}"]) == pytest.approx(q["window_agreement"][i])

@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from model import (GPT, GPTConfig, CUDAGraphStep, KVCache, apply_rope, decode_mask, decode_step, generate, inverse_cdf,
-                   rope, staircase_mask, same_noise_agreement, window_agreement)
+from model import (GPT, GPTConfig, CUDAGraphStep, KVCache, agreement_without_noise, apply_rope, decode_mask,
+                   decode_step, generate, inverse_cdf, rope, staircase_mask, same_noise_agreement, window_agreement)
 
 V = 50257
 
@@ -212,6 +212,19 @@ def test_same_noise_same_sample(teacher, student, k):
     assert torch.equal(a, b)
     # the noise is the only source of randomness, and it is used: other noise gives another sample
     assert not torch.equal(a, generate(model, prompt, torch.rand(3, 16, dtype=torch.float64), k))
+
+
+def test_agreement_without_noise_is_the_teachers_own_odds():
+    """At each new token, given the sample so far: sum p^2 for an independent draw, max p for the most likely token.
+    The teacher here is sure after an odd token and splits 1/2, 1/4, 1/4 after an even one."""
+    sure = torch.tensor([0.0] + [float("-inf")] * 7)
+    split = torch.tensor([1 / 2, 1 / 4, 1 / 4] + [0.0] * 5).log()
+    teacher = lambda x: (torch.where((x % 2 == 1).unsqueeze(-1), sure, split), None)  # noqa: E731
+    # the three new tokens of row 1 are drawn after 2, 4 and 6 (split each time), those of row 2 after 3, 5 and 7 (sure)
+    prompts, samples = torch.tensor([[1, 2], [1, 3]]), torch.tensor([[4, 6, 7], [5, 7, 1]])
+    for batch in (1, 16):
+        independent, mode = agreement_without_noise(teacher, prompts, samples, batch=batch)
+        assert independent == pytest.approx((3 * 0.375 + 3) / 6) and mode == pytest.approx((3 * 0.5 + 3) / 6)
 
 
 @torch.no_grad()
