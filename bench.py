@@ -56,9 +56,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (ArgumentParser, StopFlag, UserError, atomic_write, device_name, ensure_writable, resolve_device,
-                    load_checkpoint, load_split, model_from_checkpoint, noise_blind, out_of_memory, run_cli,
-                    sample_windows, write_json)
+from common import (ArgumentParser, StopFlag, UserError, atomic_write, device_name, ensure_writable, git_commit,
+                    load_checkpoint, load_split, model_from_checkpoint, noise_blind, out_of_memory, resolve_device,
+                    run_cli, sample_windows, write_json)
 from model import (GPT, GPTConfig, NOISE_CHUNK, PEAK_FLOPS, CUDAGraphStep, KVCache, agreement_without_noise,
                    device_peak, generate, same_noise_agreement, window_agreement)
 from sample import find_checkpoints, load_models
@@ -381,8 +381,9 @@ def run_speed(models, ks, batch_sizes, repeats, device, seed, attention, compile
             t = statistics.median(ts)
             mbu = bytes_moved(model, B, PROMPT_LEN, n, k, next(model.parameters()).element_size()) / t / peaks[0] \
                 if peaks[0] else None
+            tokens_per_s = statistics.median(B * n / t for t in ts)
             rows.append({"model": label, "seq_len": seq_len, "batch_size": B, "k": k, "new_tokens": n,
-                         "tokens_per_s": statistics.median(B * n / t for t in ts),
+                         "tokens_per_s": tokens_per_s, "tokens_per_s_per_sequence": tokens_per_s / B,
                          "speedup": 1.0 if k == 1 else statistics.median(speedups), "mbu": mbu,
                          **roof[k], "warmup_s": warm, "times_s": ts})
         return rows
@@ -610,11 +611,12 @@ def print_tables(speed, skipped, quality, profile, roof, device):
         for t in r["top"]:
             print(f"  {t['ms_per_step']:8.3f} ms  x{t['per_step']:<4.0f} {t['name'][:100]}")
     if speed:   # roofline: the speedup's ceiling; of roof: tokens/s as a fraction of their ceiling
-        print(f"{'model':<20}{'seq':>6}{'batch':>7}{'k':>3}{'tokens/s':>12}{'speedup':>9}{'MBU':>7}{'roofline':>10}"
-              f"{'of roof':>9}")
+        print(f"{'model':<20}{'seq':>6}{'batch':>7}{'k':>3}{'tokens/s':>12}{'per seq':>9}{'speedup':>9}{'MBU':>7}"
+              f"{'roofline':>10}{'of roof':>9}")
         for r in speed:
             roof_frac = r["roofline_tokens_per_s"] and r["tokens_per_s"] / r["roofline_tokens_per_s"]
             print(f"{r['model']:<20}{r['seq_len']:>6}{r['batch_size']:>7}{r['k']:>3}{r['tokens_per_s']:>12,.0f}"
+                  f"{r['tokens_per_s_per_sequence']:>9,.0f}"
                   f"{opt(r['speedup'], '.2f', 'x'):>9}{opt(r['mbu'], '.1%'):>7}"
                   f"{opt(r['roofline_speedup'], '.2f', 'x'):>10}{opt(roof_frac, '.1%'):>9}")
     if roof:
@@ -760,7 +762,8 @@ def main(argv=None):
              bool(paper_shape and args.speed),
              "speed: static KV cache sized to seq_len (as a server sizes it to its longest request), shared by AR and "
              "K-Forcing; prompts and noise random": timed,
-             "tokens_per_s: new tokens / whole generation (prefill included), median over repeats; speedup: median "
+             "tokens_per_s: new tokens / whole generation (prefill included), median over repeats (per_sequence: / "
+             "batch size, the speed each request sees); speedup: median "
              "over repeats of K-Forcing tokens/s / AR tokens/s timed back to back; times_s: each repeat's whole "
              "generation in seconds": grid,
              "speed_dtype float32: AR's sampler sums its softmax in float64, so AR is slower than a server's and the "
@@ -803,7 +806,7 @@ def main(argv=None):
                                 "trained_student": student and asdict(student.config),
                                 "judge": judge and asdict(judge.config), "paper_shape_random": ps_config},
               "notes": [note for note, applies in notes.items() if applies]}
-    out = {"device": device_name(device), "torch": torch.__version__, "config": config,
+    out = {"device": device_name(device), "torch": torch.__version__, "git": git_commit(), "config": config,
            "speed": speed, "skipped": skipped, "quality": quality, **({"profile": profile} if args.profile else {}),
            **({"roofline": roof} if roofline_only else {})}
     write_json(stem + ".json", out)
@@ -815,7 +818,7 @@ def main(argv=None):
         write_csv(stem + ".csv", roof, list(roof[0]))
     if speed:
         write_csv(stem + "_speed.csv", speed, ["model", "seq_len", "batch_size", "k", "new_tokens", "tokens_per_s",
-                                               "speedup", "mbu", *ROOFLINE_FIELDS])
+                                               "tokens_per_s_per_sequence", "speedup", "mbu", *ROOFLINE_FIELDS])
         plot_speed(speed, device_name(device), stem + "_speedup_vs_batch.png")
     if quality:
         slots = lambda key: [f"{key}_slot{i + 1}" for i in range(max_k)]  # noqa: E731

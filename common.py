@@ -11,6 +11,7 @@ import json
 import math
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 from contextlib import contextmanager, nullcontext
@@ -497,6 +498,21 @@ class JsonlLog:
         if self.master:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+
+
+def git_commit():
+    """The commit the code is at, with "+dirty" if a .py file differs from it (results files may): the provenance of a
+    summary. None outside a git checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=30)
+        diff = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "*.py"], cwd=here,
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode or diff.returncode:
+        return None
+    return head.stdout.strip() + ("+dirty" if diff.stdout.strip() else "")
 
 
 def device_name(device):

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from common import (EMA, JsonlLog, OldRun, StopFlag, UserError, all_mean, check_batch_split, check_finite,
                     check_resume_config, check_run_dir, check_split_length, device_name, ensure_writable, field,
-                    fits_in_memory, load_checkpoint, load_split, lr_at, model_from_checkpoint, noise_blind,
+                    fits_in_memory, git_commit, load_checkpoint, load_split, lr_at, model_from_checkpoint, noise_blind,
                     out_of_memory, parse_config, rng_state, run_cli, sample_windows, save_checkpoint, set_rng_state,
                     setup_runtime, shard, teacher_id, write_json)
 from model import GPT, agreement_without_noise, generate, inverse_cdf, same_noise_agreement, window_agreement
@@ -326,7 +326,7 @@ def main(argv=None):
     if rt.master:
         summary = os.path.join(cfg.results_dir, f"distill_{args.preset}.json")
         write_json(summary, {
-            "device": device_name(rt.device), "world_size": rt.world, "torch": torch.__version__,
+            "device": device_name(rt.device), "world_size": rt.world, "torch": torch.__version__, "git": git_commit(),
             "config": dataclasses.asdict(cfg), "teacher_config": dataclasses.asdict(teacher.config),
             "schedule": schedule, "stages": results,
             "agreement_without_noise": dict(zip(("independent_draw", "teacher_mode"), blind))})

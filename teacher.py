@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from common import (EMA, JsonlLog, OldRun, StopFlag, UserError, all_mean, check_batch_split, check_finite,
                     check_resume_config, check_run_dir, check_split_length, device_name, ensure_writable, field,
-                    load_checkpoint, load_split, lr_at, out_of_memory, parse_config, rng_state, run_cli, sample_windows,
-                    save_checkpoint, set_rng_state, setup_runtime, shard, write_json)
+                    git_commit, load_checkpoint, load_split, lr_at, out_of_memory, parse_config, rng_state, run_cli,
+                    sample_windows, save_checkpoint, set_rng_state, setup_runtime, shard, write_json)
 from model import GPT, GPTConfig, flops_per_token, peak_flops
 
 
@@ -251,7 +251,7 @@ def main(argv=None):
     if rt.master:
         baselines = unigram_baselines(train, val)
         result = {"device": device_name(rt.device), "world_size": rt.world, "torch": torch.__version__,
-                  "config": dataclasses.asdict(cfg), "params": raw.num_params(), "steps": step,
+                  "git": git_commit(), "config": dataclasses.asdict(cfg), "params": raw.num_params(), "steps": step,
                   "tokens_seen": step * tokens_per_step, "final_val_loss": val_loss, "best_val_loss": best_val,
                   **baselines, "tokens_per_s": tok_s, "mfu": mfu}
         summary = os.path.join(cfg.results_dir, f"teacher_{args.preset}.json")

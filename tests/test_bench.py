@@ -82,7 +82,7 @@ def test_end_to_end_outputs(files):
     assert r.returncode == 0, r.stderr
     out = files / "out"
     res = json.loads((out / "t.json").read_text())
-    assert {"device", "torch", "config", "speed", "quality"} <= set(res)
+    assert {"device", "torch", "git", "config", "speed", "quality"} <= set(res)
     assert res["device"].startswith("cpu") and res["config"]["quality_dtype"] == "float32"
     assert res["config"]["model_configs"]["trained_student"]["max_k"] == K
 
@@ -101,6 +101,7 @@ def test_end_to_end_outputs(files):
         per_s = [row["batch_size"] * row["new_tokens"] / t for t in row["times_s"]]
         ar_per_s = [ar_row["batch_size"] * ar_row["new_tokens"] / t for t in ar_row["times_s"]]
         assert len(per_s) == 3 and row["tokens_per_s"] == pytest.approx(statistics.median(per_s))
+        assert row["tokens_per_s_per_sequence"] == pytest.approx(row["tokens_per_s"] / row["batch_size"])
         assert row["speedup"] == pytest.approx(statistics.median(a / b for a, b in zip(per_s, ar_per_s)))
 
     quality = res["quality"]
@@ -562,13 +563,14 @@ def test_speed_outputs_with_a_roofline(tmp_path, capsys):
     """On a GPU with known peaks every speed row has its ceiling: the table prints the speedup's ceiling and each
     side's tokens/s as a fraction of its own; the plot draws the largest k's ceiling."""
     rows = [{"model": "m", "seq_len": 64, "batch_size": b, "k": k, "tokens_per_s": 100.0 * k * b,
-             "speedup": float(k), "mbu": 0.5, "roofline_tokens_per_s": 400.0 * k * b, "roofline_speedup": k - 0.25}
+             "tokens_per_s_per_sequence": 100.0 * k, "speedup": float(k), "mbu": 0.5,
+             "roofline_tokens_per_s": 400.0 * k * b, "roofline_speedup": k - 0.25}
             for b in (1, 8) for k in (1, 2, 4)]
     rows[0]["roofline_speedup"] = 1.0
     bench_py.print_tables(rows, [], [], [], [], "GPU")
     out = capsys.readouterr().out
     assert "roofline" in out and "of roof" in out
-    assert re.search(r"m\s+64\s+8\s+4\s+3,200\s+4\.00x\s+50\.0%\s+3\.75x\s+25\.0%", out), out
+    assert re.search(r"m\s+64\s+8\s+4\s+3,200\s+400\s+4\.00x\s+50\.0%\s+3\.75x\s+25\.0%", out), out
     bench_py.plot_speed(rows, "GPU", str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -3,6 +3,7 @@ context, distillation teaches the student to turn noise into the teacher's sampl
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -145,6 +146,14 @@ def test_distillation_raises_same_noise_agreement(iid):
     for k in (1, 2):
         ckpt = load_checkpoint(os.path.join(iid["root"], "students", f"student_k{k}.pt"), kind="student")
         assert ckpt["model_config"]["max_k"] == k
+
+
+def test_summaries_record_the_commit(iid):
+    """Every summary names the commit its code was at ("+dirty" if a .py file differed from it)."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    want = re.escape(head.stdout.strip()) + r"(\+dirty)?" if head.returncode == 0 else None
+    for got in (common.git_commit(), iid["result"]["git"]):
+        assert got is None if want is None else re.fullmatch(want, got), got
 
 
 def test_ema_update_ramps_then_keeps_its_decay():
