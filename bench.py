@@ -60,7 +60,7 @@ from common import (ArgumentParser, StopFlag, UserError, atomic_write, device_na
                     load_checkpoint, load_split, model_from_checkpoint, noise_blind, out_of_memory, resolve_device,
                     run_cli, sample_windows, write_json)
 from model import (GPT, GPTConfig, NOISE_CHUNK, PEAK_FLOPS, CUDAGraphStep, KVCache, agreement_without_noise,
-                   device_peak, generate, same_noise_agreement, window_agreement)
+                   continuation_logits, device_peak, generate, same_noise_agreement, window_agreement)
 from sample import find_checkpoints, load_models
 
 PROMPT_LEN = 6   # the paper's 6-token prefixes
@@ -452,13 +452,9 @@ def run_profile(models, ks, batch_sizes, device, seed, attention, compile, progr
 @torch.no_grad()
 def gen_ppl(judge, prompts, samples, batch=32):
     """exp(mean NLL) of the continuation tokens under the judge (float32), given prompt + previous tokens."""
-    x = torch.cat([prompts, samples], dim=1)
-    P, nll = prompts.size(1), 0.0
-    for i in range(0, len(x), batch):
-        xb = x[i:i + batch]
-        logits, _ = judge(xb[:, :-1])   # position j predicts token j + 1
-        logp = F.log_softmax(logits[:, P - 1:].float(), dim=-1)
-        nll -= logp.gather(-1, xb[:, P:].unsqueeze(-1)).sum().item()
+    nll = 0.0
+    for logits, tokens in continuation_logits(judge, prompts, samples, batch):
+        nll -= F.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).sum().item()
     return math.exp(nll / samples.numel())
 
 
@@ -476,9 +472,6 @@ def repeat4(row):
         repeats += gram in seen
         seen.add(gram)
     return repeats / (len(row) - 3)
-
-
-BLIND = ("independent_draw", "teacher_mode")   # agreement_without_noise's two baselines
 
 
 def quality_row(model, k, samples, prompts, judge, ar_samples, window):
@@ -521,7 +514,7 @@ def run_quality(teacher, student, judge, T, val, args, device):
         window = window_agreement(student, prompts, ar, noise[:, :T], k)
         rows.append(quality_row("student", k, samples, prompts, judge, ar, window))
     # the agreement a student blind to the noise would reach: what every row's agreement is to be read against
-    blind = dict(zip(BLIND, agreement_without_noise(teacher, prompts, ar)))
+    blind = agreement_without_noise(teacher, prompts, ar)
     for r in rows:   # ratios to the AR teacher's own samples (None if the teacher's entropy is 0)
         r["gen_ppl_ratio"] = r["gen_ppl"] / rows[0]["gen_ppl"]
         r["entropy_ratio"] = r["entropy"] / rows[0]["entropy"] if rows[0]["entropy"] > 0 else None
@@ -636,7 +629,7 @@ def print_tables(speed, skipped, quality, profile, roof, device):
             print(f"{r['model']:<9}{r['k']:>2}{r['gen_ppl']:>9.1f}{r['gen_ppl_ratio']:>7.2f}{r['entropy']:>9.2f}"
                   f"{er:>7}{r['repeat4']:>9.3f}  " + " / ".join(f"{a:.0%}" for a in r["window_agreement"])
                   + " | " + " / ".join(f"{a:.0%}" for a in r["agreement"]))
-        print(f"({noise_blind(*quality[0]['agreement_without_noise'].values())})")
+        print(f"({noise_blind(quality[0]['agreement_without_noise'])})")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -822,7 +815,7 @@ def main(argv=None):
         plot_speed(speed, device_name(device), stem + "_speedup_vs_batch.png")
     if quality:
         slots = lambda key: [f"{key}_slot{i + 1}" for i in range(max_k)]  # noqa: E731
-        blind = [f"agreement_without_noise_{b}" for b in BLIND]
+        blind = [f"agreement_without_noise_{b}" for b in quality[0]["agreement_without_noise"]]
         flat = [{**r, **dict(zip(slots("agreement"), r["agreement"])),
                  **dict(zip(slots("window_agreement"), r["window_agreement"])),
                  **dict(zip(blind, r["agreement_without_noise"].values()))} for r in quality]

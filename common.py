@@ -370,10 +370,10 @@ def check_resume_config(saved, cfg):
         raise UserError(f"the run being resumed used {was}; resume with the same flags or start a new --out_dir")
 
 
-def noise_blind(independent, mode):
+def noise_blind(blind):
     """model.agreement_without_noise's two baselines, in words (distill.py, sample.py and bench.py print them)."""
-    return (f"a student blind to the noise would agree {independent:.1%} as an independent draw from the teacher, "
-            f"{mode:.1%} always answering the teacher's most likely token")
+    return (f"a student blind to the noise would agree {blind['independent_draw']:.1%} as an independent draw from the "
+            f"teacher, {blind['teacher_mode']:.1%} always answering the teacher's most likely token")
 
 
 def write_json(path, obj):

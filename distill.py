@@ -329,7 +329,7 @@ def main(argv=None):
             "device": device_name(rt.device), "world_size": rt.world, "torch": torch.__version__, "git": git_commit(),
             "config": dataclasses.asdict(cfg), "teacher_config": dataclasses.asdict(teacher.config),
             "schedule": schedule, "stages": results,
-            "agreement_without_noise": dict(zip(("independent_draw", "teacher_mode"), blind))})
+            "agreement_without_noise": blind})
         for key, what in (("agreement", "free-running, both decode their own tokens"),
                           ("window_agreement", "each window on the teacher's own context")):
             print(f"\nsame-noise agreement with the AR teacher, {what} (val prefixes of "
@@ -337,7 +337,7 @@ def main(argv=None):
             print("  k  " + "".join(f"  slot {i + 1}" for i in range(schedule[-1])))
             for r in results:
                 print(f"  {r['k']}  " + "".join(f"  {a:6.1%}" for a in r[key]))
-        print(f"({noise_blind(*blind)})")
+        print(f"({noise_blind(blind)})")
         print(f"\nstudents {stage_path('*')}, summary {summary}")
 
 

@@ -558,16 +558,23 @@ def agreement_without_noise(teacher, prompts, ar_tokens, batch=16):
     positions of the teacher's samples: an independent draw from the teacher's distribution p there matches the
     teacher's token with probability sum_v p(v)^2, and its most likely token (what a student that has collapsed to the
     mode answers) with probability max_v p(v). Same-noise agreement above these is information carried by the noise.
-    Returns (independent draw, most likely token)."""
-    P = prompts.size(1)
-    seq = torch.cat([prompts, ar_tokens], dim=1)[:, :-1]
+    Returns {"independent_draw": .., "teacher_mode": ..}."""
     independent = mode = 0.0
-    for i in range(0, len(seq), batch):
-        logits, _ = teacher(seq[i:i + batch])
-        p = torch.softmax(logits[:, P - 1:].float(), dim=-1)   # each new token's distribution, given the sample so far
+    for logits, _ in continuation_logits(teacher, prompts, ar_tokens, batch):
+        p = torch.softmax(logits, dim=-1)   # each new token's distribution, given the sample so far
         independent += (p * p).sum().item()
         mode += p.max(dim=-1).values.sum().item()
-    return independent / ar_tokens.numel(), mode / ar_tokens.numel()
+    return {"independent_draw": independent / ar_tokens.numel(), "teacher_mode": mode / ar_tokens.numel()}
+
+
+def continuation_logits(model, prompts, samples, batch):
+    """A model's float32 logits for each token of `samples` given the prompt and the samples before it, `batch` rows
+    at a time (the logits, rows x tokens x vocab, bound the memory): yields (logits, those rows' samples)."""
+    P = prompts.size(1)
+    x = torch.cat([prompts, samples], dim=1)
+    for i in range(0, len(x), batch):
+        logits, _ = model(x[i:i + batch, :-1])   # position j predicts token j + 1
+        yield logits[:, P - 1:].float(), x[i:i + batch, P:]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -162,7 +162,7 @@ def main(argv=None):
         print(f"\nsame-noise agreement with the AR teacher over {args.num_samples} x {n} tokens:")
         print(f"  free-running ([marked] above):       {per_slot(free)}")
         print(f"  each window on the teacher's tokens: {per_slot(window)}")
-        print(f"  ({noise_blind(*blind)})")
+        print(f"  ({noise_blind(blind)})")
     elif kf:
         print(f"\n(same-noise agreement per slot needs --max_new_tokens of at least k = {k})")
 

@@ -223,8 +223,8 @@ def test_agreement_without_noise_is_the_teachers_own_odds():
     # the three new tokens of row 1 are drawn after 2, 4 and 6 (split each time), those of row 2 after 3, 5 and 7 (sure)
     prompts, samples = torch.tensor([[1, 2], [1, 3]]), torch.tensor([[4, 6, 7], [5, 7, 1]])
     for batch in (1, 16):
-        independent, mode = agreement_without_noise(teacher, prompts, samples, batch=batch)
-        assert independent == pytest.approx((3 * 0.375 + 3) / 6) and mode == pytest.approx((3 * 0.5 + 3) / 6)
+        assert agreement_without_noise(teacher, prompts, samples, batch=batch) == pytest.approx(
+            {"independent_draw": (3 * 0.375 + 3) / 6, "teacher_mode": (3 * 0.5 + 3) / 6})
 
 
 @torch.no_grad()
