@@ -1,5 +1,5 @@
 # make demo: install, then the whole pipeline on the offline corpus with the preset sized to the machine: tiny on a
-#            CPU (~5 min), small on a GPU (PRESET=tiny make demo picks one)
+#            CPU (~2 min on 2 idle cores), small on a GPU (PRESET=tiny make demo picks one)
 # make test: the test suite (CPU, a few minutes)
 # make teacher distill sample bench: the steps one at a time, with the same preset
 PY ?= python3

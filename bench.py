@@ -57,8 +57,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (ArgumentParser, StopFlag, UserError, atomic_write, device_name, ensure_writable, git_commit,
-                    load_checkpoint, load_split, model_from_checkpoint, noise_blind, out_of_memory, resolve_device,
-                    run_cli, sample_windows, write_json)
+                    load_checkpoint, load_split, model_from_checkpoint, noise_blind, out_of_memory, pyplot,
+                    resolve_device, run_cli, sample_windows, save_figure, write_json)
 from model import (GPT, GPTConfig, NOISE_CHUNK, PEAK_FLOPS, CUDAGraphStep, KVCache, agreement_without_noise,
                    continuation_logits, device_peak, generate, same_noise_agreement, window_agreement)
 from sample import find_checkpoints, load_models
@@ -531,19 +531,6 @@ def write_csv(path, rows, columns):
     w.writeheader()
     w.writerows(rows)
     atomic_write(path, lambda f: f.write(buf.getvalue()), binary=False)
-
-
-def pyplot():
-    """matplotlib's pyplot on its file-only backend (no display on a server), imported only to plot."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def save_figure(fig, path):
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
-    pyplot().close(fig)
 
 
 def plot_speed(rows, device, path):

@@ -47,7 +47,8 @@ def run_cli(main):
 
 # The flags that say where a run executes and writes and how often it reports, never what it computes: a resume may
 # change them, and a run of a preset that changes only them still writes that preset's reference summary
-BOOKKEEPING = ("out_dir", "results_dir", "device", "compile", "log_interval", "ckpt_interval")
+BOOKKEEPING = ("out_dir", "results_dir", "device", "compile", "log_interval", "ckpt_interval",
+               "curve_interval")
 
 
 def field(default, help, choices=None, at_least=None, below=None):
@@ -380,6 +381,19 @@ def write_json(path, obj):
     atomic_write(path, lambda f: json.dump(obj, f, indent=2), binary=False)
 
 
+def pyplot():
+    """matplotlib's pyplot on its file-only backend (no display on a server), imported only to plot."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path):
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
+    pyplot().close(fig)
+
+
 def save_checkpoint(path, ckpt):
     atomic_write(path, lambda f: torch.save(ckpt, f))
 
@@ -476,21 +490,22 @@ def check_finite(loss, step, last_ckpt):
 
 
 class JsonlLog:
-    """Append-only training log; a resumed run drops the rows a killed run wrote after its checkpoint."""
+    """Append-only training log; a resumed run drops the rows a killed run wrote after its checkpoint. Rows are ordered
+    by (step, stage): distill.py's first row of a stage has the step that ended the previous one."""
 
-    def __init__(self, path, resume_step, master):
+    def __init__(self, path, resume_at, master):
         self.path, self.master = path, master
         if not master:
             return
         rows = []
-        if resume_step is not None and os.path.exists(path):
+        if resume_at is not None and os.path.exists(path):
             with open(path) as f:
                 for line in f:
                     try:
                         row = json.loads(line)
                     except json.JSONDecodeError:   # blank, or torn by a crash in the middle of a write
                         continue
-                    if row.get("step", 0) <= resume_step:
+                    if (row.get("step", 0), row.get("stage", 0)) <= resume_at:
                         rows.append(row)
         atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows)), binary=False)
 

@@ -10,6 +10,8 @@ Stage 1 targets: the AR teacher's inverse CDF on the real context with the stude
 Stage k' targets: the previous k-student's same-noise rollout: it decodes u_1..u_k on the real context, then
 u_{k+1}.. on the real context followed by ITS OWN tokens (self-forcing), in as many blocks as k' needs.
 Each student starts as a copy of the previous one; the loss is cross-entropy per slot against those tokens.
+The learning curve (same-noise agreement on the teacher's context every --curve_interval steps) goes to log.jsonl,
+the summary and distill_<preset>_curve.png beside it.
 """
 import dataclasses
 import json
@@ -25,8 +27,8 @@ from tqdm import tqdm
 from common import (EMA, JsonlLog, OldRun, StopFlag, UserError, all_mean, check_batch_split, check_finite,
                     check_resume_config, check_run_dir, check_split_length, device_name, ensure_writable, field,
                     fits_in_memory, git_commit, load_checkpoint, load_split, lr_at, model_from_checkpoint, noise_blind,
-                    out_of_memory, parse_config, rng_state, run_cli, sample_windows, save_checkpoint, set_rng_state,
-                    setup_runtime, shard, teacher_id, write_json)
+                    out_of_memory, parse_config, pyplot, rng_state, run_cli, sample_windows, save_checkpoint,
+                    save_figure, set_rng_state, setup_runtime, shard, teacher_id, write_json)
 from model import GPT, agreement_without_noise, generate, inverse_cdf, same_noise_agreement, window_agreement
 
 
@@ -54,9 +56,13 @@ class DistillConfig:
                        "k = 4 stage used 0.999, which the paper preset applies to every stage)", at_least=0, below=1)
     noise_features: str = field("paper", "noise encoder features: paper (<= 1 cycle over [0,1]) or high (1-256 cycles)",
                                 choices=("paper", "high"))
-    eval_samples: int = field(256, "val prefixes for the same-noise agreement at the end of each stage", at_least=1)
+    eval_samples: int = field(256, "val prefixes for the same-noise agreement at the start and end of each stage",
+                              at_least=1)
     eval_tokens: int = field(48, "tokens generated per prefix for that agreement", at_least=1)
     prompt_len: int = field(6, "prefix length for that agreement (6 as in the paper)", at_least=1)
+    curve_interval: int = field(250, "also measure the agreement on the teacher's context every N steps of a stage, "
+                                "for the learning curve (log.jsonl, the summary and its plot; 0: at each stage's "
+                                "start and end only)", at_least=0)
     log_interval: int = field(10, "write per-slot loss and accuracy every N steps", at_least=1)
     ckpt_interval: int = field(250, "write a resumable checkpoint every N steps", at_least=1)
     seed: int = field(1337, "seeds the data order, the anchors and the noise", at_least=0, below=2 ** 63)
@@ -68,12 +74,13 @@ class DistillConfig:
 
 PRESETS = {
     "tiny": dict(_about="CPU demo and tests, ~1 min", steps_per_stage=150, batch_size=8, block_size=64,
-                 anchors=16, lr=1e-3, warmup_steps=10, eval_samples=64, eval_tokens=24, ckpt_interval=50),
+                 anchors=16, lr=1e-3, warmup_steps=10, eval_samples=64, eval_tokens=24, curve_interval=50,
+                 ckpt_interval=50),
     "small": dict(_about="one GPU, ~4 min on an H100 for the three stages, for the small teacher"),
     "paper": dict(_about="the paper's K=4 stage: lr 1e-4 constant, fp32, batch 512 over all anchors; 20k steps "
                            "per stage (the paper's: not known)",
                   steps_per_stage=20_000, batch_size=512, block_size=128, anchors=128, lr=1e-4, warmup_steps=0,
-                  dtype="float32", ema=0.999, ckpt_interval=1000),
+                  dtype="float32", ema=0.999, curve_interval=2000, ckpt_interval=1000),
 }
 
 
@@ -110,13 +117,17 @@ def rollout_targets(prev, x, anchors, u):
 
 
 @torch.no_grad()
-def eval_agreement(student, k, prompts, noise, ar_tokens):
-    """Same-noise agreement per slot with the AR teacher's samples on val prefixes."""
+def eval_agreement(student, k, prompts, noise, ar_tokens, windows=False):
+    """Same-noise agreement per slot with the AR teacher's samples on val prefixes: free-running (both decode
+    their own tokens), or with windows=True each window of k slots on the teacher's own context."""
     student.eval()
-    n = noise.size(1) - noise.size(1) % k
-    out = generate(student, prompts, noise[:, :n], k)
+    if windows:
+        out = window_agreement(student, prompts, ar_tokens, noise, k)
+    else:
+        n = noise.size(1) - noise.size(1) % k
+        out = same_noise_agreement(ar_tokens[:, :n], generate(student, prompts, noise[:, :n], k), k)
     student.train()
-    return same_noise_agreement(ar_tokens[:, :n], out, k)
+    return out
 
 
 def is_reference_teacher(ckpt, preset):
@@ -188,7 +199,9 @@ def main(argv=None):
                             "start a new --out_dir, or --overwrite this one")
         set_rng_state(state["rng"], gen, rt.device)
     old_run = OldRun(cfg.out_dir, "student", args, rt)
-    log = JsonlLog(os.path.join(cfg.out_dir, "log.jsonl"), state and state["global_step"], rt.master)
+    # resumed at the checkpoint's step, in the stage it trained (a stage's final checkpoint names the next one)
+    log = JsonlLog(os.path.join(cfg.out_dir, "log.jsonl"),
+                   state and (state["global_step"], state["stage"] - (state["optimizer"] is None)), rt.master)
     results = state["results"] if state else []
     global_step = state["global_step"] if state else 0
     prev = teacher
@@ -203,7 +216,7 @@ def main(argv=None):
                                           weight_decay=cfg.weight_decay, fused=rt.device.type == "cuda")
             step = 0
             # the stage's last losses and its timing so far, kept in last.pt so that a resumed stage reports them too
-            stats = {"loss": None, "acc": None, "window_acc": None, "train_s": 0.0, "steps_timed": 0}
+            stats = {"loss": None, "acc": None, "window_acc": None, "train_s": 0.0, "steps_timed": 0, "curve": []}
             ema = EMA(student, cfg.ema) if cfg.ema else None
             # A stage's final checkpoint (no optimizer) points at the next stage, which then starts afresh.
             if state is not None and si == state["stage"] and state["optimizer"] is not None:
@@ -212,7 +225,7 @@ def main(argv=None):
                 if ema:
                     ema.load_state_dict(state["ema"])
                 step, agree_init = state["step"], state["agreement_init"]
-                stats = state.get("stage_stats", stats)   # absent from checkpoints of older versions
+                stats = {**stats, **state.get("stage_stats", {})}   # fields absent from checkpoints of older versions
             else:
                 agree_init = eval_agreement(student, k, prompts, eval_noise, ar_tokens)
             model = student
@@ -223,6 +236,16 @@ def main(argv=None):
                 model = torch.compile(model, dynamic=False)
             if rt.ddp:
                 model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+
+            def curve_point(evaluated):
+                # the learning curve: agreement on the teacher's context of the model this stage would hand on
+                window = eval_agreement(evaluated, k, prompts, eval_noise, ar_tokens, windows=True)
+                stats["curve"].append({"step": step, "window_agreement": window})
+                log.write(step=global_step, stage=si, k=k, window_agreement=window)
+                return window
+
+            if not stats["curve"]:   # a stage starting afresh (a resumed one has its curve so far)
+                curve_point(student)
 
             def checkpoint(path, final=False):
                 # mid-stage: the raw weights to continue from, and the average; final: the stage's student
@@ -285,6 +308,8 @@ def main(argv=None):
                 bar.update(1)
                 bar.set_postfix(loss=f"{sum(stats['loss']) / k:.3f}", acc1=f"{stats['acc'][0]:.2f}",
                                 win=f"{stats['window_acc']:.2f}")
+                if cfg.curve_interval and step % cfg.curve_interval == 0 and step < cfg.steps_per_stage:
+                    curve_point(ema.model if ema else student)   # before a checkpoint at the same step, into it
                 if step % cfg.ckpt_interval == 0 and step < cfg.steps_per_stage:
                     checkpoint(last_path)
                 if stop.should_stop(rt):
@@ -295,15 +320,15 @@ def main(argv=None):
             checkpoint(last_path)   # the whole stage trained: an error in the evaluations below loses none of it
             finished = ema.model if ema else student   # the stage's student: evaluated, saved, the next one's teacher
             agree = eval_agreement(finished, k, prompts, eval_noise, ar_tokens)
-            window = window_agreement(finished.eval(), prompts, ar_tokens, eval_noise, k)
+            window = curve_point(finished)
             speed = stats["steps_timed"] / stats["train_s"] if stats["train_s"] else None
             results.append({"k": k, "steps": step, "steps_per_s": speed,
                             "tokens_per_s": speed and speed * cfg.batch_size * cfg.block_size,
                             "slots_per_s": speed and speed * slots_per_step,
                             "final_loss_per_slot": stats["loss"], "final_acc_per_slot": stats["acc"],
                             "final_window_acc": stats["window_acc"], "agreement_init": agree_init, "agreement": agree,
-                            "window_agreement": window})
-            log.write(step=global_step, stage=si, k=k, agreement=agree, window_agreement=window)
+                            "window_agreement": window, "curve": stats["curve"]})
+            log.write(step=global_step, stage=si, k=k, agreement=agree)
             if rt.master:
                 print(f"stage k={k} done: same-noise agreement with the AR teacher per slot {fmt(agree)} "
                       f"(start {fmt(agree_init)}); on the teacher's own context {fmt(window)}")
@@ -338,11 +363,38 @@ def main(argv=None):
             for r in results:
                 print(f"  {r['k']}  " + "".join(f"  {a:6.1%}" for a in r[key]))
         print(f"({noise_blind(blind)})")
-        print(f"\nstudents {stage_path('*')}, summary {summary}")
+        curve = os.path.join(cfg.results_dir, f"distill_{args.preset}_curve.png")
+        plot_curve(results, blind, curve)
+        print(f"\nstudents {stage_path('*')}, summary {summary}, learning curve {curve}")
 
 
 def fmt(agree):
     return "/".join(f"{a:.0%}" for a in agree)
+
+
+def plot_curve(results, blind, path):
+    """Agreement on the teacher's context per slot against the training step, stage after stage, above what a
+    student blind to the noise would agree."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    start = 0
+    for r in results:
+        ax.axvline(start, color="gray", lw=0.8, ls=":")
+        ax.annotate(f"k = {r['k']}", (start, 1), xycoords=("data", "axes fraction"), xytext=(3, -12),
+                    textcoords="offset points", fontsize=8)
+        curve = r.get("curve", [])   # absent from the stages of a run resumed from an older version
+        for i in range(r["k"]):
+            ax.plot([start + p["step"] for p in curve], [p["window_agreement"][i] for p in curve], marker=".",
+                    color=f"C{i}", label=f"slot {i + 1}" if r is results[-1] else None)
+        start += r["steps"]
+    ax.axhline(blind["teacher_mode"], color="tab:red", ls="--", lw=0.8, label="blind to the noise: teacher's mode")
+    ax.axhline(blind["independent_draw"], color="tab:purple", ls="--", lw=0.8,
+               label="blind to the noise: independent draw")
+    ax.set(xlabel="distillation step (all stages)", ylabel="same-noise agreement with the AR teacher",
+           title="same-noise agreement per slot, each window on the teacher's context")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -178,7 +178,7 @@ def main(argv=None):
                                    "tokens_per_s": tok_s, "mfu": mfu})
 
     old_run = OldRun(cfg.out_dir, "teacher", args, rt)
-    log = JsonlLog(os.path.join(cfg.out_dir, "log.jsonl"), resumed, rt.master)
+    log = JsonlLog(os.path.join(cfg.out_dir, "log.jsonl"), None if resumed is None else (step, 0), rt.master)
     if rt.master:
         print(f"teacher: {raw.num_params() / 1e6:.1f}M parameters on {device_name(rt.device)} x {rt.world}, "
               f"{len(train) / 1e6:.1f}M train tokens" + (f", resuming at step {step}" if resumed else ""))

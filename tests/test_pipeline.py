@@ -65,7 +65,7 @@ def iid(tmp_path_factory):
     distill.main(["--preset", "tiny", "--teacher", teacher_path, "--data_dir", data, "--results_dir", root,
                   "--out_dir", os.path.join(root, "students"), "--schedule", "1,2", "--k", "2",
                   "--steps_per_stage", "60", "--block_size", "32", "--batch_size", "8", "--anchors", "8",
-                  "--lr", "3e-3", "--eval_samples", "64", "--eval_tokens", "8"])
+                  "--lr", "3e-3", "--eval_samples", "64", "--eval_tokens", "8", "--curve_interval", "20"])
     result = json.load(open(os.path.join(root, "distill_tiny.json")))
     return dict(root=root, data=data, teacher=teacher_path, result=result)
 
@@ -139,6 +139,17 @@ def test_distillation_raises_same_noise_agreement(iid):
         assert all(0 < loss < math.log(50257) for loss in stage["final_loss_per_slot"])
         assert stage["final_window_acc"] <= min(stage["final_acc_per_slot"]) + 1e-9
     assert len(stage2["window_agreement"]) == 2
+    # the learning curve: slot 1 on the teacher's context rises from chance during stage 1; every point is logged, and
+    # the last one is the stage's result
+    log = [json.loads(line) for line in open(os.path.join(iid["root"], "students", "log.jsonl"))]
+    for si, stage in enumerate((stage1, stage2)):
+        assert [p["step"] for p in stage["curve"]] == [0, 20, 40, 60]
+        assert stage["curve"][-1]["window_agreement"] == stage["window_agreement"]
+        assert [r["window_agreement"] for r in log if r["stage"] == si and "window_agreement" in r] == \
+            [p["window_agreement"] for p in stage["curve"]]
+    first, *_, last = (p["window_agreement"][0] for p in stage1["curve"])
+    assert first <= 0.35 and last >= 0.6, stage1["curve"]
+    assert os.path.getsize(os.path.join(iid["root"], "distill_tiny_curve.png")) > 0
     # ... and that agreement is the noise's doing: a student blind to it, always answering the teacher's most likely
     # token, would agree far less
     blind = iid["result"]["agreement_without_noise"]
@@ -214,9 +225,11 @@ def test_ema_is_what_is_evaluated_saved_and_handed_on(iid, tmp_path, monkeypatch
     seen_prev = []
     rollout = distill.rollout_targets
     monkeypatch.setattr(distill, "rollout_targets", lambda prev, *a: seen_prev.append(prev) or rollout(prev, *a))
-    evaluated = []   # the models each stage's agreements decode
-    for name in ("eval_agreement", "window_agreement"):
-        monkeypatch.setattr(distill, name, lambda m, *a, f=getattr(distill, name): evaluated.append(m) or f(m, *a))
+    evaluated = []   # the models each stage's agreements decode, and whether on the teacher's context
+    eval_agreement = distill.eval_agreement
+    monkeypatch.setattr(distill, "eval_agreement",
+                        lambda m, *a, windows=False: evaluated.append((m, windows)) or eval_agreement(m, *a,
+                                                                                                    windows=windows))
     seen_init, student_from = [], GPT.student_from
     monkeypatch.setattr(GPT, "student_from",
                         lambda prev, *a, **kw: seen_init.append(prev) or student_from(prev, *a, **kw))
@@ -224,17 +237,19 @@ def test_ema_is_what_is_evaluated_saved_and_handed_on(iid, tmp_path, monkeypatch
     distill.main(["--preset", "tiny", "--teacher", os.path.join(out, "best.pt"), "--data_dir", iid["data"],
                   "--results_dir", str(tmp_path), "--out_dir", students, "--schedule", "1,2", "--k", "2",
                   "--steps_per_stage", "6", "--block_size", "32", "--batch_size", "4", "--anchors", "4",
-                  "--eval_samples", "8", "--eval_tokens", "8", "--ema", "0.9"])
+                  "--eval_samples", "8", "--eval_tokens", "8", "--curve_interval", "4", "--ema", "0.9"])
     stage1, stage2 = made
     for k, ema in ((1, stage1), (2, stage2)):
         saved = load_checkpoint(os.path.join(students, f"student_k{k}.pt"), kind="student")["model"]
         assert all(torch.equal(saved[name], p) for name, p in ema.model.state_dict().items())
     assert len(seen_prev) == 12 and all(p is stage1.model for p in seen_prev[6:])   # stage 2's targets
     assert len(seen_init) == 2 and seen_init[1] is stage1.model                     # and its starting point
-    # each stage's agreement at its start is the fresh student's; at its end, the average's (both measures)
-    assert len(evaluated) == 6
-    for stage, models in ((stage1, evaluated[:3]), (stage2, evaluated[3:])):
-        assert [m is stage.model for m in models] == [False, True, True]
+    # each stage's agreement at its start is the fresh student's (free-running, then the learning curve's first point
+    # on the teacher's context); the curve's point at step 4 and both measures at its end, the average's
+    assert len(evaluated) == 10
+    for stage, calls in ((stage1, evaluated[:5]), (stage2, evaluated[5:])):
+        assert [(m is stage.model, windows) for m, windows in calls] == \
+            [(False, False), (False, True), (True, True), (True, False), (True, True)]
 
 
 @torch.no_grad()

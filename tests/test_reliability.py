@@ -49,7 +49,8 @@ TEACHER = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", 
 TEACHER_REF = TEACHER + ["--max_steps", "16", "--eval_interval", "4"]
 DISTILL = ["--block_size", "32", "--batch_size", "4", "--anchors", "4", "--eval_samples", "4",
            "--eval_tokens", "8", "--prompt_len", "4", "--lr", "1e-3", "--warmup_steps", "2", "--log_interval", "1",
-           "--ckpt_interval", "2", "--schedule", "1,2", "--k", "2", "--seed", "7", "--ema", "0.9", "--device", "cpu"]
+           "--ckpt_interval", "2", "--curve_interval", "3", "--schedule", "1,2", "--k", "2", "--seed", "7", "--ema",
+           "0.9", "--device", "cpu"]   # learning-curve points at steps 0, 3, 6 and 8 of each stage, across the resumes
 DISTILL_REF = DISTILL + ["--steps_per_stage", "8"]
 EXACT = 1e-6   # resumed vs uninterrupted losses on CPU fp32: the same arithmetic in the same order
 DDP_TOL = 1e-4  # 2 processes vs 1: only the order of float reductions (gradient all-reduce) differs
@@ -356,17 +357,25 @@ def test_distill_ctrl_c_saves_and_resumes(tmp_path, data_dir, teacher_ref, disti
     assert_same_log(read_log(out / "log.jsonl"), distill_ref["log"], EXACT)
 
 
+def at_stage_end(out, last_step):
+    """Whether the run in out has logged the training step that ends a stage and no evaluation after it: an
+    evaluation now is the stage's last (the learning curve's earlier points come after other steps)."""
+    rows = read_log(out / "log.jsonl")
+    return bool(rows) and rows[-1]["step"] == last_step and "loss" in rows[-1]
+
+
 def test_distill_ctrl_c_during_evaluation_stops_after_the_stage(tmp_path, data_dir, teacher_ref, distill_ref,
                                                                 monkeypatch):
     """A Ctrl-C that lands in an end-of-stage evaluation stops the run right after that stage is saved, instead
     of starting the next stage; --resume then starts the next stage afresh."""
     window_agreement = distill.window_agreement
+    out = tmp_path / "out"
 
     def interrupted(*a, **kw):
-        os.kill(os.getpid(), signal.SIGINT)   # Python runs the StopFlag handler in this thread, at once
+        if at_stage_end(out, 8):
+            os.kill(os.getpid(), signal.SIGINT)   # Python runs the StopFlag handler in this thread, at once
         return window_agreement(*a, **kw)
     monkeypatch.setattr(distill, "window_agreement", interrupted)
-    out = tmp_path / "out"
     argv = distill_args(data_dir, teacher_ref["best"], out, tmp_path)
     with pytest.raises(UserError, match=r"interrupted after stage k=1; .*--resume"):
         distill.main(argv)
@@ -381,15 +390,14 @@ def test_distill_error_in_end_of_stage_evaluation_loses_no_training(tmp_path, da
                                                                    monkeypatch):
     """The stage's training is saved before its evaluations run: after an error there (out of memory, say) a resume
     trains nothing again and reports the stage's last losses and its speed as the uninterrupted run did."""
-    window_agreement, calls = distill.window_agreement, []
+    window_agreement = distill.window_agreement
+    out = tmp_path / "out"
 
     def fails_in_stage_2(*a, **kw):
-        calls.append(1)
-        if len(calls) == 2:
+        if at_stage_end(out, 16):
             raise RuntimeError("an error in the evaluation")
         return window_agreement(*a, **kw)
     monkeypatch.setattr(distill, "window_agreement", fails_in_stage_2)
-    out = tmp_path / "out"
     argv = distill_args(data_dir, teacher_ref["best"], out, tmp_path)
     with pytest.raises(RuntimeError, match="an error in the evaluation"):
         distill.main(argv)
