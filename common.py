@@ -15,6 +15,11 @@ import subprocess
 import sys
 import tempfile
 from contextlib import contextmanager, nullcontext
+
+try:
+    import fcntl
+except ImportError:   # Windows: no run lock
+    fcntl = None
 from types import SimpleNamespace
 
 import numpy as np
@@ -328,6 +333,35 @@ def check_run_dir(out_dir, kind, resume, overwrite):
         raise UserError(f"--resume: no checkpoint at {last_path}; run without --resume to start")
     if not resume and not overwrite and os.path.exists(last_path):
         raise UserError(f"{out_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
+
+
+class RunLock:
+    """One run at a time in an out_dir: two runs in one directory (the same command started twice, or an --overwrite
+    while the first run still trains) would interleave their logs and checkpoints, or set aside the files of a run
+    still writing them. An exclusive flock on the directory, held by the master process until release() (the kernel
+    drops it when the process dies, however); taken after the checks of the inputs and before anything in out_dir is
+    touched. No lock where flock is missing (Windows) or unsupported (some network filesystems)."""
+
+    def __init__(self, out_dir, rt):
+        self.fd = None
+        if fcntl is None or not rt.master:
+            return
+        fd = os.open(out_dir, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(f"{out_dir} is in use by another run that is still going; wait for it to end or stop it, "
+                            "or pick another --out_dir") from None
+        except OSError:
+            os.close(fd)
+            return
+        self.fd = fd
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 class OldRun:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (EMA, JsonlLog, OldRun, StopFlag, UserError, all_mean, check_batch_split, check_finite,
+from common import (EMA, JsonlLog, OldRun, RunLock, StopFlag, UserError, all_mean, check_batch_split, check_finite,
                     check_resume_config, check_run_dir, check_split_length, device_name, ensure_writable, field,
                     fits_in_memory, git_commit, load_checkpoint, load_split, lr_at, model_from_checkpoint, noise_blind,
                     out_of_memory, parse_config, pyplot, rng_state, run_cli, sample_windows, save_checkpoint,
@@ -198,6 +198,7 @@ def main(argv=None):
             raise UserError(f"{cfg.teacher} is not the teacher this run started from (it was trained again since); "
                             "start a new --out_dir, or --overwrite this one")
         set_rng_state(state["rng"], gen, rt.device)
+    lock = RunLock(cfg.out_dir, rt)
     old_run = OldRun(cfg.out_dir, "student", args, rt)
     # resumed at the checkpoint's step, in the stage it trained (a stage's final checkpoint names the next one)
     log = JsonlLog(os.path.join(cfg.out_dir, "log.jsonl"),
@@ -347,6 +348,7 @@ def main(argv=None):
             bar.close()   # so that an error starts on a line of its own
         stop.restore()
         old_run.restore()   # (nothing to put back once this run has saved a checkpoint)
+        lock.release()
 
     if rt.master:
         summary = os.path.join(cfg.results_dir, f"distill_{args.preset}.json")

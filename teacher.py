@@ -17,7 +17,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (EMA, JsonlLog, OldRun, StopFlag, UserError, all_mean, check_batch_split, check_finite,
+from common import (EMA, JsonlLog, OldRun, RunLock, StopFlag, UserError, all_mean, check_batch_split, check_finite,
                     check_resume_config, check_run_dir, check_split_length, device_name, ensure_writable, field,
                     git_commit, load_checkpoint, load_split, lr_at, out_of_memory, parse_config, rng_state, run_cli,
                     sample_windows, save_checkpoint, set_rng_state, setup_runtime, shard, write_json)
@@ -177,6 +177,7 @@ def main(argv=None):
                                    "step": step, "best_val": best_val, "rng": rng_state(gen, rt.device),
                                    "tokens_per_s": tok_s, "mfu": mfu})
 
+    lock = RunLock(cfg.out_dir, rt)
     old_run = OldRun(cfg.out_dir, "teacher", args, rt)
     log = JsonlLog(os.path.join(cfg.out_dir, "log.jsonl"), None if resumed is None else (step, 0), rt.master)
     if rt.master:
@@ -245,6 +246,7 @@ def main(argv=None):
         bar.close()
         stop.restore()
         old_run.restore()   # (nothing to put back once this run has saved a checkpoint)
+        lock.release()
 
     if math.isnan(val_loss):   # resumed a finished run: nothing trained, but report where it stands
         val_loss = evaluate(evaluated, val, cfg, rt)

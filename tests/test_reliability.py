@@ -775,6 +775,32 @@ def test_overwrite_that_fails_before_its_first_checkpoint_keeps_the_old_run(tmp_
     assert snapshot(*runs.values()) == before   # every file back, the logs and the summary included
 
 
+@pytest.mark.parametrize("script", ["teacher", "distill"])
+def test_a_directory_in_use_by_a_run_is_refused_to_a_second(script, tmp_path, data_dir, teacher_ref):
+    """Two runs never share an out_dir: while one trains there, a second, even with --overwrite (which would set the
+    first one's files aside under it), stops with one line and touches nothing; once the first has died, the kernel has
+    dropped its lock and the directory takes a new run."""
+    out = tmp_path / "out"
+    if script == "teacher":
+        argv, forever = teacher_args(data_dir, out, tmp_path), ["--max_steps", "1000000"]
+    else:
+        argv, forever = distill_args(data_dir, teacher_ref["best"], out, tmp_path), ["--steps_per_stage", "1000000"]
+    first = start(f"{script}.py", argv + forever, tmp_path, "first")
+    try:
+        wait_for(first, out / "log.jsonl", lambda r: r.get("step", 0) >= 5)   # training, past a checkpoint
+        os.kill(first.pid, signal.SIGSTOP)   # holds its lock, writes nothing
+        before = snapshot(out)
+        for flags in (["--resume"], ["--overwrite"]):   # (a subprocess, which a timeout ends if it trains instead)
+            r = run(f"{script}.py", argv + forever + flags, timeout=60)
+            assert r.returncode == 2 and "in use by another run" in error_line(r.stderr)
+        assert snapshot(out) == before
+    finally:
+        first.kill()
+        first.wait()
+    (teacher if script == "teacher" else distill).main(argv + ["--overwrite"])   # the short reference run
+    assert os.path.exists(out / ("best.pt" if script == "teacher" else "student_k2.pt"))
+
+
 def test_a_weight_of_the_wrong_shape_is_one_line(tmp_path):
     m = model.GPT(model.GPTConfig(block_size=8, n_layer=1, n_head=2, n_embd=8))
     weights = m.state_dict()
