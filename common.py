@@ -302,7 +302,7 @@ def atomic_write(path, write_fn, binary=True):
 # and the file that tells each kind of run apart (a run stopped before its first evaluation has only last.pt, whose
 # "kind" tells)
 RUN_FILES = {"teacher": ("last.pt", "best.pt", "log.jsonl", "teacher_*.json"),
-             "student": ("last.pt", "student_k*.pt", "log.jsonl", "distill_*.json")}
+             "student": ("last.pt", "student_k*.pt", "log.jsonl", "distill_*.json", "distill_*_curve.png")}
 RUN_MARK = {"teacher": "best.pt", "student": "student_k*.pt"}
 
 

@@ -240,6 +240,7 @@ def test_overwrite_leaves_no_checkpoint_of_the_old_run(tmp_path, data_dir, teach
     out = tmp_path / "out"
     shutil.copytree(distill_ref["out"], out)   # a finished k = 1 -> 2 run
     shutil.copy(out / "student_k2.pt", out / "student_k4.pt.replaced")   # set aside by an overwrite killed early
+    (out / "distill_tiny_curve.png").write_bytes(b"the old run's learning curve, where its summary went")
     distill.main(distill_args(data_dir, teacher_ref["best"], out, tmp_path) + ["--overwrite", "--k", "1",
                                                                                "--schedule", "1"])
     assert sorted(os.listdir(out)) == ["last.pt", "log.jsonl", "student_k1.pt"]
