@@ -338,30 +338,36 @@ def check_run_dir(out_dir, kind, resume, overwrite):
 class RunLock:
     """One run at a time in an out_dir: two runs in one directory (the same command started twice, or an --overwrite
     while the first run still trains) would interleave their logs and checkpoints, or set aside the files of a run
-    still writing them. An exclusive flock on the directory, held by the master process until release() (the kernel
-    drops it when the process dies, however); taken after the checks of the inputs and before anything in out_dir is
-    touched. No lock where flock is missing (Windows) or unsupported (some network filesystems)."""
+    still writing them. An exclusive flock on <out_dir>/.lock, taken by the master process once the inputs are checked
+    and before anything in out_dir is touched, and released when the run has written its last file; the kernel drops
+    it when the process dies. A lock this process still holds from a run that raised is handed on to its next run
+    (tests, notebooks). Under DDP every rank stops together. No lock where fcntl is missing (Windows) or the
+    filesystem has no locks."""
+    held = {}   # this process's locks: path -> fd
 
     def __init__(self, out_dir, rt):
-        self.fd = None
-        if fcntl is None or not rt.master:
-            return
-        fd = os.open(out_dir, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        self.path, failed = os.path.realpath(os.path.join(out_dir, ".lock")), False
+        if rt.master and fcntl is not None:
+            stale = RunLock.held.pop(self.path, None)
+            if stale is not None:
+                os.close(stale)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                RunLock.held[self.path] = fd
+            except OSError as e:
+                os.close(fd)
+                failed = isinstance(e, BlockingIOError)   # else a filesystem without locks: run unlocked
+        if rt.ddp:
+            failed = all_mean(torch.tensor(float(failed), device=rt.device), rt).item() > 0
+        if failed:
             raise UserError(f"{out_dir} is in use by another run that is still going; wait for it to end or stop it, "
-                            "or pick another --out_dir") from None
-        except OSError:
-            os.close(fd)
-            return
-        self.fd = fd
+                            "or pick another --out_dir")
 
     def release(self):
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        fd = RunLock.held.pop(self.path, None)
+        if fd is not None:
+            os.close(fd)
 
 
 class OldRun:
@@ -524,29 +530,31 @@ def check_finite(loss, step, last_ckpt):
 
 
 class JsonlLog:
-    """Append-only training log; a resumed run drops the rows a killed run wrote after its checkpoint. Rows are ordered
-    by (step, stage): distill.py's first row of a stage has the step that ended the previous one."""
+    """Append-only training log. Every checkpoint records how many rows the log held when it was saved (`rows`), and a
+    resumed run keeps exactly those: the rows a killed run wrote after its checkpoint go, whatever their step."""
 
-    def __init__(self, path, resume_at, master):
-        self.path, self.master = path, master
+    def __init__(self, path, resume_rows, master):
+        self.path, self.master, self.rows = path, master, 0
         if not master:
             return
-        rows = []
-        if resume_at is not None and os.path.exists(path):
+        kept = []
+        if resume_rows is not None and os.path.exists(path):
             with open(path) as f:
                 for line in f:
+                    if len(kept) >= resume_rows:
+                        break
                     try:
-                        row = json.loads(line)
+                        kept.append(json.loads(line))
                     except json.JSONDecodeError:   # blank, or torn by a crash in the middle of a write
                         continue
-                    if (row.get("step", 0), row.get("stage", 0)) <= resume_at:
-                        rows.append(row)
-        atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows)), binary=False)
+        self.rows = len(kept)
+        atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept)), binary=False)
 
     def write(self, **row):
         if self.master:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            self.rows += 1
 
 
 def git_commit():

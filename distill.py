@@ -15,6 +15,7 @@ the summary and distill_<preset>_curve.png beside it.
 """
 import dataclasses
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -200,9 +201,8 @@ def main(argv=None):
         set_rng_state(state["rng"], gen, rt.device)
     lock = RunLock(cfg.out_dir, rt)
     old_run = OldRun(cfg.out_dir, "student", args, rt)
-    # resumed at the checkpoint's step, in the stage it trained (a stage's final checkpoint names the next one)
-    log = JsonlLog(os.path.join(cfg.out_dir, "log.jsonl"),
-                   state and (state["global_step"], state["stage"] - (state["optimizer"] is None)), rt.master)
+    # (a checkpoint of an older version did not record its log's rows: keep the whole log)
+    log = JsonlLog(os.path.join(cfg.out_dir, "log.jsonl"), state and state.get("log_rows", math.inf), rt.master)
     results = state["results"] if state else []
     global_step = state["global_step"] if state else 0
     prev = teacher
@@ -260,7 +260,7 @@ def main(argv=None):
                         "schedule": schedule, "stage": si + final, "step": step, "global_step": global_step,
                         "optimizer": None if final else optimizer.state_dict(), "rng": rng_state(gen, rt.device),
                         "agreement_init": agree_init, "stage_stats": stats, "results": results,
-                        "teacher_id": teacher_run})
+                        "teacher_id": teacher_run, "log_rows": log.rows})
 
             if rt.master:
                 print(f"stage {si + 1}/{len(schedule)}: k = {k}, targets from "
@@ -348,7 +348,6 @@ def main(argv=None):
             bar.close()   # so that an error starts on a line of its own
         stop.restore()
         old_run.restore()   # (nothing to put back once this run has saved a checkpoint)
-        lock.release()
 
     if rt.master:
         summary = os.path.join(cfg.results_dir, f"distill_{args.preset}.json")
@@ -368,6 +367,7 @@ def main(argv=None):
         curve = os.path.join(cfg.results_dir, f"distill_{args.preset}_curve.png")
         plot_curve(results, blind, curve)
         print(f"\nstudents {stage_path('*')}, summary {summary}, learning curve {curve}")
+    lock.release()
 
 
 def fmt(agree):

@@ -156,6 +156,7 @@ def main(argv=None):
         if ema:
             ema.load_state_dict(ckpt["ema"])
         step, best_val, resumed = ckpt["step"], ckpt["best_val"], ckpt["step"]
+        log_rows = ckpt.get("log_rows", math.inf)   # (older versions did not record it: keep the whole log)
         tok_s, mfu = ckpt.get("tokens_per_s"), ckpt.get("mfu")   # until this run's own steps measure them
         set_rng_state(ckpt["rng"], gen, rt.device)
     raw = model
@@ -175,11 +176,11 @@ def main(argv=None):
                                    "train_config": dataclasses.asdict(cfg),
                                    "optimizer": optimizer.state_dict() if with_optimizer else None,
                                    "step": step, "best_val": best_val, "rng": rng_state(gen, rt.device),
-                                   "tokens_per_s": tok_s, "mfu": mfu})
+                                   "tokens_per_s": tok_s, "mfu": mfu, "log_rows": log.rows})
 
     lock = RunLock(cfg.out_dir, rt)
     old_run = OldRun(cfg.out_dir, "teacher", args, rt)
-    log = JsonlLog(os.path.join(cfg.out_dir, "log.jsonl"), None if resumed is None else (step, 0), rt.master)
+    log = JsonlLog(os.path.join(cfg.out_dir, "log.jsonl"), None if resumed is None else log_rows, rt.master)
     if rt.master:
         print(f"teacher: {raw.num_params() / 1e6:.1f}M parameters on {device_name(rt.device)} x {rt.world}, "
               f"{len(train) / 1e6:.1f}M train tokens" + (f", resuming at step {step}" if resumed else ""))
@@ -246,7 +247,6 @@ def main(argv=None):
         bar.close()
         stop.restore()
         old_run.restore()   # (nothing to put back once this run has saved a checkpoint)
-        lock.release()
 
     if math.isnan(val_loss):   # resumed a finished run: nothing trained, but report where it stands
         val_loss = evaluate(evaluated, val, cfg, rt)
@@ -263,6 +263,7 @@ def main(argv=None):
         print(f"val loss {val_loss:.3f} (best {best_val:.3f}; a unigram model fitted to train: "
               f"{baselines['unigram_loss']:.3f}, val's own unigram entropy: {baselines['unigram_entropy']:.3f} nats), "
               f"{speed}; checkpoint {best_path}, summary {summary}")
+    lock.release()
 
 
 if __name__ == "__main__":

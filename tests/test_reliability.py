@@ -6,6 +6,7 @@ CPU only, tiny models on a small corpus built here (data/offline is not needed),
 Run: python -m pytest tests/test_reliability.py -q"""
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
@@ -94,6 +95,13 @@ def assert_same_log(got, want, tol):
         for key in w:
             a, b = np.atleast_1d(np.asarray(g[key], dtype=float)), np.atleast_1d(np.asarray(w[key], dtype=float))
             assert np.allclose(a, b, rtol=0, atol=tol), (key, g, w)
+
+
+def stages_but_timing(res_dir):
+    """The stages of a distill summary, without their timings (which no two runs share)."""
+    timing = ("steps_per_s", "tokens_per_s", "slots_per_s")
+    stages = json.load(open(os.path.join(res_dir, "distill_tiny.json")))["stages"]
+    return [{key: v for key, v in s.items() if key not in timing} for s in stages]
 
 
 def assert_same_weights(got, want):
@@ -231,6 +239,7 @@ def test_distill_sigkill_mid_stage_resume_matches_uninterrupted(tmp_path, data_d
     distill.main(argv + ["--resume"])
     assert_same_log(read_log(out / "log.jsonl"), distill_ref["log"], EXACT)
     assert_same_weights(out / "student_k2.pt", distill_ref["student"])   # the stage's average, across the kill
+    assert stages_but_timing(tmp_path / "res") == stages_but_timing(distill_ref["res"])   # learning curves included
 
 
 def test_overwrite_leaves_no_checkpoint_of_the_old_run(tmp_path, data_dir, teacher_ref, distill_ref):
@@ -243,7 +252,7 @@ def test_overwrite_leaves_no_checkpoint_of_the_old_run(tmp_path, data_dir, teach
     (out / "distill_tiny_curve.png").write_bytes(b"the old run's learning curve, where its summary went")
     distill.main(distill_args(data_dir, teacher_ref["best"], out, tmp_path) + ["--overwrite", "--k", "1",
                                                                                "--schedule", "1"])
-    assert sorted(os.listdir(out)) == ["last.pt", "log.jsonl", "student_k1.pt"]
+    assert sorted(os.listdir(out)) == [".lock", "last.pt", "log.jsonl", "student_k1.pt"]
     assert max(r["stage"] for r in read_log(out / "log.jsonl")) == 0
 
 
@@ -410,12 +419,49 @@ def test_distill_error_in_end_of_stage_evaluation_loses_no_training(tmp_path, da
     distill.main(argv + ["--resume"])
     assert not trained
     assert_same_log(read_log(out / "log.jsonl"), distill_ref["log"], EXACT)
-    got, want = (json.load(open(os.path.join(d, "distill_tiny.json")))["stages"]
-                 for d in (tmp_path / "res", distill_ref["res"]))
-    timing = ("steps_per_s", "tokens_per_s", "slots_per_s")
-    assert [{key: v for key, v in s.items() if key not in timing} for s in got] == \
-        [{key: v for key, v in s.items() if key not in timing} for s in want]
-    assert all(s[key] is not None for s in got for key in timing)
+    assert stages_but_timing(tmp_path / "res") == stages_but_timing(distill_ref["res"])
+    got = json.load(open(tmp_path / "res" / "distill_tiny.json"))["stages"]
+    assert all(s[key] is not None for s in got for key in ("steps_per_s", "tokens_per_s", "slots_per_s"))
+
+
+def test_distill_failure_after_the_end_of_stage_evaluations_logs_them_once(tmp_path, data_dir, teacher_ref,
+                                                                          distill_ref, monkeypatch):
+    """A stage's evaluations log their rows at the step of its last checkpoint with an optimizer: a run that stops
+    after them but before the stage's final checkpoint (here the disk fails writing student_k1.pt) resumes from that
+    checkpoint, evaluates again, and its log holds each row once."""
+    save = distill.save_checkpoint
+
+    def disk_fails(path, ckpt):
+        if path.endswith("student_k1.pt"):
+            raise OSError("no space left on device")
+        save(path, ckpt)
+    monkeypatch.setattr(distill, "save_checkpoint", disk_fails)
+    out = tmp_path / "out"
+    argv = distill_args(data_dir, teacher_ref["best"], out, tmp_path)
+    with pytest.raises(OSError):
+        distill.main(argv)
+    assert [r for r in read_log(out / "log.jsonl") if "agreement" in r]   # stage 1's rows were written
+    monkeypatch.undo()
+    distill.main(argv + ["--resume"])
+    assert_same_log(read_log(out / "log.jsonl"), distill_ref["log"], EXACT)
+    assert stages_but_timing(tmp_path / "res") == stages_but_timing(distill_ref["res"])
+
+
+def test_resume_from_a_checkpoint_of_an_older_version(tmp_path, data_dir, teacher_ref, distill_ref):
+    """A mid-stage last.pt written before the learning curve and the log's row count existed still resumes, to the
+    same student."""
+    out = tmp_path / "out"
+    argv = distill_args(data_dir, teacher_ref["best"], out, tmp_path)
+    p = start("distill.py", argv, tmp_path, "old")
+    wait_for(p, out / "log.jsonl", lambda r: r.get("stage") == 1 and r["step"] >= 11 and "loss" in r)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    ck = torch.load(out / "last.pt", weights_only=False)
+    del ck["log_rows"], ck["stage_stats"]["curve"]
+    save_checkpoint(str(out / "last.pt"), ck)
+    distill.main(argv + ["--resume"])
+    assert_same_weights(out / "student_k2.pt", distill_ref["student"])
+    assert json.load(open(tmp_path / "res" / "distill_tiny.json"))["stages"][1]["curve"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -526,6 +572,17 @@ def test_ddp_two_processes_match_one(tmp_path, data_dir, teacher_ref):
     assert sum("loss" in r for r in one) == 6
     assert_same_log(two, one, DDP_TOL)
     assert json.load(open(tmp_path / "res" / "distill_tiny.json"))["world_size"] == 2
+
+    # a directory in use: every rank stops with the same one line (not rank 1 dying on a closed connection)
+    fd = os.open(tmp_path / "d2" / ".lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)   # as a run still going would
+    try:
+        r = torchrun("distill.py", d1 + ["--out_dir", str(tmp_path / "d2"), "--resume"])
+    finally:
+        os.close(fd)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]   # (torchrun then reports both exits)
+    assert r.returncode != 0 and len(errors) == 2 and len(set(errors)) == 1, r.stderr[-3000:]
+    assert "in use by another run" in errors[0] and "Connection closed" not in r.stderr, r.stderr[-3000:]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -800,6 +857,29 @@ def test_a_directory_in_use_by_a_run_is_refused_to_a_second(script, tmp_path, da
         first.wait()
     (teacher if script == "teacher" else distill).main(argv + ["--overwrite"])   # the short reference run
     assert os.path.exists(out / ("best.pt" if script == "teacher" else "student_k2.pt"))
+    assert_lock_is_free(out)   # released once the run has written its files
+
+
+def assert_lock_is_free(out):
+    fd = os.open(out / ".lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # raises BlockingIOError while a run holds it
+    finally:
+        os.close(fd)
+
+
+def test_a_run_that_raised_hands_its_lock_on_to_the_next_in_the_process(tmp_path, data_dir, monkeypatch):
+    """An error between taking the lock and the training loop leaves the lock with this process (a command-line run
+    exits and the kernel drops it); the next run in the same process, as in a notebook or these tests, takes it."""
+    def disk_fails(*a, **kw):
+        raise OSError("no space left on device")
+    monkeypatch.setattr(teacher, "JsonlLog", disk_fails)
+    out = tmp_path / "out"
+    with pytest.raises(OSError):
+        teacher.main(teacher_args(data_dir, out, tmp_path))
+    monkeypatch.undo()
+    teacher.main(teacher_args(data_dir, out, tmp_path))
+    assert_lock_is_free(out)
 
 
 def test_a_weight_of_the_wrong_shape_is_one_line(tmp_path):
