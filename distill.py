@@ -245,7 +245,7 @@ def main(argv=None):
                 log.write(step=global_step, stage=si, k=k, window_agreement=window)
                 return window
 
-            if not stats["curve"]:   # a stage starting afresh (a resumed one has its curve so far)
+            if step == 0 and not stats["curve"]:   # a stage starting afresh (a resumed one has its curve so far)
                 curve_point(student)
 
             def checkpoint(path, final=False):
