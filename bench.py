@@ -131,7 +131,7 @@ def parse_args(argv=None):
     p.add_argument("--name", default=None,
                    help="output file stem; a rerun under a name replaces all of that name's files (default: "
                         "bench_<preset>, bench_trained with --teacher/--student, bench_paper_shape with --no-trained; "
-                        "then _speed with --no-quality, _quality with --no-speed, _profile with --profile, "
+                        "then _speed_only with --no-quality, _quality_only with --no-speed, _profile with --profile, "
                         "_roofline_<gpu> with --roofline)")
     p.add_argument("--out_dir", default="results", help="where the JSON, CSVs and plots go (default: results)")
     p.add_argument("--resume", action="store_true",
@@ -674,9 +674,9 @@ def main(argv=None):
     elif roofline_only:
         part = "_roofline_" + re.sub(r"\W+", "_", args.roofline).lower()
     elif not args.speed:
-        part = "_quality"
+        part = "_quality_only"
     elif args.trained and not do_quality:
-        part = "_speed"
+        part = "_speed_only"
     name = args.name or (f"bench_{label}" if args.trained else "bench_paper_shape") + part
     ensure_writable(args.out_dir)
 

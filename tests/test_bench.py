@@ -242,8 +242,8 @@ def test_paper_shape_needs_no_checkpoint(tmp_path, monkeypatch):
 
 
 def test_a_partial_run_keeps_the_whole_runs_files(files, tmp_path):
-    """--no-quality (or --no-speed) under the default name writes <name>_speed (_quality): it never replaces or
-    deletes the files of a whole run under <name>."""
+    """--no-quality (or --no-speed) under the default name writes <name>_speed_only (_quality_only): it never replaces
+    or deletes the files of a whole run under <name>, some of which end in _speed and _quality."""
     (tmp_path / "bench_trained.json").write_text("{}")
     (tmp_path / "bench_trained_quality.csv").write_text("from the whole run")
     r = run_bench("--teacher", str(files / "teacher.pt"), "--student", str(files / "student.pt"), "--no-quality",
@@ -251,7 +251,7 @@ def test_a_partial_run_keeps_the_whole_runs_files(files, tmp_path):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "bench_trained.json").read_text() == "{}"
     assert (tmp_path / "bench_trained_quality.csv").read_text() == "from the whole run"
-    assert json.loads((tmp_path / "bench_trained_speed.json").read_text())["speed"]
+    assert json.loads((tmp_path / "bench_trained_speed_only.json").read_text())["speed"]
 
 
 def test_an_interrupted_grid_resumes_where_it_stopped(files, tmp_path, monkeypatch):
@@ -272,10 +272,10 @@ def test_an_interrupted_grid_resumes_where_it_stopped(files, tmp_path, monkeypat
             "--no-quality", "--seq_lens", "12", "--ks", "4", "--out_dir", str(tmp_path), "--batch_sizes"]
     with pytest.raises(UserError, match="interrupted after 2 of 3 points"):
         bench_py.main(args + ["1,2,3"])
-    progress = tmp_path / "bench_trained_speed.partial.json"
+    progress = tmp_path / "bench_trained_speed_only.partial.json"
     saved = json.loads(progress.read_text())
     assert saved["done"] == [["trained", 12, 1], ["trained", 12, 2]] and len(saved["rows"]) == 4
-    assert not (tmp_path / "bench_trained_speed.json").exists()
+    assert not (tmp_path / "bench_trained_speed_only.json").exists()
     with pytest.raises(UserError, match="holds an unfinished run"):
         bench_py.main(args + ["1,2,3"])
     with pytest.raises(UserError, match="differs in batch_sizes"):
@@ -290,7 +290,7 @@ def test_an_interrupted_grid_resumes_where_it_stopped(files, tmp_path, monkeypat
 
     bench_py.main(args + ["1,2,3", "--resume"])
     assert [B for B, _ in timed] == [1, 2, 3]   # the third point only
-    speed = json.loads((tmp_path / "bench_trained_speed.json").read_text())["speed"]
+    speed = json.loads((tmp_path / "bench_trained_speed_only.json").read_text())["speed"]
     assert speed[:4] == saved["rows"] and [r["batch_size"] for r in speed[4:]] == [3, 3]
     assert not progress.exists()
     seeds = [seed for _, seed in timed]
