@@ -5,7 +5,7 @@ speed and quality that it ran (--name: a rerun under a name replaces that name's
 
     python bench.py                               # CPU: tiny preset, a small grid (about a minute)
     python bench.py --preset small                # one GPU: the full grid, paper shape + the trained model
-    python bench.py --no-quality --batch_sizes 1,64 --seq_lens 128
+    python bench.py --preset small --no-quality --batch_sizes 1,64 --seq_lens 128   # speed only (tiny: 64 at most)
     python bench.py --no-trained                  # speed of the paper shape only: no checkpoint needed
     python bench.py --no-trained --resume         # the same grid, continued after Ctrl-C, a time limit or a crash
     python bench.py --no-trained --profile --batch_sizes 1,512 --seq_lens 1024   # where a decode step's time goes
@@ -790,10 +790,12 @@ def main(argv=None):
            "speed": speed, "skipped": skipped, "quality": quality, **({"profile": profile} if args.profile else {}),
            **({"roofline": roof} if roofline_only else {})}
     write_json(stem + ".json", out)
-    for suffix, made in ((".csv", roof), ("_speed.csv", speed), ("_speedup_vs_batch.png", speed),
+    # an earlier run's files under this name go: a name's files all come from one run (but not <name>.csv, a
+    # roofline's: it may be another name's, e.g. bench_tiny_speed.csv is bench_tiny's speed CSV)
+    for suffix, made in (("_speed.csv", speed), ("_speedup_vs_batch.png", speed),
                          ("_quality.csv", quality), ("_quality_vs_k.png", quality)):
         if not made and os.path.exists(stem + suffix):
-            os.remove(stem + suffix)   # an earlier run's under this name: a name's files all come from one run
+            os.remove(stem + suffix)
     if roof:
         write_csv(stem + ".csv", roof, list(roof[0]))
     if speed:

@@ -333,6 +333,11 @@ def check_run_dir(out_dir, kind, resume, overwrite):
         raise UserError(f"--resume: no checkpoint at {last_path}; run without --resume to start")
     if not resume and not overwrite and os.path.exists(last_path):
         raise UserError(f"{out_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    replaced = sorted(glob.glob(os.path.join(out_dir, "*.replaced")))
+    if replaced and not overwrite:   # the next run's first checkpoint would delete them
+        raise UserError(f"{out_dir} holds a run set aside by an --overwrite that was killed ("
+                        f"{', '.join(os.path.basename(p) for p in replaced)}): rename them back (without .replaced) to "
+                        "keep that run, or pass --overwrite to let this run replace it")
 
 
 class RunLock:

@@ -167,7 +167,9 @@ def main(argv=None):
         raise UserError(f"--eval_tokens {cfg.eval_tokens} must be at least --k ({cfg.k}): the agreement decodes whole "
                         "windows of k tokens")
     if cfg.prompt_len + cfg.eval_tokens > teacher.config.block_size:
-        raise UserError("--prompt_len + --eval_tokens exceed the teacher's block size")
+        block = teacher.config.block_size
+        raise UserError(f"--prompt_len {cfg.prompt_len} + --eval_tokens {cfg.eval_tokens} exceed the teacher's block "
+                        f"size {block} (so --k is at most {block - cfg.prompt_len})")
     if cfg.anchors > cfg.block_size:
         raise UserError(f"--anchors {cfg.anchors} exceeds --block_size ({cfg.block_size})")
     train, val = load_split(cfg.data_dir, "train"), load_split(cfg.data_dir, "val")

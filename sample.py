@@ -110,7 +110,8 @@ def draw(teacher, student, k, enc, gen, args, device):
 def main(argv=None):
     p = ArgumentParser(description=__doc__.strip().splitlines()[0],
                        formatter_class=DefaultsHelpFormatter)
-    p.add_argument("--preset", default=None, help="use out/teacher_<preset>/best.pt and the highest "
+    p.add_argument("--preset", choices=["tiny", "small", "paper"], default=None,
+                   help="use out/teacher_<preset>/best.pt and the highest "
                    "out/distill_<preset>/student_k*.pt (default: small if trained, else tiny)")
     p.add_argument("--teacher", default=None, help="AR teacher checkpoint (overrides --preset)")
     p.add_argument("--student", default=None, help="student checkpoint (overrides --preset)")

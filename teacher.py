@@ -225,9 +225,6 @@ def main(argv=None):
                 tok_s = train_tokens / train_time
                 mfu = flops * tok_s / (peak * rt.world) if peak else None
             log.write(step=step, loss=loss, lr=lr, tok_s=tok_s)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", val=f"{val_loss:.3f}", tok_s=f"{tok_s:,.0f}" if tok_s else "-",
-                            **({"mfu": f"{mfu:.1%}"} if mfu else {}))
             if step % cfg.eval_interval == 0 or step == cfg.max_steps:
                 val_loss = evaluate(evaluated, val, cfg, rt)
                 log.write(step=step, val_loss=val_loss)
@@ -235,6 +232,9 @@ def main(argv=None):
                     best_val = val_loss
                     checkpoint(best_path, with_optimizer=False)
                 checkpoint(last_path)
+            bar.update(1)   # (after the evaluation, so that the bar shows this step's val loss)
+            bar.set_postfix(loss=f"{loss:.3f}", val=f"{val_loss:.3f}", tok_s=f"{tok_s:,.0f}" if tok_s else "-",
+                            **({"mfu": f"{mfu:.1%}"} if mfu else {}))
             if stop.should_stop(rt):
                 checkpoint(last_path)
                 raise UserError(f"interrupted at step {step}; saved {last_path}; continue with --resume")

@@ -252,6 +252,14 @@ def test_a_partial_run_keeps_the_whole_runs_files(files, tmp_path):
     assert (tmp_path / "bench_trained.json").read_text() == "{}"
     assert (tmp_path / "bench_trained_quality.csv").read_text() == "from the whole run"
     assert json.loads((tmp_path / "bench_trained_speed_only.json").read_text())["speed"]
+    # nor under a name of one's own that is the whole run's name + _speed: the whole run's speed CSV stays
+    (tmp_path / "bench_trained_speed.csv").write_text("from the whole run")
+    r = run_bench("--teacher", str(files / "teacher.pt"), "--student", str(files / "student.pt"), "--no-quality",
+                  "--batch_sizes", "1", "--seq_lens", "12", "--ks", "4", "--out_dir", str(tmp_path),
+                  "--name", "bench_trained_speed")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "bench_trained_speed.csv").read_text() == "from the whole run"
+    assert (tmp_path / "bench_trained_speed_speed.csv").exists()
 
 
 def test_an_interrupted_grid_resumes_where_it_stopped(files, tmp_path, monkeypatch):

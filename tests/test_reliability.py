@@ -882,6 +882,20 @@ def test_a_run_that_raised_hands_its_lock_on_to_the_next_in_the_process(tmp_path
     assert_lock_is_free(out)
 
 
+def test_a_run_set_aside_by_a_killed_overwrite_is_not_deleted_by_the_next_run(tmp_path, data_dir, teacher_ref,
+                                                                              capsys):
+    """An --overwrite killed outright before its first checkpoint leaves the old run as *.replaced; a run there
+    without --overwrite refuses to start (its first checkpoint would delete them) and touches nothing."""
+    out = tmp_path / "out"
+    shutil.copytree(teacher_ref["out"], out)
+    for name in ("best.pt", "last.pt", "log.jsonl"):
+        os.replace(out / name, out / (name + ".replaced"))
+    before = snapshot(out)
+    msg = cli(teacher, teacher_args(data_dir, out, tmp_path), capsys)
+    assert "set aside by an --overwrite that was killed (best.pt.replaced, last.pt.replaced" in msg
+    assert snapshot(out) == before
+
+
 def test_a_weight_of_the_wrong_shape_is_one_line(tmp_path):
     m = model.GPT(model.GPTConfig(block_size=8, n_layer=1, n_head=2, n_embd=8))
     weights = m.state_dict()
