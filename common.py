@@ -15,12 +15,12 @@ import subprocess
 import sys
 import tempfile
 from contextlib import contextmanager, nullcontext
+from types import SimpleNamespace
 
 try:
     import fcntl
 except ImportError:   # Windows: no run lock
     fcntl = None
-from types import SimpleNamespace
 
 import numpy as np
 import torch

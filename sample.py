@@ -112,7 +112,7 @@ def main(argv=None):
                        formatter_class=DefaultsHelpFormatter)
     p.add_argument("--preset", choices=["tiny", "small", "paper"], default=None,
                    help="use out/teacher_<preset>/best.pt and the highest "
-                   "out/distill_<preset>/student_k*.pt (default: small if trained, else tiny)")
+                        "out/distill_<preset>/student_k*.pt (default: small if trained, else tiny)")
     p.add_argument("--teacher", default=None, help="AR teacher checkpoint (overrides --preset)")
     p.add_argument("--student", default=None, help="student checkpoint (overrides --preset)")
     p.add_argument("--teacher_only", action="store_true", help="sample from the teacher alone")
