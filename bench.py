@@ -56,8 +56,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (ArgumentParser, StopFlag, UserError, atomic_write, device_name, ensure_writable, git_commit,
-                    load_checkpoint, load_split, model_from_checkpoint, noise_blind, out_of_memory, pyplot,
+from common import (ArgumentParser, StopFlag, UserError, atomic_write, device_name, draw_noise_blind, ensure_writable,
+                    git_commit, load_checkpoint, load_split, model_from_checkpoint, noise_blind, out_of_memory, pyplot,
                     resolve_device, run_cli, sample_windows, save_figure, write_json)
 from model import (GPT, GPTConfig, NOISE_CHUNK, PEAK_FLOPS, CUDAGraphStep, KVCache, agreement_without_noise,
                    continuation_logits, device_peak, generate, same_noise_agreement, window_agreement)
@@ -568,10 +568,7 @@ def plot_quality(rows, path):
         if key is None:
             ax.plot(ks, [r["window_agreement"][0] for r in st], marker="o", label="on the teacher's context")
             ax.plot(ks, [r["agreement"][0] for r in st], marker="s", ls="--", label="free-running")
-            blind = ar["agreement_without_noise"]
-            ax.axhline(blind["teacher_mode"], color="tab:red", ls=":", label="blind to the noise: teacher's mode")
-            ax.axhline(blind["independent_draw"], color="tab:purple", ls=":",
-                       label="blind to the noise: independent draw")
+            draw_noise_blind(ax, ar["agreement_without_noise"], ls=":")
         else:
             ax.plot(ks, [r[key] for r in st], marker="o", label="student")
         ax.axhline(ar["repeat4"] if key == "repeat4" else 1.0, color="gray", ls="--", label="AR teacher")

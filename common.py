@@ -422,6 +422,12 @@ def noise_blind(blind):
             f"teacher, {blind['teacher_mode']:.1%} always answering the teacher's most likely token")
 
 
+def draw_noise_blind(ax, blind, **style):
+    """noise_blind's two baselines as horizontal lines on a plot of agreement (bench.py's and distill.py's)."""
+    ax.axhline(blind["teacher_mode"], color="tab:red", label="blind to the noise: teacher's mode", **style)
+    ax.axhline(blind["independent_draw"], color="tab:purple", label="blind to the noise: independent draw", **style)
+
+
 def write_json(path, obj):
     atomic_write(path, lambda f: json.dump(obj, f, indent=2), binary=False)
 

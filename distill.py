@@ -26,10 +26,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import (EMA, JsonlLog, OldRun, RunLock, StopFlag, UserError, all_mean, check_batch_split, check_finite,
-                    check_resume_config, check_run_dir, check_split_length, device_name, ensure_writable, field,
-                    fits_in_memory, git_commit, load_checkpoint, load_split, lr_at, model_from_checkpoint, noise_blind,
-                    out_of_memory, parse_config, pyplot, rng_state, run_cli, sample_windows, save_checkpoint,
-                    save_figure, set_rng_state, setup_runtime, shard, teacher_id, write_json)
+                    check_resume_config, check_run_dir, check_split_length, device_name, draw_noise_blind,
+                    ensure_writable, field, fits_in_memory, git_commit, load_checkpoint, load_split, lr_at,
+                    model_from_checkpoint, noise_blind, out_of_memory, parse_config, pyplot, rng_state, run_cli,
+                    sample_windows, save_checkpoint, save_figure, set_rng_state, setup_runtime, shard, teacher_id,
+                    write_json)
 from model import GPT, agreement_without_noise, generate, inverse_cdf, same_noise_agreement, window_agreement
 
 
@@ -391,9 +392,7 @@ def plot_curve(results, blind, path):
             ax.plot([start + p["step"] for p in curve], [p["window_agreement"][i] for p in curve], marker=".",
                     color=f"C{i}", label=f"slot {i + 1}" if r is results[-1] else None)
         start += r["steps"]
-    ax.axhline(blind["teacher_mode"], color="tab:red", ls="--", lw=0.8, label="blind to the noise: teacher's mode")
-    ax.axhline(blind["independent_draw"], color="tab:purple", ls="--", lw=0.8,
-               label="blind to the noise: independent draw")
+    draw_noise_blind(ax, blind, ls="--", lw=0.8)
     ax.set(xlabel="distillation step (all stages)", ylabel="same-noise agreement with the AR teacher",
            title="same-noise agreement per slot, each window on the teacher's context")
     ax.set_ylim(bottom=0)
