@@ -33,13 +33,18 @@ class UserError(Exception):
     """A mistake the user can fix: printed as one line, no traceback, exit code 2."""
 
 
+def print_error(msg):
+    # one write, not print's two (text, then "\n"): DDP ranks failing together then never splice their lines
+    sys.stderr.write(f"error: {msg}\n")
+
+
 def run_cli(main):
     try:
         main()
         if dist.is_initialized():
             dist.barrier()   # let every rank finish before the group goes: gloo aborts a rank torn down early
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         sys.exit(2)
     finally:
         if dist.is_initialized():

@@ -40,7 +40,7 @@ from urllib.parse import urlparse
 import numpy as np
 from tqdm import tqdm
 
-from common import ArgumentParser, run_cli, write_json   # one-line errors; temporary file, fsync, rename
+from common import ArgumentParser, print_error, run_cli, write_json   # one-line errors; temporary file, fsync, rename
 
 EOT = 50256          # <|endoftext|>, the document separator
 VOCAB_SIZE = 50257   # GPT-2 BPE; every id fits in uint16
@@ -53,7 +53,7 @@ HF_IDS = {"lm1b": "lm1b", "openwebtext": "Skylion007/openwebtext"}
 
 def die(msg):
     """A user-facing error: one line on stderr, exit code 2, no traceback."""
-    print(f"error: {msg}", file=sys.stderr)
+    print_error(msg)
     raise SystemExit(2)
 
 

@@ -547,6 +547,18 @@ def test_distill_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_di
 # ----------------------------------------------------------------------------------------------------
 # DDP: 2 processes (gloo on CPU) give the losses of 1 process with the same global batch.
 
+def test_error_line_is_one_write(monkeypatch):
+    """Ranks that fail together share stderr: a line written in two pieces splices into the other rank's line."""
+    def fail():
+        raise UserError("in use")
+
+    writes = []
+    monkeypatch.setattr(sys, "stderr", type("Pipe", (), {"write": lambda self, s: writes.append(s)})())
+    with pytest.raises(SystemExit):
+        run_cli(fail)
+    assert writes == ["error: in use\n"]
+
+
 def torchrun(script, argv):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            script, *argv], cwd=REPO, capture_output=True, text=True, timeout=240, env=ENV)
