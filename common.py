@@ -546,15 +546,18 @@ def check_finite(loss, step, last_ckpt):
 
 
 class JsonlLog:
-    """Append-only training log. Every checkpoint records how many rows the log held when it was saved (`rows`), and a
-    resumed run keeps exactly those: the rows a killed run wrote after its checkpoint go, whatever their step."""
+    """Append-only training log. Every checkpoint records how many rows the log held when it was saved (`rows`, saved
+    as "log_rows"), and a run resumed from it (`resumed_from`; None for a fresh log) keeps exactly those: the rows a
+    killed run wrote after its checkpoint go, whatever their step."""
 
-    def __init__(self, path, resume_rows, master):
+    def __init__(self, path, resumed_from, master):
         self.path, self.master, self.rows = path, master, 0
         if not master:
             return
         kept = []
-        if resume_rows is not None and os.path.exists(path):
+        if resumed_from is not None and os.path.exists(path):
+            # (a checkpoint of an older version did not record its log's rows: keep the whole log)
+            resume_rows = resumed_from.get("log_rows", math.inf)
             with open(path) as f:
                 for line in f:
                     if len(kept) >= resume_rows:

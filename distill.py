@@ -15,7 +15,6 @@ the summary and distill_<preset>_curve.png beside it.
 """
 import dataclasses
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -204,8 +203,7 @@ def main(argv=None):
         set_rng_state(state["rng"], gen, rt.device)
     lock = RunLock(cfg.out_dir, rt)
     old_run = OldRun(cfg.out_dir, "student", args, rt)
-    # (a checkpoint of an older version did not record its log's rows: keep the whole log)
-    log = JsonlLog(os.path.join(cfg.out_dir, "log.jsonl"), state and state.get("log_rows", math.inf), rt.master)
+    log = JsonlLog(os.path.join(cfg.out_dir, "log.jsonl"), state, rt.master)
     results = state["results"] if state else []
     global_step = state["global_step"] if state else 0
     prev = teacher

@@ -25,6 +25,7 @@ from common import (ArgumentParser, DefaultsHelpFormatter, UserError, fits_in_me
                     model_from_checkpoint, noise_blind, resolve_device, run_cli, sample_windows, teacher_id)
 from model import CUDAGraphStep, KVCache, agreement_without_noise, generate, same_noise_agreement, window_agreement
 from prepare_data import get_encoding
+from teacher import PRESETS   # the presets' names, as teacher.py and distill.py take them
 
 
 def find_checkpoints(preset=None, teacher=None, student=None, need_student=True, alternative=""):
@@ -110,7 +111,7 @@ def draw(teacher, student, k, enc, gen, args, device):
 def main(argv=None):
     p = ArgumentParser(description=__doc__.strip().splitlines()[0],
                        formatter_class=DefaultsHelpFormatter)
-    p.add_argument("--preset", choices=["tiny", "small", "paper"], default=None,
+    p.add_argument("--preset", choices=list(PRESETS), default=None,
                    help="use out/teacher_<preset>/best.pt and the highest "
                         "out/distill_<preset>/student_k*.pt (default: small if trained, else tiny)")
     p.add_argument("--teacher", default=None, help="AR teacher checkpoint (overrides --preset)")

@@ -146,7 +146,7 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(cfg.seed)   # the data order; identical on every rank
     ema = EMA(model, cfg.ema) if cfg.ema else None
     step, best_val, resumed, tok_s, mfu = 0, math.inf, None, None, None   # tok_s: None until a step is timed
-    log_rows = None   # a fresh log; on resume, the rows the checkpoint covers
+    ckpt = None   # the checkpoint a resume continues from
     if args.resume:
         ckpt = load_checkpoint(last_path, kind="teacher")
         if ckpt["model_config"] != dataclasses.asdict(model_config(cfg)):
@@ -157,7 +157,6 @@ def main(argv=None):
         if ema:
             ema.load_state_dict(ckpt["ema"])
         step, best_val, resumed = ckpt["step"], ckpt["best_val"], ckpt["step"]
-        log_rows = ckpt.get("log_rows", math.inf)   # (older versions did not record it: keep the whole log)
         tok_s, mfu = ckpt.get("tokens_per_s"), ckpt.get("mfu")   # until this run's own steps measure them
         set_rng_state(ckpt["rng"], gen, rt.device)
     raw = model
@@ -181,7 +180,7 @@ def main(argv=None):
 
     lock = RunLock(cfg.out_dir, rt)
     old_run = OldRun(cfg.out_dir, "teacher", args, rt)
-    log = JsonlLog(os.path.join(cfg.out_dir, "log.jsonl"), log_rows, rt.master)
+    log = JsonlLog(os.path.join(cfg.out_dir, "log.jsonl"), ckpt, rt.master)
     if rt.master:
         print(f"teacher: {raw.num_params() / 1e6:.1f}M parameters on {device_name(rt.device)} x {rt.world}, "
               f"{len(train) / 1e6:.1f}M train tokens" + (f", resuming at step {step}" if resumed else ""))
