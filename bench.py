@@ -62,6 +62,7 @@ from common import (ArgumentParser, StopFlag, UserError, atomic_write, device_na
 from model import (GPT, GPTConfig, NOISE_CHUNK, PEAK_FLOPS, CUDAGraphStep, KVCache, agreement_without_noise,
                    continuation_logits, device_peak, generate, same_noise_agreement, window_agreement)
 from sample import find_checkpoints, load_models
+from teacher import PRESETS   # the presets' names, as teacher.py and distill.py take them
 
 PROMPT_LEN = 6   # the paper's 6-token prefixes
 PAPER_SHAPE = GPTConfig(block_size=1024, n_layer=12, n_head=12, n_embd=768, tie_embeddings=False)
@@ -74,7 +75,7 @@ PEAK_BANDWIDTH = [("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12)
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=["tiny", "small"], default=None,
+    p.add_argument("--preset", choices=list(PRESETS), default=None,
                    help="trained checkpoints: out/teacher_<preset>/best.pt and the highest "
                         "out/distill_<preset>/student_k*.pt (default: small if trained, else tiny, as sample.py)")
     p.add_argument("--teacher", default=None, help="AR teacher checkpoint (overrides --preset)")
