@@ -145,7 +145,7 @@ def main(argv=None):
                                   fused=rt.device.type == "cuda")
     gen = torch.Generator().manual_seed(cfg.seed)   # the data order; identical on every rank
     ema = EMA(model, cfg.ema) if cfg.ema else None
-    step, best_val, resumed, tok_s, mfu = 0, math.inf, None, None, None   # tok_s: None until a step is timed
+    step, best_val, tok_s, mfu = 0, math.inf, None, None   # tok_s: None until a step is timed
     ckpt = None   # the checkpoint a resume continues from
     if args.resume:
         ckpt = load_checkpoint(last_path, kind="teacher")
@@ -156,7 +156,7 @@ def main(argv=None):
         optimizer.load_state_dict(ckpt["optimizer"])
         if ema:
             ema.load_state_dict(ckpt["ema"])
-        step, best_val, resumed = ckpt["step"], ckpt["best_val"], ckpt["step"]
+        step, best_val = ckpt["step"], ckpt["best_val"]
         tok_s, mfu = ckpt.get("tokens_per_s"), ckpt.get("mfu")   # until this run's own steps measure them
         set_rng_state(ckpt["rng"], gen, rt.device)
     raw = model
@@ -183,14 +183,14 @@ def main(argv=None):
     log = JsonlLog(os.path.join(cfg.out_dir, "log.jsonl"), ckpt, rt.master)
     if rt.master:
         print(f"teacher: {raw.num_params() / 1e6:.1f}M parameters on {device_name(rt.device)} x {rt.world}, "
-              f"{len(train) / 1e6:.1f}M train tokens" + (f", resuming at step {step}" if resumed else ""))
+              f"{len(train) / 1e6:.1f}M train tokens" + (f", resuming at step {step}" if ckpt else ""))
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.block_size
     flops, peak = flops_per_token(raw.config, cfg.block_size), peak_flops(rt.device)
-    train_time, train_tokens, val_loss = 0.0, 0, math.nan
+    train_time, train_tokens, val_loss, first_step = 0.0, 0, math.nan, step   # first_step: of this process
     stop = StopFlag()
     bar = tqdm(total=cfg.max_steps, initial=step, desc="teacher", disable=not rt.master, dynamic_ncols=True)
     try:
-        if resumed is None:
+        if ckpt is None:
             val_loss = evaluate(evaluated, val, cfg, rt)
             log.write(step=0, val_loss=val_loss)
         while step < cfg.max_steps:
@@ -220,7 +220,7 @@ def main(argv=None):
             if rt.device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
-            if step > (resumed or 0) + 3:   # the first steps compile and warm up
+            if step > first_step + 3:   # the first steps compile and warm up
                 train_time, train_tokens = train_time + dt, train_tokens + tokens_per_step
                 tok_s = train_tokens / train_time
                 mfu = flops * tok_s / (peak * rt.world) if peak else None
