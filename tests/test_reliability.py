@@ -97,11 +97,13 @@ def assert_same_log(got, want, tol):
             assert np.allclose(a, b, rtol=0, atol=tol), (key, g, w)
 
 
+STAGE_TIMING = ("steps_per_s", "tokens_per_s", "slots_per_s")   # a distill summary's timings of a stage
+
+
 def stages_but_timing(res_dir):
     """The stages of a distill summary, without their timings (which no two runs share)."""
-    timing = ("steps_per_s", "tokens_per_s", "slots_per_s")
     stages = json.load(open(os.path.join(res_dir, "distill_tiny.json")))["stages"]
-    return [{key: v for key, v in s.items() if key not in timing} for s in stages]
+    return [{key: v for key, v in s.items() if key not in STAGE_TIMING} for s in stages]
 
 
 def assert_same_weights(got, want):
@@ -421,7 +423,7 @@ def test_distill_error_in_end_of_stage_evaluation_loses_no_training(tmp_path, da
     assert_same_log(read_log(out / "log.jsonl"), distill_ref["log"], EXACT)
     assert stages_but_timing(tmp_path / "res") == stages_but_timing(distill_ref["res"])
     got = json.load(open(tmp_path / "res" / "distill_tiny.json"))["stages"]
-    assert all(s[key] is not None for s in got for key in ("steps_per_s", "tokens_per_s", "slots_per_s"))
+    assert all(s[key] is not None for s in got for key in STAGE_TIMING)
 
 
 def test_distill_failure_after_the_end_of_stage_evaluations_logs_them_once(tmp_path, data_dir, teacher_ref,
