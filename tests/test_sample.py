@@ -1,0 +1,150 @@
+"""sample.py: the teacher and the student decode one noise, the student's tokens that differ are
+marked, both agreements are printed beside the noise-blind baselines, and mistakes are one line.
+Run: python -m pytest tests/test_sample.py -q"""
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import asdict
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import sample  # noqa: E402
+from common import UserError, save_checkpoint  # noqa: E402
+from model import GPT, GPTConfig, agreement_without_noise, generate, window_agreement  # noqa: E402
+
+CHARS = "\n !',.:;?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
+K = 4
+
+
+def tiny_pair(vocab_size=len(CHARS), k=K):
+    """A 2 x 32 teacher and its k-slot student, with a noise encoder whose output matters."""
+    torch.manual_seed(0)
+    teacher = GPT(GPTConfig(block_size=64, vocab_size=vocab_size, n_layer=2, n_head=2,
+                            n_embd=32)).eval()
+    student = GPT.student_from(teacher, k).eval()
+    with torch.no_grad():
+        for p in student.noise_encoder.parameters():
+            p.normal_(0, 0.5)
+    return teacher, student
+
+
+def write_pair(tmp, teacher_extra=None, student_extra=None):
+    """The pair's checkpoints as teacher.py and distill.py write them (character vocabulary), and a
+    val split of the data they name. Returns (teacher path, student path, data dir)."""
+    spec = {"tokenizer": "char", "vocab_size": len(CHARS), "chars": CHARS}
+    data = tmp / "data"
+    data.mkdir(exist_ok=True)
+    ids = np.array([CHARS.index(c) for c in TEXT * 30], dtype=np.uint16)
+    ids.tofile(data / "val.bin")
+    ids.tofile(data / "train.bin")
+    (data / "meta.json").write_text(json.dumps({**spec, "val_tokens": len(ids),
+                                                "train_tokens": len(ids)}))
+    paths = []
+    for kind, m, extra in zip(("teacher", "student"), tiny_pair(), (teacher_extra, student_extra)):
+        paths.append(str(tmp / f"{kind}.pt"))
+        save_checkpoint(paths[-1], {"kind": kind, "model_config": asdict(m.config),
+                                    "model": m.state_dict(), "tokenizer": spec,
+                                    "train_config": {"data_dir": str(data)}, **(extra or {})})
+    return (*paths, str(data))
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return write_pair(tmp_path_factory.mktemp("pair"))
+
+
+def run(pair, *args):
+    return sample.main(["--teacher", pair[0], "--student", pair[1], "--device", "cpu", *args])
+
+
+def test_show_marks_exactly_the_tokens_that_differ():
+    """Each token is padded to the wider of the pair, so '^' stands under exactly the student's
+    tokens that differ, for characters and for multi-character (BPE-like) tokens alike; '|' parts
+    the passes and a newline is drawn as one column."""
+    chars = SimpleNamespace(decode=lambda ids: "".join("abcdefgh\nXY"[i] for i in ids))
+    teacher, student = [0, 1, 2, 3, 4, 5, 6, 7], [0, 1, 9, 3, 4, 5, 10, 8]
+    t, s, marks = sample.show(chars, teacher, student, 4).split("\n")
+    assert t == "  teacher abcd|efgh" and s == "  student abXd|efY⏎"
+    assert [i for i, c in enumerate(marks) if c == "^"] == [s.index(c) for c in "XY⏎"]
+    words = SimpleNamespace(decode=lambda ids: ["the", " a", " cat", "!"][ids[0]])
+    t, s, marks = sample.show(words, [0, 2, 3], [1, 2, 2], 1).split("\n")
+    assert (t, s) == ("  teacher the cat!", "  student  a  cat cat")
+    assert marks == " " * 10 + "^^^" + " " * 4 + "^^^^"   # under " a " and the last " cat"
+    lines = sample.show(chars, teacher * 10, teacher * 10, 2, width=20).split("\n")
+    assert len(lines) % 3 == 0 and len(lines) > 3 and all(len(x) <= 20 + 10 for x in lines)
+
+
+def test_sample_shows_both_on_one_noise_and_both_agreements(pair, capsys):
+    """Free-running and on the teacher's context, per sample; the agreements printed are
+    model.window_agreement's (on the teacher's context) and the free-running one, beside
+    model.agreement_without_noise's two baselines, all on the very noise the samples used."""
+    run(pair, "--prompt", "First", "--num_samples", "2", "--max_new_tokens", "10", "--k", "4")
+    out = capsys.readouterr().out
+    teacher, student = tiny_pair()
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.tensor([[CHARS.index(c) for c in "First"]] * 2)
+    noise = torch.rand(2, 12, generator=gen, dtype=torch.float64)   # 10 rounded up to 3 passes
+    ar, kf = generate(teacher, prompts, noise, 1), generate(student, prompts, noise, 4)
+    text = lambda ids: "".join(CHARS[i] for i in ids).replace("\n", "⏎")  # noqa: E731
+    assert out.count("free-running:") == out.count("on the teacher's context:") == 2
+    assert out.count("  teacher " + "|".join(text(ar[0, i:i + 4]) for i in (0, 4, 8))) == 2
+    assert "  student " + "|".join(text(kf[1, i:i + 4]) for i in (0, 4, 8)) in out
+    slots = lambda name: [float(x) / 100 for x in  # noqa: E731
+                          re.findall(r"slot \d +([\d.]+)%", out.split(name)[-1].split("\n")[0])]
+    want = window_agreement(student, prompts, ar, noise, 4)
+    assert slots("on the teacher's context  ") == pytest.approx(want, abs=1e-3)
+    free = (ar == kf).float().view(2, 3, 4).mean((0, 1)).tolist()
+    assert slots("free-running    ") == pytest.approx(free, abs=1e-3)
+    blind = agreement_without_noise(teacher, prompts, ar)
+    assert f"{blind['independent_draw']:.1%}" in out and f"{blind['teacher_mode']:.1%}" in out
+
+
+def test_val_prefixes_come_from_the_teachers_data(pair, capsys):
+    run(pair, "--num_samples", "1", "--max_new_tokens", "4", "--k", "2")
+    prompt = re.search(r"--- sample 1: '(.*)', k = 2", capsys.readouterr().out).group(1)
+    assert len(prompt.encode().decode("unicode_escape")) == 6 and prompt in repr(TEXT)
+
+
+def test_a_retrained_teacher_warns_and_another_shape_is_an_error(tmp_path, capsys):
+    teacher, student, _ = write_pair(tmp_path, {"step": 400, "best_val": 1.5},
+                                     {"teacher_id": {"step": 200, "best_val": 1.7}})
+    sample.main(["--teacher", teacher, "--student", student, "--prompt", "a", "--device", "cpu",
+                 "--num_samples", "1", "--max_new_tokens", "4"])
+    captured = capsys.readouterr()
+    assert "warning:" in captured.err and "another training" in captured.err
+    assert "same-noise agreement" in captured.out   # and it goes on
+    other = GPT(GPTConfig(block_size=64, vocab_size=len(CHARS), n_layer=1, n_head=2, n_embd=32,
+                          max_k=K))
+    save_checkpoint(str(tmp_path / "other.pt"), {"kind": "student", "model_config":
+                                                 asdict(other.config), "model": other.state_dict()})
+    with pytest.raises(UserError, match="n_layer 1 vs 2"):
+        sample.main(["--teacher", teacher, "--student", str(tmp_path / "other.pt")])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", ""], "--prompt is empty"),
+    (["--prompt", "é"], "--prompt"),
+    (["--k", "0"], "--k must be between 1"),
+    (["--k", "5"], "max_k (4)"),
+    (["--prompt", "a" * 60], "block size 64"),
+    (["--max_new_tokens", "0"], "at least 1"),
+])
+def test_bad_input_is_one_line(pair, args, message):
+    with pytest.raises(UserError) as e:
+        run(pair, *args)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_command_line_prints_one_error_line(pair):
+    r = subprocess.run([sys.executable, "sample.py", "--teacher", pair[0], "--student", pair[0]],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error:"), r.stderr
