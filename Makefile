@@ -1,11 +1,14 @@
-# make demo: install, then the whole pipeline on the offline corpus with the preset sized to the machine: tiny on a
-#            CPU (~2 min on 2 idle cores), small on a GPU (PRESET=tiny make demo picks one)
+# make demo: install, then the whole pipeline with the preset sized to the machine: tiny on a CPU
+#            (character-level Shakespeare, about 10 minutes on 2 idle cores), small on a GPU
+#            (GPT-2 tokens of the offline corpus); PRESET=tiny make demo picks one. The demo's
+#            summaries, samples and plots are copied into results/.
 # make test: the test suite (CPU, a few minutes)
-# make teacher distill sample bench: the steps one at a time, with the same preset
+# make data teacher distill sample bench: the steps one at a time, with the same preset
 PY ?= python3
 # (deferred: asked when a recipe runs, i.e. after `setup` has installed torch)
-PRESET ?= $(shell $(PY) -c "import torch; print('small' if torch.cuda.is_available() else 'tiny')" 2>/dev/null \
-                  || echo tiny)
+PRESET ?= $(shell $(PY) -c "import torch; print('small' if torch.cuda.is_available() else 'tiny')" \
+                  2>/dev/null || echo tiny)
+DATASET = $(if $(filter tiny,$(PRESET)),shakespeare_char,offline)
 
 .PHONY: setup data teacher distill sample bench demo test clean
 
@@ -13,27 +16,23 @@ setup:
 	$(PY) -m pip install -q -r requirements.txt
 
 data:
-	$(PY) prepare_data.py --dataset offline
+	$(PY) prepare_data.py --dataset $(DATASET)
 
 teacher:
-	$(PY) teacher.py --preset $(PRESET)
+	$(PY) teacher.py --preset $(PRESET) --overwrite
 
 distill:
-	$(PY) distill.py --preset $(PRESET) --k 4
+	$(PY) distill.py --preset $(PRESET) --k 4 --overwrite
 
 sample:
-	$(PY) sample.py --preset $(PRESET) --num_samples 3
+	$(PY) sample.py --preset $(PRESET) --num_samples 2 | tee results/sample_$(PRESET).txt
 
-# (--no-paper_shape: the paper shape's speed has commands of its own in the README; no effect on a CPU)
 bench:
-	$(PY) bench.py --preset $(PRESET) --no-paper_shape
+	$(PY) bench.py --preset $(PRESET) --name bench_$(PRESET)
 
-# --overwrite: the demo replaces its own earlier tiny run (out/*_tiny) instead of refusing to start
-demo: setup data
-	$(PY) teacher.py --preset $(PRESET) --overwrite
-	$(PY) distill.py --preset $(PRESET) --k 4 --overwrite
-	$(PY) sample.py --preset $(PRESET) --num_samples 3
-	$(PY) bench.py --preset $(PRESET) --no-paper_shape
+demo: setup data teacher distill sample bench
+	cp out/teacher_$(PRESET)/teacher_$(PRESET).json out/distill_$(PRESET)/distill_$(PRESET).json \
+	   out/distill_$(PRESET)/distill_$(PRESET)_curve.png results/
 
 test:
 	$(PY) -m pytest -q tests

@@ -40,6 +40,10 @@ class DistillConfig:
     data_dir: str = field("data/offline", "the teacher's dataset (from prepare_data.py)")
     out_dir: str = field("out/distill_{preset}", "student_k<K>.pt, last.pt, log and summary")
     k: int = field(4, "the final number of tokens per pass", at_least=1)
+    recipe: str = field("paper", "paper: stages 1 -> 2 -> 4 (--schedule), each learning the last "
+                        "one's self-forcing rollout; onpolicy: one stage at --k, slot i learning "
+                        "the AR teacher's inverse CDF after the student's own slots < i",
+                        choices=("paper", "onpolicy"))
     schedule: str = field("", "stages as a comma list from 1, e.g. 1,2,3,4; empty: 1,2,4,.. to k")
     steps_per_stage: int = field(1000, "optimizer steps in each stage", at_least=0)
     batch_size: int = field(32, "sequences per step, over all processes", at_least=1)
@@ -85,6 +89,10 @@ PRESETS = {
 
 
 def parse_schedule(cfg):
+    if cfg.recipe == "onpolicy":
+        if cfg.schedule not in ("", str(cfg.k)):
+            raise UserError("--recipe onpolicy trains one stage at --k: drop --schedule")
+        return [cfg.k]
     try:
         sched = [int(s) for s in cfg.schedule.split(",")] if cfg.schedule else [1]
     except ValueError:
@@ -112,6 +120,14 @@ def rollout_targets(prev, x, anchors, u):
         tokens = prev.forward_staircase(x, anchors, u[:, :, s:s + kp], window=out).argmax(-1)
         out = tokens if out is None else torch.cat([out, tokens], dim=2)
     return out
+
+
+@torch.no_grad()
+def onpolicy_targets(teacher, x, anchors, u, own):
+    """Slot i's target: the AR teacher's inverse CDF with u_i after the context and the student's
+    OWN tokens of slots < i (own: (B, A, k)), in one teacher pass. At a fixed point the student's
+    k tokens are the teacher's chain after its own first slot: a sample of the teacher."""
+    return inverse_cdf(teacher.forward_window(x, anchors, own[:, :, :-1]).float(), u)
 
 
 @torch.no_grad()
@@ -251,10 +267,13 @@ def main(argv=None):
                                    dtype=torch.float64)
                     x, anchors, u = (shard(t, rt).to(rt.device) for t in (x, anchors, u))
                     # targets: the previous model's same-noise tokens (fp32, outside autocast)
-                    targets = rollout_targets(prev, x, anchors, u)
+                    if cfg.recipe == "paper":
+                        targets = rollout_targets(prev, x, anchors, u)
                     # the student's staircase pass (all windows at once), cross-entropy per slot
                     with rt.autocast:
                         logits, _ = model(x, anchors=anchors, noise=u)   # (B, A, k, V)
+                    if cfg.recipe == "onpolicy":   # ... or the teacher's after the student's own
+                        targets = onpolicy_targets(teacher, x, anchors, u, logits.argmax(-1))
                     per_slot = F.cross_entropy(logits.float().flatten(0, 2), targets.flatten(),
                                                reduction="none").view_as(targets).mean((0, 1))
                     per_slot.mean().backward()

@@ -236,14 +236,14 @@ class GPT(nn.Module):
         h = self._staircase(idx, anchors, self.wte(window))
         at_anchor = torch.gather(h, 1, anchors.unsqueeze(-1).expand(-1, -1, h.size(-1)))
         return self._logits(torch.cat([at_anchor.unsqueeze(2),
-                                       h[:, N:].reshape(*window.shape, -1)], dim=2))
+                                       h[:, N:].reshape(*window.shape, h.size(-1))], dim=2))
 
     def _staircase(self, idx, anchors, x_win):
         """The trunk over [N context tokens | A windows of W inputs x_win (B, A, W, C)] under the
         staircase mask, window element j of anchor t at position t + 1 + j: (B, N + A*W, C)."""
         B, N = idx.shape
         A, W = x_win.shape[1:3]
-        x = torch.cat([self.wte(idx), x_win.reshape(B, A * W, -1)], dim=1)
+        x = torch.cat([self.wte(idx), x_win.reshape(B, A * W, x_win.size(-1))], dim=1)
         win_pos = anchors.unsqueeze(-1) + 1 + torch.arange(W, device=idx.device)   # (B, A, W)
         pos = torch.cat([torch.arange(N, device=idx.device).expand(B, N),
                          win_pos.reshape(B, A * W)], dim=1)

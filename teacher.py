@@ -62,7 +62,7 @@ class TeacherConfig:
 PRESETS = {
     "tiny": dict(_about="CPU demo: character-level Shakespeare, 4 x 128", dropout=0.0,
                  data_dir="data/shakespeare_char", n_layer=4, n_head=4, n_embd=128,
-                 block_size=128, batch_size=16, max_steps=1500, lr=3e-3, min_lr=3e-4,
+                 block_size=128, batch_size=16, max_steps=2000, lr=3e-3, min_lr=3e-4,
                  warmup_steps=100, eval_interval=250, eval_iters=10),
     "small": dict(_about="one GPU, ~1.5 min on an H100 (6 x 384, block 256)"),
     "paper": dict(_about="the paper's shape: 12 x 768, untied, block 128 as on LM1B; 100k steps "

@@ -259,6 +259,27 @@ def test_ema_is_what_is_evaluated_saved_and_handed_on(iid, tmp_path, monkeypatch
 
 
 @torch.no_grad()
+@torch.no_grad()
+def test_onpolicy_targets_are_the_teachers_chain_after_the_students_own_tokens():
+    """--recipe onpolicy: slot i's target is the teacher's inverse CDF with u_i after the context up
+    to the anchor and the student's own tokens of slots < i (its last token is never read)."""
+    torch.manual_seed(0)
+    ar = GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=16, vocab_size=40)).eval()
+    x, anchors = torch.randint(40, (2, 12)), torch.tensor([[2, 7], [0, 11]])
+    u, own = torch.rand(2, 2, 3, dtype=torch.float64), torch.randint(40, (2, 2, 3))
+    got = distill.onpolicy_targets(ar, x, anchors, u, own)
+    for b in range(2):
+        for a in range(2):
+            t = anchors[b, a].item()
+            for i in range(3):
+                seq = torch.cat([x[b, :t + 1], own[b, a, :i]])[None]
+                want = inverse_cdf(ar(seq)[0][0, -1:].float(), u[b, a, i:i + 1])
+                assert got[b, a, i] == want.item(), (b, a, i)
+    other = own.clone()
+    other[:, :, -1] = (own[:, :, -1] + 1) % 40
+    assert torch.equal(distill.onpolicy_targets(ar, x, anchors, u, other), got)
+
+
 def test_rollout_targets_are_same_noise_samples():
     """Stage targets: the AR teacher's inverse CDF on the real context (stage 1), and the previous
     student's own same-noise decoding, block after block on its own tokens (self-forcing)."""
