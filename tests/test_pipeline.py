@@ -259,7 +259,6 @@ def test_ema_is_what_is_evaluated_saved_and_handed_on(iid, tmp_path, monkeypatch
 
 
 @torch.no_grad()
-@torch.no_grad()
 def test_onpolicy_targets_are_the_teachers_chain_after_the_students_own_tokens():
     """--recipe onpolicy: slot i's target is the teacher's inverse CDF with u_i after the context up
     to the anchor and the student's own tokens of slots < i (its last token is never read)."""
@@ -280,6 +279,7 @@ def test_onpolicy_targets_are_the_teachers_chain_after_the_students_own_tokens()
     assert torch.equal(distill.onpolicy_targets(ar, x, anchors, u, other), got)
 
 
+@torch.no_grad()
 def test_rollout_targets_are_same_noise_samples():
     """Stage targets: the AR teacher's inverse CDF on the real context (stage 1), and the previous
     student's own same-noise decoding, block after block on its own tokens (self-forcing)."""
