@@ -638,7 +638,8 @@ def main(argv=None):
     if (speed or profile or skipped) and os.path.exists(grid):
         os.remove(grid)   # the grid is whole: nothing left to resume
     print_tables(speed, skipped, rows, blind, profile, roof, device_name(device))
-    print(f"\nwrote {', '.join(f'{stem}_{part}.json' for part in parts)} (+ .png: speed, quality)")
+    plots = [f"{stem}_{part}.png" for part, made in (("speed", speed), ("quality", rows)) if made]
+    print(f"\nwrote {', '.join([f'{stem}_{part}.json' for part in parts] + plots)}")
 
 
 if __name__ == "__main__":
