@@ -1,17 +1,24 @@
 """
-Progressive self-forcing distillation: turn the AR teacher into a push-forward student that maps k
-uniform noises to k tokens in one pass, growing k stage by stage (default 1 -> 2 -> 4).
+Distillation: turn the AR teacher into a push-forward student that maps k uniform noises to k
+tokens in one pass.
 
     python distill.py --preset tiny                  # teacher: out/teacher_<preset>/best.pt
+    python distill.py --preset tiny --recipe cdf_seq
     python distill.py --preset small --schedule 1,2,3,4
     torchrun --standalone --nproc_per_node 8 distill.py --preset small
 
-Stage 1 targets: the AR teacher's inverse CDF on the real context with the student's own noise.
-Later stages: the previous student's same-noise rollout: it decodes its k noises on the real
-context, then the next ones on the real context followed by ITS OWN tokens (self-forcing), in as
-many blocks as the new k needs. Each student starts as a copy of the previous one; the loss is
-cross-entropy per slot. The learning curve (same-noise agreement on the teacher's context every
---curve_interval steps) goes to log.jsonl, the summary and distill_<preset>_curve.png beside it.
+--recipe paper (the paper's progressive self-forcing distillation, argmax readout): stages grow k
+(default 1 -> 2 -> 4). Stage 1 targets: the AR teacher's inverse CDF on the real context with the
+student's own noise. Later stages: the previous student's same-noise rollout: it decodes its k
+noises on the real context, then the next ones on the real context followed by ITS OWN tokens
+(self-forcing), in as many blocks as the new k needs. Each student starts as a copy of the
+previous one; the loss is cross-entropy per slot.
+--recipe cdf / cdf_seq (the distribution readout, model.py): one stage at --k. The student draws
+its k tokens from its own distributions with the noise; slot i's distribution learns the AR
+teacher's after the context and the student's own tokens before it (forward KL, on-policy).
+--recipe onpolicy: the argmax readout with those on-policy targets, by cross-entropy.
+The learning curve (same-noise agreement on the teacher's context every --curve_interval steps)
+goes to log.jsonl, the summary and distill_<preset>_curve.png beside it.
 """
 import dataclasses
 import math
@@ -40,10 +47,13 @@ class DistillConfig:
     data_dir: str = field("data/offline", "the teacher's dataset (from prepare_data.py)")
     out_dir: str = field("out/distill_{preset}", "student_k<K>.pt, last.pt, log and summary")
     k: int = field(4, "the final number of tokens per pass", at_least=1)
-    recipe: str = field("paper", "paper: stages 1 -> 2 -> 4 (--schedule), each learning the last "
-                        "one's self-forcing rollout; onpolicy: one stage at --k, slot i learning "
-                        "the AR teacher's inverse CDF after the student's own slots < i",
-                        choices=("paper", "onpolicy"))
+    recipe: str = field("paper", "paper: the paper's argmax readout, stages 1 -> 2 -> 4 "
+                        "(--schedule), each learning the last one's self-forcing rollout; "
+                        "onpolicy: one stage at --k, slot i learning the AR teacher's inverse CDF "
+                        "after the student's own slots < i; cdf, cdf_seq: the distribution "
+                        "readout (model.py), one stage at --k, slot i's distribution learning "
+                        "the teacher's after the student's own slots < i (forward KL)",
+                        choices=("paper", "onpolicy", "cdf", "cdf_seq"))
     schedule: str = field("", "stages as a comma list from 1, e.g. 1,2,3,4; empty: 1,2,4,.. to k")
     steps_per_stage: int = field(1000, "optimizer steps in each stage", at_least=0)
     batch_size: int = field(32, "sequences per step, over all processes", at_least=1)
@@ -89,9 +99,9 @@ PRESETS = {
 
 
 def parse_schedule(cfg):
-    if cfg.recipe == "onpolicy":
+    if cfg.recipe != "paper":
         if cfg.schedule not in ("", str(cfg.k)):
-            raise UserError("--recipe onpolicy trains one stage at --k: drop --schedule")
+            raise UserError(f"--recipe {cfg.recipe} trains one stage at --k: drop --schedule")
         return [cfg.k]
     try:
         sched = [int(s) for s in cfg.schedule.split(",")] if cfg.schedule else [1]
@@ -123,11 +133,11 @@ def rollout_targets(prev, x, anchors, u):
 
 
 @torch.no_grad()
-def onpolicy_targets(teacher, x, anchors, u, own):
-    """Slot i's target: the AR teacher's inverse CDF with u_i after the context and the student's
-    OWN tokens of slots < i (own: (B, A, k)), in one teacher pass. At a fixed point the student's
-    k tokens are the teacher's chain after its own first slot: a sample of the teacher."""
-    return inverse_cdf(teacher.forward_window(x, anchors, own[:, :, :-1]).float(), u)
+def teacher_after(teacher, x, anchors, own):
+    """Slot i's target distribution: the AR teacher's after the context and the student's OWN
+    tokens of slots < i (own: (B, A, k)), in one teacher pass, float32 (B, A, k, vocab). At a fixed
+    point the student's k tokens are the teacher's chain after its own tokens: a teacher sample."""
+    return teacher.forward_window(x, anchors, own[:, :, :-1]).float()
 
 
 @torch.no_grad()
@@ -222,7 +232,8 @@ def main(argv=None):
                 prev = model_from_checkpoint(load_checkpoint(stage_path(k), "student"),
                                              rt.device).eval()
                 continue
-            student = GPT.student_from(prev, k, noise_features=cfg.noise_features)
+            student = GPT.student_from(prev, k, noise_features=cfg.noise_features,
+                                       readout=cfg.recipe if "cdf" in cfg.recipe else "argmax")
             optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
                                           weight_decay=cfg.weight_decay,
                                           fused=rt.device.type == "cuda")
@@ -269,15 +280,25 @@ def main(argv=None):
                     # targets: the previous model's same-noise tokens (fp32, outside autocast)
                     if cfg.recipe == "paper":
                         targets = rollout_targets(prev, x, anchors, u)
-                    # the student's staircase pass (all windows at once), cross-entropy per slot
+                    # the student's staircase pass (all windows at once): logits (B, A, k, V) and,
+                    # for the cdf readout, the tokens it drew from them
                     with rt.autocast:
-                        logits, _ = model(x, anchors=anchors, noise=u)   # (B, A, k, V)
-                    if cfg.recipe == "onpolicy":   # ... or the teacher's after the student's own
-                        targets = onpolicy_targets(teacher, x, anchors, u, logits.argmax(-1))
-                    per_slot = F.cross_entropy(logits.float().flatten(0, 2), targets.flatten(),
-                                               reduction="none").view_as(targets).mean((0, 1))
-                    per_slot.mean().backward()
-                    hit = logits.argmax(-1) == targets
+                        logits, own = model(x, anchors=anchors, noise=u)
+                    if own is None:   # argmax readout: its tokens
+                        own = logits.argmax(-1)
+                    if cfg.recipe != "paper":   # ... or the teacher's after the student's own
+                        target_logits = teacher_after(teacher, x, anchors, own)
+                        targets = inverse_cdf(target_logits, u)
+                    if cfg.recipe in ("paper", "onpolicy"):   # cross-entropy per slot
+                        per_slot = F.cross_entropy(logits.float().flatten(0, 2), targets.flatten(),
+                                                   reduction="none").view_as(targets).mean((0, 1))
+                        per_slot.mean().backward()
+                    else:   # forward KL per slot, summed as the chain rule sums a joint's
+                        log_p = F.log_softmax(target_logits, dim=-1)
+                        per_slot = (log_p.exp() * (log_p - F.log_softmax(logits.float(), dim=-1))
+                                    ).sum(-1).mean((0, 1))
+                        per_slot.sum().backward()
+                    hit = own == targets
                     out = all_mean(torch.cat([per_slot.detach(), hit.float().mean((0, 1)),
                                               hit.all(-1).float().mean().view(1)]), rt).tolist()
                     stats.update(loss=out[:k], acc=out[k:2 * k], window_acc=out[-1])

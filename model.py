@@ -8,10 +8,18 @@ evaluate G; the K-Forcing student evaluates it in ONE: the k noises enter as k n
 the context, and the argmax at slot i is token i. The student is the teacher's network plus a small
 noise encoder (max_k > 0); a teacher is the same class with max_k = 0.
 
+The distribution readout (readout="cdf", this repository's default recipe, not the paper's) keeps
+the inverse CDF: token 1's distribution is read from the last real token's state (the teacher's,
+exactly, at the start), token i+1's from noise slot i's state, and x_i = F^-1(u_i | that
+distribution). A student that learns the teacher's conditionals then samples the teacher exactly,
+and AR is its k = 1 case with no slot at all. "cdf_seq" adds a small MLP per slot that also reads
+the token slot i produced (as Hydra's or DeepSeek-V3's multi-token heads do).
+
 Read top to bottom:
   1. the blocks: GPTConfig, rope, attention, MLP, Block
-  2. the student's pieces, NoiseEncoder and staircase_mask; then GPT: forward (the teacher),
-     forward_staircase and student_from (the student), forward_step (a cached decoding pass)
+  2. the student's pieces, NoiseEncoder, staircase_mask and SlotReadout; then GPT: forward (the
+     teacher), forward_staircase, forward_cdf, read_out and student_from (the student),
+     forward_step (a cached decoding pass)
   3. sampling as a function of noise: inverse_cdf, KVCache, GPT.forward_step, decode_step, generate
      (one decode loop; AR is its k = 1 case)
   4. measures: same-noise agreement, on the teacher's context, against a student blind to the noise
@@ -38,6 +46,9 @@ class GPTConfig:
     # "paper": frequencies 10000^(-i/half), at most one cycle over [0, 1];
     # "high": 1 to 256 cycles, so that nearby u (inverse-CDF buckets are narrow) look different
     noise_features: str = "paper"
+    # "argmax": the paper's push-forward readout; "cdf": the distribution readout; "cdf_seq": cdf
+    # with a small MLP per slot over the token the slot before produced
+    readout: str = "argmax"
 
     @property
     def padded_vocab(self):
@@ -156,6 +167,20 @@ def staircase_mask(N, anchors, W):
     return mask.unsqueeze(1)
 
 
+class SlotReadout(nn.Module):
+    """cdf_seq: slot i's state r_i = h_i + MLP([h_i, embedding of token i, r_{i-1}]), so that token
+    i+1's distribution sees the token slot i actually produced, not only the noise that made it.
+    The output layer starts at zero: the readout starts as the plain cdf one."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc = nn.Linear(3 * cfg.n_embd, 4 * cfg.n_embd)
+        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+
+    def forward(self, h, emb, r):
+        return h + self.proj(F.gelu(self.fc(torch.cat([h, emb, r], dim=-1))))
+
+
 class GPT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -168,6 +193,9 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         self.noise_encoder = NoiseEncoder(cfg) if cfg.max_k > 0 else None
+        if cfg.readout not in ("argmax", "cdf", "cdf_seq"):
+            raise ValueError(f"readout must be argmax, cdf or cdf_seq, not {cfg.readout!r}")
+        self.slot_readout = SlotReadout(cfg) if cfg.readout == "cdf_seq" else None
         for m in self.modules():   # GPT-2's init, with residual projections scaled by depth
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, mean=0.0, std=0.02)
@@ -176,6 +204,8 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("proj.weight") and name.startswith("blocks"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        if self.slot_readout is not None:
+            nn.init.zeros_(self.slot_readout.proj.weight)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -196,8 +226,11 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, anchors=None, noise=None, window=None):
         """AR training and scoring: causal attention over real tokens; returns (logits, loss).
-        With noise, the student's staircase pass instead: (slot logits, None). Both go through
-        forward so that DDP and torch.compile wrap them alike."""
+        With noise, the student's staircase pass instead: (slot logits, None), or with the cdf
+        readout (logits, tokens). All go through forward so that DDP and torch.compile wrap them
+        alike."""
+        if noise is not None and self.config.readout != "argmax":
+            return self.forward_cdf(idx, anchors, noise)
         if noise is not None:
             return self.forward_staircase(idx, anchors, noise, window), None
         pos = torch.arange(idx.size(1), device=idx.device)
@@ -228,6 +261,33 @@ class GPT(nn.Module):
         h = self._staircase(idx, anchors, x_win)[:, idx.size(1):]
         return self._logits(h.reshape(*x_win.shape[:3], -1)[:, :, m:])
 
+    def forward_cdf(self, idx, anchors, noise):
+        """The distribution readout's training pass: one pass over [context | A windows of k - 1
+        noise slots], then read_out. Returns the k distributions' logits (B, A, k, vocab) and the
+        tokens drawn from them with the noise (B, A, k)."""
+        N, k = idx.size(1), noise.size(2)
+        h = self._staircase(idx, anchors, self.noise_encoder(noise[:, :, :-1]))
+        at_anchor = torch.gather(h, 1, anchors.unsqueeze(-1).expand(-1, -1, h.size(-1)))
+        return self.read_out(at_anchor, h[:, N:].reshape(*noise.shape[:2], k - 1, -1), noise)
+
+    def read_out(self, h_last, h_slots, u):
+        """From the states of the last real token (..., C) and of the k - 1 noise slots after it
+        (..., k - 1, C) to k distributions and tokens, x_i = F^-1(u_i | distribution i)."""
+        r, logits, tokens = h_last, [], []
+        for i in range(u.size(-1)):
+            logits.append(self._logits(r))
+            tokens.append(inverse_cdf(logits[-1], u[..., i]))
+            if i + 1 < u.size(-1):   # the state that token i+1's distribution is read from
+                h = h_slots[..., i, :]
+                r = h if self.slot_readout is None else self.slot_readout(h, self.wte(tokens[-1]), r)
+        return torch.stack(logits, dim=-2), torch.stack(tokens, dim=-1)
+
+    def window_tokens(self, idx, anchors, noise):
+        """The student's tokens for each anchor's window of noise, (B, A, k), by its readout."""
+        if self.config.readout == "argmax":
+            return self.forward_staircase(idx, anchors, noise).argmax(-1)
+        return self.forward_cdf(idx, anchors, noise)[1]
+
     def forward_window(self, idx, anchors, window):
         """AR logits of the m + 1 tokens after each anchor t when the m tokens of `window` (B, A, m)
         follow t as if real: (B, A, m + 1, vocab), in one pass on the staircase. A teacher's
@@ -250,30 +310,31 @@ class GPT(nn.Module):
         return self._trunk(x, pos, staircase_mask(N, anchors, W))
 
     @classmethod
-    def student_from(cls, teacher, max_k, noise_features=None):
+    def student_from(cls, teacher, max_k, noise_features=None, readout=None):
         """A student initialised from its teacher: every shared tensor copied, only a new noise
-        encoder (first stage) from scratch; no dropout, as in the paper's k = 4 stage."""
+        encoder (first stage) and slot readout from scratch; no dropout, as in the paper's k = 4
+        stage."""
         cfg = GPTConfig(**{**asdict(teacher.config), "max_k": max_k, "dropout": 0.0})
-        if noise_features is not None and teacher.noise_encoder is None:
-            cfg.noise_features = noise_features
+        if teacher.noise_encoder is None:   # the first stage chooses; later ones inherit
+            cfg.noise_features = noise_features or cfg.noise_features
+            cfg.readout = readout or cfg.readout
         student = cls(cfg).to(next(teacher.parameters()).device)
         missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
-        assert not unexpected and all(k.startswith("noise_encoder.") for k in missing)
+        assert not unexpected and all(k.startswith(("noise_encoder.", "slot_readout."))
+                                      for k in missing)
         return student
 
     # --------------------------------------------------------------------------------------------
-    # Decoding (section 3): each pass feeds [the k tokens committed last pass | k noise slots].
+    # Decoding (section 3): each pass feeds [the k tokens committed last pass | the noise slots].
 
     def forward_step(self, tokens, pos, slots, cache):
-        """One cached pass: the n tokens to commit (the prompt at prefill), then the k noise slots'
-        inputs `slots` (B, k, C) (None for AR), at consecutive positions `pos`. Returns only the
-        logits the readout needs: the last real token's (AR) or the k slots'."""
-        n = tokens.size(1)
+        """One cached pass: the n tokens to commit (the prompt at prefill), then the noise slots'
+        inputs `slots` (B, s, C) (None for AR), at consecutive positions `pos`. Returns only the
+        states a readout needs: the last real token's and the slots', (B, 1 + s, C)."""
         x = self.wte(tokens)
         if slots is not None:
             x = torch.cat([x, slots.to(x.dtype)], dim=1)
-        h = self._trunk(x, pos, cache.mask(pos), cache=cache)
-        return self._logits(h[:, n:] if slots is not None else h[:, n - 1:])
+        return self._trunk(x, pos, cache.mask(pos), cache=cache)[:, tokens.size(1) - 1:]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -327,18 +388,20 @@ class KVCache:
 
 
 @torch.no_grad()
-def decode_step(model, tokens, pos, noise, cache):
-    """One pass: commit `tokens` and read out the next k tokens. AR: noise is (B, 1) uniforms and
-    x = F^-1(u | ctx). Student: noise is the k slots' inputs, (B, k, C), and x_i = argmax at slot i
-    (the push-forward readout). pos: the positions of the tokens, then of the slots."""
+def decode_step(model, tokens, pos, u, cache):
+    """One pass: commit `tokens` and read out the next k tokens from their uniforms u (B, k); pos:
+    the positions of the tokens, then of the k after them. The argmax readout: k noise slots, x_i =
+    argmax at slot i. The cdf readout: k - 1 slots, x_i = F^-1(u_i | distribution i); AR is its
+    k = 1 case, x = F^-1(u | ctx) from the last token's state, with no slot."""
+    n, k = tokens.size(1), u.size(1)
     if model.config.max_k == 0:
-        assert noise.size(1) == 1, "an AR model decodes one token per pass"
-        logits = model.forward_step(tokens, pos, None, cache)
-        return inverse_cdf(logits[:, -1], noise[:, 0]).unsqueeze(1)
-    return model.forward_step(tokens, pos, noise, cache).argmax(dim=-1)
-
-
-NOISE_CHUNK = 256   # noise positions per noise-encoder call in generate: bounds its memory
+        assert k == 1, "an AR model decodes one token per pass"
+    if model.config.readout == "argmax" and model.config.max_k:
+        h = model.forward_step(tokens, pos, model.noise_encoder(u), cache)
+        return model._logits(h[:, 1:]).argmax(dim=-1)
+    slots = model.noise_encoder(u[:, :-1]) if k > 1 else None
+    h = model.forward_step(tokens, pos[:n + k - 1], slots, cache)
+    return model.read_out(h[:, 0], h[:, 1:], u)[1]
 
 
 @torch.no_grad()
@@ -366,18 +429,12 @@ def generate(model, prompt, noise, k=1, cache=None, step_fn=decode_step):
     out = torch.empty(B, n_new, dtype=torch.long, device=prompt.device)
     if n_new == 0:
         return out
-    # a slot's input depends on its noise alone: encode all of it up front, in a few large calls
-    slots, n_slots = noise, 0   # AR takes the uniforms themselves
-    if model.config.max_k:
-        slots = torch.cat([model.noise_encoder(noise[:, i:i + NOISE_CHUNK])
-                           for i in range(0, n_new, NOISE_CHUNK)], dim=1)
-        n_slots = k
     pos = torch.arange(P + n_new, device=prompt.device)
     # prefill: commit the prompt, read out the first k tokens
-    out[:, :k] = tokens = step_fn(model, prompt, pos[:P + n_slots], slots[:, :k], cache)
+    out[:, :k] = tokens = step_fn(model, prompt, pos[:P + k], noise[:, :k], cache)
     # decode: each pass commits the k tokens the last one read out, and reads out k more
     for s in range(k, n_new, k):
-        tokens = step_fn(model, tokens, pos[P + s - k:P + s + n_slots], slots[:, s:s + k], cache)
+        tokens = step_fn(model, tokens, pos[P + s - k:P + s + k], noise[:, s:s + k], cache)
         out[:, s:s + k] = tokens
     return out
 
@@ -403,8 +460,8 @@ def window_agreement(student, prompts, ar_tokens, noise, k, batch=32):
     seq = torch.cat([prompts, ar_tokens[:, :n]], dim=1)[:, :P + n - k]   # the last window's context
     anchors = (P - 1 + torch.arange(0, n, k, device=seq.device)).expand(B, -1)
     slots = noise[:, :n].reshape(B, -1, k)
-    tokens = torch.cat([student.forward_staircase(seq[i:i + batch], anchors[i:i + batch],
-                                                  slots[i:i + batch]).argmax(-1)
+    tokens = torch.cat([student.window_tokens(seq[i:i + batch], anchors[i:i + batch],
+                                              slots[i:i + batch])
                         for i in range(0, B, batch)])   # (B, n/k, k)
     return (tokens == ar_tokens[:, :n].reshape(B, -1, k)).float().mean(dim=(0, 1)).tolist()
 

@@ -31,10 +31,12 @@ def tiny_models():
     torch.manual_seed(0)
     teacher = GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
     student = GPT.student_from(teacher, K).eval()
-    with torch.no_grad():   # a noise encoder whose output matters, so that tokens depend on u
-        for p in student.noise_encoder.parameters():
+    cdf = GPT.student_from(teacher, K, readout="cdf_seq").eval()   # the distribution readout
+    with torch.no_grad():   # a noise encoder (and slot readout) whose output matters
+        for p in [*student.noise_encoder.parameters(), *cdf.noise_encoder.parameters(),
+                  *cdf.slot_readout.parameters()]:
             p.normal_(0, 0.5)
-    return teacher, student
+    return teacher, student, cdf
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +47,11 @@ def teacher():
 @pytest.fixture(scope="module")
 def student():
     return tiny_models()[1]
+
+
+@pytest.fixture(scope="module")
+def cdf():
+    return tiny_models()[2]
 
 
 @torch.no_grad()
@@ -69,14 +76,14 @@ def test_noise_slots_leave_only_real_tokens_in_the_cache(teacher, student, atten
 
 
 @torch.no_grad()
-def test_flex_and_sdpa_decoding_agree(teacher, student):
+def test_flex_and_sdpa_decoding_agree(teacher, student, cdf):
     """The two attention paths of a cached pass compute the same function (on CPU flex runs its
     unfused reference; the last test checks the compiled kernel on a GPU), with garbage in the stale
     entries."""
     gen = torch.Generator().manual_seed(3)
     prompt = torch.randint(0, V, (2, 6), generator=gen)
     noise = torch.rand(2, 36, generator=gen, dtype=torch.float64)
-    for model, k in ((teacher, 1), (student, 3), (student, 4)):
+    for model, k in ((teacher, 1), (student, 3), (student, 4), (cdf, 4)):
         out = {}
         for attention in ("sdpa", "flex"):
             cache = make_cache(student.config, 2, "cpu", torch.float32, attention)
@@ -117,22 +124,21 @@ def test_static_step_matches_eager_generate():
     """CUDAGraphStep's plumbing (static input buffers, the static output fed back as the next input,
     one cache reused across generations, a step object reused across shapes) gives generate's exact
     tokens. On CPU it runs the steps eagerly; on a GPU the same test checks the captured graphs."""
-    teacher, student = tiny_models()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    teacher, student = teacher.to(dev), student.to(dev)
+    teacher, student, cdf = (m.to(dev) for m in tiny_models())
     gen = torch.Generator().manual_seed(1)
     prompt = torch.randint(V, (3, 6), generator=gen).to(dev)
     noise = torch.rand(3, 24, generator=gen, dtype=torch.float64).to(dev)
     cache = KVCache(student.config, 3, dev, torch.float32)
     step = CUDAGraphStep(capture=dev.type == "cuda")
-    for model, k in ((teacher, 1), (student, 2), (student, 4), (teacher, 1)):
+    for model, k in ((teacher, 1), (student, 2), (student, 4), (cdf, 4), (teacher, 1)):
         eager = generate(model, prompt, noise, k)
         assert torch.equal(generate(model, prompt, noise, k, cache=cache, step_fn=step), eager), k
         # the same cache again, now holding a longer generation's stale entries, and new noise
         other = noise.flip(0)
         assert torch.equal(generate(model, prompt, other, k, cache=cache, step_fn=step),
                            generate(model, prompt, other, k)), k
-    assert len(step.graphs) == 3   # one per (model, batch, k); prefill runs eagerly
+    assert len(step.graphs) == 4   # one per (model, batch, k); prefill runs eagerly
     buffer = weakref.ref(next(iter(step.graphs.values()))["tokens"])
     del step   # no reference cycle: the graphs and their memory go with the step object
     assert buffer() is None
@@ -153,9 +159,10 @@ def test_compiled_step_matches_eager_generate():
     tokens. The teacher's logits are sharpened so that rounding differences between fused and
     unfused kernels (~1e-7) cannot move its inverse CDF across a token boundary; the student's
     argmax readout is robust to them anyway."""
-    teacher, student = tiny_models()
+    teacher, student, _ = tiny_models()
     with torch.no_grad():
         teacher.lm_head.weight.mul_(30)
+    cdf = GPT.student_from(teacher, K, readout="cdf_seq").eval()   # sharpened as well
     gen = torch.Generator().manual_seed(2)
     prompt = torch.randint(V, (3, 6), generator=gen)
     noise = torch.rand(3, 16, generator=gen, dtype=torch.float64)
@@ -163,12 +170,12 @@ def test_compiled_step_matches_eager_generate():
     torch._dynamo.utils.counters.clear()   # (reset() keeps them: count this test's graphs only)
     step = CUDAGraphStep(capture=False, compile=True)
     for attention in ("sdpa", "flex"):
-        for model, k in ((teacher, 1), (student, 2), (student, 4)):
+        for model, k in ((teacher, 1), (student, 2), (student, 4), (cdf, 4)):
             cache = make_cache(model.config, 3, "cpu", torch.float32, attention)
             assert torch.equal(generate(model, prompt, noise, k, step_fn=step, cache=cache),
                                generate(model, prompt, noise, k)), (attention, k)
     # really compiled, once per shape
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 6
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 8
 
 
 @needs_compiler
@@ -194,7 +201,8 @@ def test_compiled_pass_matches_eager_logits(attention, device, no_tf32):
         eager, compiled = (f(tokens, pos, slots, c) for f, c in zip(passes, caches))
         torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5 if device == "cpu" else 1e-4)
         # the tokens made, then new slots
-        tokens, pos = eager.argmax(-1), pos[-K] + torch.arange(2 * K, device=device)
+        tokens = student._logits(eager[:, 1:]).argmax(-1)
+        pos = pos[-K] + torch.arange(2 * K, device=device)
 
 
 @needs_compiler
@@ -212,9 +220,9 @@ def test_compiled_step_writes_the_cache_in_place(attention):
     cache = make_cache(cfg, 3, "cpu", torch.float32, attention)
     # 2 tokens to commit, then 2 slots
     tokens, pos = torch.randint(256, (3, 2)), torch.arange(40, 44)
-    slots = student.noise_encoder(torch.rand(3, 2, dtype=torch.float64))
+    u = torch.rand(3, 2, dtype=torch.float64)
     torch._dynamo.reset()
-    _, code = run_and_get_code(compile_per_shape(decode_step), student, tokens, pos, slots, cache)
+    _, code = run_and_get_code(compile_per_shape(decode_step), student, tokens, pos, u, cache)
     shapes = re.findall(r"empty_strided_\w+\(\(([\d, ]+)\)", "\n".join(code))
     assert shapes, "no buffers found: the generated code's format changed"
     layer_cache = cache.k[0].numel()

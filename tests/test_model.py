@@ -67,7 +67,8 @@ def test_kv_cache_decode_equals_full_forward(teacher, splits):
     cache = KVCache(teacher.config, 3, "cpu", torch.float32)
     start = 0
     for end in splits:
-        last = teacher.forward_step(x[:, start:end], torch.arange(start, end), None, cache)
+        last = teacher._logits(teacher.forward_step(x[:, start:end], torch.arange(start, end),
+                                                    None, cache))
         torch.testing.assert_close(last[:, -1], full[:, end - 1], rtol=0, atol=1e-4)
         start = end
 
@@ -80,7 +81,7 @@ def test_stale_cache_entries_are_masked(teacher):
     cache = KVCache(teacher.config, 2, "cpu", torch.float32)
     for t in cache.k + cache.v:   # garbage in every entry
         t.normal_()
-    last = teacher.forward_step(x, torch.arange(20), None, cache)
+    last = teacher._logits(teacher.forward_step(x, torch.arange(20), None, cache))
     torch.testing.assert_close(last[:, -1], full[:, -1], rtol=0, atol=1e-4)
 
 
@@ -110,7 +111,8 @@ def test_student_cached_step_equals_staircase(student, m):
             if step is None:   # a 1-token context: commit it together with the slots
                 cache = KVCache(student.config, 1, "cpu", torch.float32)
                 step = student.forward_step(ctx, torch.arange(end), slots, cache)
-            torch.testing.assert_close(step[0], stair[b, a], rtol=0, atol=1e-4)
+            torch.testing.assert_close(student._logits(step[0, 1:]), stair[b, a], rtol=0,
+                                       atol=1e-4)
 
 
 @torch.no_grad()
@@ -270,18 +272,61 @@ def test_ar_decode_equals_naive_sampling(teacher):
     assert torch.equal(generate(teacher, prompt, noise, k=1), seq[:, 6:])
 
 
+def cdf_student(teacher, readout, perturb=True):
+    torch.manual_seed(1)
+    s = GPT.student_from(teacher, 4, readout=readout).eval()
+    with torch.no_grad():   # as the student fixture: a wrong mask or readout must show
+        for p in s.parameters() if perturb else ():
+            p.add_(0.05 * torch.randn_like(p))
+    return s
+
+
 @torch.no_grad()
-def test_student_decode_equals_staircase_argmax(student):
+@pytest.mark.parametrize("readout", ["argmax", "cdf", "cdf_seq"])
+def test_student_decode_equals_staircase(teacher, student, readout):
     """Each pass of generate() is the student's staircase window on the tokens committed so far."""
+    model = student if readout == "argmax" else cdf_student(teacher, readout)
     prompt, noise = torch.randint(0, V, (2, 6)), torch.rand(2, 12, dtype=torch.float64)
-    out = generate(student, prompt, noise, k=4)
+    out = generate(model, prompt, noise, k=4)
     seq = torch.cat([prompt, out], 1)
     for s in range(0, 12, 4):
         t = 6 + s - 1
         anchors = torch.full((2, 1), t)
-        ref = student.forward_staircase(seq[:, :t + 1], anchors,
-                                        noise[:, None, s:s + 4]).argmax(-1)[:, 0]
+        ref = model.window_tokens(seq[:, :t + 1], anchors, noise[:, None, s:s + 4])[:, 0]
         assert torch.equal(out[:, s:s + 4], ref)
+    assert len(set(out.flatten().tolist())) > 4   # the tokens depend on the noise
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("readout", ["cdf", "cdf_seq"])
+def test_a_cdf_student_starts_as_its_teacher(teacher, readout):
+    """The distribution readout reads token 1's distribution from the last real token's state: a
+    fresh student's is exactly the teacher's, so at k = 1 it samples the teacher exactly (AR is the
+    readout with no slot), and at k = 4 its first token of every window is the teacher's."""
+    s = cdf_student(teacher, readout, perturb=False)
+    prompt, noise = torch.randint(0, V, (3, 6)), torch.rand(3, 16, dtype=torch.float64)
+    ar = generate(teacher, prompt, noise, k=1)
+    assert torch.equal(generate(s, prompt, noise, k=1), ar)
+    x, anchors = torch.randint(0, V, (2, 20)), torch.tensor([[3, 9, 19], [0, 5, 12]])
+    logits, tokens = s.forward_cdf(x, anchors, torch.rand(2, 3, 4, dtype=torch.float64))
+    assert logits.shape == (2, 3, 4, V) and tokens.shape == (2, 3, 4)
+    torch.testing.assert_close(logits[:, :, 0], teacher.next_token_logits(x, anchors))
+
+
+@torch.no_grad()
+def test_only_the_sequential_readout_sees_the_token_a_slot_produced(teacher):
+    """read_out from fixed states: changing u_1 changes token 1; with cdf the second distribution
+    comes from slot 1's state alone and stays, with cdf_seq it also reads token 1 and moves."""
+    h_last, h_slots = torch.randn(1, 32), torch.randn(1, 3, 32)
+    u = torch.tensor([[0.01, 0.5, 0.5, 0.5], [0.99, 0.5, 0.5, 0.5]], dtype=torch.float64)
+    for readout in ("cdf", "cdf_seq"):
+        logits, tokens = cdf_student(teacher, readout).read_out(h_last.expand(2, -1),
+                                                              h_slots.expand(2, -1, -1), u)
+        assert tokens[0, 0] != tokens[1, 0]
+        assert torch.equal(logits[0, 0], logits[1, 0])
+        assert torch.equal(logits[0, 1], logits[1, 1]) == (readout == "cdf"), readout
+        for i in range(4):   # each token is the inverse CDF of its own distribution
+            assert torch.equal(tokens[:, i], inverse_cdf(logits[:, i], u[:, i]))
 
 
 def test_student_copies_every_shared_tensor(teacher):
@@ -348,14 +393,14 @@ def test_values_are_not_rotated_and_logits_cover_the_real_vocabulary(teacher, st
     and the tokenizer not decode."""
     x = torch.randint(0, V, (2, 5))
     cache = KVCache(teacher.config, 2, "cpu", torch.float32)
-    assert teacher.forward_step(x, torch.arange(5), None, cache).size(-1) == V
+    assert teacher._logits(teacher.forward_step(x, torch.arange(5), None, cache)).size(-1) == V
     block = teacher.blocks[0]
     v = block.attn.qkv(block.ln1(teacher.wte(x))).view(2, 5, 3, 2, 16)[:, :, 2].transpose(1, 2)
     torch.testing.assert_close(cache.v[0][:, :, :5], v)
     assert teacher(x)[0].size(-1) == V
     slots = student.noise_encoder(torch.rand(2, 4, dtype=torch.float64))
     cache = KVCache(student.config, 2, "cpu", torch.float32)
-    assert student.forward_step(x, torch.arange(9), slots, cache).size(-1) == V
+    assert student._logits(student.forward_step(x, torch.arange(9), slots, cache)).size(-1) == V
     assert student.forward_staircase(x, torch.tensor([[1, 3]] * 2),
                                      torch.rand(2, 2, 4)).size(-1) == V
 
@@ -389,12 +434,9 @@ def test_generate_rejects_what_the_model_cannot_decode(teacher, student):
 
 
 @torch.no_grad()
-def test_generate_encodes_each_slots_own_noise_in_float64(monkeypatch):
-    """generate encodes the whole generation's noise before its loop, in chunks: each pass must get
-    exactly its k slots' encodings, from the float64 noise (as the staircase encodes it in training;
-    "high" features are sensitive to it)."""
-    import model as model_py
-    monkeypatch.setattr(model_py, "NOISE_CHUNK", 8)   # several chunks, the last one partial
+def test_generate_gives_each_pass_its_own_float64_noise():
+    """Each pass gets exactly its k uniforms, in float64 (the staircase encodes them so in
+    training; "high" features are sensitive to it)."""
     torch.manual_seed(0)
     s = GPT.student_from(GPT(GPTConfig(block_size=48, n_layer=1, n_head=2, n_embd=32)), 2,
                          noise_features="high").eval()
@@ -402,7 +444,7 @@ def test_generate_encodes_each_slots_own_noise_in_float64(monkeypatch):
     seen = []
     generate(s, prompt, noise, 2,
              step_fn=lambda m, t, p, u, c: seen.append(u.clone()) or decode_step(m, t, p, u, c))
-    assert torch.equal(torch.cat(seen, 1), s.noise_encoder(noise))
+    assert torch.equal(torch.cat(seen, 1), noise) and seen[0].dtype == torch.float64
 
 
 @torch.no_grad()

@@ -258,15 +258,37 @@ def test_ema_is_what_is_evaluated_saved_and_handed_on(iid, tmp_path, monkeypatch
             [(False, False), (False, True), (True, True), (True, False), (True, True)]
 
 
+def test_the_distribution_readout_learns_the_teachers_chain(markov):
+    """--recipe cdf_seq on the Markov chain (next = current + 1, 3 or 5): the student starts as its
+    teacher at slot 1 (agreement 100% on the teacher's context), and slot 2, which must read the
+    token slot 1 drew, learns to agree with the teacher's same-noise token far above what a student
+    blind to the noise reaches, in 60 steps."""
+    out = os.path.join(markov["root"], "cdf_seq")
+    distill.main(["--preset", "tiny", "--teacher", markov["teacher"], "--data_dir", markov["data"],
+                  "--recipe", "cdf_seq", "--out_dir", out, "--k", "2", "--steps_per_stage", "60",
+                  "--block_size", "32", "--batch_size", "8", "--anchors", "8", "--lr", "3e-3",
+                  "--eval_samples", "64", "--eval_tokens", "8", "--curve_interval", "30",
+                  "--device", "cpu"])
+    result = json.load(open(os.path.join(out, "distill_tiny.json")))
+    (stage,), blind = result["stages"], result["agreement_without_noise"]
+    assert result["schedule"] == [2] and stage["curve"][0]["window_agreement"][0] == 1.0
+    slot1, slot2 = stage["window_agreement"]
+    assert slot1 >= 0.8 and slot2 >= blind["independent_draw"] + 0.1, (stage, blind)
+    assert stage["curve"][0]["window_agreement"][1] < blind["independent_draw"]
+    assert all(0 <= kl < 0.5 for kl in stage["final_loss_per_slot"])   # nats, per slot
+    with pytest.raises(UserError, match="one stage at --k"):
+        distill.main(["--recipe", "cdf", "--schedule", "1,2", "--k", "2", "--out_dir", out])
+
+
 @torch.no_grad()
 def test_onpolicy_targets_are_the_teachers_chain_after_the_students_own_tokens():
-    """--recipe onpolicy: slot i's target is the teacher's inverse CDF with u_i after the context up
+    """--recipe onpolicy / cdf: slot i's target is the teacher's distribution after the context up
     to the anchor and the student's own tokens of slots < i (its last token is never read)."""
     torch.manual_seed(0)
     ar = GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=16, vocab_size=40)).eval()
     x, anchors = torch.randint(40, (2, 12)), torch.tensor([[2, 7], [0, 11]])
     u, own = torch.rand(2, 2, 3, dtype=torch.float64), torch.randint(40, (2, 2, 3))
-    got = distill.onpolicy_targets(ar, x, anchors, u, own)
+    got = inverse_cdf(distill.teacher_after(ar, x, anchors, own), u)
     for b in range(2):
         for a in range(2):
             t = anchors[b, a].item()
@@ -276,7 +298,7 @@ def test_onpolicy_targets_are_the_teachers_chain_after_the_students_own_tokens()
                 assert got[b, a, i] == want.item(), (b, a, i)
     other = own.clone()
     other[:, :, -1] = (own[:, :, -1] + 1) % 40
-    assert torch.equal(distill.onpolicy_targets(ar, x, anchors, u, other), got)
+    assert torch.equal(inverse_cdf(distill.teacher_after(ar, x, anchors, other), u), got)
 
 
 @torch.no_grad()
