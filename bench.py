@@ -48,7 +48,7 @@ from common import (StopFlag, UserError, device_name, git_commit, load_checkpoin
                     load_split, model_from_checkpoint, pyplot, resolve_device, run_cli,
                     sample_windows, save_figure, write_json)
 from fast import PEAK_BANDWIDTH, PEAK_FLOPS, CUDAGraphStep, device_peak, make_cache
-from model import (GPT, NOISE_CHUNK, GPTConfig, agreement_without_noise, continuation_logits,
+from model import (GPT, GPTConfig, agreement_without_noise, continuation_logits,
                    generate, same_noise_agreement, window_agreement)
 from prepare_data import get_tokenizer
 from sample import find_checkpoints, load_models
@@ -145,29 +145,29 @@ def linear_weights(model, part):
 
 
 def generation_phases(model, B, P, n_new, k, cache_elem):
-    """What a whole generation must move and compute, as (bytes, FLOPs) per phase, in order: the
-    noise encoder once per generate call of NOISE_CHUNK positions, then per pass the trunk's dense
-    layers (weights read once, 2 FLOPs a weight a row), the LM head (the rows read out only) and
-    attention (the cache read up to its length, the committed K/V written; 4 FLOPs per query, key
-    and channel). Activations, norms and the sampler are not counted."""
+    """What a whole generation must move and compute, as (bytes, FLOPs) per phase, in order, per
+    pass: the noise encoder and slot readout (a student's slots), the trunk's dense layers (weights
+    read once, 2 FLOPs a weight a row), the LM head (the rows read out only) and attention (the
+    cache read up to its length, the committed K/V written; 4 FLOPs per query, key and channel).
+    Activations, norms and the sampler are not counted."""
     cfg = model.config
     kv_token = 2 * cfg.n_layer * cfg.n_embd * cache_elem   # K and V of one token, all layers
-    slots = k if cfg.max_k else 0                          # AR reads out its last row
-    encoder = weight_bytes(model, "noise_encoder.")
+    # noise slots per pass: the argmax readout k, the cdf readout k - 1, AR none
+    slots = 0 if not cfg.max_k else k if cfg.readout == "argmax" else k - 1
+    heads = k if cfg.max_k else 1                          # rows read out: AR its last one
+    extra = weight_bytes(model, "noise_encoder.") + weight_bytes(model, "slot_readout.")
+    extra_flops = linear_weights(model, "noise_encoder.") + linear_weights(model, "slot_readout.")
     w = model.lm_head.weight
     head, head_bytes = w.numel(), w.numel() * w.element_size()
     trunk = linear_weights(model, "blocks.")
-    trunk_bytes = weight_bytes(model) - encoder - head_bytes   # (with the final norm)
-    phases = []
-    if cfg.max_k:
-        encoder_flops = 2 * B * linear_weights(model, "noise_encoder.")   # per position
-        phases += [(encoder, encoder_flops * min(NOISE_CHUNK, n_new - i))
-                   for i in range(0, n_new, NOISE_CHUNK)]
-    length = 0
+    trunk_bytes = weight_bytes(model) - extra - head_bytes   # (with the final norm)
+    phases, length = [], 0
     for s in range(0, n_new, k):
         written = P if s == 0 else k   # the prompt at prefill, then the last k tokens
         rows, length = written + slots, length + written
-        phases += [(trunk_bytes, 2 * B * rows * trunk), (head_bytes, 2 * B * (slots or 1) * head),
+        if slots:
+            phases.append((extra, 2 * B * slots * extra_flops))
+        phases += [(trunk_bytes, 2 * B * rows * trunk), (head_bytes, 2 * B * heads * head),
                    (B * kv_token * (length + written),
                     4 * B * cfg.n_layer * cfg.n_embd * rows * (length + slots))]
     return phases
@@ -271,11 +271,8 @@ def run_profile_point(runs, cache, graph_step, label, seq_len, B, device, gen, s
     for k, model in runs.items():
         tokens = torch.randint(model.config.vocab_size, (B, k), generator=gen).to(device)
         u = torch.rand(B, k, generator=gen, dtype=torch.float64).to(device)
-        n_in = k if model.config.max_k == 0 else 2 * k   # a student's pass adds k noise slots
-        start = min(seq_len // 2, seq_len - n_in)
-        pos = torch.arange(start, start + n_in, device=device)
-        with torch.no_grad():
-            u = model.noise_encoder(u) if model.config.max_k else u   # encoded before the loop
+        start = min(seq_len // 2, seq_len - 2 * k)   # k tokens, then up to k noise slots
+        pos = torch.arange(start, start + 2 * k, device=device)
         for _ in range(3):   # capture and warm up
             graph_step(model, tokens, pos, u, cache)
         sync(device)

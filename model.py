@@ -278,8 +278,8 @@ class GPT(nn.Module):
             logits.append(self._logits(r))
             tokens.append(inverse_cdf(logits[-1], u[..., i]))
             if i + 1 < u.size(-1):   # the state that token i+1's distribution is read from
-                h = h_slots[..., i, :]
-                r = h if self.slot_readout is None else self.slot_readout(h, self.wte(tokens[-1]), r)
+                h, mlp = h_slots[..., i, :], self.slot_readout
+                r = h if mlp is None else mlp(h, self.wte(tokens[-1]), r)
         return torch.stack(logits, dim=-2), torch.stack(tokens, dim=-1)
 
     def window_tokens(self, idx, anchors, noise):

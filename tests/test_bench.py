@@ -184,19 +184,16 @@ def test_an_impossible_speed_is_suspect_and_never_plotted(monkeypatch, capsys):
 
 def test_bytes_moved_per_pass():
     """MBU's numerator: every pass reads the trunk's weights (a tied embedding once) and the cache
-    so far and writes the K/V it commits; the noise encoder runs once per NOISE_CHUNK positions."""
+    so far and writes the K/V it commits; a student's also reads its noise encoder."""
     teacher, student = tiny_pair()
     weights = sum(p.numel() * 4 for p in teacher.parameters())
     encoder = sum(p.numel() * 4 for p in student.noise_encoder.parameters())
     kv = 2 * 2 * 32 * 2   # K and V, 2 layers, width 32, 2-byte cache entries
     B, P = 3, 6
     # k = 4, 8 new tokens: the prefill commits the prompt (cache 6 long), the next pass 4 tokens
-    assert bytes_moved(student, B, P, 8, 4, 2) == (2 * weights + encoder
+    assert bytes_moved(student, B, P, 8, 4, 2) == (2 * (weights + encoder)
                                                    + B * kv * ((6 + 6) + (10 + 4)))
     assert bytes_moved(teacher, B, P, 2, 1, 2) == 2 * weights + B * kv * ((6 + 6) + (7 + 1))
-    for n, calls in ((8, 1), (256, 1), (260, 2)):
-        extra = bytes_moved(student, B, P, n, 4, 2) - bytes_moved(teacher, B, P, n, 4, 2)
-        assert extra == calls * encoder
 
 
 def test_roofline_phases_and_ceiling():
@@ -213,17 +210,16 @@ def test_roofline_phases_and_ceiling():
     phases = generation_phases(student, B, P, 8, 4, 2)
     # k = 4, 8 new tokens: the prefill (6 tokens + 4 slots; cache 6 long), then 4 + 4 (10 long)
     assert [f for _, f in phases] == [
-        B * 8 * encoder_flops,
-        2 * B * 10 * trunk, 2 * B * 4 * d * V, 4 * B * L * d * 10 * (6 + 4),
-        2 * B * 8 * trunk, 2 * B * 4 * d * V, 4 * B * L * d * 8 * (10 + 4)]
-    assert phases[2][0] == phases[5][0] == d * V * 2   # the LM head's bf16 weights, once a pass
+        B * 4 * encoder_flops, 2 * B * 10 * trunk, 2 * B * 4 * d * V, 4 * B * L * d * 10 * (6 + 4),
+        B * 4 * encoder_flops, 2 * B * 8 * trunk, 2 * B * 4 * d * V, 4 * B * L * d * 8 * (10 + 4)]
+    assert phases[2][0] == phases[6][0] == d * V * 2   # the LM head's bf16 weights, once a pass
     assert [f for _, f in generation_phases(teacher, B, P, 2, 1, 2)] == [
         2 * B * 6 * trunk, 2 * B * d * V, 4 * B * L * d * 6 * 6, 2 * B * trunk, 2 * B * d * V,
         4 * B * L * d * 7]
-    bw, fl = 1e12, 16e12   # 16 FLOPs a byte: encoder and trunk bind on compute, the rest on bytes
+    bw, fl = 1e12, 16e12   # 16 FLOPs a byte: the trunk binds on compute, the rest on bytes
     roof = roofline({1: teacher, 4: student}, B, 14, (bw, fl))   # 14 = 6 + 8 new tokens
-    sequence = (phases[0][1] + phases[1][1] + phases[4][1]) / fl + sum(phases[i][0]
-                                                                       for i in (2, 3, 5, 6)) / bw
+    sequence = (phases[1][1] + phases[5][1]) / fl + sum(phases[i][0]
+                                                        for i in (0, 2, 3, 4, 6, 7)) / bw
     assert roof[4]["roofline_tokens_per_s"] == pytest.approx(B * 8 / sequence)
     overlapped = max(sum(b for b, _ in phases) / bw, sum(f for _, f in phases) / fl)
     ar = generation_phases(teacher, B, P, 8, 1, 2)
@@ -246,7 +242,8 @@ def test_roofline_of_a_gpu_on_any_machine(pair, tmp_path):
     rows = {(r["batch_size"], r["k"]): r for r in res["roofline"]}
     assert sorted(rows) == [(b, k) for b in (1, 64) for k in (1, 2, 3, 4)]
     for (b, k), r in rows.items():
-        assert 0.9 * k < rows[(1, k)]["roofline_speedup"] <= k
+        # (this toy's noise encoder, read every pass, weighs almost as much as its trunk)
+        assert 0.7 * k < rows[(1, k)]["roofline_speedup"] <= k
         assert rows[(64, k)]["roofline_tokens_per_s"] > rows[(1, k)]["roofline_tokens_per_s"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench_trained_roofline_h200.json"]
 
@@ -339,7 +336,8 @@ def test_a_partial_run_keeps_the_other_parts_files(pair, tmp_path):
 
 def test_profile_of_one_decode_step(pair, tmp_path):
     """--profile: per point and k, one step's time and launches; a student's step is the same code
-    at every k, and launches about what an AR step does (the trunk; argmax for the inverse CDF)."""
+    at every k, and launches about what an AR step does (the trunk; argmax for the inverse CDF; the
+    noise encoder's few kernels)."""
     rows = run(pair, tmp_path, "--device", "cpu", "--profile", "--batch_sizes", "2", "--seq_lens",
                "32")("profile")["profile"]
     rows = {r["k"]: r for r in rows}
@@ -349,7 +347,7 @@ def test_profile_of_one_decode_step(pair, tmp_path):
         assert r["tokens_per_s"] == pytest.approx(2 * r["k"] / r["step_ms"] * 1e3)
     launches = {k: r["launches_per_step"] for k, r in rows.items()}
     assert launches[2] == launches[3] == launches[4]
-    assert abs(launches[4] - launches[1]) < 0.1 * launches[1]
+    assert abs(launches[4] - launches[1]) < 0.2 * launches[1]
 
 
 def test_paper_shape_needs_no_checkpoint(tmp_path, monkeypatch):
