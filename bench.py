@@ -397,6 +397,45 @@ def quality_row(model, k, samples, nll, ar_nll, ar, window, tok):
             "window_agreement": window}
 
 
+def histogram_entropy(h):
+    """Entropy (nats) of each row of a histogram (rows of frequencies summing to 1)."""
+    return -(h * torch.where(h > 0, h.log(), 0.0)).sum(-1)
+
+
+@torch.no_grad()
+def distribution_per_slot(teacher, student, k, prompts, gen, draws=128, batch=4):
+    """Does the student sample the teacher's distribution at each slot, whatever the coupling? For
+    each prefix, the noises of slots < i fixed and `draws` draws of u_i: the histogram of the
+    student's token i against the teacher's next-token distribution after the context and the
+    student's own tokens < i. Per slot: total variation, its finite-sample floor (the teacher's own
+    histogram of as many draws) and the ratio of the histograms' entropies (below 1: collapse)."""
+    n, L = prompts.shape
+    V = teacher.config.vocab_size
+    fixed = torch.rand(n, k, generator=gen, dtype=torch.float64)
+    u_i = torch.rand(draws, generator=gen, dtype=torch.float64)
+    tv, floor, entropy = [], [], []
+    for i in range(k):
+        stats = []
+        for b in range(0, n, batch):
+            x = prompts[b:b + batch]
+            u = fixed[b:b + batch].repeat_interleave(draws, 0)
+            u[:, i] = u_i.repeat(len(x))
+            anchors = torch.full((len(u), 1), L - 1, device=x.device)
+            y = student.window_tokens(x.repeat_interleave(draws, 0), anchors,
+                                      u[:, None].to(x.device))[:, 0].view(len(x), draws, k)
+            own = y[:, :1, :i]   # the tokens before slot i: the same for every draw of u_i
+            p = torch.softmax(teacher.forward_window(x, anchors[:len(x)], own)[:, 0, -1].float(),
+                              dim=-1)
+            hist = F.one_hot(y[:, :, i], V).float().mean(1)
+            ref = F.one_hot(torch.multinomial(p.cpu(), draws, replacement=True, generator=gen)
+                            .to(p.device), V).float().mean(1)
+            stats.append(torch.stack([(hist - p).abs().sum(-1) / 2, (ref - p).abs().sum(-1) / 2,
+                                      histogram_entropy(hist), histogram_entropy(ref)], 1))
+        t, f, h_student, h_teacher = torch.cat(stats).mean(0).tolist()
+        tv, floor, entropy = tv + [t], floor + [f], entropy + [h_student / h_teacher]
+    return {"tv_per_slot": tv, "tv_floor_per_slot": floor, "draw_entropy_ratio_per_slot": entropy}
+
+
 def quality_tokens(requested, block, max_k):
     """--quality_tokens, or 96 if it fits: every k decodes whole passes, cut to T."""
     fits = lambda T: all(PROMPT_LEN + -(-T // k) * k <= block for k in range(1, max_k + 1))  # noqa
@@ -422,6 +461,7 @@ def run_quality(teacher, student, judge, tok, T, val, n_samples, seed, device):
         window = window_agreement(student, prompts, ar, noise[:, :T], k)
         rows.append(quality_row("student", k, samples, nll_per_position(judge, prompts, samples),
                                 ar_nll, ar, window, tok))
+        rows[-1].update(distribution_per_slot(teacher, student, k, prompts[:32], gen))
     for r in rows:
         r["entropy_ratio"] = r["entropy"] / rows[0]["entropy"] if rows[0]["entropy"] else None
     return rows, agreement_without_noise(teacher, prompts, ar)
@@ -503,17 +543,23 @@ def print_tables(speed, skipped, quality, blind, profile, roof, device):
         print(f"skipped: {s['model']} seq_len {s['seq_len']} batch {s['batch_size']}: "
               f"{s['reason']}")
     if quality:
-        print(f"\n{'model':<9}{'k':>2}{'gen-PPL':>9}{'ratio':>7}{'per slot':>22}{'H ratio':>8}"
+        print(f"\n{'model':<9}{'k':>2}{'gen-PPL':>9}{'ratio':>7}{'per slot':>24}{'H ratio':>8}"
               f"{'rep4 tok/word':>15}  agreement per slot: teacher's context | free-running")
         pct = lambda a: "/".join(f"{x:.0%}" for x in a)  # noqa: E731
         for r in quality:
             print(f"{r['model']:<9}{r['k']:>2}{r['gen_ppl']:>9.2f}{r['gen_ppl_ratio']:>7.2f}"
-                  f"{'/'.join(f'{x:.2f}' for x in r['gen_ppl_per_slot_ratio']):>22}"
+                  f"{'/'.join(f'{x:.2f}' for x in r['gen_ppl_per_slot_ratio']):>24}"
                   f"{fmt(r['entropy_ratio'], '.2f'):>8}{fmt(r['repeat4_tokens'], '.3f'):>8}/"
                   f"{fmt(r['repeat4_words'], '.3f'):<6}  {pct(r['window_agreement'])} | "
                   f"{pct(r['agreement'])}")
         print(f"blind to the noise: {blind['independent_draw']:.1%} (an independent draw from the "
               f"teacher), {blind['teacher_mode']:.1%} (always its most likely token)")
+        print("\nthe student's tokens per slot over many draws of its noise, against the teacher's "
+              "distribution:\n   k  total variation (its floor)                   entropy ratio")
+        for r in quality[1:]:
+            print(f"{r['k']:>4}  " + " ".join(f"{t:.2f}({f:.2f})" for t, f in zip(
+                r["tv_per_slot"], r["tv_floor_per_slot"])).ljust(46)
+                + "/".join(f"{e:.2f}" for e in r["draw_entropy_ratio_per_slot"]))
 
 
 # ------------------------------------------------------------------------------------------------

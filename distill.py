@@ -250,7 +250,7 @@ def main(argv=None):
             else:   # the fresh student's agreement, and the learning curve's first point
                 agree_init = eval_agreement(student, k, bench)
                 window = eval_agreement(student, k, bench, windows=True)
-                stats["curve"].append({"step": 0, "window_agreement": window})
+                stats["curve"].append({"step": 0, "train_s": 0.0, "window_agreement": window})
                 log.write(step=global_step, stage=si, k=k, window_agreement=window)
             model = student
             if cfg.compile and rt.device.type == "cuda":   # static: every stage has its own shapes
@@ -327,7 +327,8 @@ def main(argv=None):
                             and step < cfg.steps_per_stage:   # the learning curve
                         averaged = ema.model if ema else student
                         window = eval_agreement(averaged, k, bench, windows=True)
-                        stats["curve"].append({"step": step, "window_agreement": window})
+                        stats["curve"].append({"step": step, "train_s": stats["train_s"],
+                                               "window_agreement": window})
                         log.write(step=global_step, stage=si, k=k, window_agreement=window)
                     stopping = stop.should_stop(rt)
                     if (step % cfg.ckpt_interval == 0 or step == cfg.steps_per_stage or stopping) \
@@ -344,7 +345,8 @@ def main(argv=None):
             finished = ema.model if ema else student
             agree = eval_agreement(finished, k, bench)
             window = eval_agreement(finished, k, bench, windows=True)
-            stats["curve"].append({"step": step, "window_agreement": window})
+            stats["curve"].append({"step": step, "train_s": stats["train_s"],
+                                   "window_agreement": window})
             log.write(step=global_step, stage=si, k=k, window_agreement=window)
             speed = stats["steps_timed"] / stats["train_s"] if stats["train_s"] else None
             results.append({

@@ -268,7 +268,8 @@ class GPT(nn.Module):
         N, k = idx.size(1), noise.size(2)
         h = self._staircase(idx, anchors, self.noise_encoder(noise[:, :, :-1]))
         at_anchor = torch.gather(h, 1, anchors.unsqueeze(-1).expand(-1, -1, h.size(-1)))
-        return self.read_out(at_anchor, h[:, N:].reshape(*noise.shape[:2], k - 1, -1), noise)
+        h_slots = h[:, N:].reshape(*noise.shape[:2], k - 1, h.size(-1))
+        return self.read_out(at_anchor, h_slots, noise)
 
     def read_out(self, h_last, h_slots, u):
         """From the states of the last real token (..., C) and of the k - 1 noise slots after it

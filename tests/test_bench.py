@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402
 from bench import bytes_moved, generation_phases, nll_per_position, roofline  # noqa: E402
 from common import UserError  # noqa: E402
-from model import generate  # noqa: E402
+from model import GPT, generate  # noqa: E402
 from test_sample import CHARS, K, tiny_pair, write_pair  # noqa: E402
 
 FAST = ["--device", "cpu", "--repeats", "1", "--seq_lens", "16", "--batch_sizes", "1"]
@@ -389,3 +389,26 @@ def test_bad_input_is_one_line(pair, tmp_path, args, message):
     with pytest.raises(UserError) as e:
         run(pair, tmp_path, "--device", "cpu", "--batch_sizes", "1", *args)
     assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+@torch.no_grad()
+def test_distribution_per_slot_tells_a_sampler_from_a_collapsed_student():
+    """A cdf student fresh from its teacher samples the teacher exactly at slot 1 (total variation
+    at the finite-sample floor, entropy kept); an argmax student blind to its noise writes one token
+    whatever u (entropy 0, total variation far above the floor)."""
+    teacher, _ = tiny_pair()
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(4)   # a peaked teacher: a few likely tokens, not uniform
+    sampler = GPT.student_from(teacher, K, readout="cdf").eval()
+    blind = GPT.student_from(teacher, K).eval()
+    with torch.no_grad():
+        for p in blind.noise_encoder.parameters():
+            p.zero_()
+    prompts = torch.randint(len(CHARS), (8, 6), generator=torch.Generator().manual_seed(0))
+    good, bad = (bench.distribution_per_slot(teacher, m, 2, prompts,
+                                             torch.Generator().manual_seed(1), draws=256)
+                 for m in (sampler, blind))
+    assert good["tv_per_slot"][0] < 1.5 * good["tv_floor_per_slot"][0]
+    assert 0.8 < good["draw_entropy_ratio_per_slot"][0] < 1.2
+    assert bad["draw_entropy_ratio_per_slot"] == [0.0, 0.0]
+    assert min(bad["tv_per_slot"]) > 3 * max(bad["tv_floor_per_slot"])
