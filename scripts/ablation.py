@@ -1,0 +1,91 @@
+"""Gather scripts/ablation_tiny.sh's runs into one table, JSON and plot.
+
+    python scripts/ablation.py out/ablation_tiny results/ablation_tiny
+
+For each recipe: distill.py's summary (the learning curve against training seconds, all stages)
+and bench.py's quality at the final k (gen-PPL per slot, entropy, repetition, the distribution per
+slot). Writes <prefix>.json and <prefix>.png and prints the table the README quotes.
+"""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import pyplot, save_figure, write_json  # noqa: E402
+
+RECIPES = ("paper", "onpolicy", "cdf", "cdf_seq")
+
+
+def gather(root):
+    out = {}
+    for recipe in RECIPES:
+        d = os.path.join(root, recipe)
+        if not os.path.isdir(d):
+            continue
+        distill = json.load(open(os.path.join(d, "distill_tiny.json")))
+        quality = json.load(open(os.path.join(d, f"{recipe}_quality.json")))
+        curve, seconds = [], 0.0   # stage after stage, on one axis of training seconds
+        for stage in distill["stages"]:
+            curve += [{"train_s": seconds + p["train_s"], "k": stage["k"],
+                       "window_agreement": p["window_agreement"]} for p in stage["curve"]]
+            seconds += stage["curve"][-1]["train_s"]
+        ar, last = quality["quality"][0], quality["quality"][-1]
+        out[recipe] = {
+            "git": distill["git"], "device": distill["device"],
+            "steps": sum(s["steps"] for s in distill["stages"]), "train_s": seconds,
+            "curve": curve, "blind": distill["agreement_without_noise"],
+            "ar_repeat4_tokens": ar["repeat4_tokens"],
+            **{key: last[key] for key in (
+                "k", "window_agreement", "gen_ppl_ratio", "gen_ppl_per_slot_ratio",
+                "entropy_ratio", "repeat4_tokens", "tv_per_slot", "tv_floor_per_slot",
+                "draw_entropy_ratio_per_slot")}}
+    return out
+
+
+def table(runs):
+    pct = lambda a: " / ".join(f"{x:.0%}" for x in a)  # noqa: E731
+    two = lambda a: " / ".join(f"{x:.2f}" for x in a)  # noqa: E731
+    lines = ["| recipe | steps | train s | agreement per slot | gen-PPL ratio (per slot) | "
+             "entropy ratio | rep. 4-grams (AR) | TV per slot (floor) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for recipe, r in runs.items():
+        lines.append(
+            f"| {recipe} | {r['steps']} | {r['train_s']:.0f} | {pct(r['window_agreement'])} | "
+            f"{r['gen_ppl_ratio']:.2f} ({two(r['gen_ppl_per_slot_ratio'])}) | "
+            f"{r['entropy_ratio']:.2f} | {r['repeat4_tokens']:.3f} ({r['ar_repeat4_tokens']:.3f}) "
+            f"| {two(r['tv_per_slot'])} ({max(r['tv_floor_per_slot']):.2f}) |")
+    return "\n".join(lines)
+
+
+def plot(runs, path):
+    """Left: agreement on the teacher's context at slots 1 and 4 against training seconds. Right:
+    the final student's gen-PPL ratio to the teacher per slot."""
+    plt = pyplot()
+    fig, (curve, ppl) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, (recipe, r) in enumerate(runs.items()):
+        for slot, ls in ((0, "-"), (3, "--")):
+            pts = [(p["train_s"], p["window_agreement"][slot]) for p in r["curve"]
+                   if p["k"] == r["k"]]
+            curve.plot(*zip(*pts), ls=ls, marker=".", color=f"C{i}",
+                       label=f"{recipe}, slot {slot + 1}")
+        ppl.plot(range(1, r["k"] + 1), r["gen_ppl_per_slot_ratio"], marker="o", color=f"C{i}",
+                 label=recipe)
+    blind = next(iter(runs.values()))["blind"]
+    curve.axhline(blind["teacher_mode"], color="gray", ls=":", label="blind: teacher's mode")
+    curve.set(xlabel="distillation seconds (all stages)", ylabel="same-noise agreement",
+              title="k = 4 student on the teacher's context")
+    curve.legend(fontsize=7, ncol=2)
+    ppl.axhline(1.0, color="gray", ls=":")
+    ppl.set(xlabel="slot", ylabel="gen-PPL ratio to the AR teacher", yscale="log",
+            title="free-running samples, k = 4", xticks=range(1, 5))
+    ppl.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+if __name__ == "__main__":
+    root, prefix = sys.argv[1:3]
+    runs = gather(root)
+    write_json(prefix + ".json", runs)
+    plot(runs, prefix + ".png")
+    print(table(runs))
+    print(f"wrote {prefix}.json, {prefix}.png")
