@@ -174,8 +174,8 @@ def lr_at(step, lr, min_lr, warmup, total):
 
 
 class EMA:
-    """A moving average of the weights, evaluated and saved in place of them (as in the paper).
-    Its decay ramps up as min(decay, (1 + n) / (10 + n)): a short run forgets its initial weights."""
+    """A moving average of the weights, evaluated and saved in their place (as in the paper). Its
+    decay ramps up as min(decay, (1 + n) / (10 + n)): a short run forgets its initial weights."""
 
     def __init__(self, model, decay):
         self.decay, self.updates = decay, 0
