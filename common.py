@@ -230,8 +230,10 @@ def load_checkpoint(path, kind=None):
         raise UserError(f"checkpoint {path!r} not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        with torch.device("meta"):   # its weights fit the network its config describes
-            GPT(GPTConfig(**ckpt["model_config"])).load_state_dict(ckpt["model"], assign=True)
+        with torch.device("meta"):   # the network its config describes, not allocated
+            want = GPT(GPTConfig(**ckpt["model_config"])).state_dict()
+        if {n: t.shape for n, t in ckpt["model"].items()} != {n: t.shape for n, t in want.items()}:
+            raise ValueError("its weights do not fit its model_config")
     except Exception as e:
         raise UserError(f"checkpoint {path!r} is corrupt or not from this project "
                         f"({type(e).__name__})") from None
