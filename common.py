@@ -74,18 +74,15 @@ def parse_config(cls, presets, description, argv=None):
                {"type": f.type, "choices": f.metadata["choices"]})
         p.add_argument(f"--{f.name}", help=f"{f.metadata['help']} ({shown})", **how)
     args = p.parse_args(argv)
-    values = {k: v for k, v in presets[args.preset].items() if not k.startswith("_")}
-    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
-                   if getattr(args, f.name) is not None})   # "" and 0 are given, and checked
-    cfg = cls(**values)
+    cfg = cls(**{k: v for k, v in presets[args.preset].items() if not k.startswith("_")})
     for f in dataclasses.fields(cls):
-        value, low, high = getattr(cfg, f.name), f.metadata["at_least"], f.metadata["below"]
+        value, low, high = getattr(args, f.name), f.metadata["at_least"], f.metadata["below"]
+        value = getattr(cfg, f.name) if value is None else value   # "" and 0 are given: checked
         if low is not None and value < low:
             raise UserError(f"--{f.name} must be at least {low}, not {value}")
         if high is not None and value >= high:
             raise UserError(f"--{f.name} must be below {high}, not {value}")
-        if isinstance(value, str):
-            setattr(cfg, f.name, value.replace("{preset}", args.preset))
+        setattr(cfg, f.name, value.replace("{preset}", args.preset) if f.type is str else value)
     return cfg, args
 
 

@@ -35,7 +35,9 @@ def find_checkpoints(preset, teacher, student):
     found = glob.glob(f"out/distill_{preset}/student_k*.pt") if preset is not None else []
     if student is None and not found:
         raise UserError(f"no student in out/distill_{preset}/; run distill.py or pass --student")
-    return teacher, student or max(found, key=lambda p: int(re.findall(r"(\d+)\.pt$", p)[0]))
+    if student is None:   # the highest k
+        student = max(found, key=lambda p: int(re.findall(r"(\d+)\.pt$", p)[0]))
+    return teacher, student
 
 
 def load_models(teacher_path, student_path, device):

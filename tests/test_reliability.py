@@ -543,7 +543,7 @@ BAD = {
     "existing run": (teacher, lambda p: T(p["data"], p["teacher_run"]),
                      r"already holds a run; pass --resume .* or --overwrite"),
     "resume and overwrite": (teacher, lambda p: T(p["data"], p["teacher_run"], "--resume",
-                                                  "--overwrite"), r"not allowed with argument --resume"),
+                                                  "--overwrite"), r"not allowed with .*--resume"),
     "resume without a run": (teacher, lambda p: T(p["data"], p["out"], "--resume"),
                              r"no checkpoint at"),
     "resume with other flags": (teacher, lambda p: T(p["data"], p["teacher_run"], "--resume",
