@@ -135,13 +135,13 @@ def main(argv=None):
         fused=rt.device.type == "cuda")
     gen = torch.Generator().manual_seed(cfg.seed)   # the data order, the same on every rank
     ema = EMA(model, cfg.ema) if cfg.ema else None
-    step, best_val, tok_s, mfu, val_loss = 0, math.inf, None, None, math.nan
+    step, best_val, tok_s, val_loss = 0, math.inf, None, math.nan
     if ckpt:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if ema:
             ema.load_state_dict(ckpt["ema"])
-        step, best_val, tok_s, mfu = ckpt["step"], ckpt["best_val"], ckpt["tok_s"], ckpt["mfu"]
+        step, best_val, tok_s = ckpt["step"], ckpt["best_val"], ckpt["tok_s"]
         torch.set_rng_state(ckpt["rng"][0])   # the global generator draws the dropout masks
         gen.set_state(ckpt["rng"][1])
         if ckpt["rng"][2] is not None and rt.device.type == "cuda":
@@ -157,7 +157,6 @@ def main(argv=None):
               f"{rt.world}, {len(train) / 1e6:.1f}M train tokens"
               + (f", resuming at step {step}" if ckpt else ""))
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.block_size
-    flops, peak = flops_per_token(raw.config, cfg.block_size), peak_flops(rt.device)
     train_time, first_step = 0.0, step
     mb = cfg.batch_size // rt.world   # a micro-batch's rows on this rank
     oom = (f"a batch of {mb} x {cfg.block_size} tokens does not fit in memory on {rt.device}; "
@@ -209,7 +208,6 @@ def main(argv=None):
             if step > first_step + 3:   # the first steps of a process compile and warm up
                 train_time += time.perf_counter() - t0
                 tok_s = (step - first_step - 3) * tokens_per_step / train_time
-                mfu = flops * tok_s / (peak * rt.world) if peak else None
             log.write(step=step, loss=loss, lr=lr, tok_s=tok_s)
             stopping = stop.should_stop(rt)
             if (step % cfg.eval_interval == 0 or step == cfg.max_steps or stopping) and rt.master:
@@ -217,7 +215,7 @@ def main(argv=None):
                        torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None]
                 save_checkpoint(last_path, checkpoint(
                     raw, cfg, meta, optimizer=optimizer.state_dict(), ema=ema and ema.state_dict(),
-                    rng=rng, step=step, best_val=best_val, tok_s=tok_s, mfu=mfu, log_rows=log.rows))
+                    rng=rng, step=step, best_val=best_val, tok_s=tok_s, log_rows=log.rows))
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", val=f"{val_loss:.3f}",
                             tok_s=f"{tok_s:,.0f}" if tok_s else "-")
@@ -226,7 +224,9 @@ def main(argv=None):
                                 "continue with --resume")
 
     if rt.master:
-        baselines = unigram_baselines(train, val, meta["vocab_size"])
+        baselines, peak = unigram_baselines(train, val, meta["vocab_size"]), peak_flops(rt.device)
+        mfu = (flops_per_token(raw.config, cfg.block_size) * tok_s / (peak * rt.world)
+               if peak and tok_s else None)   # model FLOPs utilisation
         summary = f"{cfg.out_dir}/teacher_{args.preset}.json"
         write_json(summary, {
             "device": device_name(rt.device), "world_size": rt.world, "torch": torch.__version__,
