@@ -2,7 +2,6 @@
 What teacher.py, distill.py, sample.py and bench.py share: flags from a config dataclass, one-line
 errors, DDP, batches, the learning-rate schedule, the weight average, atomic checkpoints, the start
 of a run (fresh, --resume or --overwrite), the Ctrl-C flag and the git commit.
-Deliberately not protected: two runs started at once in one out_dir write over each other's files.
 """
 import argparse
 import copy
@@ -11,10 +10,10 @@ import glob
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
-import tempfile
 from contextlib import contextmanager, nullcontext
 from types import SimpleNamespace
 
@@ -23,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from model import GPT, GPTConfig
+from prepare_data import DataError, load_tokens
 
 
 class UserError(Exception):
@@ -62,32 +62,27 @@ def parse_config(cls, presets, description, argv=None):
     p = ArgumentParser(description=description,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default=next(iter(presets)), choices=list(presets),
-                   help="; ".join(f"{k}: {v.get('_about', '')}" for k, v in presets.items()))
-    p.add_argument("--resume", action="store_true", help="continue the run in --out_dir")
-    p.add_argument("--overwrite", action="store_true",
-                   help="delete the run in --out_dir at the start, then train afresh")
+                   help="; ".join(f"{k}: {v['_about']}" for k, v in presets.items()))
+    run = p.add_mutually_exclusive_group()
+    run.add_argument("--resume", action="store_true", help="continue the run in --out_dir")
+    run.add_argument("--overwrite", action="store_true",
+                     help="delete the run in --out_dir at the start, then train afresh")
     for f in dataclasses.fields(cls):
         shown = {repr(pre.get(f.name, f.default)) for pre in presets.values()}
         shown = shown.pop() if len(shown) == 1 else "per --preset"
-        kind = {"int": int, "float": float, "str": str, "bool": bool}.get(f.type, f.type)
-        how = ({"action": argparse.BooleanOptionalAction} if kind is bool else
-               {"type": kind, "choices": f.metadata["choices"]})
+        how = ({"action": argparse.BooleanOptionalAction} if f.type is bool else
+               {"type": f.type, "choices": f.metadata["choices"]})
         p.add_argument(f"--{f.name}", help=f"{f.metadata['help']} ({shown})", **how)
     args = p.parse_args(argv)
-    values = {k: v for k, v in presets[args.preset].items() if not k.startswith("_")}
-    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
-                   if getattr(args, f.name) is not None})   # "" and 0 are given, and checked
-    cfg = cls(**values)
+    cfg = cls(**{k: v for k, v in presets[args.preset].items() if not k.startswith("_")})
     for f in dataclasses.fields(cls):
-        value, low, high = getattr(cfg, f.name), f.metadata["at_least"], f.metadata["below"]
-        if isinstance(value, float) and not math.isfinite(value):   # nan passes every comparison
-            raise UserError(f"--{f.name} must be a finite number, not {value}")
+        value, low, high = getattr(args, f.name), f.metadata["at_least"], f.metadata["below"]
+        value = getattr(cfg, f.name) if value is None else value   # "" and 0 are given: checked
         if low is not None and value < low:
             raise UserError(f"--{f.name} must be at least {low}, not {value}")
         if high is not None and value >= high:
             raise UserError(f"--{f.name} must be below {high}, not {value}")
-        if isinstance(value, str):
-            setattr(cfg, f.name, value.replace("{preset}", args.preset))
+        setattr(cfg, f.name, value.replace("{preset}", args.preset) if f.type is str else value)
     return cfg, args
 
 
@@ -96,16 +91,13 @@ def parse_config(cls, presets, description, argv=None):
 # its share, so the numbers do not depend on how many processes ran.
 
 def resolve_device(name):
-    try:
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
-                              if name == "auto" else name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
         raise UserError(f"--device {name!r} is not supported; use cuda, cuda:N, cpu or auto")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+    if name != "cpu" and int(name[5:] or 0) >= torch.cuda.device_count():
         raise UserError(f"--device {name}, but there are {torch.cuda.device_count()} CUDA devices")
-    return device
+    return torch.device(name)
 
 
 def setup_runtime(device="auto", dtype="auto", tf32=True):
@@ -155,7 +147,6 @@ def fits_in_memory(hint):
 # Batches, the learning rate, the weight average
 
 def load_split(data_dir, split):
-    from prepare_data import DataError, load_tokens
     try:
         return load_tokens(data_dir, split)
     except DataError as e:
@@ -180,9 +171,8 @@ def lr_at(step, lr, min_lr, warmup, total):
 
 
 class EMA:
-    """An exponential moving average of the weights, evaluated and saved in place of the raw ones
-    (the paper's checkpoints). Its decay ramps up as min(decay, (1 + n) / (10 + n)) after n
-    updates, so that a short run does not keep its initial weights."""
+    """A moving average of the weights, evaluated and saved in their place (as in the paper). Its
+    decay ramps up as min(decay, (1 + n) / (10 + n)): a short run forgets its initial weights."""
 
     def __init__(self, model, decay):
         self.decay, self.updates = decay, 0
@@ -207,18 +197,16 @@ class EMA:
 # Files are never half-written: a temporary file beside the target, fsync, rename.
 
 def atomic_write(path, write_fn, binary=True):
-    tmp = None
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), ".tmp-" + os.path.basename(path))
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-        os.chmod(tmp, 0o644)   # mkstemp's files are private; results are meant to be shared
-        with os.fdopen(fd, "wb" if binary else "w") as f:
+        os.makedirs(os.path.dirname(tmp), exist_ok=True)
+        with open(tmp, "wb" if binary else "w") as f:
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        if tmp is not None and os.path.exists(tmp):
+        if os.path.exists(tmp):
             os.remove(tmp)
         if isinstance(e, OSError):   # a full disk, a read-only folder
             raise UserError(f"cannot write {path} ({e.strerror or e})") from None
@@ -239,22 +227,17 @@ def load_checkpoint(path, kind=None):
         raise UserError(f"checkpoint {path!r} not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        cfg = GPTConfig(**ckpt["model_config"])
-        got = {name: t.shape for name, t in ckpt["model"].items()}
+        with torch.device("meta"):   # the network its config describes, not allocated
+            want = GPT(GPTConfig(**ckpt["model_config"])).state_dict()
+        if {n: t.shape for n, t in ckpt["model"].items()} != {n: t.shape for n, t in want.items()}:
+            raise ValueError("its weights do not fit its model_config")
     except Exception as e:
         raise UserError(f"checkpoint {path!r} is corrupt or not from this project "
                         f"({type(e).__name__})") from None
-    is_a = "student" if cfg.max_k > 0 else "teacher"
+    is_a = "student" if ckpt["model_config"]["max_k"] > 0 else "teacher"
     if kind is not None and is_a != kind:
-        hint = {"teacher": "pass an AR checkpoint written by teacher.py",
-                "student": "pass a student_k*.pt written by distill.py"}[kind]
-        raise UserError(f"{path!r} is a {is_a} checkpoint where a {kind} is expected; {hint}")
-    with torch.device("meta"):   # the network its config describes, not allocated
-        want = {name: t.shape for name, t in GPT(cfg).state_dict().items()}
-    if got != want:
-        bad = sorted(set(got) ^ set(want)) or sorted(n for n in want if got[n] != want[n])
-        raise UserError(f"checkpoint {path!r} is corrupt: its weights do not match its "
-                        f"model_config ({', '.join(bad[:3])})")
+        raise UserError(f"{path!r} is a {is_a} checkpoint where a {kind} is expected; pass one "
+                        f"written by {'teacher.py' if kind == 'teacher' else 'distill.py'}")
     return ckpt
 
 
@@ -264,36 +247,22 @@ def model_from_checkpoint(ckpt, device):
     return model.to(device)
 
 
-RUN_FILES = {"teacher": ("last.pt", "best.pt", "log.jsonl", "teacher_*.json"),
-             "student": ("last.pt", "student_k*.pt", "log.jsonl", "distill_*")}
+RUN_FILES = ("last.pt", "best.pt", "log.jsonl", "teacher_*.json", "student_k*.pt", "distill_*")
 RUN_FLAGS = ("out_dir", "device", "compile", "log_interval", "ckpt_interval", "curve_interval")
 
 
 def start_run(out_dir, kind, args, cfg, rt):
     """The checkpoint a run continues from (--resume), else None. A directory holding a run needs
-    --resume or --overwrite (which deletes its files here); one holding the other script's run is
-    refused. A resume may change only the flags that do not change what is computed (RUN_FLAGS)."""
+    --resume or --overwrite (which deletes the run's files). A resume may change only the flags
+    that do not change what is computed (RUN_FLAGS)."""
     last = os.path.join(out_dir, "last.pt")
-    try:   # every run with a checkpoint has a last.pt, and it says whose run it is
-        theirs = torch.load(last, mmap=True, weights_only=False)["kind"] != kind
-    except Exception:
-        theirs = False   # none yet (a corrupt one: --resume says so)
-    if theirs:
-        raise UserError(f"{out_dir} holds a {'teacher' if kind == 'student' else 'distillation'} "
-                        "run; pick another --out_dir")
-    if args.resume and args.overwrite:
-        raise UserError("--resume continues the run and --overwrite replaces it: pass one of them")
     if os.path.isfile(last) and not args.resume and not args.overwrite:
         raise UserError(f"{out_dir} already holds a run; pass --resume to continue it or "
                         "--overwrite to replace it")
     if args.resume and not os.path.isfile(last):
         raise UserError(f"--resume: no checkpoint at {last}; run without --resume to start")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot write to {out_dir!r} ({e.strerror}); pick another --out_dir")
     if args.overwrite and rt.master:
-        for path in (p for pattern in RUN_FILES[kind] for p in glob.glob(f"{out_dir}/{pattern}")):
+        for path in (p for pattern in RUN_FILES for p in glob.glob(f"{out_dir}/{pattern}")):
             os.remove(path)
     if not args.resume:
         return None
@@ -312,7 +281,7 @@ class JsonlLog:
     def __init__(self, path, rows, master):   # rows: the resumed checkpoint's log_rows, else 0
         self.path, self.rows, self.master = path, rows, master
         if master:
-            kept = open(path).readlines()[:rows] if rows and os.path.exists(path) else []
+            kept = open(path).readlines()[:rows] if rows else []
             atomic_write(path, lambda f: f.writelines(kept), binary=False)
 
     def write(self, **row):
@@ -326,11 +295,16 @@ class StopFlag:
     """A context manager: Ctrl-C (or SIGTERM) once asks to stop after this step and save; twice
     stops now. Under DDP the ranks agree on the flag every step, so that all stop together."""
 
-    def __init__(self):
+    def __enter__(self):
         self.requested = False
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.old = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
 
-    def _handle(self, signum, frame):
+    def __exit__(self, *exc):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
@@ -342,29 +316,16 @@ class StopFlag:
             dist.all_reduce(flag)
         return flag.item() > 0
 
-    def restore(self):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.restore()
-
 
 def git_commit():
     """HEAD, with "+dirty" if a .py file differs from it; None outside a git checkout."""
     git = ["git", "-C", os.path.dirname(os.path.abspath(__file__))]
     try:
         head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True)
-        diff = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no", "--", "*.py"],
-                              capture_output=True, text=True)
+        dirty = subprocess.run(git + ["diff", "--quiet", "HEAD", "--", "*.py"]).returncode
     except OSError:   # no git
         return None
-    if head.returncode or diff.returncode:
-        return None
-    return head.stdout.strip() + ("+dirty" if diff.stdout.strip() else "")
+    return None if head.returncode else head.stdout.strip() + ("+dirty" if dirty else "")
 
 
 def device_name(device):

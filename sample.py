@@ -18,8 +18,8 @@ import sys
 
 import torch
 
-from common import (UserError, load_checkpoint, load_split, model_from_checkpoint, resolve_device,
-                    run_cli, sample_windows)
+from common import (ArgumentParser, UserError, load_checkpoint, load_split, model_from_checkpoint,
+                    resolve_device, run_cli, sample_windows)
 from model import agreement_without_noise, generate, same_noise_agreement
 from prepare_data import get_tokenizer
 
@@ -35,25 +35,27 @@ def find_checkpoints(preset, teacher, student):
     found = glob.glob(f"out/distill_{preset}/student_k*.pt") if preset is not None else []
     if student is None and not found:
         raise UserError(f"no student in out/distill_{preset}/; run distill.py or pass --student")
-    return teacher, student or max(found, key=lambda p: int(re.findall(r"(\d+)\.pt$", p)[0]))
+    if student is None:   # the highest k
+        student = max(found, key=lambda p: int(re.findall(r"(\d+)\.pt$", p)[0]))
+    return teacher, student
 
 
 def load_models(teacher_path, student_path, device):
     """(teacher, student, the teacher's checkpoint): a student must have its teacher's shape."""
-    t_ckpt, s_ckpt = load_checkpoint(teacher_path, "teacher"), load_checkpoint(student_path,
-                                                                             "student")
-    t_cfg, s_cfg = t_ckpt["model_config"], s_ckpt["model_config"]
+    t_ckpt = load_checkpoint(teacher_path, "teacher")
+    s_ckpt = load_checkpoint(student_path, "student")
     added = ("max_k", "noise_features", "dropout")   # what a student adds to its teacher's config
-    diff = [f"{key} {s_cfg.get(key)} vs {v}" for key, v in t_cfg.items()
-            if key not in added and s_cfg.get(key) != v]
+    diff = [f"{key} {s_ckpt['model_config'].get(key)} vs {v}"
+            for key, v in t_ckpt["model_config"].items()
+            if key not in added and s_ckpt["model_config"].get(key) != v]
     if diff:
         raise UserError(f"{student_path} does not have {teacher_path}'s shape: {', '.join(diff)}")
-    recorded = s_ckpt.get("teacher_id")   # fields of the teacher checkpoint it was distilled from
-    if recorded and recorded != {key: t_ckpt.get(key) for key in recorded}:
-        print(f"warning: {student_path} was distilled from another training of this teacher "
-              f"({recorded}): its agreement is with a teacher it never saw", file=sys.stderr)
-    load = lambda ckpt: model_from_checkpoint(ckpt, device).eval()  # noqa: E731
-    return load(t_ckpt), load(s_ckpt), t_ckpt
+    recorded = s_ckpt.get("teacher_id") or {}   # (step, best_val) of the teacher it learned from
+    if recorded != {key: t_ckpt.get(key) for key in recorded}:
+        print(f"warning: {student_path} was distilled from another training of {teacher_path}",
+              file=sys.stderr)
+    return (model_from_checkpoint(t_ckpt, device).eval(),
+            model_from_checkpoint(s_ckpt, device).eval(), t_ckpt)
 
 
 def show(tok, teacher, student, k, width=96):
@@ -74,8 +76,7 @@ def show(tok, teacher, student, k, width=96):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", help="use out/teacher_<preset>/best.pt and the highest "
                    "out/distill_<preset>/student_k*.pt (default: the newest teacher in out/)")
     p.add_argument("--teacher", help="AR teacher checkpoint (instead of the preset's)")
@@ -94,21 +95,21 @@ def main(argv=None):
     device = resolve_device(args.device)
     teacher, student, ckpt = load_models(*find_checkpoints(args.preset, args.teacher, args.student),
                                          device)
-    k, max_k = args.k if args.k is not None else student.config.max_k, student.config.max_k
+    max_k = student.config.max_k
+    k = max_k if args.k is None else args.k
     if not 1 <= k <= max_k:
         raise UserError(f"--k must be between 1 and the student's max_k ({max_k}), not {k}")
     tok, gen = get_tokenizer(ckpt["tokenizer"]), torch.Generator().manual_seed(args.seed)
     if args.prompt is None:
-        data_dir = ckpt.get("train_config", {}).get("data_dir", "data/offline") \
-            if args.data_dir is None else args.data_dir
+        data_dir = ckpt["train_config"]["data_dir"] if args.data_dir is None else args.data_dir
         prompts = sample_windows(load_split(data_dir, "val"), args.num_samples, 6, gen)[0]
+    elif not args.prompt:
+        raise UserError("--prompt is empty; give some text, or leave it out for val prefixes")
     else:
         try:
             prompts = torch.tensor([tok.encode(args.prompt)] * args.num_samples, dtype=torch.long)
         except ValueError as e:
             raise UserError(f"--prompt: {e}") from None
-        if not args.prompt:
-            raise UserError("--prompt is empty; give some text, or leave it out for val prefixes")
     B, P, n = args.num_samples, prompts.size(1), -(-args.max_new_tokens // k) * k   # whole passes
     if P + n > teacher.config.block_size:
         raise UserError(f"prompt ({P} tokens) + {n} new tokens exceed the block size "

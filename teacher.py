@@ -74,9 +74,9 @@ PRESETS = {
 
 
 def unigram_baselines(train, val, vocab_size, max_train_tokens=2**26):
-    """Context-free references for the val loss, in nats/token. unigram_loss: a unigram model fit
-    to train (plus one pseudo-count spread over the vocabulary), scored on val; a big split is
-    counted in 64 evenly spaced slices. unigram_entropy: val's own unigram entropy."""
+    """Context-free references for the val loss, in nats/token: a unigram model of train (plus one
+    pseudo-count spread over the vocabulary; a big split counted in 64 evenly spaced slices)
+    scored on val, and val's own unigram entropy."""
     counts = np.full(vocab_size, 1.0 / vocab_size)
     n, chunk = len(train), max_train_tokens // 64
     starts = (range(0, n, chunk) if n <= max_train_tokens
@@ -93,9 +93,8 @@ def unigram_baselines(train, val, vocab_size, max_train_tokens=2**26):
 @torch.no_grad()
 def evaluate(model, val, cfg, rt):
     """Mean loss over the same eval_iters val batches every time; each rank takes its share."""
-    training = model.training
+    training, gen, losses = model.training, torch.Generator().manual_seed(0), []
     model.eval()
-    gen, losses = torch.Generator().manual_seed(0), []
     for _ in range(cfg.eval_iters):
         x, y = sample_windows(val, cfg.batch_size, cfg.block_size, gen)
         with rt.autocast:
@@ -105,15 +104,11 @@ def evaluate(model, val, cfg, rt):
     return float(np.mean(losses))
 
 
-def checkpoint(model, optimizer, ema, gen, cfg, meta, **progress):
-    """last.pt: the raw weights, the average, the optimizer and the random state to continue."""
-    device = next(model.parameters()).device
-    rng = [torch.get_rng_state(), gen.get_state(),   # (the global generators: dropout)
-           torch.cuda.get_rng_state(device) if device.type == "cuda" else None]
+def checkpoint(model, cfg, meta, **state):
+    """The weights, what they are, and `state` (for last.pt: everything a resume needs)."""
     return {"kind": "teacher", "model_config": dataclasses.asdict(model.config),
-            "model": model.state_dict(), "ema": ema and ema.state_dict(),
-            "optimizer": optimizer.state_dict(), "rng": rng, "tokenizer": tokenizer_spec(meta),
-            "train_config": dataclasses.asdict(cfg), **progress}
+            "model": model.state_dict(), "tokenizer": tokenizer_spec(meta),
+            "train_config": dataclasses.asdict(cfg), **state}
 
 
 def main(argv=None):
@@ -126,9 +121,6 @@ def main(argv=None):
         raise UserError(f"--batch_size {cfg.batch_size} must split over {rt.world} processes")
     train, val = load_split(cfg.data_dir, "train"), load_split(cfg.data_dir, "val")
     meta = load_meta(cfg.data_dir)
-    if min(len(train), len(val)) <= cfg.block_size:
-        raise UserError(f"a split of {min(len(train), len(val))} tokens is shorter than one window "
-                        f"of {cfg.block_size + 1}; lower --block_size")
     ckpt = start_run(cfg.out_dir, "teacher", args, cfg, rt)
     last_path, best_path = f"{cfg.out_dir}/last.pt", f"{cfg.out_dir}/best.pt"
 
@@ -143,14 +135,14 @@ def main(argv=None):
         fused=rt.device.type == "cuda")
     gen = torch.Generator().manual_seed(cfg.seed)   # the data order, the same on every rank
     ema = EMA(model, cfg.ema) if cfg.ema else None
-    step, best_val, tok_s, mfu = 0, math.inf, None, None
+    step, best_val, tok_s, val_loss = 0, math.inf, None, math.nan
     if ckpt:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if ema:
             ema.load_state_dict(ckpt["ema"])
-        step, best_val, tok_s, mfu = ckpt["step"], ckpt["best_val"], ckpt["tok_s"], ckpt["mfu"]
-        torch.set_rng_state(ckpt["rng"][0])
+        step, best_val, tok_s = ckpt["step"], ckpt["best_val"], ckpt["tok_s"]
+        torch.set_rng_state(ckpt["rng"][0])   # the global generator draws the dropout masks
         gen.set_state(ckpt["rng"][1])
         if ckpt["rng"][2] is not None and rt.device.type == "cuda":
             torch.cuda.set_rng_state(ckpt["rng"][2], rt.device)
@@ -165,18 +157,26 @@ def main(argv=None):
               f"{rt.world}, {len(train) / 1e6:.1f}M train tokens"
               + (f", resuming at step {step}" if ckpt else ""))
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.block_size
-    flops, peak = flops_per_token(raw.config, cfg.block_size), peak_flops(rt.device)
-    train_time, first_step, val_loss = 0.0, step, math.nan
+    train_time, first_step = 0.0, step
     mb = cfg.batch_size // rt.world   # a micro-batch's rows on this rank
     oom = (f"a batch of {mb} x {cfg.block_size} tokens does not fit in memory on {rt.device}; "
            "lower --batch_size and raise --grad_accum")
     with StopFlag() as stop, fits_in_memory(oom), tqdm(total=cfg.max_steps, initial=step,
                                                        desc="teacher", disable=not rt.master,
                                                        dynamic_ncols=True) as bar:
-        if ckpt is None:
-            val_loss = evaluate(evaluated, val, cfg, rt)
-            log.write(step=0, val_loss=val_loss)
-        while step < cfg.max_steps:
+        while True:
+            # evaluate a step that last.pt already holds (an error here loses no training); a
+            # resume from it evaluates again. best.pt: the best evaluated weights after step 0
+            if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+                val_loss = evaluate(evaluated, val, cfg, rt)
+                log.write(step=step, val_loss=val_loss)
+                if step > 0 and val_loss < best_val:
+                    best_val = val_loss
+                    if rt.master:
+                        save_checkpoint(best_path, checkpoint(evaluated, cfg, meta, step=step,
+                                                              best_val=best_val))
+            if step == cfg.max_steps:
+                break
             t0 = time.perf_counter()
             lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
             for group in optimizer.param_groups:
@@ -203,28 +203,19 @@ def main(argv=None):
             if ema:
                 ema.update(raw)
             step += 1
-            # timing: the first steps of a process compile and warm up
             if rt.device.type == "cuda":
                 torch.cuda.synchronize()
-            if step > first_step + 3:
+            if step > first_step + 3:   # the first steps of a process compile and warm up
                 train_time += time.perf_counter() - t0
                 tok_s = (step - first_step - 3) * tokens_per_step / train_time
-                mfu = flops * tok_s / (peak * rt.world) if peak else None
             log.write(step=step, loss=loss, lr=lr, tok_s=tok_s)
-            # evaluate; save best.pt if it improved, and last.pt, also when asked to stop
-            evaluating, improved = step % cfg.eval_interval == 0 or step == cfg.max_steps, False
-            if evaluating:
-                val_loss = evaluate(evaluated, val, cfg, rt)
-                log.write(step=step, val_loss=val_loss)
-                improved, best_val = val_loss < best_val, min(val_loss, best_val)
             stopping = stop.should_stop(rt)
-            if (evaluating or stopping) and rt.master:
-                ckpt = checkpoint(raw, optimizer, ema, gen, cfg, meta, step=step, best_val=best_val,
-                                  tok_s=tok_s, mfu=mfu, log_rows=log.rows)
-                if improved:
-                    save_checkpoint(best_path, {**ckpt, "model": evaluated.state_dict(),
-                                                "ema": None, "optimizer": None})
-                save_checkpoint(last_path, ckpt)
+            if (step % cfg.eval_interval == 0 or step == cfg.max_steps or stopping) and rt.master:
+                rng = [torch.get_rng_state(), gen.get_state(),
+                       torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None]
+                save_checkpoint(last_path, checkpoint(
+                    raw, cfg, meta, optimizer=optimizer.state_dict(), ema=ema and ema.state_dict(),
+                    rng=rng, step=step, best_val=best_val, tok_s=tok_s, log_rows=log.rows))
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", val=f"{val_loss:.3f}",
                             tok_s=f"{tok_s:,.0f}" if tok_s else "-")
@@ -232,10 +223,10 @@ def main(argv=None):
                 raise UserError(f"interrupted at step {step}; saved {last_path}; "
                                 "continue with --resume")
 
-    if math.isnan(val_loss):   # resumed a finished run: report where it stands
-        val_loss = evaluate(evaluated, val, cfg, rt)
     if rt.master:
-        baselines = unigram_baselines(train, val, meta["vocab_size"])
+        baselines, peak = unigram_baselines(train, val, meta["vocab_size"]), peak_flops(rt.device)
+        mfu = (flops_per_token(raw.config, cfg.block_size) * tok_s / (peak * rt.world)
+               if peak and tok_s else None)   # model FLOPs utilisation
         summary = f"{cfg.out_dir}/teacher_{args.preset}.json"
         write_json(summary, {
             "device": device_name(rt.device), "world_size": rt.world, "torch": torch.__version__,

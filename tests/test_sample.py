@@ -136,6 +136,7 @@ def test_a_retrained_teacher_warns_and_another_shape_is_an_error(tmp_path, capsy
     (["--k", "5"], "max_k (4)"),
     (["--prompt", "a" * 60], "block size 64"),
     (["--max_new_tokens", "0"], "at least 1"),
+    (["--student", ""], "checkpoint '' not found"),   # an empty flag is given, not left out
 ])
 def test_bad_input_is_one_line(pair, args, message):
     with pytest.raises(UserError) as e:
