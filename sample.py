@@ -120,8 +120,8 @@ def main(argv=None):
     # on the teacher's context: window j reads the prompt and the teacher's first j * k tokens
     anchors = (P - 1 + torch.arange(0, n, k, device=device)).expand(B, -1)
     with torch.no_grad():
-        windowed = student.forward_staircase(torch.cat([prompts, ar], 1)[:, :P + n - k], anchors,
-                                             noise.view(B, -1, k)).argmax(-1).flatten(1)
+        windowed = student.window_tokens(torch.cat([prompts, ar], 1)[:, :P + n - k], anchors,
+                                         noise.view(B, -1, k)).flatten(1)
     for i in range(B):
         print(f"--- sample {i + 1}: {tok.decode(prompts[i].tolist())!r}, k = {k}\nfree-running:\n"
               f"{show(tok, ar[i].tolist(), free[i].tolist(), k)}\non the teacher's context:\n"
