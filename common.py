@@ -247,22 +247,30 @@ def model_from_checkpoint(ckpt, device):
     return model.to(device)
 
 
-RUN_FILES = ("last.pt", "best.pt", "log.jsonl", "teacher_*.json", "student_k*.pt", "distill_*")
+RUN_FILES = {"teacher": ("last.pt", "best.pt", "log.jsonl", "teacher_*.json"),
+             "student": ("last.pt", "student_k*.pt", "log.jsonl", "distill_*")}
 RUN_FLAGS = ("out_dir", "device", "compile", "log_interval", "ckpt_interval", "curve_interval")
 
 
 def start_run(out_dir, kind, args, cfg, rt):
     """The checkpoint a run continues from (--resume), else None. A directory holding a run needs
-    --resume or --overwrite (which deletes the run's files). A resume may change only the flags
-    that do not change what is computed (RUN_FLAGS)."""
+    --resume or --overwrite (which deletes the run's files); one holding the other script's run is
+    refused. A resume may change only the flags that do not change what is computed (RUN_FLAGS)."""
     last = os.path.join(out_dir, "last.pt")
+    try:   # every run with a checkpoint has a last.pt, and it says whose run it is
+        theirs = torch.load(last, mmap=True, weights_only=False)["kind"] != kind
+    except Exception:
+        theirs = False   # none yet (a corrupt one: --resume says so)
+    if theirs:
+        raise UserError(f"{out_dir} holds a {'teacher' if kind == 'student' else 'distillation'} "
+                        "run; pick another --out_dir")
     if os.path.isfile(last) and not args.resume and not args.overwrite:
         raise UserError(f"{out_dir} already holds a run; pass --resume to continue it or "
                         "--overwrite to replace it")
     if args.resume and not os.path.isfile(last):
         raise UserError(f"--resume: no checkpoint at {last}; run without --resume to start")
     if args.overwrite and rt.master:
-        for path in (p for pattern in RUN_FILES for p in glob.glob(f"{out_dir}/{pattern}")):
+        for path in (p for pattern in RUN_FILES[kind] for p in glob.glob(f"{out_dir}/{pattern}")):
             os.remove(path)
     if not args.resume:
         return None

@@ -508,6 +508,7 @@ def bad(tmp_path_factory, data_dir, teacher_ref, distill_ref):
     d = tmp_path_factory.mktemp("bad")
     p = {"data": data_dir, "teacher": teacher_ref["best"], "student": distill_ref["student"],
          "missing": str(d / "nope"), "teacher_run": teacher_ref["out"],
+         "distill_run": distill_ref["out"],
          "out": str(d / "out"), "file": str(d / "file.txt")}
     (d / "file.txt").write_text("a regular file")
     (d / "odd").mkdir()
@@ -540,6 +541,10 @@ BAD = {
                                   r"corrupt"),
     "student as teacher": (distill, lambda p: D(p["data"], p["student"], p["out"]),
                            r"student checkpoint where a teacher is expected"),
+    "teacher dir to distill": (distill, lambda p: D(p["data"], p["teacher"], p["teacher_run"],
+                                                    "--overwrite"), r"holds a teacher run"),
+    "distill dir to teacher": (teacher, lambda p: T(p["data"], p["distill_run"], "--overwrite"),
+                               r"holds a distillation run"),
     "existing run": (teacher, lambda p: T(p["data"], p["teacher_run"]),
                      r"already holds a run; pass --resume .* or --overwrite"),
     "resume and overwrite": (teacher, lambda p: T(p["data"], p["teacher_run"], "--resume",
