@@ -3,20 +3,20 @@ Distillation: turn the AR teacher into a push-forward student that maps k unifor
 tokens in one pass.
 
     python distill.py --preset tiny                  # teacher: out/teacher_<preset>/best.pt
-    python distill.py --preset tiny --recipe cdf_seq
-    python distill.py --preset small --schedule 1,2,3,4
+    python distill.py --preset tiny --recipe paper --steps_per_stage 250
     torchrun --standalone --nproc_per_node 8 distill.py --preset small
 
+--recipe cdf_seq (the default; cdf without the slot MLP): the distribution readout (model.py), one
+stage at --k. The student draws its k tokens from its own distributions with the noise; slot i's
+distribution learns the AR teacher's after the context and the student's own tokens before it
+(forward KL, on-policy): at its fixed point the student samples the teacher.
 --recipe paper (the paper's progressive self-forcing distillation, argmax readout): stages grow k
-(default 1 -> 2 -> 4). Stage 1 targets: the AR teacher's inverse CDF on the real context with the
-student's own noise. Later stages: the previous student's same-noise rollout: it decodes its k
-noises on the real context, then the next ones on the real context followed by ITS OWN tokens
-(self-forcing), in as many blocks as the new k needs. Each student starts as a copy of the
-previous one; the loss is cross-entropy per slot.
---recipe cdf / cdf_seq (the distribution readout, model.py): one stage at --k. The student draws
-its k tokens from its own distributions with the noise; slot i's distribution learns the AR
-teacher's after the context and the student's own tokens before it (forward KL, on-policy).
---recipe onpolicy: the argmax readout with those on-policy targets, by cross-entropy.
+(default 1 -> 2 -> 4, or --schedule). Stage 1 targets: the AR teacher's inverse CDF on the real
+context with the student's own noise. Later stages: the previous student's same-noise rollout: it
+decodes its k noises on the real context, then the next ones on the real context followed by ITS
+OWN tokens (self-forcing), in as many blocks as the new k needs. Each student starts as a copy of
+the previous one; the loss is cross-entropy per slot.
+--recipe onpolicy: the argmax readout with the on-policy targets of cdf_seq, by cross-entropy.
 The learning curve (same-noise agreement on the teacher's context every --curve_interval steps)
 goes to log.jsonl, the summary and distill_<preset>_curve.png beside it.
 """
@@ -47,7 +47,7 @@ class DistillConfig:
     data_dir: str = field("data/offline", "the teacher's dataset (from prepare_data.py)")
     out_dir: str = field("out/distill_{preset}", "student_k<K>.pt, last.pt, log and summary")
     k: int = field(4, "the final number of tokens per pass", at_least=1)
-    recipe: str = field("paper", "paper: the paper's argmax readout, stages 1 -> 2 -> 4 "
+    recipe: str = field("cdf_seq", "paper: the paper's argmax readout, stages 1 -> 2 -> 4 "
                         "(--schedule), each learning the last one's self-forcing rollout; "
                         "onpolicy: one stage at --k, slot i learning the AR teacher's inverse CDF "
                         "after the student's own slots < i; cdf, cdf_seq: the distribution "
@@ -86,14 +86,14 @@ class DistillConfig:
 
 PRESETS = {
     "tiny": dict(_about="CPU demo, for the tiny teacher", data_dir="data/shakespeare_char",
-                 steps_per_stage=250, batch_size=16, block_size=128, anchors=32, lr=1e-3,
+                 steps_per_stage=600, batch_size=16, block_size=128, anchors=32, lr=1e-3,
                  warmup_steps=20, eval_samples=128, eval_tokens=48, curve_interval=50,
                  ckpt_interval=50),
-    "small": dict(_about="one GPU, ~4 min on an H100 for the three stages"),
+    "small": dict(_about="one GPU (the paper's recipe: ~4 min on an H100 for three stages)"),
     "paper": dict(_about="the paper's k = 4 stage: lr 1e-4 constant, fp32, batch 512, every anchor;"
                          " 20k steps per stage (the paper's: not known)",
                   steps_per_stage=20_000, batch_size=512, block_size=128, anchors=128, lr=1e-4,
-                  warmup_steps=0, dtype="float32", ema=0.999, curve_interval=2000,
+                  warmup_steps=0, dtype="float32", ema=0.999, curve_interval=2000, recipe="paper",
                   ckpt_interval=1000),
 }
 

@@ -66,7 +66,8 @@ def iid(tmp_path_factory):
     teacher_path, _ = train_teacher(root, data, 60)
     out = os.path.join(root, "students")
     distill.main(["--preset", "tiny", "--teacher", teacher_path, "--data_dir", data,
-                  "--out_dir", out, "--schedule", "1,2", "--k", "2", "--steps_per_stage", "60",
+                  "--out_dir", out, "--recipe", "paper", "--schedule", "1,2", "--k", "2",
+                  "--steps_per_stage", "60",
                   "--block_size", "32", "--batch_size", "8", "--anchors", "8", "--lr", "3e-3",
                   "--eval_samples", "64", "--eval_tokens", "8", "--curve_interval", "20",
                   "--device", "cpu"])
@@ -123,7 +124,7 @@ def test_every_preset_is_a_valid_config():
         assert (t.out_dir, d.out_dir) == (f"out/teacher_{preset}", f"out/distill_{preset}")
         assert d.teacher == f"out/teacher_{preset}/best.pt" and d.data_dir == t.data_dir
         assert t.n_embd % (2 * t.n_head) == 0 and t.eval_interval <= t.max_steps
-        assert distill.parse_schedule(d) == [1, 2, 4] and d.anchors <= d.block_size <= t.block_size
+        assert distill.parse_schedule(d)[-1] == d.k and d.anchors <= d.block_size <= t.block_size
         assert d.eval_tokens >= d.k and d.prompt_len + d.eval_tokens <= t.block_size
 
 
@@ -240,7 +241,8 @@ def test_ema_is_what_is_evaluated_saved_and_handed_on(iid, tmp_path, monkeypatch
                                                                                       **kw))
     students = str(tmp_path / "students")
     distill.main(["--preset", "tiny", "--teacher", os.path.join(out, "best.pt"),
-                  "--data_dir", iid["data"], "--out_dir", students, "--schedule", "1,2", "--k", "2",
+                  "--data_dir", iid["data"], "--out_dir", students, "--recipe", "paper",
+                  "--schedule", "1,2", "--k", "2",
                   "--steps_per_stage", "6", "--block_size", "32", "--batch_size", "4",
                   "--anchors", "4", "--eval_samples", "8", "--eval_tokens", "8",
                   "--curve_interval", "4", "--ema", "0.9"])

@@ -35,7 +35,8 @@ TEACHER_REF = TEACHER + ["--max_steps", "16", "--eval_interval", "4"]
 DISTILL = ["--block_size", "32", "--batch_size", "4", "--anchors", "4", "--eval_samples", "4",
            "--eval_tokens", "8", "--prompt_len", "4", "--lr", "1e-3", "--warmup_steps", "2",
            "--log_interval", "1", "--ckpt_interval", "2", "--curve_interval", "3",
-           "--schedule", "1,2", "--k", "2", "--seed", "7", "--ema", "0.9", "--device", "cpu"]
+           "--recipe", "paper", "--schedule", "1,2", "--k", "2", "--seed", "7", "--ema", "0.9",
+           "--device", "cpu"]
 DISTILL_REF = DISTILL + ["--steps_per_stage", "8"]
 EXACT = 1e-6     # resumed vs uninterrupted on CPU fp32: the same arithmetic in the same order
 DDP_TOL = 1e-4   # 2 processes vs 1: only the order of the gradient all-reduce differs
