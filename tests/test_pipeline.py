@@ -337,7 +337,7 @@ def test_rollout_targets_are_same_noise_samples():
     ("", 4, [1, 2, 4]), ("", 3, [1, 2, 3]), ("", 1, [1]), ("1,2,3,4", 4, [1, 2, 3, 4]),
     ("2,4", 4, None), ("1,1,2", 2, None), ("1,2", 4, None), ("1,x", 2, None), ("", 0, None)])
 def test_schedule(schedule, k, want):
-    cfg = distill.DistillConfig(schedule=schedule, k=k)
+    cfg = distill.DistillConfig(recipe="paper", schedule=schedule, k=k)
     if want is None:
         with pytest.raises(UserError):
             distill.parse_schedule(cfg)

@@ -155,7 +155,9 @@ def D(data_dir, teacher_ckpt, out, *extra):
 
 
 def stages(out):   # a distill summary's stages without their timings
-    return [{k: v for k, v in s.items() if k not in ("steps_per_s", "tokens_per_s", "slots_per_s")}
+    timings = ("steps_per_s", "tokens_per_s", "slots_per_s", "train_s")
+    untimed = lambda d: {k: v for k, v in d.items() if k not in timings}  # noqa: E731
+    return [{**untimed(s), "curve": [untimed(p) for p in s["curve"]]}
             for s in json.load(open(os.path.join(out, "distill_tiny.json")))["stages"]]
 
 
