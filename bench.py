@@ -1,6 +1,6 @@
 """
 Benchmark K-Forcing against AR decoding: speed (tokens/s, speedup, roofline) and quality (gen-PPL,
-entropy, repetition, same-noise agreement). Each part that measured something writes
+entropy, repetition, same-noise agreement, the distribution per slot). Each part that measured something writes
 <out_dir>/<name>_<part>.json (speed, quality, profile, roofline_<gpu>) and a plot (speed, quality):
 a rerun under a name replaces the files of the parts it runs and leaves the others.
 
@@ -13,7 +13,7 @@ a rerun under a name replaces the files of the parts it runs and leaves the othe
 Speed: generation from 6-token prefixes to --seq_lens tokens in all, by ONE decode path for both
 sides: model.generate on a static cache (fast.make_cache, --attention) sized to the generation, each
 decode pass replayed from a CUDA graph (fast.CUDAGraphStep) on CUDA, the same --dtype and --compile
-for AR (the teacher, k = 1, inverse-CDF sampling) and K-Forcing (the student at k, argmax readout).
+for AR (the teacher, k = 1, inverse-CDF sampling) and K-Forcing (the student at k, by its readout).
 tokens/s counts new tokens over the whole generation, prefill included; warm-up (compilation, graph
 capture) is not timed; AR and every k run back to back in each repeat, timers read after a device
 synchronise; medians over --repeats. Honest figures only, on every device (on a busy CPU timings of
@@ -29,6 +29,8 @@ judge overall and per slot position (tokens at j mod k), entropy, repeated 4-gra
 words (the decoded text split on whitespace), same-noise agreement per slot free-running and on the
 teacher's context, beside the agreement of a student blind to the noise
 (model.agreement_without_noise). Ratios are to the AR teacher's samples at the same positions.
+And, independent of the coupling, the student's token distribution per slot over many draws of its
+noise against the teacher's (distribution_per_slot: total variation with its floor, entropy).
 """
 import argparse
 import copy
