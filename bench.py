@@ -1,8 +1,8 @@
 """
 Benchmark K-Forcing against AR decoding: speed (tokens/s, speedup, roofline) and quality (gen-PPL,
-entropy, repetition, same-noise agreement, the distribution per slot). Each part that measured something writes
-<out_dir>/<name>_<part>.json (speed, quality, profile, roofline_<gpu>) and a plot (speed, quality):
-a rerun under a name replaces the files of the parts it runs and leaves the others.
+entropy, repetition, same-noise agreement, the distribution per slot). Each part that measured
+something writes <out_dir>/<name>_<part>.json (speed, quality, profile, roofline_<gpu>) and a plot
+(speed, quality): a rerun under a name replaces the files of the parts it runs and leaves the others.
 
     python bench.py                               # the newest trained pair in out/: speed + quality
     python bench.py --no-trained                  # the paper's shape, random weights: no checkpoint
