@@ -33,7 +33,8 @@ def gather(root):
         out[recipe] = {
             "git": distill["git"], "device": distill["device"],
             "steps": sum(s["steps"] for s in distill["stages"]), "train_s": seconds,
-            "curve": curve, "blind": distill["agreement_without_noise"],
+            "curve": curve, "blind": distill["agreement_without_noise"],   # the curve's prompts
+            "blind_quality": quality["agreement_without_noise"],   # the table's
             "ar_repeat4_tokens": ar["repeat4_tokens"],
             **{key: last[key] for key in (
                 "k", "window_agreement", "gen_ppl_ratio", "gen_ppl_per_slot_ratio",
