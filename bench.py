@@ -2,7 +2,7 @@
 Benchmark K-Forcing against AR decoding: speed (tokens/s, speedup, roofline) and quality (gen-PPL,
 entropy, repetition, same-noise agreement, the distribution per slot). Each part that measured
 something writes <out_dir>/<name>_<part>.json (speed, quality, profile, roofline_<gpu>) and a plot
-(speed, quality): a rerun under a name replaces the files of the parts it runs and leaves the others.
+(speed, quality): a rerun under a name replaces the files of the parts it runs, not the others.
 
     python bench.py                               # the newest trained pair in out/: speed + quality
     python bench.py --no-trained                  # the paper's shape, random weights: no checkpoint
@@ -92,6 +92,9 @@ def parse_args(argv=None):
          "(default: 256)")
     flag("quality_tokens", type=int, help="continuation length (default: 96, or what the block "
          "size allows)")
+    flag("readout", choices=["argmax", "cdf", "cdf_seq"], default="argmax", help="the paper "
+         "shape's student readout: argmax (the paper's), cdf or cdf_seq (distill.py's default) "
+         "(default: argmax)")
     flag("attention", choices=["sdpa", "flex"], default="sdpa", help="how a cached pass attends, "
          "both sides: sdpa (a mask over the whole cache) or flex (FlexAttention over the written "
          "blocks; compiled per shape on CUDA) (default: sdpa)")
@@ -618,7 +621,8 @@ def main(argv=None):
         if paper_shape:   # random weights: a pass's speed does not depend on them
             torch.manual_seed(args.seed)
             ps = GPT(PAPER_SHAPE)
-            candidates.insert(0, ("paper_shape_random", ps, GPT.student_from(ps, max(ks))))
+            candidates.insert(0, ("paper_shape_random", ps,
+                                  GPT.student_from(ps, max(ks), readout=args.readout)))
         for m, t, s in candidates:
             fit = [L for L in seq_lens if L <= t.config.block_size]
             fit = fit or ([t.config.block_size] if args.seq_lens is None else [])   # its block
