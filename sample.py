@@ -44,7 +44,7 @@ def load_models(teacher_path, student_path, device):
     """(teacher, student, the teacher's checkpoint): a student must have its teacher's shape."""
     t_ckpt = load_checkpoint(teacher_path, "teacher")
     s_ckpt = load_checkpoint(student_path, "student")
-    added = ("max_k", "noise_features", "dropout")   # what a student adds to its teacher's config
+    added = ("max_k", "noise_features", "readout", "dropout")   # what a student adds to its teacher
     diff = [f"{key} {s_ckpt['model_config'].get(key)} vs {v}"
             for key, v in t_ckpt["model_config"].items()
             if key not in added and s_ckpt["model_config"].get(key) != v]

@@ -258,6 +258,29 @@ def test_distill_ctrl_c_during_evaluation_stops_after_the_stage(tmp_path, data_d
     assert_same_log(read_log(out / "log.jsonl"), distill_ref["log"], EXACT)
 
 
+def test_default_recipe_ctrl_c_resume_matches_uninterrupted(tmp_path, data_dir, teacher_ref,
+                                                           monkeypatch):
+    """The default recipe (cdf_seq: the slot MLP, the teacher after the student's own tokens)
+    stopped mid-stage with Ctrl-C continues with --resume exactly as if uninterrupted."""
+    argv = lambda out: D(data_dir, teacher_ref["best"], out, "--recipe", "cdf_seq",  # noqa: E731
+                         "--schedule", "")
+    distill.main(argv(tmp_path / "ref"))
+    teacher_after, out = distill.teacher_after, tmp_path / "out"
+
+    def interrupted(*a):
+        rows = read_log(out / "log.jsonl")
+        if rows and rows[-1]["step"] == 5 and "loss" in rows[-1]:
+            os.kill(os.getpid(), signal.SIGINT)
+        return teacher_after(*a)
+    monkeypatch.setattr(distill, "teacher_after", interrupted)
+    with pytest.raises(UserError, match=r"interrupted in stage k=2 at step 6"):
+        distill.main(argv(out))
+    monkeypatch.undo()
+    distill.main(argv(out) + ["--resume"])
+    assert_same_log(read_log(out / "log.jsonl"), read_log(tmp_path / "ref" / "log.jsonl"), EXACT)
+    assert_same_weights(out / "student_k2.pt", tmp_path / "ref" / "student_k2.pt")
+
+
 def test_ctrl_c_twice_stops_at_once_with_one_line(tmp_path, data_dir, monkeypatch, capsys):
     def evaluate(*a):
         os.kill(os.getpid(), signal.SIGINT)
