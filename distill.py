@@ -140,6 +140,28 @@ def teacher_after(teacher, x, anchors, own):
     return teacher.forward_window(x, anchors, own[:, :, :-1]).float()
 
 
+def distill_loss(recipe, model, teacher, prev, x, anchors, u, autocast):
+    """One step's loss per slot (averaged over the windows), the loss to minimise, the student's
+    tokens and their targets. paper: cross-entropy to the previous model's same-noise rollout;
+    onpolicy: cross-entropy to the teacher's inverse CDF after the student's own tokens; cdf and
+    cdf_seq: forward KL to the teacher's distribution after the student's own tokens."""
+    if recipe == "paper":   # targets first, in fp32, outside autocast
+        targets = rollout_targets(prev, x, anchors, u)
+    with autocast:   # the student's staircase pass, all windows at once: logits (B, A, k, V) and,
+        logits, own = model(x, anchors=anchors, noise=u)   # the cdf readout, the tokens it drew
+    own = logits.argmax(-1) if own is None else own   # the argmax readout's tokens
+    if recipe != "paper":
+        target_logits = teacher_after(teacher, x, anchors, own)
+        targets = inverse_cdf(target_logits, u)
+    if recipe in ("paper", "onpolicy"):
+        per_slot = F.cross_entropy(logits.float().flatten(0, 2), targets.flatten(),
+                                   reduction="none").view_as(targets).mean((0, 1))
+        return per_slot, per_slot.mean(), own, targets
+    log_p = F.log_softmax(target_logits, dim=-1)
+    per_slot = (log_p.exp() * (log_p - F.log_softmax(logits.float(), dim=-1))).sum(-1).mean((0, 1))
+    return per_slot, per_slot.sum(), own, targets   # summed, as the chain rule sums a joint's KL
+
+
 @torch.no_grad()
 def eval_agreement(student, k, bench, windows=False):
     """Same-noise agreement per slot with the AR teacher's samples on val prefixes: free-running
@@ -277,27 +299,9 @@ def main(argv=None):
                     u = torch.rand(cfg.batch_size, cfg.anchors, k, generator=gen,
                                    dtype=torch.float64)
                     x, anchors, u = (shard(t, rt).to(rt.device) for t in (x, anchors, u))
-                    # targets: the previous model's same-noise tokens (fp32, outside autocast)
-                    if cfg.recipe == "paper":
-                        targets = rollout_targets(prev, x, anchors, u)
-                    # the student's staircase pass (all windows at once): logits (B, A, k, V) and,
-                    # for the cdf readout, the tokens it drew from them
-                    with rt.autocast:
-                        logits, own = model(x, anchors=anchors, noise=u)
-                    if own is None:   # argmax readout: its tokens
-                        own = logits.argmax(-1)
-                    if cfg.recipe != "paper":   # ... or the teacher's after the student's own
-                        target_logits = teacher_after(teacher, x, anchors, own)
-                        targets = inverse_cdf(target_logits, u)
-                    if cfg.recipe in ("paper", "onpolicy"):   # cross-entropy per slot
-                        per_slot = F.cross_entropy(logits.float().flatten(0, 2), targets.flatten(),
-                                                   reduction="none").view_as(targets).mean((0, 1))
-                        per_slot.mean().backward()
-                    else:   # forward KL per slot, summed as the chain rule sums a joint's
-                        log_p = F.log_softmax(target_logits, dim=-1)
-                        per_slot = (log_p.exp() * (log_p - F.log_softmax(logits.float(), dim=-1))
-                                    ).sum(-1).mean((0, 1))
-                        per_slot.sum().backward()
+                    per_slot, loss, own, targets = distill_loss(cfg.recipe, model, teacher, prev,
+                                                                x, anchors, u, rt.autocast)
+                    loss.backward()
                     hit = own == targets
                     out = all_mean(torch.cat([per_slot.detach(), hit.float().mean((0, 1)),
                                               hit.all(-1).float().mean().view(1)]), rt).tolist()
