@@ -7,9 +7,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 def pytest_configure(config):
     # FlexAttention on CPU runs its unfused reference implementation, which is what the tests want
-    config.addinivalue_line("filterwarnings", "ignore:flex_attention called without torch.compile:UserWarning")
+    config.addinivalue_line("filterwarnings",
+                            "ignore:flex_attention called without torch.compile:UserWarning")
     # torch.compile (inductor) imports a deprecated torch.jit API: nothing of ours
-    config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+    config.addinivalue_line("filterwarnings",
+                            "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
 
 def pytest_sessionstart(session):
