@@ -9,10 +9,10 @@ the context, and the argmax at slot i is token i. The student is the teacher's n
 noise encoder (max_k > 0); a teacher is the same class with max_k = 0.
 
 The distribution readout (readout="cdf" or "cdf_seq", the latter distill.py's default; not the
-paper's) keeps the inverse CDF: token 1's distribution is read from the last real token's state
-(the teacher's, exactly, at the start), token i+1's from noise slot i's state, and
-x_i = F^-1(u_i | that distribution). A student that learns the teacher's conditionals then
-samples the teacher exactly, and AR is its k = 1 case with no slot at all. "cdf_seq" adds a small MLP per slot that also reads
+paper's) keeps the inverse CDF: token 1's distribution is read from the last real token's state (the
+teacher's, exactly, at the start), token i+1's from noise slot i's state, and x_i = F^-1(u_i | that
+distribution). A student that learns the teacher's conditionals then samples the teacher exactly,
+and AR is its k = 1 case with no slot at all. "cdf_seq" adds a small MLP per slot that also reads
 the token slot i produced (as Hydra's or DeepSeek-V3's multi-token heads do).
 
 Read top to bottom:
