@@ -2,9 +2,10 @@
 
     python scripts/ablation.py out/ablation_tiny results/ablation_tiny
 
-For each recipe: distill.py's summary (the learning curve against training seconds, all stages)
-and bench.py's quality at the final k (gen-PPL per slot, entropy, repetition, the distribution per
-slot). Writes <prefix>.json and <prefix>.png and prints the table the README quotes.
+For each recipe (and each lever on top of cdf_seq, in out/lever_<name>): distill.py's summary (the
+learning curve against training seconds, all stages) and bench.py's quality at the final k (gen-PPL
+per slot, entropy, repetition, the distribution per slot). Writes <prefix>.json and <prefix>.png and
+prints the table the README quotes.
 """
 import json
 import os
@@ -14,16 +15,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import pyplot, save_figure, write_json  # noqa: E402
 
 RECIPES = ("paper", "onpolicy", "cdf", "cdf_seq")
+LEVERS = {"high": "cdf_seq, --noise_features high", "ema": "cdf_seq, --ema 0.99"}   # out/lever_*
 
 
 def gather(root):
     out = {}
-    for recipe in RECIPES:
-        d = os.path.join(root, recipe)
+    runs = [(r, os.path.join(root, r), r) for r in RECIPES]
+    runs += [(label, f"out/lever_{name}", name) for name, label in LEVERS.items()]
+    for recipe, d, name in runs:
         if not os.path.isdir(d):
             continue
         distill = json.load(open(os.path.join(d, "distill_tiny.json")))
-        quality = json.load(open(os.path.join(d, f"{recipe}_quality.json")))
+        quality = json.load(open(os.path.join(d, f"{name}_quality.json")))
         curve, seconds = [], 0.0   # stage after stage, on one axis of training seconds
         for stage in distill["stages"]:
             curve += [{"train_s": seconds + p["train_s"], "k": stage["k"],
@@ -63,7 +66,7 @@ def plot(runs, path):
     the final student's gen-PPL ratio to the teacher per slot."""
     plt = pyplot()
     fig, (curve, ppl) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for i, (recipe, r) in enumerate(runs.items()):
+    for i, (recipe, r) in enumerate((k, v) for k, v in runs.items() if k in RECIPES):
         for slot, ls in ((0, "-"), (3, "--")):
             pts = [(p["train_s"], p["window_agreement"][slot]) for p in r["curve"]
                    if p["k"] == r["k"]]
