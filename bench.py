@@ -81,7 +81,7 @@ def parse_args(argv=None):
     flag("speed", action=on_off, default=True, help="time the speed grid (default: on)")
     flag("quality", action=on_off, help="score the trained pair's samples (default: on if trained, "
          "off with --profile or --roofline)")
-    flag("profile", action="store_true", help="instead of speed and quality: one decode step per "
+    flag("profile", action="store_true", help="instead of the speed grid: one decode step per "
          "point and k (cache half full) under torch.profiler: its time and heaviest kernels")
     flag("roofline", metavar="GPU", help="instead of timing: every grid point's ceilings on that "
          "GPU (a name in fast.PEAK_BANDWIDTH, e.g. H100, H200), computed on any machine")
@@ -175,10 +175,9 @@ ROOFLINE_FIELDS = ("roofline_tokens_per_s", "roofline_speedup", "roofline_overla
 
 
 def roofline(runs, B, seq_len, peaks):
-    """{k: ceilings} at one point (runs: {k: model}, AR is k = 1). roofline_tokens_per_s: the phases
-    run one after another, each at peak bandwidth or peak FLOP/s, whichever binds it; its ratio to
-    AR's; overlapped: all bytes / bandwidth against all FLOPs / peak. None where a peak is unknown
-    or the weights are not bf16 (the FLOP/s peaks are bf16's)."""
+    """{k: ceilings} at one point (runs: {k: model}, AR is k = 1): tokens/s with the phases in
+    sequence, its ratio to AR's, and the overlapped ratio (all bytes / bandwidth against all
+    FLOPs / peak). None where a peak is unknown or the weights are not bf16 (bf16's FLOP/s)."""
     bandwidth, flops = peaks
     if not (bandwidth and flops) or any(next(m.parameters()).dtype != torch.bfloat16
                                         for m in runs.values()):
@@ -283,11 +282,10 @@ def profile_point(label, teacher, student, ks, B, seq_len, device, gen, attentio
 
 
 def run_grid(points, point, path, resume, seed):
-    """point(label, teacher, student, seq_len, B, generator) -> rows, at every point not already in
-    the partial file `path` (with --resume): one JSON line appended per point done, with the git
-    commit; a point out of memory is skipped. Each point draws its inputs from a generator of its
-    own, so a resumed grid times what an uninterrupted one would. Ctrl-C stops at once: the point
-    in progress is redone on --resume. Returns (rows, skipped)."""
+    """point(label, teacher, student, seq_len, B, generator) -> rows at every point not in the
+    partial file `path` (--resume), one JSON line appended per point done with the git commit; a
+    point out of memory is skipped. Each point draws from a generator of its own: a resumed grid
+    times what an uninterrupted one would. Returns (rows, skipped)."""
     commit, done = git_commit(), {}
     if resume:
         if not os.path.exists(path):
@@ -298,15 +296,17 @@ def run_grid(points, point, path, resume, seed):
                     row = json.loads(line)
                 except ValueError:   # a line torn by a kill in the middle of its write
                     continue
-                if row["commit"] != commit:
-                    raise UserError(f"--resume: {path} holds rows of commit {row['commit']}, this "
-                                    f"is {commit}; rerun without --resume to start afresh")
                 done[tuple(row["point"])] = row
+        other = {r["commit"] for r in done.values()} - {commit}
+        if other:
+            raise UserError(f"--resume: {path} holds rows of commit {other.pop()}, this is "
+                            f"{commit}; rerun without --resume to start afresh")
     with open(path, "a" if resume else "w") as f:
         for i, (label, teacher, student, seq_len, B) in enumerate(tqdm(points, dynamic_ncols=True)):
-            if (label, seq_len, B) in done:
+            key = (label, seq_len, B)
+            if key in done:
                 continue
-            row = {"point": [label, seq_len, B], "commit": commit, "rows": [], "skipped": None}
+            row = {"point": key, "commit": commit, "rows": [], "skipped": None}
             try:
                 row["rows"] = point(label, teacher, student, seq_len, B,
                                     torch.Generator().manual_seed(seed * len(points) + i))
@@ -316,14 +316,12 @@ def run_grid(points, point, path, resume, seed):
                 row["skipped"] = "out of memory"
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()   # the point's cache and graphs go before the next
-            line = json.dumps(row)
-            f.write(line + "\n")
-            f.flush()
-            done[(label, seq_len, B)] = json.loads(line)   # as a resumed grid reads it
+            print(json.dumps(row), file=f, flush=True)
+            done[key] = json.loads(json.dumps(row))   # as a resumed grid reads it
     rows = [done[(lb, s, b)] for lb, _, _, s, b in points]
     return ([r for row in rows for r in row["rows"]],
-            [{"model": r["point"][0], "seq_len": r["point"][1], "batch_size": r["point"][2],
-              "reason": r["skipped"]} for r in rows if r["skipped"]])
+            [dict(zip(("model", "seq_len", "batch_size"), r["point"]), reason=r["skipped"])
+             for r in rows if r["skipped"]])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -348,13 +346,9 @@ def gen_ppl(nll, k=1):
 def repeated_4grams(seqs):
     """Fraction of 4-grams that already occurred earlier in the same sequence, pooled; None if no
     sequence has one."""
-    repeats = total = 0
-    for seq in seqs:
-        seen = set()
-        for i in range(len(seq) - 3):
-            repeats, total = repeats + (tuple(seq[i:i + 4]) in seen), total + 1
-            seen.add(tuple(seq[i:i + 4]))
-    return repeats / total if total else None
+    grams = [[tuple(seq[i:i + 4]) for i in range(len(seq) - 3)] for seq in seqs]
+    total = sum(map(len, grams))
+    return sum(len(g) - len(set(g)) for g in grams) / total if total else None
 
 
 def quality_row(model, k, samples, nll, ar_nll, ar, window, tok):
@@ -502,8 +496,7 @@ def print_tables(speed, skipped, quality, blind, profile, roof, device):
               f"ceiling {r['roofline_tokens_per_s']:>12,.0f} tokens/s, ceiling speedup "
               f"{r['roofline_speedup']:.2f}x (overlapped {r['roofline_overlapped_speedup']:.2f}x)")
     for s in skipped:
-        print(f"skipped: {s['model']} seq_len {s['seq_len']} batch {s['batch_size']}: "
-              f"{s['reason']}")
+        print("skipped: {model} seq_len {seq_len} batch {batch_size}: {reason}".format(**s))
     if quality:
         print(f"\n{'model':<9}{'k':>2}{'gen-PPL':>9}{'ratio':>7}{'per slot':>24}{'H ratio':>8}"
               f"{'rep4 tok/word':>15}  agreement per slot: teacher's context | free-running")
@@ -536,8 +529,7 @@ def main(argv=None):
     seq_lens = int_list(default(args.seq_lens, "128,1024" if gpu else "64"), "seq_lens")
     ks = int_list(args.ks, "ks") if args.ks is not None else []
     repeats = default(args.repeats, 3 if device.type == "cuda" else 5)
-    alone = args.profile or args.roofline is not None   # instead of the speed grid and quality
-    quality = args.trained and default(args.quality, not alone)
+    quality = args.trained and default(args.quality, not args.profile and args.roofline is None)
     paper_shape = not args.trained or default(args.paper_shape, gpu)
     if min(batch_sizes + [repeats, args.quality_samples]) < 1:
         raise UserError("--batch_sizes, --repeats and --quality_samples must be at least 1")
