@@ -10,23 +10,21 @@ something writes <out_dir>/<name>_<part>.json (speed, quality, profile, roofline
     python bench.py --no-trained --profile --batch_sizes 1,512 --seq_lens 1024   # a step's kernels
     python bench.py --no-trained --roofline H200  # the grid's ceilings on that GPU, on any machine
 
-Speed: generation from 6-token prefixes to --seq_lens tokens in all, by ONE decode path for both
-sides: model.generate on a static cache (fast.make_cache) sized to the generation, each decode pass
-replayed from a CUDA graph (fast.CUDAGraphStep) on CUDA, the same --dtype, --attention and --compile
-for AR (the teacher, k = 1, inverse-CDF sampling) and K-Forcing (the student at k, by its readout).
-tokens/s counts new tokens over the whole generation, prefill included; warm-up (compilation, graph
-capture) is not timed; AR and every k run back to back in each repeat, timers read after a device
-synchronise; medians over --repeats. A speedup above k (k tokens a pass) or repeats that disagree
-(slowest over fastest above SPREAD_LIMIT) mark a point `suspect` (a busy CPU is noisy): printed as
-such, never plotted. Roofline (GPUs in fast.PEAK_BANDWIDTH / PEAK_FLOPS): the tokens/s each side
-could not exceed, from each phase's bytes and FLOPs at the GPU's peaks (generation_phases): in
-sequence (each phase bound by its bytes or FLOPs) and overlapped (the bound for any code).
+Speed: from 6-token prefixes to --seq_lens tokens in all, by ONE decode path for AR (the teacher,
+k = 1) and K-Forcing (the student at k, by its readout): model.generate on a static cache sized to
+the generation (fast.make_cache), each pass replayed from a CUDA graph on CUDA (fast.CUDAGraphStep),
+the same --dtype, --attention and --compile. tokens/s counts new tokens, prefill included; warm-up
+(compilation, graph capture) is not timed; AR and every k run back to back in each repeat, timers
+read after a device synchronise; medians over --repeats. A speedup above k (k tokens a pass) or
+repeats that disagree (beyond SPREAD_LIMIT) mark a point `suspect`: printed as such, never plotted.
+Roofline (GPUs in fast.PEAK_BANDWIDTH / PEAK_FLOPS): the tokens/s each side could not exceed, from
+each phase's bytes and FLOPs at the GPU's peaks (generation_phases), in sequence and overlapped.
 
 Quality: --quality_samples continuations of 6-token val prefixes, decoded in float32 by the teacher
 and by the student at every k from the SAME noise, temperature 1: gen-PPL under the teacher overall
 and per slot (tokens at j mod k), entropy, repeated 4-grams of tokens and of words, same-noise
-agreement per slot free-running and on the teacher's context, beside a student blind to the noise
-(model.agreement_without_noise); ratios are to the teacher's samples at the same positions. And,
+agreement per slot free-running and on the teacher's context beside a student blind to the noise
+(model.agreement_without_noise), as ratios to the teacher's samples at the same positions; and,
 whatever the coupling, the student's token distribution per slot over many draws of its noise
 against the teacher's (distribution_per_slot: total variation with its floor, entropy).
 """
@@ -72,8 +70,7 @@ def parse_args(argv=None):
          "its block size (default: 128,1024 on CUDA, 64 on CPU)")
     flag("ks", help="student tokens per pass, comma list of 2..max_k; AR (k = 1) always runs "
          "(default: 2,3,4 up to the student's max_k)")
-    flag("repeats", type=int, help="timed runs per point, their median kept (default: 3 on CUDA, "
-         "5 on CPU)")
+    flag("repeats", type=int, help="timed runs a point, median kept (default: 3 on CUDA, 5 on CPU)")
     flag("paper_shape", action=on_off, help="also time the paper's 12 x 768 shape with random "
          "weights (default: on CUDA or with --no-trained)")
     flag("trained", action=on_off, default=True, help="time and score the trained pair (default: "
@@ -85,10 +82,8 @@ def parse_args(argv=None):
          "point and k (cache half full) under torch.profiler: its time and heaviest kernels")
     flag("roofline", metavar="GPU", help="instead of timing: every grid point's ceilings on that "
          "GPU (a name in fast.PEAK_BANDWIDTH, e.g. H100, H200), computed on any machine")
-    flag("quality_samples", type=int, default=256, help="val prefixes, one continuation each "
-         "(default: 256)")
-    flag("quality_tokens", type=int, help="continuation length (default: 96, or what the block "
-         "size allows)")
+    flag("quality_samples", type=int, default=256, help="val prefixes sampled once (default: 256)")
+    flag("quality_tokens", type=int, help="sample length (default: 96 or what the block allows)")
     flag("readout", choices=["argmax", "cdf", "cdf_seq"], default="argmax", help="the paper "
          "shape's student readout: argmax (the paper's), cdf or cdf_seq (distill.py's default) "
          "(default: argmax)")
@@ -126,7 +121,7 @@ def sync(device):
         torch.cuda.synchronize(device)   # kernels run asynchronously: wait before reading a timer
 
 
-def timed(fn, device):
+def seconds(fn, device):
     """Seconds that fn() takes on the device."""
     sync(device)
     t0 = time.perf_counter()
@@ -215,7 +210,7 @@ def time_point(teacher, student, ks, B, seq_len, repeats, device, gen, attention
     runs, cache, step = point_setup(teacher, student, ks, seq_len, B, device, attention, compile)
     prompt = torch.randint(teacher.config.vocab_size, (B, PROMPT_LEN), generator=gen).to(device)
     noise = torch.rand(B, seq_len - PROMPT_LEN, generator=gen, dtype=torch.float64).to(device)
-    run = lambda k, n: timed(lambda: generate(  # noqa: E731
+    run = lambda k, n: seconds(lambda: generate(  # noqa: E731
         runs[k], prompt, noise[:, :n], k, cache=cache, step_fn=step), device)
     # warm-up, not timed: prefill + one pass compiles kernels and captures the pass's graph
     warm = {k: run(k, min(2 * k, new_tokens(seq_len, k))) for k in runs}
@@ -264,7 +259,7 @@ def profile_point(label, teacher, student, ks, B, seq_len, device, gen, attentio
         args = (model, tokens, torch.arange(start, start + 2 * k, device=device), u, cache)
         for _ in range(3):   # capture and warm up
             step(*args)
-        step_s = timed(lambda: [step(*args) for _ in range(4 * steps)], device) / (4 * steps)
+        step_s = seconds(lambda: [step(*args) for _ in range(4 * steps)], device) / (4 * steps)
         with profile(activities=[getattr(ProfilerActivity, kind)]) as prof:
             for _ in range(steps):
                 step.step(*args)
