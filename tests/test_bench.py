@@ -265,7 +265,7 @@ def test_timed_rows_carry_each_sides_ceiling(pair, tmp_path, monkeypatch):
                                          / statistics.median(r["times_s"]) / peaks["bw"])
 
 
-def test_an_interrupted_grid_resumes_at_the_next_point(pair, tmp_path, monkeypatch):
+def test_an_interrupted_grid_resumes_at_the_point_it_stopped(pair, tmp_path, monkeypatch):
     """Ctrl-C stops the grid at once, with one line per point done in <name>_speed.partial.jsonl and
     no results; --resume times only the points not done, the interrupted one again (each from a
     generator of its own: what an uninterrupted run gives it) and refuses rows of another commit."""
@@ -290,6 +290,7 @@ def test_an_interrupted_grid_resumes_at_the_next_point(pair, tmp_path, monkeypat
             run(pair, tmp_path, *args, "--resume")
     rows = run(pair, tmp_path, *args, "--resume")("speed")["speed"]
     assert [B for B, _ in timed] == [1, 2, 2, 3]   # the interrupted point again, then the third
+    assert timed[1] == timed[2]   # redone from the same generator
     assert rows[:2] == [r for x in lines for r in x["rows"]]
     assert [r["batch_size"] for r in rows[2:]] == [2, 2, 3, 3]
     assert not partial.exists()
