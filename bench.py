@@ -10,27 +10,23 @@ something writes <out_dir>/<name>_<part>.json (speed, quality, profile, roofline
     python bench.py --no-trained --profile --batch_sizes 1,512 --seq_lens 1024   # a step's kernels
     python bench.py --no-trained --roofline H200  # the grid's ceilings on that GPU, on any machine
 
-Speed: generation from 6-token prefixes to --seq_lens tokens in all, by ONE decode path for both
-sides: model.generate on a static cache (fast.make_cache, --attention) sized to the generation, each
-decode pass replayed from a CUDA graph (fast.CUDAGraphStep) on CUDA, the same --dtype and --compile
-for AR (the teacher, k = 1, inverse-CDF sampling) and K-Forcing (the student at k, by its readout).
-tokens/s counts new tokens over the whole generation, prefill included; warm-up (compilation, graph
-capture) is not timed; AR and every k run back to back in each repeat, timers read after a device
-synchronise; medians over --repeats. Honest figures only, on every device (on a busy CPU timings of
-small models are noisy): a speedup above k (the k-fold bound: k tokens a pass) or a point whose
-repeats disagree (slowest over fastest above 1.5) is marked `suspect`, printed as such and never
-plotted. Roofline (GPUs in fast.PEAK_BANDWIDTH / PEAK_FLOPS): the tokens/s each side could not
-exceed, from each phase's bytes and FLOPs at the GPU's peaks (generation_phases): in sequence (each
-phase bound by its bytes or FLOPs, one after another) and overlapped (the bound for any code).
+Speed: from 6-token prefixes to --seq_lens tokens in all, by ONE decode path for AR (the teacher,
+k = 1) and K-Forcing (the student at k, by its readout): model.generate on a static cache sized to
+the generation (fast.make_cache), each pass replayed from a CUDA graph on CUDA (fast.CUDAGraphStep),
+the same --dtype, --attention and --compile. tokens/s counts new tokens, prefill included; warm-up
+(compilation, graph capture) is not timed; AR and every k run back to back in each repeat, timers
+read after a device synchronise; medians over --repeats. A speedup above k (k tokens a pass) or
+repeats that disagree (beyond SPREAD_LIMIT) mark a point `suspect`: printed as such, never plotted.
+Roofline (GPUs in fast.PEAK_BANDWIDTH / PEAK_FLOPS): the tokens/s each side could not exceed, from
+each phase's bytes and FLOPs at the GPU's peaks (generation_phases), in sequence and overlapped.
 
 Quality: --quality_samples continuations of 6-token val prefixes, decoded in float32 by the teacher
-and by the student at every k from the SAME noise, temperature 1, no penalty: gen-PPL under the
-judge overall and per slot position (tokens at j mod k), entropy, repeated 4-grams of tokens and of
-words (the decoded text split on whitespace), same-noise agreement per slot free-running and on the
-teacher's context, beside the agreement of a student blind to the noise
-(model.agreement_without_noise). Ratios are to the AR teacher's samples at the same positions.
-And, independent of the coupling, the student's token distribution per slot over many draws of its
-noise against the teacher's (distribution_per_slot: total variation with its floor, entropy).
+and by the student at every k from the SAME noise, temperature 1: gen-PPL under the teacher overall
+and per slot (tokens at j mod k), entropy, repeated 4-grams of tokens and of words, same-noise
+agreement per slot free-running and on the teacher's context beside a student blind to the noise
+(model.agreement_without_noise), as ratios to the teacher's samples at the same positions; and,
+whatever the coupling, the student's token distribution per slot over many draws of its noise
+against the teacher's (distribution_per_slot: total variation with its floor, entropy).
 """
 import argparse
 import copy
@@ -46,9 +42,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (StopFlag, UserError, device_name, git_commit, load_checkpoint,
-                    load_split, model_from_checkpoint, pyplot, resolve_device, run_cli,
-                    sample_windows, save_figure, write_json)
+from common import (UserError, device_name, git_commit, load_split, pyplot, resolve_device,
+                    run_cli, sample_windows, save_figure, write_json)
 from fast import PEAK_BANDWIDTH, PEAK_FLOPS, CUDAGraphStep, device_peak, make_cache
 from model import (GPT, GPTConfig, agreement_without_noise, continuation_logits,
                    generate, same_noise_agreement, window_agreement)
@@ -68,30 +63,27 @@ def parse_args(argv=None):
     on_off = argparse.BooleanOptionalAction
     flag("preset", help="out/teacher_<preset>/best.pt and its highest out/distill_<preset>/"
          "student_k*.pt (default: the newest teacher in out/, as sample.py)")
-    flag("teacher", help="AR teacher checkpoint (instead of the preset's)")
+    flag("teacher", help="AR teacher checkpoint (instead of the preset's); it also scores gen-PPL")
     flag("student", help="K-Forcing student checkpoint (instead of the preset's)")
-    flag("judge", help="AR checkpoint that scores gen-PPL (default: the teacher)")
     flag("batch_sizes", help="comma list (default: 1,8,32,64,128,256,512 on CUDA, 1,8 on CPU)")
     flag("seq_lens", help="total tokens (prefix + new), comma list; each model runs those that fit "
          "its block size (default: 128,1024 on CUDA, 64 on CPU)")
     flag("ks", help="student tokens per pass, comma list of 2..max_k; AR (k = 1) always runs "
          "(default: 2,3,4 up to the student's max_k)")
-    flag("repeats", type=int, help="timed runs per point, median kept (default: 3 on CUDA, 5 on "
-         "CPU)")
+    flag("repeats", type=int, help="timed runs a point, median kept (default: 3 on CUDA, 5 on CPU)")
     flag("paper_shape", action=on_off, help="also time the paper's 12 x 768 shape with random "
          "weights (default: on CUDA or with --no-trained)")
     flag("trained", action=on_off, default=True, help="time and score the trained pair (default: "
          "on); --no-trained: the paper shape's speed only, no checkpoint")
     flag("speed", action=on_off, default=True, help="time the speed grid (default: on)")
-    flag("quality", action=on_off, help="score the trained pair's samples (default: on if trained)")
-    flag("profile", action="store_true", help="instead of speed and quality: one decode step per "
+    flag("quality", action=on_off, help="score the trained pair's samples (default: on if trained, "
+         "off with --profile or --roofline)")
+    flag("profile", action="store_true", help="instead of the speed grid: one decode step per "
          "point and k (cache half full) under torch.profiler: its time and heaviest kernels")
     flag("roofline", metavar="GPU", help="instead of timing: every grid point's ceilings on that "
          "GPU (a name in fast.PEAK_BANDWIDTH, e.g. H100, H200), computed on any machine")
-    flag("quality_samples", type=int, default=256, help="val prefixes, one continuation each "
-         "(default: 256)")
-    flag("quality_tokens", type=int, help="continuation length (default: 96, or what the block "
-         "size allows)")
+    flag("quality_samples", type=int, default=256, help="val prefixes sampled once (default: 256)")
+    flag("quality_tokens", type=int, help="sample length (default: 96 or what the block allows)")
     flag("readout", choices=["argmax", "cdf", "cdf_seq"], default="argmax", help="the paper "
          "shape's student readout: argmax (the paper's), cdf or cdf_seq (distill.py's default) "
          "(default: argmax)")
@@ -121,10 +113,6 @@ def int_list(text, flag):
         raise UserError(f"--{flag} {text!r} is not a comma list of integers, e.g. 1,8,32") from None
 
 
-def out_of_memory(e):
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
-
-
 # ------------------------------------------------------------------------------------------------
 # Speed
 
@@ -133,20 +121,13 @@ def sync(device):
         torch.cuda.synchronize(device)   # kernels run asynchronously: wait before reading a timer
 
 
-def weight_bytes(model, part=""):
-    """Bytes of the weights under `part` (a module prefix) that a pass reads; an untied input
-    embedding is only gathered (a few rows), so it does not count."""
-    n = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
-            if name.startswith(part))
-    if not model.config.tie_embeddings and not part:
-        n -= model.wte.weight.numel() * model.wte.weight.element_size()
-    return n
-
-
-def linear_weights(model, part):
-    """Weights of the nn.Linear layers under `part`: 2 FLOPs each for every row."""
-    return sum(m.weight.numel() for name, m in model.named_modules()
-               if name.startswith(part) and isinstance(m, torch.nn.Linear))
+def seconds(fn, device):
+    """Seconds that fn() takes on the device."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
 
 
 def generation_phases(model, B, P, n_new, k, cache_elem):
@@ -155,17 +136,19 @@ def generation_phases(model, B, P, n_new, k, cache_elem):
     read once, 2 FLOPs a weight a row), the LM head (the rows read out only) and attention (the
     cache read up to its length, the committed K/V written; 4 FLOPs per query, key and channel).
     Activations, norms and the sampler are not counted."""
-    cfg = model.config
+    cfg, w, slot_parts = model.config, model.lm_head.weight, ("noise_encoder.", "slot_readout.")
+    size = lambda *parts: sum(p.numel() * p.element_size() for name, p  # noqa: E731
+                              in model.named_parameters() if name.startswith(parts))
+    dense = lambda *parts: sum(m.weight.numel() for name, m in model.named_modules()  # noqa: E731
+                               if name.startswith(parts) and isinstance(m, torch.nn.Linear))
     kv_token = 2 * cfg.n_layer * cfg.n_embd * cache_elem   # K and V of one token, all layers
     # noise slots per pass: the argmax readout k, the cdf readout k - 1, AR none
     slots = 0 if not cfg.max_k else k if cfg.readout == "argmax" else k - 1
     heads = k if cfg.max_k else 1                          # rows read out: AR its last one
-    extra = weight_bytes(model, "noise_encoder.") + weight_bytes(model, "slot_readout.")
-    extra_flops = linear_weights(model, "noise_encoder.") + linear_weights(model, "slot_readout.")
-    w = model.lm_head.weight
-    head, head_bytes = w.numel(), w.numel() * w.element_size()
-    trunk = linear_weights(model, "blocks.")
-    trunk_bytes = weight_bytes(model) - extra - head_bytes   # (with the final norm)
+    extra, extra_flops = size(*slot_parts), dense(*slot_parts)
+    head, head_bytes, trunk = w.numel(), w.numel() * w.element_size(), dense("blocks.")
+    # an input embedding is only gathered (a few rows), so it does not count; the final norm does
+    trunk_bytes = size("") - size("wte.", "lm_head.") - extra
     phases, length = [], 0
     for s in range(0, n_new, k):
         written = P if s == 0 else k   # the prompt at prefill, then the last k tokens
@@ -187,18 +170,16 @@ ROOFLINE_FIELDS = ("roofline_tokens_per_s", "roofline_speedup", "roofline_overla
 
 
 def roofline(runs, B, seq_len, peaks):
-    """{k: ceilings} at one point (runs: {k: model}, AR is k = 1). roofline_tokens_per_s: the phases
-    run one after another, each at peak bandwidth or peak FLOP/s, whichever binds it; its ratio to
-    AR's; overlapped: all bytes / bandwidth against all FLOPs / peak. None where a peak is unknown
-    or the weights are not bf16 (the FLOP/s peaks are bf16's)."""
+    """{k: ceilings} at one point (runs: {k: model}, AR is k = 1): tokens/s with the phases in
+    sequence, its ratio to AR's, and the overlapped ratio (all bytes / bandwidth against all
+    FLOPs / peak). None where a peak is unknown or the weights are not bf16 (bf16's FLOP/s)."""
     bandwidth, flops = peaks
     if not (bandwidth and flops) or any(next(m.parameters()).dtype != torch.bfloat16
                                         for m in runs.values()):
         return {k: dict.fromkeys(ROOFLINE_FIELDS) for k in runs}
     seq, over = {}, {}
     for k, model in runs.items():
-        n = new_tokens(seq_len, k)
-        elem = next(model.parameters()).element_size()
+        n, elem = new_tokens(seq_len, k), next(model.parameters()).element_size()
         phases = generation_phases(model, B, PROMPT_LEN, n, k, elem)
         seq[k] = B * n / sum(max(b / bandwidth, f / flops) for b, f in phases)
         over[k] = B * n / max(sum(b for b, _ in phases) / bandwidth,
@@ -215,27 +196,22 @@ def by_k(teacher, student, ks):
     return {1: teacher, **{k: student for k in ks}}   # AR is k = 1
 
 
-def point_setup(teacher, seq_len, B, device, attention, compile):
-    """One cache, sized to the generation as a server sizes it, and one step, for every k."""
+def point_setup(teacher, student, ks, seq_len, B, device, attention, compile):
+    """{k: model}, one cache sized to the generation (as a server sizes it) and one step, for every
+    k: ONE decode path for both sides."""
     cfg = replace(teacher.config, block_size=seq_len)
-    return make_cache(cfg, B, device, next(teacher.parameters()).dtype, attention), \
-        CUDAGraphStep(compile=compile)
+    cache = make_cache(cfg, B, device, next(teacher.parameters()).dtype, attention)
+    return by_k(teacher, student, ks), cache, CUDAGraphStep(compile=compile)
 
 
 def time_point(teacher, student, ks, B, seq_len, repeats, device, gen, attention, compile):
     """AR and every k at one point, on the same prompts and noise: {k: (new tokens, [seconds per
     repeat], warm-up seconds)}."""
-    runs = by_k(teacher, student, ks)
-    cache, step = point_setup(teacher, seq_len, B, device, attention, compile)
+    runs, cache, step = point_setup(teacher, student, ks, seq_len, B, device, attention, compile)
     prompt = torch.randint(teacher.config.vocab_size, (B, PROMPT_LEN), generator=gen).to(device)
     noise = torch.rand(B, seq_len - PROMPT_LEN, generator=gen, dtype=torch.float64).to(device)
-
-    def run(k, n):
-        sync(device)
-        t0 = time.perf_counter()
-        generate(runs[k], prompt, noise[:, :n], k, cache=cache, step_fn=step)
-        sync(device)
-        return time.perf_counter() - t0
+    run = lambda k, n: seconds(lambda: generate(  # noqa: E731
+        runs[k], prompt, noise[:, :n], k, cache=cache, step_fn=step), device)
     # warm-up, not timed: prefill + one pass compiles kernels and captures the pass's graph
     warm = {k: run(k, min(2 * k, new_tokens(seq_len, k))) for k in runs}
     times = {k: [] for k in runs}
@@ -266,34 +242,30 @@ def speed_rows(label, runs, B, seq_len, timed, peaks):
     return rows
 
 
-def run_profile_point(runs, cache, graph_step, label, seq_len, B, device, gen, steps=5, top=8):
-    """ONE decode step per k with the cache half full: its time as the grid runs it (replayed from
-    a graph on CUDA), then `steps` steps under torch.profiler, not replayed, so that it sees each
-    kernel: how many a step launches and the heaviest. At small batch launches bind, at large
-    batch bytes: this says which, and where."""
+def profile_point(label, teacher, student, ks, B, seq_len, device, gen, attention, compile,
+                  steps=5, top=8):
+    """ONE decode step per k with the cache half full: its time as the grid runs it, then `steps`
+    steps under torch.profiler, not replayed from a graph, so that it sees each kernel: how many a
+    step launches and the heaviest (at small batch launches bind, at large batch bytes)."""
     from torch.profiler import ProfilerActivity, profile
+    runs, cache, step = point_setup(teacher, student, ks, seq_len, B, device, attention, compile)
     cuda, rows = device.type == "cuda", []
+    kind = "CUDA" if cuda else "CPU"
+    self_us = lambda e: e.self_device_time_total if cuda else e.self_cpu_time_total  # noqa: E731
     for k, model in runs.items():
         tokens = torch.randint(model.config.vocab_size, (B, k), generator=gen).to(device)
         u = torch.rand(B, k, generator=gen, dtype=torch.float64).to(device)
         start = min(seq_len // 2, seq_len - 2 * k)   # k tokens, then up to k noise slots
-        pos = torch.arange(start, start + 2 * k, device=device)
+        args = (model, tokens, torch.arange(start, start + 2 * k, device=device), u, cache)
         for _ in range(3):   # capture and warm up
-            graph_step(model, tokens, pos, u, cache)
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(4 * steps):
-            graph_step(model, tokens, pos, u, cache)
-        sync(device)
-        step_s = (time.perf_counter() - t0) / (4 * steps)
-        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            step(*args)
+        step_s = seconds(lambda: [step(*args) for _ in range(4 * steps)], device) / (4 * steps)
+        with profile(activities=[getattr(ProfilerActivity, kind)]) as prof:
             for _ in range(steps):
-                graph_step.step(model, tokens, pos, u, cache)   # not replayed: every kernel seen
+                step.step(*args)
             sync(device)
-        events = [e for e in prof.key_averages()
-                  if e.device_type.name == ("CUDA" if cuda else "CPU")]
-        self_us = lambda e: e.self_device_time_total if cuda else e.self_cpu_time_total  # noqa
-        events.sort(key=self_us, reverse=True)
+        events = sorted((e for e in prof.key_averages() if e.device_type.name == kind),
+                        key=self_us, reverse=True)
         rows.append({"model": label, "seq_len": seq_len, "batch_size": B, "k": k,
                      "step_ms": step_s * 1e3, "tokens_per_s": B * k / step_s,
                      "launches": "CUDA kernels" if cuda else "CPU operators (views included)",
@@ -305,10 +277,10 @@ def run_profile_point(runs, cache, graph_step, label, seq_len, B, device, gen, s
 
 
 def run_grid(points, point, path, resume, seed):
-    """point(label, teacher, student, seq_len, B, generator) -> rows, at every point not already in
-    the partial file `path` (with --resume): one JSON line appended per point done, with the git
-    commit; a point out of memory is skipped. Each point draws its inputs from a generator of its
-    own, so a resumed grid times what an uninterrupted one would. Returns (rows, skipped)."""
+    """point(label, teacher, student, seq_len, B, generator) -> rows at every point not in the
+    partial file `path` (--resume), one JSON line appended per point done with the git commit; a
+    point out of memory is skipped. Each point draws from a generator of its own: a resumed grid
+    times what an uninterrupted one would. Returns (rows, skipped)."""
     commit, done = git_commit(), {}
     if resume:
         if not os.path.exists(path):
@@ -319,12 +291,12 @@ def run_grid(points, point, path, resume, seed):
                     row = json.loads(line)
                 except ValueError:   # a line torn by a kill in the middle of its write
                     continue
-                if row["commit"] != commit:
-                    raise UserError(f"--resume: {path} holds rows of commit {row['commit']}, this "
-                                    f"is {commit}; rerun without --resume to start afresh")
                 done[tuple(row["point"])] = row
-    fresh = not resume   # a fresh grid replaces the file at its first point
-    with StopFlag() as stop:
+        other = {r["commit"] for r in done.values()} - {commit}
+        if other:
+            raise UserError(f"--resume: {path} holds rows of commit {other.pop()}, this is "
+                            f"{commit}; rerun without --resume to start afresh")
+    with open(path, "a" if resume else "w") as f:
         for i, (label, teacher, student, seq_len, B) in enumerate(tqdm(points, dynamic_ncols=True)):
             key = (label, seq_len, B)
             if key in done:
@@ -334,22 +306,17 @@ def run_grid(points, point, path, resume, seed):
                 row["rows"] = point(label, teacher, student, seq_len, B,
                                     torch.Generator().manual_seed(seed * len(points) + i))
             except Exception as e:
-                if not out_of_memory(e):
+                if not (isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()):
                     raise
                 row["skipped"] = "out of memory"
-            finally:
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()   # the point's cache and graphs go before the next
-            with open(path, "w" if fresh else "a") as f:
-                f.write(json.dumps(row) + "\n")
-            fresh, done[key] = False, json.loads(json.dumps(row))
-            if stop.should_stop() and len(done) < len(points):
-                raise UserError(f"interrupted after {len(done)} of {len(points)} points; continue "
-                                "with the same command and --resume")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()   # the point's cache and graphs go before the next
+            print(json.dumps(row), file=f, flush=True)
+            done[key] = json.loads(json.dumps(row))   # as a resumed grid reads it
     rows = [done[(lb, s, b)] for lb, _, _, s, b in points]
     return ([r for row in rows for r in row["rows"]],
-            [{"model": r["point"][0], "seq_len": r["point"][1], "batch_size": r["point"][2],
-              "reason": r["skipped"]} for r in rows if r["skipped"]])
+            [dict(zip(("model", "seq_len", "batch_size"), r["point"]), reason=r["skipped"])
+             for r in rows if r["skipped"]])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -371,40 +338,27 @@ def gen_ppl(nll, k=1):
     return math.exp(nll.mean()), [math.exp(nll[j::k].mean()) for j in range(k)]
 
 
-def unigram_entropy(row):
-    """Entropy (nats) of the empirical token distribution within one sample."""
-    return -sum(c / len(row) * math.log(c / len(row)) for c in Counter(row).values())
-
-
 def repeated_4grams(seqs):
     """Fraction of 4-grams that already occurred earlier in the same sequence, pooled; None if no
     sequence has one."""
-    repeats = total = 0
-    for seq in seqs:
-        seen = set()
-        for i in range(len(seq) - 3):
-            repeats, total = repeats + (tuple(seq[i:i + 4]) in seen), total + 1
-            seen.add(tuple(seq[i:i + 4]))
-    return repeats / total if total else None
+    grams = [[tuple(seq[i:i + 4]) for i in range(len(seq) - 3)] for seq in seqs]
+    total = sum(map(len, grams))
+    return sum(len(g) - len(set(g)) for g in grams) / total if total else None
 
 
 def quality_row(model, k, samples, nll, ar_nll, ar, window, tok):
     rows = samples.tolist()
     ppl, per_slot = gen_ppl(nll, k)
     ar_ppl, ar_slot = gen_ppl(ar_nll, k)   # the teacher's samples at the same positions
+    # entropy (nats) of the empirical token distribution within each sample
+    entropy = [-sum(c / len(r) * math.log(c / len(r)) for c in Counter(r).values()) for r in rows]
     return {"model": model, "k": k, "gen_ppl": ppl, "gen_ppl_ratio": ppl / ar_ppl,
-            "gen_ppl_per_slot": per_slot, "gen_ppl_per_slot_ratio": [a / b for a, b in
-                                                                     zip(per_slot, ar_slot)],
-            "entropy": statistics.mean(map(unigram_entropy, rows)),
-            "repeat4_tokens": repeated_4grams(rows),
+            "gen_ppl_per_slot": per_slot,
+            "gen_ppl_per_slot_ratio": [a / b for a, b in zip(per_slot, ar_slot)],
+            "entropy": statistics.mean(entropy), "repeat4_tokens": repeated_4grams(rows),
             "repeat4_words": repeated_4grams([tok.decode(r).split() for r in rows]),
             "agreement": same_noise_agreement(ar.cpu(), samples.cpu(), k),
             "window_agreement": window}
-
-
-def histogram_entropy(h):
-    """Entropy (nats) of each row of a histogram (rows of frequencies summing to 1)."""
-    return -(h * torch.where(h > 0, h.log(), 0.0)).sum(-1)
 
 
 @torch.no_grad()
@@ -416,9 +370,10 @@ def distribution_per_slot(teacher, student, k, prompts, gen, draws=128, batch=4)
     histogram of as many draws) and the ratio of the histograms' entropies (below 1: collapse)."""
     n, L = prompts.shape
     V = teacher.config.vocab_size
+    entropy = lambda h: -(h * torch.where(h > 0, h.log(), 0.0)).sum(-1)  # noqa: E731
     fixed = torch.rand(n, k, generator=gen, dtype=torch.float64)
     u_i = torch.rand(draws, generator=gen, dtype=torch.float64)
-    tv, floor, entropy = [], [], []
+    out = {"tv_per_slot": [], "tv_floor_per_slot": [], "draw_entropy_ratio_per_slot": []}
     for i in range(k):
         stats = []
         for b in range(0, n, batch):
@@ -435,23 +390,14 @@ def distribution_per_slot(teacher, student, k, prompts, gen, draws=128, batch=4)
             ref = F.one_hot(torch.multinomial(p.cpu(), draws, replacement=True, generator=gen)
                             .to(p.device), V).float().mean(1)
             stats.append(torch.stack([(hist - p).abs().sum(-1) / 2, (ref - p).abs().sum(-1) / 2,
-                                      histogram_entropy(hist), histogram_entropy(ref)], 1))
-        t, f, h_student, h_teacher = torch.cat(stats).mean(0).tolist()
-        tv, floor, entropy = tv + [t], floor + [f], entropy + [h_student / h_teacher]
-    return {"tv_per_slot": tv, "tv_floor_per_slot": floor, "draw_entropy_ratio_per_slot": entropy}
+                                      entropy(hist), entropy(ref)], 1))
+        tv, floor, h_student, h_teacher = torch.cat(stats).mean(0).tolist()
+        for key, value in zip(out, (tv, floor, h_student / h_teacher)):
+            out[key].append(value)
+    return out
 
 
-def quality_tokens(requested, block, max_k):
-    """--quality_tokens, or 96 if it fits: every k decodes whole passes, cut to T."""
-    fits = lambda T: all(PROMPT_LEN + -(-T // k) * k <= block for k in range(1, max_k + 1))  # noqa
-    T = max((T for T in range(4, 97) if fits(T)), default=None) if requested is None else requested
-    if T is None or T < 4 or not fits(T):
-        raise UserError(f"--quality_tokens {T}: 4 or more (4-grams), and the {PROMPT_LEN}-token "
-                        f"prefix + whole passes of k <= {max_k} within the block size {block}")
-    return T
-
-
-def run_quality(teacher, student, judge, tok, T, val, n_samples, seed, device):
+def run_quality(teacher, student, tok, T, val, n_samples, seed, device):
     """The quality rows (AR, then the student at every k) and the noise-blind baselines."""
     gen = torch.Generator().manual_seed(seed)
     prompts = sample_windows(val, n_samples, PROMPT_LEN, gen)[0].to(device)
@@ -459,12 +405,12 @@ def run_quality(teacher, student, judge, tok, T, val, n_samples, seed, device):
     # ONE noise tensor: sample j of every model and k decodes the same u
     noise = torch.rand(n_samples, T + max_k - 1, generator=gen, dtype=torch.float64).to(device)
     ar = generate(teacher, prompts, noise[:, :T], 1)
-    ar_nll = nll_per_position(judge, prompts, ar)
+    ar_nll = nll_per_position(teacher, prompts, ar)
     rows = [quality_row("ar", 1, ar, ar_nll, ar_nll, ar, [1.0], tok)]
     for k in tqdm(range(1, max_k + 1), desc="quality", dynamic_ncols=True):
         samples = generate(student, prompts, noise[:, :-(-T // k) * k], k)[:, :T]
         window = window_agreement(student, prompts, ar, noise[:, :T], k)
-        rows.append(quality_row("student", k, samples, nll_per_position(judge, prompts, samples),
+        rows.append(quality_row("student", k, samples, nll_per_position(teacher, prompts, samples),
                                 ar_nll, ar, window, tok))
         rows[-1].update(distribution_per_slot(teacher, student, k, prompts[:32], gen))
     for r in rows:
@@ -545,8 +491,7 @@ def print_tables(speed, skipped, quality, blind, profile, roof, device):
               f"ceiling {r['roofline_tokens_per_s']:>12,.0f} tokens/s, ceiling speedup "
               f"{r['roofline_speedup']:.2f}x (overlapped {r['roofline_overlapped_speedup']:.2f}x)")
     for s in skipped:
-        print(f"skipped: {s['model']} seq_len {s['seq_len']} batch {s['batch_size']}: "
-              f"{s['reason']}")
+        print("skipped: {model} seq_len {seq_len} batch {batch_size}: {reason}".format(**s))
     if quality:
         print(f"\n{'model':<9}{'k':>2}{'gen-PPL':>9}{'ratio':>7}{'per slot':>24}{'H ratio':>8}"
               f"{'rep4 tok/word':>15}  agreement per slot: teacher's context | free-running")
@@ -577,21 +522,12 @@ def main(argv=None):
     batch_sizes = int_list(default(args.batch_sizes, "1,8,32,64,128,256,512" if gpu else "1,8"),
                            "batch_sizes")
     seq_lens = int_list(default(args.seq_lens, "128,1024" if gpu else "64"), "seq_lens")
+    ks = int_list(args.ks, "ks") if args.ks is not None else []
     repeats = default(args.repeats, 3 if device.type == "cuda" else 5)
-    alone = args.profile or args.roofline is not None   # instead of the speed grid and quality
-    quality = default(args.quality, args.trained and not alone)
-    paper_shape = default(args.paper_shape, gpu or not args.trained)
-    if args.profile and args.roofline is not None or alone and (quality or not args.speed):
-        raise UserError("--profile and --roofline replace speed and quality: pick one, without "
-                        "--quality or --no-speed")
+    quality = args.trained and default(args.quality, not args.profile and args.roofline is None)
+    paper_shape = not args.trained or default(args.paper_shape, gpu)
     if min(batch_sizes + [repeats, args.quality_samples]) < 1:
         raise UserError("--batch_sizes, --repeats and --quality_samples must be at least 1")
-    if not args.trained and (quality or args.teacher or args.student or args.judge or args.preset
-                             or not paper_shape):
-        raise UserError("--no-trained times the paper shape only: drop --quality, --preset, "
-                        "--teacher, --student, --judge, --no-paper_shape")
-    if not (args.speed or quality) or args.name == "":
-        raise UserError("nothing to do (--no-speed and no quality), or --name is empty")
     peaks = tuple(device_peak(device, t, args.roofline) for t in (PEAK_BANDWIDTH, PEAK_FLOPS))
     if args.roofline is not None and not (all(peaks) and args.dtype == "bfloat16"):
         known = [n for n, v in PEAK_BANDWIDTH if v and device_peak(device, PEAK_FLOPS, n)]
@@ -599,7 +535,6 @@ def main(argv=None):
                         f"known peaks: {', '.join(known)}")
     torch.set_float32_matmul_precision("highest")   # float32 quality must not use TF32
 
-    ks = int_list(args.ks, "ks") if args.ks is not None else []
     max_k, label = max([4] + ks), "paper_shape"   # the paper shape's student: 4 slots or more
     if args.trained:
         teacher_path, student_path = find_checkpoints(args.preset, args.teacher, args.student)
@@ -610,7 +545,7 @@ def main(argv=None):
     if not ks or any(not 2 <= k <= max_k for k in ks):
         raise UserError(f"--ks: each k between 2 and the student's max_k ({max_k}); AR (k = 1) "
                         "always runs")
-    stem = os.path.join(args.out_dir, default(args.name, f"bench_{label}"))
+    stem = os.path.join(args.out_dir, args.name or f"bench_{label}")
 
     # the models to time: (label, AR teacher, student, seq_lens that fit), copies cast to --dtype
     models, cast = [], lambda m: copy.deepcopy(m).to(device, getattr(torch, args.dtype)).eval()
@@ -629,42 +564,39 @@ def main(argv=None):
             models += [(m, cast(t), cast(s), fit)] if fit else []
         if not models:
             raise UserError(f"--seq_lens {args.seq_lens}: every length exceeds every block size")
-    if quality:
-        judge = teacher if args.judge is None else \
-            model_from_checkpoint(load_checkpoint(args.judge, "teacher"), device).eval()
-        T = quality_tokens(args.quality_tokens, min(teacher.config.block_size,
-                                                    judge.config.block_size), max_k)
-        val = load_split(default(args.data_dir, ckpt.get("train_config", {}).get(
-            "data_dir", "data/offline")), "val")   # now, not after the speed grid
-    try:
-        os.makedirs(args.out_dir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out_dir {args.out_dir}: {e.strerror}") from None
+    if quality:   # checked now, not after the speed grid
+        # T tokens: every k decodes whole passes, cut to T; 96 by default, or what fits the block
+        block = teacher.config.block_size
+        fits = lambda T: all(PROMPT_LEN + -(-T // k) * k <= block  # noqa: E731
+                             for k in range(1, max_k + 1))
+        T = default(args.quality_tokens, max((T for T in range(4, 97) if fits(T)), default=None))
+        if T is None or T < 4 or not fits(T):
+            raise UserError(f"--quality_tokens {T}: 4 or more (4-grams), and the {PROMPT_LEN}-"
+                            f"token prefix + whole passes of k <= {max_k} within the block size "
+                            f"{block}")
+        val = load_split(args.data_dir or ckpt.get("train_config", {}).get(
+            "data_dir", "data/offline"), "val")
+    os.makedirs(args.out_dir, exist_ok=True)
 
     commit = git_commit()
     print(f"bench on {device_name(device)}, commit {commit}: " + ", ".join(m for m, *_ in models))
     points = [(m, t, s, L, B) for m, t, s, fit in models for L in fit for B in batch_sizes]
     speed, profile, roof, skipped, rows, blind = [], [], [], [], [], None
+    grid = stem + ("_profile" if args.profile else "_speed") + ".partial.jsonl"
     if args.roofline is not None:
         roof = [{"model": m, "seq_len": L, "batch_size": B, "k": k, **r} for m, t, s, L, B in points
                 for k, r in roofline(by_k(t, s, ks), B, L, peaks).items()]
-    elif args.profile:
-        def point(m, t, s, L, B, gen):
-            cache, step = point_setup(t, L, B, device, args.attention, args.compile)
-            return run_profile_point(by_k(t, s, ks), cache, step, m, L, B, device, gen)
-        profile, skipped = run_grid(points, point, stem + "_profile.partial.jsonl", args.resume,
-                                    args.seed)
     elif args.speed:
         def point(m, t, s, L, B, gen):
+            if args.profile:
+                return profile_point(m, t, s, ks, B, L, device, gen, args.attention, args.compile)
             timed = time_point(t, s, ks, B, L, repeats, device, gen, args.attention, args.compile)
             return speed_rows(m, by_k(t, s, ks), B, L, timed, peaks)
-        speed, skipped = run_grid(points, point, stem + "_speed.partial.jsonl", args.resume,
-                                  args.seed)
+        found, skipped = run_grid(points, point, grid, args.resume, args.seed)
+        profile, speed = (found, []) if args.profile else ([], found)
     if quality:
-        rows, blind = run_quality(teacher, student, judge, tok, T, val, args.quality_samples,
-                                  args.seed, device)
-    if not (speed or profile or roof or rows):   # earlier results stay as they were
-        raise UserError("this run measured nothing (every point skipped); nothing written")
+        rows, blind = run_quality(teacher, student, tok, T, val, args.quality_samples, args.seed,
+                                  device)
 
     config = {**vars(args), "batch_sizes": batch_sizes, "seq_lens": seq_lens, "ks": ks,
               "repeats": repeats, "quality": quality, "paper_shape": paper_shape,
@@ -677,17 +609,18 @@ def main(argv=None):
              "agreement_without_noise": blind}, "profile": {"profile": profile, "skipped": skipped},
              f"roofline_{str(args.roofline).lower().replace(' ', '_')}": {"roofline": roof}}
     parts = {part: out for part, out in parts.items() if next(iter(out.values()))}   # measured
+    if not parts:   # earlier results stay as they were
+        raise UserError("this run measured nothing (every point skipped); nothing written")
     for part, out in parts.items():
         write_json(f"{stem}_{part}.json", {**head, **out})
     if speed:
         plot_speed(speed, device_name(device), stem + "_speed.png")
     if rows:
         plot_quality(rows, blind, stem + "_quality.png")
-    grid = stem + ("_profile" if args.profile else "_speed") + ".partial.jsonl"
-    if (speed or profile or skipped) and os.path.exists(grid):
+    if points and not roof and os.path.exists(grid):
         os.remove(grid)   # the grid is whole: nothing left to resume
     print_tables(speed, skipped, rows, blind, profile, roof, device_name(device))
-    plots = [f"{stem}_{part}.png" for part, made in (("speed", speed), ("quality", rows)) if made]
+    plots = [f"{stem}_{part}.png" for part in ("speed", "quality") if part in parts]
     print(f"\nwrote {', '.join([f'{stem}_{part}.json' for part in parts] + plots)}")
 
 
