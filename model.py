@@ -451,20 +451,29 @@ def same_noise_agreement(a, b, k):
 
 
 @torch.no_grad()
-def window_agreement(student, prompts, ar_tokens, noise, k, batch=32):
-    """Same-noise agreement per slot on the AR teacher's own context: window j starts from the
-    teacher's sample so far (prompt + its first j*k tokens) with the noise the teacher used for its
-    next k tokens. (Free-running, two samples part at their first difference and later positions
-    agree mostly by chance; here every window starts in step.) One staircase pass per batch rows."""
+def teacher_context_windows(student, prompts, ar_tokens, noise, k, batch=32):
+    """The student's tokens with every window on the AR teacher's own context: window j starts
+    from the teacher's sample so far (prompt + its first j*k tokens) with the noise the teacher
+    used for its next k tokens. (B, n), n the tokens of whole windows; a pass per batch rows."""
     B, P = prompts.shape
     n = ar_tokens.size(1) // k * k
     seq = torch.cat([prompts, ar_tokens[:, :n]], dim=1)[:, :P + n - k]   # the last window's context
     anchors = (P - 1 + torch.arange(0, n, k, device=seq.device)).expand(B, -1)
     slots = noise[:, :n].reshape(B, -1, k)
-    tokens = torch.cat([student.window_tokens(seq[i:i + batch], anchors[i:i + batch],
-                                              slots[i:i + batch])
-                        for i in range(0, B, batch)])   # (B, n/k, k)
-    return (tokens == ar_tokens[:, :n].reshape(B, -1, k)).float().mean(dim=(0, 1)).tolist()
+    return torch.cat([student.window_tokens(seq[i:i + batch], anchors[i:i + batch],
+                                            slots[i:i + batch])
+                      for i in range(0, B, batch)]).flatten(1)
+
+
+@torch.no_grad()
+def window_agreement(student, prompts, ar_tokens, noise, k, batch=32):
+    """Same-noise agreement per slot on the AR teacher's own context (teacher_context_windows).
+    (Free-running, two samples part at their first difference and later positions agree mostly by
+    chance; here every window starts in step.)"""
+    tokens = teacher_context_windows(student, prompts, ar_tokens, noise, k, batch)
+    B, n = tokens.shape
+    return (tokens.view(B, -1, k) == ar_tokens[:, :n].reshape(B, -1, k)).float().mean(
+        dim=(0, 1)).tolist()
 
 
 @torch.no_grad()

@@ -20,7 +20,8 @@ import torch
 
 from common import (ArgumentParser, UserError, load_checkpoint, load_split, model_from_checkpoint,
                     resolve_device, run_cli, sample_windows)
-from model import agreement_without_noise, generate, same_noise_agreement
+from model import (agreement_without_noise, generate, same_noise_agreement,
+                   teacher_context_windows)
 from prepare_data import get_tokenizer
 
 
@@ -117,11 +118,7 @@ def main(argv=None):
     noise = torch.rand(B, n, generator=gen, dtype=torch.float64).to(device)
     prompts = prompts.to(device)
     ar, free = generate(teacher, prompts, noise, 1), generate(student, prompts, noise, k)
-    # on the teacher's context: window j reads the prompt and the teacher's first j * k tokens
-    anchors = (P - 1 + torch.arange(0, n, k, device=device)).expand(B, -1)
-    with torch.no_grad():
-        windowed = student.window_tokens(torch.cat([prompts, ar], 1)[:, :P + n - k], anchors,
-                                         noise.view(B, -1, k)).flatten(1)
+    windowed = teacher_context_windows(student, prompts, ar, noise, k)
     for i in range(B):
         print(f"--- sample {i + 1}: {tok.decode(prompts[i].tolist())!r}, k = {k}\nfree-running:\n"
               f"{show(tok, ar[i].tolist(), free[i].tolist(), k)}\non the teacher's context:\n"
