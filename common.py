@@ -1,7 +1,5 @@
-"""
-What teacher.py, distill.py, sample.py and bench.py share: flags, one-line errors, DDP, batches, the
-learning rate, the weight average, atomic files, the start of a run and Ctrl-C.
-"""
+"""What teacher.py, distill.py, sample.py and bench.py share: flags, one-line errors, DDP, batches,
+the learning rate, the weight average, atomic files, the start of a run and Ctrl-C."""
 import argparse
 import copy
 import dataclasses
@@ -68,7 +66,9 @@ def parse_config(cls, presets, description, argv=None):
     for f in dataclasses.fields(cls):
         how = ({"action": argparse.BooleanOptionalAction} if f.type is bool else
                {"type": f.type, "choices": f.metadata["choices"]})
-        p.add_argument(f"--{f.name}", help=f"{f.metadata['help']} ({f.default!r})", **how)
+        shown = {repr(pre.get(f.name, f.default)) for pre in presets.values()}
+        shown = shown.pop() if len(shown) == 1 else "per --preset"
+        p.add_argument(f"--{f.name}", help=f"{f.metadata['help']} ({shown})", **how)
     args = p.parse_args(argv)
     cfg = cls(**{k: v for k, v in presets[args.preset].items() if not k.startswith("_")})
     for f in dataclasses.fields(cls):
@@ -213,8 +213,10 @@ def load_checkpoint(path, kind=None):   # kind: "teacher" (teacher.py's) or "stu
         raise UserError(f"checkpoint {path!r} not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        with torch.device("meta"):   # its weights must fit the network its config describes
-            GPT(GPTConfig(**ckpt["model_config"])).load_state_dict(ckpt["model"], assign=True)
+        with torch.device("meta"):   # the network its config describes, not allocated
+            want = GPT(GPTConfig(**ckpt["model_config"])).state_dict()
+        if {n: t.shape for n, t in ckpt["model"].items()} != {n: t.shape for n, t in want.items()}:
+            raise ValueError("its weights do not fit its model_config")
     except Exception as e:
         raise UserError(f"checkpoint {path!r} is corrupt or not from this project "
                         f"({type(e).__name__})") from None

@@ -70,24 +70,21 @@ PRESETS = {
 
 
 def unigram_loss(train, val, vocab_size):
-    """The val loss of a unigram model of train (plus one pseudo-count spread over the vocabulary):
-    the best a model blind to the context does."""
-    counts = np.full(vocab_size, 1.0 / vocab_size)
+    """The val loss of a unigram model of train: the best a model blind to the context does."""
+    counts = np.full(vocab_size, 1.0 / vocab_size)   # one pseudo-count spread over the vocabulary
     for start in range(0, len(train), 2**20):   # in slices: a big split as int64 is too big
         counts += np.bincount(train[start:start + 2**20], minlength=vocab_size)
     return float(-np.log(counts / counts.sum())[np.asarray(val)].mean())
 
 
 @torch.no_grad()
-def evaluate(model, val, cfg, rt):   # the same eval_iters val batches every time
-    training, gen, losses = model.training, torch.Generator().manual_seed(0), []
-    model.eval()
+def evaluate(model, val, cfg, rt):   # the weight average (in eval mode), on the same val batches
+    gen, losses = torch.Generator().manual_seed(0), []
     for _ in range(cfg.eval_iters):
         x, y = sample_windows(val, cfg.batch_size, cfg.block_size, gen)
         with rt.autocast:
             loss = model(shard(x, rt).to(rt.device), shard(y, rt).to(rt.device))[1]
         losses.append(all_mean(loss, rt).item())
-    model.train(training)
     return float(np.mean(losses))
 
 
