@@ -104,9 +104,8 @@ def setup_runtime(device="auto", dtype="auto", tf32=True):   # tf32=False: exact
             device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', rank)}")
             torch.cuda.set_device(device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=dtype == "bfloat16")
+    bf16 = dtype == "bfloat16" or dtype == "auto" and device.type == "cuda"   # auto: bf16 on CUDA
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=bf16)
     return SimpleNamespace(ddp=ddp, rank=rank, world=world, master=rank == 0, device=device,
                            autocast=autocast)
 
