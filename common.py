@@ -64,10 +64,10 @@ def parse_config(cls, presets, description, argv=None):
     run.add_argument("--resume", action="store_true", help="continue the run in --out_dir")
     run.add_argument("--overwrite", action="store_true", help="replace the run in --out_dir")
     for f in dataclasses.fields(cls):
-        how = ({"action": argparse.BooleanOptionalAction} if f.type is bool else
-               {"type": f.type, "choices": f.metadata["choices"]})
         shown = {repr(pre.get(f.name, f.default)) for pre in presets.values()}
         shown = shown.pop() if len(shown) == 1 else "per --preset"
+        how = ({"action": argparse.BooleanOptionalAction} if f.type is bool else
+               {"type": f.type, "choices": f.metadata["choices"]})
         p.add_argument(f"--{f.name}", help=f"{f.metadata['help']} ({shown})", **how)
     args = p.parse_args(argv)
     cfg = cls(**{k: v for k, v in presets[args.preset].items() if not k.startswith("_")})
@@ -90,7 +90,7 @@ def resolve_device(name):
     name = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
     n = torch.cuda.device_count()
     if name != "cpu" and not (re.fullmatch(r"cuda(:\d+)?", name) and int(name[5:] or 0) < n):
-        raise UserError(f"--device {name!r} is not supported here; use cpu, auto or cuda:N < {n}")
+        raise UserError(f"--device {name!r} is not supported ({n} CUDA devices); use cpu or cuda:N")
     return torch.device(name)
 
 
@@ -145,7 +145,8 @@ def load_split(data_dir, split):
 def sample_windows(data, n, T, gen):
     """n random windows of T + 1 tokens: (inputs, next-token targets), both (n, T) int64."""
     if len(data) < T + 1:
-        raise UserError(f"{len(data)} tokens are shorter than one window; lower --block_size")
+        raise UserError(f"the {len(data)}-token split is shorter than one window of {T + 1} "
+                        "tokens; lower --block_size")
     ix = torch.randint(len(data) - T, (n,), generator=gen).numpy()   # every start 0 .. len - T - 1
     w = torch.from_numpy(data[ix[:, None] + np.arange(T + 1)].astype(np.int64))
     return w[:, :-1], w[:, 1:]

@@ -33,7 +33,7 @@ class TeacherConfig:
     n_head: int = field(6, "attention heads", at_least=1)
     n_embd: int = field(384, "model width", at_least=2)
     block_size: int = field(256, "training sequence length; the longest context", at_least=1)
-    dropout: float = field(0.1, "dropout (10 epochs of our corpus overfit)", at_least=0, below=1)
+    dropout: float = field(0.1, "dropout (~10 epochs overfit our corpus)", at_least=0, below=1)
     tie_embeddings: bool = field(True, "share the input embedding and the output head")
     # optimisation
     batch_size: int = field(64, "sequences per micro-batch, over all processes", at_least=1)
@@ -72,13 +72,13 @@ PRESETS = {
 def unigram_loss(train, val, vocab_size):
     """The val loss of a unigram model of train: the best a model blind to the context does."""
     counts = np.full(vocab_size, 1.0 / vocab_size)   # one pseudo-count spread over the vocabulary
-    for start in range(0, len(train), 2**20):   # in slices: a big split as int64 is too big
+    for start in range(0, len(train), 2**20):   # in slices: bincount copies them as int64
         counts += np.bincount(train[start:start + 2**20], minlength=vocab_size)
     return float(-np.log(counts / counts.sum())[np.asarray(val)].mean())
 
 
 @torch.no_grad()
-def evaluate(model, val, cfg, rt):   # the weight average (in eval mode), on the same val batches
+def evaluate(model, val, cfg, rt):   # model: the average, always in eval mode
     gen, losses = torch.Generator().manual_seed(0), []
     for _ in range(cfg.eval_iters):
         x, y = sample_windows(val, cfg.batch_size, cfg.block_size, gen)
