@@ -1,8 +1,5 @@
-"""
-What teacher.py, distill.py, sample.py and bench.py share: flags from a config dataclass, one-line
-errors, DDP, batches, the learning-rate schedule, the weight average, atomic checkpoints, the start
-of a run (fresh, --resume or --overwrite), the Ctrl-C flag and the git commit.
-"""
+"""What teacher.py, distill.py, sample.py and bench.py share: flags, one-line errors, DDP, batches,
+the learning rate, the weight average, atomic files, the start of a run and Ctrl-C."""
 import argparse
 import copy
 import dataclasses
@@ -14,7 +11,7 @@ import re
 import signal
 import subprocess
 import sys
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import numpy as np
@@ -65,8 +62,7 @@ def parse_config(cls, presets, description, argv=None):
                    help="; ".join(f"{k}: {v['_about']}" for k, v in presets.items()))
     run = p.add_mutually_exclusive_group()
     run.add_argument("--resume", action="store_true", help="continue the run in --out_dir")
-    run.add_argument("--overwrite", action="store_true",
-                     help="delete the run in --out_dir at the start, then train afresh")
+    run.add_argument("--overwrite", action="store_true", help="replace the run in --out_dir")
     for f in dataclasses.fields(cls):
         shown = {repr(pre.get(f.name, f.default)) for pre in presets.values()}
         shown = shown.pop() if len(shown) == 1 else "per --preset"
@@ -91,33 +87,27 @@ def parse_config(cls, presets, description, argv=None):
 # its share, so the numbers do not depend on how many processes ran.
 
 def resolve_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
-        raise UserError(f"--device {name!r} is not supported; use cuda, cuda:N, cpu or auto")
-    if name != "cpu" and int(name[5:] or 0) >= torch.cuda.device_count():
-        raise UserError(f"--device {name}, but there are {torch.cuda.device_count()} CUDA devices")
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    n = torch.cuda.device_count()
+    if name != "cpu" and not (re.fullmatch(r"cuda(:\d+)?", name) and int(name[5:] or 0) < n):
+        raise UserError(f"--device {name!r} is not supported ({n} CUDA devices); use cpu or cuda:N")
     return torch.device(name)
 
 
-def setup_runtime(device="auto", dtype="auto", tf32=True):
-    """tf32=False keeps float32 matmuls exact: same-noise targets are that sensitive."""
+def setup_runtime(device="auto", dtype="auto", tf32=True):   # tf32=False: exact fp32 matmuls
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ   # torchrun's; a stray RANK is not
-    device, rank, world = resolve_device(device), 0, 1
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    device = resolve_device(device)
     if ddp:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
         if device.type == "cuda":
-            device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}")
+            device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', rank)}")
             torch.cuda.set_device(device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    bf16 = dtype == "bfloat16" or dtype == "auto" and device.type == "cuda"   # auto: bf16 on CUDA
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=bf16)
     return SimpleNamespace(ddp=ddp, rank=rank, world=world, master=rank == 0, device=device,
-                           dtype=dtype, autocast=autocast)
+                           autocast=autocast)
 
 
 def all_mean(x, rt):
@@ -133,8 +123,7 @@ def shard(t, rt):   # this rank's rows of a global batch
 
 
 @contextmanager
-def fits_in_memory(hint):
-    """Running out of memory inside the block is one line: the hint, saying what to lower."""
+def fits_in_memory(hint):   # running out of memory inside the block is one line: the hint
     try:
         yield
     except (RuntimeError, MemoryError) as e:   # on CPU a RuntimeError "can't allocate memory"
@@ -182,8 +171,7 @@ class EMA:
     def update(self, model):   # the parameters are the whole state: GPT has no buffers
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        torch._foreach_lerp_(list(self.model.parameters()),
-                             [p.detach() for p in model.parameters()], 1 - decay)
+        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1 - decay)
 
     def state_dict(self):
         return {"model": self.model.state_dict(), "updates": self.updates}
@@ -196,33 +184,31 @@ class EMA:
 # ------------------------------------------------------------------------------------------------
 # Files are never half-written: a temporary file beside the target, fsync, rename.
 
-def atomic_write(path, write_fn, binary=True):
+def atomic_write(path, write_fn, mode="wb"):
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)), ".tmp-" + os.path.basename(path))
     try:
         os.makedirs(os.path.dirname(tmp), exist_ok=True)
-        with open(tmp, "wb" if binary else "w") as f:
+        with open(tmp, mode) as f:
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as e:
+    except OSError as e:   # a full disk, a read-only folder
+        raise UserError(f"cannot write {path} ({e.strerror or e})") from None
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(e, OSError):   # a full disk, a read-only folder
-            raise UserError(f"cannot write {path} ({e.strerror or e})") from None
-        raise
 
 
 def write_json(path, obj):
-    atomic_write(path, lambda f: json.dump(obj, f, indent=2), binary=False)
+    atomic_write(path, lambda f: json.dump(obj, f, indent=2), "w")
 
 
 def save_checkpoint(path, ckpt):
     atomic_write(path, lambda f: torch.save(ckpt, f))
 
 
-def load_checkpoint(path, kind=None):
-    """A checkpoint of teacher.py (kind "teacher") or distill.py ("student"), checked."""
+def load_checkpoint(path, kind=None):   # kind: "teacher" (teacher.py's) or "student" (distill's)
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path!r} not found")
     try:
@@ -235,9 +221,8 @@ def load_checkpoint(path, kind=None):
         raise UserError(f"checkpoint {path!r} is corrupt or not from this project "
                         f"({type(e).__name__})") from None
     is_a = "student" if ckpt["model_config"]["max_k"] > 0 else "teacher"
-    if kind is not None and is_a != kind:
-        raise UserError(f"{path!r} is a {is_a} checkpoint where a {kind} is expected; pass one "
-                        f"written by {'teacher.py' if kind == 'teacher' else 'distill.py'}")
+    if kind not in (None, is_a):
+        raise UserError(f"{path!r} is a {is_a} checkpoint where a {kind} is expected")
     return ckpt
 
 
@@ -247,30 +232,27 @@ def model_from_checkpoint(ckpt, device):
     return model.to(device)
 
 
-RUN_FILES = {"teacher": ("last.pt", "best.pt", "log.jsonl", "teacher_*.json"),
-             "student": ("last.pt", "student_k*.pt", "log.jsonl", "distill_*")}
+RUN_FILES = ("last.pt", "log.jsonl", "best.pt", "teacher_*.json", "student_k*.pt", "distill_*")
 RUN_FLAGS = ("out_dir", "device", "compile", "log_interval", "ckpt_interval", "curve_interval")
 
 
 def start_run(out_dir, kind, args, cfg, rt):
     """The checkpoint a run continues from (--resume), else None. A directory holding a run needs
-    --resume or --overwrite (which deletes the run's files); one holding the other script's run is
-    refused. A resume may change only the flags that do not change what is computed (RUN_FLAGS)."""
+    --resume or --overwrite (which deletes its files); a resume may change only RUN_FLAGS."""
     last = os.path.join(out_dir, "last.pt")
     try:   # every run with a checkpoint has a last.pt, and it says whose run it is
-        theirs = torch.load(last, mmap=True, weights_only=False)["kind"] != kind
+        found = torch.load(last, mmap=True, weights_only=False)["kind"]
     except Exception:
-        theirs = False   # none yet (a corrupt one: --resume says so)
-    if theirs:
-        raise UserError(f"{out_dir} holds a {'teacher' if kind == 'student' else 'distillation'} "
-                        "run; pick another --out_dir")
-    if os.path.isfile(last) and not args.resume and not args.overwrite:
+        found = kind   # none yet (a corrupt one: --resume says so)
+    if found != kind:
+        raise UserError(f"{out_dir} holds a {found} run; pick another --out_dir")
+    if os.path.isfile(last) and not (args.resume or args.overwrite):
         raise UserError(f"{out_dir} already holds a run; pass --resume to continue it or "
                         "--overwrite to replace it")
     if args.resume and not os.path.isfile(last):
         raise UserError(f"--resume: no checkpoint at {last}; run without --resume to start")
     if args.overwrite and rt.master:
-        for path in (p for pattern in RUN_FILES[kind] for p in glob.glob(f"{out_dir}/{pattern}")):
+        for path in (p for pattern in RUN_FILES for p in glob.glob(f"{out_dir}/{pattern}")):
             os.remove(path)
     if not args.resume:
         return None
@@ -290,7 +272,7 @@ class JsonlLog:
         self.path, self.rows, self.master = path, rows, master
         if master:
             kept = open(path).readlines()[:rows] if rows else []
-            atomic_write(path, lambda f: f.writelines(kept), binary=False)
+            atomic_write(path, lambda f: f.writelines(kept), "w")
 
     def write(self, **row):
         if self.master:
@@ -300,11 +282,10 @@ class JsonlLog:
 
 
 class StopFlag:
-    """A context manager: Ctrl-C (or SIGTERM) once asks to stop after this step and save; twice
-    stops now. Under DDP the ranks agree on the flag every step, so that all stop together."""
+    """Ctrl-C (or SIGTERM) once asks to stop after this step and save; twice stops now."""
+    requested = False
 
     def __enter__(self):
-        self.requested = False
         self.old = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
@@ -317,16 +298,14 @@ class StopFlag:
             raise KeyboardInterrupt
         self.requested = True
 
-    def should_stop(self, rt=None):
-        flag = torch.tensor(float(self.requested))
-        if rt is not None and rt.ddp:
-            flag = flag.to(rt.device)
+    def should_stop(self, rt=None):   # under DDP the ranks agree, so that all stop together
+        flag = torch.tensor(float(self.requested), device=rt.device if rt else None)
+        if rt and rt.ddp:
             dist.all_reduce(flag)
         return flag.item() > 0
 
 
-def git_commit():
-    """HEAD, with "+dirty" if a .py file differs from it; None outside a git checkout."""
+def git_commit():   # HEAD, with "+dirty" if a .py file differs from it; None outside a checkout
     git = ["git", "-C", os.path.dirname(os.path.abspath(__file__))]
     try:
         head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True)

@@ -33,8 +33,7 @@ class TeacherConfig:
     n_head: int = field(6, "attention heads", at_least=1)
     n_embd: int = field(384, "model width", at_least=2)
     block_size: int = field(256, "training sequence length; the longest context", at_least=1)
-    dropout: float = field(0.1, "dropout; ~10 epochs of our corpus overfit without it",
-                           at_least=0, below=1)
+    dropout: float = field(0.1, "dropout (~10 epochs overfit our corpus)", at_least=0, below=1)
     tie_embeddings: bool = field(True, "share the input embedding and the output head")
     # optimisation
     batch_size: int = field(64, "sequences per micro-batch, over all processes", at_least=1)
@@ -44,17 +43,15 @@ class TeacherConfig:
     min_lr: float = field(1e-4, "learning rate at the end of the cosine decay", at_least=0)
     warmup_steps: int = field(200, "linear warmup steps", at_least=0)
     weight_decay: float = field(0.1, "AdamW weight decay of matrices", at_least=0)
-    beta1: float = field(0.9, "AdamW beta1", at_least=0.0, below=1.0)
-    beta2: float = field(0.95, "AdamW beta2", at_least=0.0, below=1.0)
     grad_clip: float = field(1.0, "clip the gradient norm to this (0: off)", at_least=0)
-    ema: float = field(0.0, "weight average decay; the average is evaluated and saved as best.pt "
-                       "(0: off; the paper's teacher: 0.9999)", at_least=0, below=1)
+    ema: float = field(0.0, "decay of the weight average that best.pt keeps (paper: 0.9999)",
+                       at_least=0, below=1)
     # bookkeeping
     eval_interval: int = field(250, "evaluate and save a checkpoint every N steps", at_least=1)
     eval_iters: int = field(20, "val batches per evaluation (the same ones each time)", at_least=1)
     seed: int = field(1337, "seeds the init and the data order", at_least=0, below=2 ** 63)
     device: str = field("auto", "cuda, cpu or auto")
-    dtype: str = field("auto", "float32, or bfloat16 autocast; auto: bfloat16 on CUDA",
+    dtype: str = field("auto", "float32, bfloat16 autocast, or auto: bfloat16 on CUDA",
                        choices=("auto", "float32", "bfloat16"))
     compile: bool = field(True, "torch.compile the model (CUDA only)")
 
@@ -65,47 +62,33 @@ PRESETS = {
                  block_size=128, batch_size=16, max_steps=2000, lr=3e-3, min_lr=3e-4,
                  warmup_steps=100, eval_interval=250, eval_iters=10),
     "small": dict(_about="one GPU, ~1.5 min on an H100 (6 x 384, block 256)"),
-    "paper": dict(_about="the paper's shape: 12 x 768, untied, block 128 as on LM1B; 100k steps "
-                         "(the paper's: 1M)",
+    "paper": dict(_about="the paper's shape: 12 x 768, untied, block 128 (LM1B); 100k of 1M steps",
                   n_layer=12, n_head=12, n_embd=768, block_size=128, tie_embeddings=False,
                   batch_size=512, max_steps=100_000, lr=3e-4, min_lr=3e-5, warmup_steps=2500,
                   ema=0.9999, eval_interval=1000),
 }
 
 
-def unigram_baselines(train, val, vocab_size, max_train_tokens=2**26):
-    """Context-free references for the val loss, in nats/token: a unigram model of train (plus one
-    pseudo-count spread over the vocabulary; a big split counted in 64 evenly spaced slices)
-    scored on val, and val's own unigram entropy."""
-    counts = np.full(vocab_size, 1.0 / vocab_size)
-    n, chunk = len(train), max_train_tokens // 64
-    starts = (range(0, n, chunk) if n <= max_train_tokens
-              else np.linspace(0, n - chunk, 64).astype(np.int64))
-    for start in starts:
-        counts += np.bincount(np.asarray(train[start:start + chunk]), minlength=vocab_size)
-    val = np.asarray(val)
-    p_val = np.bincount(val, minlength=vocab_size).astype(np.float64)
-    p_val = p_val[p_val > 0] / p_val.sum()
-    return {"unigram_loss": float(-np.log(counts / counts.sum())[val].mean()),
-            "unigram_entropy": float(-(p_val * np.log(p_val)).sum())}
+def unigram_loss(train, val, vocab_size):
+    """The val loss of a unigram model of train: the best a model blind to the context does."""
+    counts = np.full(vocab_size, 1.0 / vocab_size)   # one pseudo-count spread over the vocabulary
+    for start in range(0, len(train), 2**20):   # in slices: bincount copies them as int64
+        counts += np.bincount(train[start:start + 2**20], minlength=vocab_size)
+    return float(-np.log(counts / counts.sum())[np.asarray(val)].mean())
 
 
 @torch.no_grad()
-def evaluate(model, val, cfg, rt):
-    """Mean loss over the same eval_iters val batches every time; each rank takes its share."""
-    training, gen, losses = model.training, torch.Generator().manual_seed(0), []
-    model.eval()
+def evaluate(model, val, cfg, rt):   # model: the average, always in eval mode
+    gen, losses = torch.Generator().manual_seed(0), []
     for _ in range(cfg.eval_iters):
         x, y = sample_windows(val, cfg.batch_size, cfg.block_size, gen)
         with rt.autocast:
             loss = model(shard(x, rt).to(rt.device), shard(y, rt).to(rt.device))[1]
         losses.append(all_mean(loss, rt).item())
-    model.train(training)
     return float(np.mean(losses))
 
 
-def checkpoint(model, cfg, meta, **state):
-    """The weights, what they are, and `state` (for last.pt: everything a resume needs)."""
+def checkpoint(model, cfg, meta, **state):   # state, for last.pt: everything a resume needs
     return {"kind": "teacher", "model_config": dataclasses.asdict(model.config),
             "model": model.state_dict(), "tokenizer": tokenizer_spec(meta),
             "train_config": dataclasses.asdict(cfg), **state}
@@ -131,22 +114,21 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(
         [{"params": [p for p in model.parameters() if p.dim() >= 2]},
          {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+        lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
         fused=rt.device.type == "cuda")
     gen = torch.Generator().manual_seed(cfg.seed)   # the data order, the same on every rank
-    ema = EMA(model, cfg.ema) if cfg.ema else None
+    ema = EMA(model, cfg.ema)   # --ema 0: the average is the weights themselves
     step, best_val, tok_s, val_loss = 0, math.inf, None, math.nan
     if ckpt:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        if ema:
-            ema.load_state_dict(ckpt["ema"])
+        ema.load_state_dict(ckpt["ema"])
         step, best_val, tok_s = ckpt["step"], ckpt["best_val"], ckpt["tok_s"]
         torch.set_rng_state(ckpt["rng"][0])   # the global generator draws the dropout masks
         gen.set_state(ckpt["rng"][1])
         if ckpt["rng"][2] is not None and rt.device.type == "cuda":
             torch.cuda.set_rng_state(ckpt["rng"][2], rt.device)
-    raw, evaluated = model, ema.model if ema else model   # evaluated: what best.pt keeps
+    raw = model
     if cfg.compile and rt.device.type == "cuda":
         model = torch.compile(model, dynamic=False)
     if rt.ddp:
@@ -161,19 +143,18 @@ def main(argv=None):
     mb = cfg.batch_size // rt.world   # a micro-batch's rows on this rank
     oom = (f"a batch of {mb} x {cfg.block_size} tokens does not fit in memory on {rt.device}; "
            "lower --batch_size and raise --grad_accum")
-    with StopFlag() as stop, fits_in_memory(oom), tqdm(total=cfg.max_steps, initial=step,
-                                                       desc="teacher", disable=not rt.master,
-                                                       dynamic_ncols=True) as bar:
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="teacher", disable=not rt.master)
+    with StopFlag() as stop, fits_in_memory(oom), bar:
         while True:
             # evaluate a step that last.pt already holds (an error here loses no training); a
             # resume from it evaluates again. best.pt: the best evaluated weights after step 0
             if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-                val_loss = evaluate(evaluated, val, cfg, rt)
+                val_loss = evaluate(ema.model, val, cfg, rt)
                 log.write(step=step, val_loss=val_loss)
                 if step > 0 and val_loss < best_val:
                     best_val = val_loss
                     if rt.master:
-                        save_checkpoint(best_path, checkpoint(evaluated, cfg, meta, step=step,
+                        save_checkpoint(best_path, checkpoint(ema.model, cfg, meta, step=step,
                                                               best_val=best_val))
             if step == cfg.max_steps:
                 break
@@ -200,8 +181,7 @@ def main(argv=None):
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if ema:
-                ema.update(raw)
+            ema.update(raw)
             step += 1
             if rt.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -214,28 +194,26 @@ def main(argv=None):
                 rng = [torch.get_rng_state(), gen.get_state(),
                        torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None]
                 save_checkpoint(last_path, checkpoint(
-                    raw, cfg, meta, optimizer=optimizer.state_dict(), ema=ema and ema.state_dict(),
+                    raw, cfg, meta, optimizer=optimizer.state_dict(), ema=ema.state_dict(),
                     rng=rng, step=step, best_val=best_val, tok_s=tok_s, log_rows=log.rows))
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", val=f"{val_loss:.3f}",
-                            tok_s=f"{tok_s:,.0f}" if tok_s else "-")
+            bar.set_postfix(loss=loss, val=val_loss)
             if stopping:
                 raise UserError(f"interrupted at step {step}; saved {last_path}; "
                                 "continue with --resume")
 
     if rt.master:
-        baselines, peak = unigram_baselines(train, val, meta["vocab_size"]), peak_flops(rt.device)
-        mfu = (flops_per_token(raw.config, cfg.block_size) * tok_s / (peak * rt.world)
-               if peak and tok_s else None)   # model FLOPs utilisation
+        unigram, peak = unigram_loss(train, val, meta["vocab_size"]), peak_flops(rt.device)
+        mfu = (tok_s and peak and   # model FLOPs utilisation
+               flops_per_token(raw.config, cfg.block_size) * tok_s / (peak * rt.world))
         summary = f"{cfg.out_dir}/teacher_{args.preset}.json"
         write_json(summary, {
             "device": device_name(rt.device), "world_size": rt.world, "torch": torch.__version__,
             "git": git_commit(), "config": dataclasses.asdict(cfg), "params": raw.num_params(),
             "steps": step, "tokens_seen": step * tokens_per_step, "final_val_loss": val_loss,
-            "best_val_loss": best_val, **baselines, "tokens_per_s": tok_s, "mfu": mfu})
-        print(f"val loss {val_loss:.3f} (best {best_val:.3f}; a unigram model of train: "
-              f"{baselines['unigram_loss']:.3f}, val's unigram entropy: "
-              f"{baselines['unigram_entropy']:.3f}); checkpoint {best_path}, summary {summary}")
+            "best_val_loss": best_val, "unigram_loss": unigram, "tokens_per_s": tok_s, "mfu": mfu})
+        print(f"val loss {val_loss:.3f} (best {best_val:.3f}, a unigram model of train "
+              f"{unigram:.3f}); checkpoint {best_path}, summary {summary}")
 
 
 if __name__ == "__main__":

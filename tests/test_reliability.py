@@ -570,7 +570,7 @@ BAD = {
     "teacher dir to distill": (distill, lambda p: D(p["data"], p["teacher"], p["teacher_run"],
                                                     "--overwrite"), r"holds a teacher run"),
     "distill dir to teacher": (teacher, lambda p: T(p["data"], p["distill_run"], "--overwrite"),
-                               r"holds a distillation run"),
+                               r"holds a student run"),
     "existing run": (teacher, lambda p: T(p["data"], p["teacher_run"]),
                      r"already holds a run; pass --resume .* or --overwrite"),
     "resume and overwrite": (teacher, lambda p: T(p["data"], p["teacher_run"], "--resume",
