@@ -1,28 +1,22 @@
 """
 Distillation: turn the AR teacher into a push-forward student that maps k uniform noises to k
-tokens in one pass.
+tokens in one pass. --recipe:
+  cdf_seq (the default), cdf (without the slot MLP): the distribution readout (model.py), one
+    stage at --k. Slot i's distribution learns the AR teacher's after the context and the
+    student's own tokens of slots < i (forward KL, on-policy): at its fixed point the student
+    samples the teacher.
+  onpolicy: the argmax readout, by cross-entropy to the inverse CDF of those same targets.
+  paper: the paper's progressive self-forcing distillation (argmax readout). Stages grow k (1 ->
+    2 -> 4, or --schedule), each a copy of the last learning its same-noise rollout on the real
+    context followed by its own tokens; stage 1 learns the AR teacher's inverse CDF.
+The learning curve (agreement on the teacher's context) goes to log.jsonl, distill_<preset>.json
+and distill_<preset>_curve.png.
 
     python distill.py --preset tiny                  # teacher: out/teacher_<preset>/best.pt
-    python distill.py --preset tiny --recipe paper --steps_per_stage 250
     torchrun --standalone --nproc_per_node 8 distill.py --preset small
-
---recipe cdf_seq (the default; cdf without the slot MLP): the distribution readout (model.py), one
-stage at --k. The student draws its k tokens from its own distributions with the noise; slot i's
-distribution learns the AR teacher's after the context and the student's own tokens before it
-(forward KL, on-policy): at its fixed point the student samples the teacher.
---recipe paper (the paper's progressive self-forcing distillation, argmax readout): stages grow k
-(default 1 -> 2 -> 4, or --schedule). Stage 1 targets: the AR teacher's inverse CDF on the real
-context with the student's own noise. Later stages: the previous student's same-noise rollout: it
-decodes its k noises on the real context, then the next ones on the real context followed by ITS
-OWN tokens (self-forcing), in as many blocks as the new k needs. Each student starts as a copy of
-the previous one; the loss is cross-entropy per slot.
---recipe onpolicy: the argmax readout with the on-policy targets of cdf_seq, by cross-entropy.
-The learning curve (same-noise agreement on the teacher's context every --curve_interval steps)
-goes to log.jsonl, the summary and distill_<preset>_curve.png beside it.
 """
 import dataclasses
 import math
-import os
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -43,37 +37,31 @@ from prepare_data import load_meta, tokenizer_spec
 
 @dataclass
 class DistillConfig:
-    teacher: str = field("out/teacher_{preset}/best.pt", "the AR teacher (from teacher.py)")
-    data_dir: str = field("data/offline", "the teacher's dataset (from prepare_data.py)")
+    teacher: str = field("out/teacher_{preset}/best.pt", "the AR teacher (teacher.py)")
+    data_dir: str = field("data/offline", "the teacher's dataset (prepare_data.py)")
     out_dir: str = field("out/distill_{preset}", "student_k<K>.pt, last.pt, log and summary")
-    k: int = field(4, "the final number of tokens per pass", at_least=1)
-    recipe: str = field("cdf_seq", "paper: the paper's argmax readout, stages 1 -> 2 -> 4 "
-                        "(--schedule), each learning the last one's self-forcing rollout; "
-                        "onpolicy: one stage at --k, slot i learning the AR teacher's inverse CDF "
-                        "after the student's own slots < i; cdf, cdf_seq: the distribution "
-                        "readout (model.py), one stage at --k, slot i's distribution learning "
-                        "the teacher's after the student's own slots < i (forward KL)",
+    k: int = field(4, "tokens per pass of the last stage", at_least=1)
+    recipe: str = field("cdf_seq", "how the student learns (see above)",
                         choices=("paper", "onpolicy", "cdf", "cdf_seq"))
-    schedule: str = field("", "stages as a comma list from 1, e.g. 1,2,3,4; empty: 1,2,4,.. to k")
-    steps_per_stage: int = field(1000, "optimizer steps in each stage", at_least=0)
+    schedule: str = field("", "paper's stages, e.g. 1,2,3,4 (empty: 1,2,4,.. up to k)")
+    steps_per_stage: int = field(1000, "optimizer steps per stage", at_least=0)
     batch_size: int = field(32, "sequences per step, over all processes", at_least=1)
     block_size: int = field(256, "context tokens per sequence (<= the teacher's)", at_least=1)
-    anchors: int = field(128, "anchor positions per sequence, each with a window of k noise slots "
-                         "(the paper: every position)", at_least=1)
-    lr: float = field(3e-4, "learning rate (AdamW), constant after warmup", at_least=0)
-    warmup_steps: int = field(50, "linear warmup steps at the start of each stage", at_least=0)
+    anchors: int = field(128, "anchors per sequence, each with a window of k noise slots "
+                         "(the paper: every position; at most --block_size)", at_least=1)
+    lr: float = field(3e-4, "AdamW learning rate, constant after warmup", at_least=0)
+    warmup_steps: int = field(50, "linear warmup steps at each stage's start", at_least=0)
     weight_decay: float = field(0.0, "AdamW weight decay", at_least=0)
     grad_clip: float = field(1.0, "clip the gradient norm to this (0: off)", at_least=0)
-    ema: float = field(0.0, "weight average decay; the average is what each stage evaluates, "
-                       "saves and hands on (0: off; the paper's k = 4 stage: 0.999)",
-                       at_least=0, below=1)
-    noise_features: str = field("paper", "noise encoder features: paper (<= 1 cycle over [0,1]) "
-                                "or high (1-256 cycles)", choices=("paper", "high"))
-    eval_samples: int = field(256, "val prefixes for the same-noise agreement", at_least=1)
-    eval_tokens: int = field(48, "tokens generated per prefix for it", at_least=1)
-    prompt_len: int = field(6, "prefix length for it (6 as in the paper)", at_least=1)
-    curve_interval: int = field(250, "also measure it on the teacher's context every N steps "
-                                "(0: at each stage's start and end only)", at_least=0)
+    ema: float = field(0.0, "weight average decay; the average is evaluated, saved and handed on "
+                       "(0: off; the paper's k = 4 stage: 0.999)", at_least=0, below=1)
+    noise_features: str = field("paper", "noise encoder: paper (<= 1 cycle over [0,1]) or high "
+                                "(1-256 cycles)", choices=("paper", "high"))
+    eval_samples: int = field(256, "val prefixes of the same-noise agreement", at_least=1)
+    eval_tokens: int = field(48, "tokens it generates per prefix (>= k)", at_least=1)
+    prompt_len: int = field(6, "its prefix length (the paper's 6)", at_least=1)
+    curve_interval: int = field(250, "measure it on the teacher's context every N steps (0: at "
+                                "each stage's start and end only)", at_least=0)
     log_interval: int = field(10, "log per-slot loss and accuracy every N steps", at_least=1)
     ckpt_interval: int = field(250, "save a resumable checkpoint every N steps", at_least=1)
     seed: int = field(1337, "seeds the data order, the anchors and the noise",
@@ -87,8 +75,7 @@ class DistillConfig:
 PRESETS = {
     "tiny": dict(_about="CPU demo, for the tiny teacher", data_dir="data/shakespeare_char",
                  steps_per_stage=600, batch_size=16, block_size=128, anchors=32, lr=1e-3,
-                 warmup_steps=20, eval_samples=128, eval_tokens=48, curve_interval=50,
-                 ckpt_interval=50),
+                 warmup_steps=20, eval_samples=128, curve_interval=50, ckpt_interval=50),
     "small": dict(_about="one GPU (the paper's recipe: ~4 min on an H100 for three stages)"),
     "paper": dict(_about="the paper's k = 4 stage: lr 1e-4 constant, fp32, batch 512, every anchor;"
                          " 20k steps per stage (the paper's: not known)",
@@ -177,15 +164,13 @@ def eval_agreement(student, k, bench, windows=False):
     return out
 
 
-def checkpoint(student, optimizer, ema, gen, cfg, final=False, **progress):
-    """Mid-stage: the raw weights, the average and the optimizer, to continue from. final: the
-    stage's student (the average, if any); a resume from it starts the next stage."""
-    return {"kind": "student", "model_config": dataclasses.asdict(student.config),
-            "model": (ema.model if final and ema else student).state_dict(),
-            "ema": None if final or not ema else ema.state_dict(),
-            "optimizer": None if final else optimizer.state_dict(), "rng": gen.get_state(),
-            "train_config": dataclasses.asdict(cfg), **progress,
-            "stage": progress["stage"] + final}
+def checkpoint(run, model, gen, log, stage, **mid_stage):
+    """last.pt and student_k<K>.pt: the run so far and a model. Mid-stage: the raw weights, with
+    the optimizer, the average and the stage's progress; after a stage: its student, and the
+    stage a resume from it starts."""
+    return {**run, "model_config": dataclasses.asdict(model.config), "model": model.state_dict(),
+            "rng": gen.get_state(), "log_rows": log.rows, "stage": stage, "optimizer": None,
+            **mid_stage}
 
 
 def main(argv=None):
@@ -194,65 +179,48 @@ def main(argv=None):
     rt = setup_runtime(cfg.device, cfg.dtype, tf32=False)   # fp32 targets: no TF32 rounding
     if cfg.batch_size % rt.world:
         raise UserError(f"--batch_size {cfg.batch_size} must split over {rt.world} processes")
-    if not os.path.isfile(cfg.teacher) and cfg.teacher == f"out/teacher_{args.preset}/best.pt":
-        raise UserError(f"no teacher at {cfg.teacher}; train it with `python teacher.py --preset "
-                        f"{args.preset}` or pass --teacher")
     teacher_ckpt = load_checkpoint(cfg.teacher, kind="teacher")
     teacher = model_from_checkpoint(teacher_ckpt, rt.device).eval()
     block = teacher.config.block_size
-    for bad, msg in ((cfg.k > block - cfg.prompt_len, f"--k {cfg.k} is out of range: at most the "
-                      f"teacher's block size {block} - --prompt_len {cfg.prompt_len}"),
-                     (cfg.block_size > block, f"--block_size {cfg.block_size} exceeds the "
-                      f"teacher's block size {block}"),
-                     (cfg.eval_tokens < cfg.k, f"--eval_tokens {cfg.eval_tokens} must be at least"
-                      f" --k ({cfg.k}): the agreement decodes whole windows of k tokens"),
-                     (cfg.prompt_len + cfg.eval_tokens > block, f"--prompt_len {cfg.prompt_len} "
-                      f"+ --eval_tokens {cfg.eval_tokens} exceed the teacher's block size {block}"),
-                     (cfg.anchors > cfg.block_size, f"--anchors {cfg.anchors} exceeds "
-                      f"--block_size ({cfg.block_size})")):
-        if bad:
-            raise UserError(msg)
+    if cfg.k > block - cfg.prompt_len:
+        raise UserError(f"--k {cfg.k} is out of range: at most the teacher's block size {block} "
+                        f"- --prompt_len {cfg.prompt_len}")
+    if cfg.block_size > block:
+        raise UserError(f"--block_size {cfg.block_size} exceeds the teacher's block size {block}")
     train, val = load_split(cfg.data_dir, "train"), load_split(cfg.data_dir, "val")
     tokenizer = tokenizer_spec(load_meta(cfg.data_dir))
     if teacher_ckpt["tokenizer"] != tokenizer:
         raise UserError(f"{cfg.teacher} was trained on another vocabulary than {cfg.data_dir}'s; "
                         "pass the --data_dir it was trained on")
-    if len(train) <= cfg.block_size:
-        raise UserError(f"the {len(train)}-token train split is shorter than one window of "
-                        f"{cfg.block_size + 1}; lower --block_size")
-    state = start_run(cfg.out_dir, "student", args, cfg, rt)   # the run a resume continues
+    state = start_run(cfg.out_dir, "student", args, cfg, rt)   # the checkpoint a resume continues
     teacher_id = {key: teacher_ckpt.get(key) for key in ("step", "best_val")}
     if state and state["teacher_id"] != teacher_id and rt.master:
         print(f"warning: {cfg.teacher} was trained again since this run started; the rest of the "
               "run distils the new one")
-    stage_path = lambda k: f"{cfg.out_dir}/student_k{k}.pt"  # noqa: E731
 
-    # The agreement benchmark: fixed val prefixes and noise, the AR teacher's samples on them.
+    # The agreement's benchmark: fixed val prefixes and noise, the AR teacher's samples on them.
     g = torch.Generator().manual_seed(0)
-    with fits_in_memory(f"the agreement's {cfg.eval_samples} samples do not fit in memory on "
-                        f"{rt.device}; lower --eval_samples"):
-        prompts = sample_windows(val, cfg.eval_samples, cfg.prompt_len, g)[0].to(rt.device)
-        noise = torch.rand(cfg.eval_samples, cfg.eval_tokens, generator=g,
-                           dtype=torch.float64).to(rt.device)
-        bench = SimpleNamespace(prompts=prompts, noise=noise,
-                                ar_tokens=generate(teacher, prompts, noise, k=1))
-        blind = agreement_without_noise(teacher, prompts, bench.ar_tokens)   # noise-blind baselines
+    prompts = sample_windows(val, cfg.eval_samples, cfg.prompt_len, g)[0].to(rt.device)
+    noise = torch.rand(cfg.eval_samples, cfg.eval_tokens, generator=g, dtype=torch.float64)
+    bench = SimpleNamespace(prompts=prompts, noise=noise.to(rt.device),
+                            ar_tokens=generate(teacher, prompts, noise.to(rt.device), k=1))
+    blind = agreement_without_noise(teacher, prompts, bench.ar_tokens)   # noise-blind baselines
 
     gen = torch.Generator().manual_seed(cfg.seed)   # batches, anchors, noise
     torch.manual_seed(cfg.seed)   # the first stage's new noise encoder
     if state:
         gen.set_state(state["rng"])
     log = JsonlLog(f"{cfg.out_dir}/log.jsonl", state["log_rows"] if state else 0, rt.master)
-    results = state["results"] if state else []
-    global_step, prev = state["global_step"] if state else 0, teacher
-    last_path = f"{cfg.out_dir}/last.pt"
+    run = {"kind": "student", "train_config": dataclasses.asdict(cfg), "tokenizer": tokenizer,
+           "teacher_id": teacher_id, "results": state["results"] if state else []}
+    prev, last_path = teacher, f"{cfg.out_dir}/last.pt"
     with StopFlag() as stop, fits_in_memory(
             f"a batch of {cfg.batch_size // rt.world} sequences x {cfg.anchors} anchors does not "
             f"fit in memory on {rt.device}; lower --batch_size or --anchors"):
         for si, k in enumerate(schedule):
             if state and si < state["stage"]:   # finished before the resume
-                prev = model_from_checkpoint(load_checkpoint(stage_path(k), "student"),
-                                             rt.device).eval()
+                prev = model_from_checkpoint(load_checkpoint(
+                    f"{cfg.out_dir}/student_k{k}.pt", "student"), rt.device).eval()
                 continue
             student = GPT.student_from(prev, k, noise_features=cfg.noise_features,
                                        readout=cfg.recipe if "cdf" in cfg.recipe else "argmax")
@@ -260,20 +228,17 @@ def main(argv=None):
                                           weight_decay=cfg.weight_decay,
                                           fused=rt.device.type == "cuda")
             ema = EMA(student, cfg.ema) if cfg.ema else None
-            # the stage's last losses and timing, in last.pt so that a resumed stage reports them
-            step, stats = 0, {"loss": None, "acc": None, "window_acc": None, "train_s": 0.0,
-                              "steps_timed": 0, "curve": []}
+            averaged = ema.model if ema else student   # what is evaluated, saved and handed on
             if state and si == state["stage"] and state["optimizer"]:   # resume mid-stage
                 student.load_state_dict(state["model"])
                 optimizer.load_state_dict(state["optimizer"])
                 if ema:
                     ema.load_state_dict(state["ema"])
-                step, agree_init, stats = state["step"], state["agreement_init"], state["stats"]
-            else:   # the fresh student's agreement, and the learning curve's first point
-                agree_init = eval_agreement(student, k, bench)
-                window = eval_agreement(student, k, bench, windows=True)
-                stats["curve"].append({"step": 0, "train_s": 0.0, "window_agreement": window})
-                log.write(step=global_step, stage=si, k=k, window_agreement=window)
+                step, r = state["step"], state["progress"]
+            else:   # r: the stage's result so far, in last.pt so that a resumed stage reports it
+                step, r = 0, {"k": k, "agreement_init": eval_agreement(student, k, bench),
+                              "train_s": 0.0, "curve": []}
+            done = sum(s["steps"] for s in run["results"])   # steps of the stages before
             model = student
             if cfg.compile and rt.device.type == "cuda":   # static: every stage has its own shapes
                 model = torch.compile(model, dynamic=False)
@@ -283,11 +248,19 @@ def main(argv=None):
             if rt.master:
                 source = f"k = {prev.config.max_k} student" if prev.config.max_k else "AR teacher"
                 print(f"stage {si + 1}/{len(schedule)}: k = {k}, targets from the {source}; "
-                      f"same-noise agreement at start {fmt(agree_init)}")
+                      f"same-noise agreement at start {fmt(r['agreement_init'])}")
             first_step = step   # of this process: its first steps compile and warm up, untimed
             with tqdm(total=cfg.steps_per_stage, initial=step, desc=f"stage k={k}",
                       disable=not rt.master, dynamic_ncols=True) as bar:   # closed before an error
-                while step < cfg.steps_per_stage:
+                while True:
+                    if step in (0, cfg.steps_per_stage) or (   # the learning curve
+                            cfg.curve_interval and step % cfg.curve_interval == 0):
+                        window = eval_agreement(averaged, k, bench, windows=True)
+                        r["curve"].append({"step": step, "train_s": r["train_s"],
+                                           "window_agreement": window})
+                        log.write(step=done + step, stage=si, k=k, window_agreement=window)
+                    if step == cfg.steps_per_stage:
+                        break
                     t0 = time.perf_counter()
                     lr = lr_at(step, cfg.lr, cfg.lr, cfg.warmup_steps, cfg.steps_per_stage)
                     for group in optimizer.param_groups:
@@ -296,18 +269,16 @@ def main(argv=None):
                     x, _ = sample_windows(train, cfg.batch_size, cfg.block_size, gen)
                     anchors = torch.rand(cfg.batch_size, cfg.block_size,
                                          generator=gen).argsort(-1)[:, :cfg.anchors]
-                    u = torch.rand(cfg.batch_size, cfg.anchors, k, generator=gen,
-                                   dtype=torch.float64)
+                    u = torch.rand(*anchors.shape, k, generator=gen, dtype=torch.float64)
                     x, anchors, u = (shard(t, rt).to(rt.device) for t in (x, anchors, u))
                     per_slot, loss, own, targets = distill_loss(cfg.recipe, model, teacher, prev,
                                                                 x, anchors, u, rt.autocast)
                     loss.backward()
-                    hit = own == targets
+                    hit = own == targets   # the loss, accuracy per slot and whole windows right
                     out = all_mean(torch.cat([per_slot.detach(), hit.float().mean((0, 1)),
                                               hit.all(-1).float().mean().view(1)]), rt).tolist()
-                    stats.update(loss=out[:k], acc=out[k:2 * k], window_acc=out[-1])
                     if not math.isfinite(sum(out[:k])):   # stop before the update: last.pt is good
-                        raise UserError(f"loss became {sum(out[:k])} at step {global_step + 1}; "
+                        raise UserError(f"loss became {sum(out[:k])} at step {done + step + 1}; "
                                         f"stopped, keeping the last good checkpoint {last_path} "
                                         "(lower --lr or raise --warmup_steps)")
                     if cfg.grad_clip > 0:
@@ -316,62 +287,39 @@ def main(argv=None):
                     optimizer.zero_grad(set_to_none=True)
                     if ema:
                         ema.update(student)
-                    step, global_step = step + 1, global_step + 1
+                    step += 1
                     if rt.device.type == "cuda":
                         torch.cuda.synchronize()
                     if step > first_step + 3:
-                        stats["train_s"] += time.perf_counter() - t0
-                        stats["steps_timed"] += 1
+                        r["train_s"] += time.perf_counter() - t0
+                    r.update(final_loss_per_slot=out[:k], final_acc_per_slot=out[k:2 * k],
+                             final_window_acc=out[-1])
                     if step % cfg.log_interval == 0 or step == cfg.steps_per_stage:
-                        log.write(step=global_step, stage=si, k=k, loss=stats["loss"],
-                                  acc=stats["acc"], window_acc=stats["window_acc"], lr=lr)
+                        log.write(step=done + step, stage=si, k=k, loss=out[:k], acc=out[k:2 * k],
+                                  window_acc=out[-1], lr=lr)
                     bar.update(1)
-                    bar.set_postfix(loss=f"{sum(stats['loss']) / k:.3f}", win=f"{out[-1]:.2f}")
-                    if cfg.curve_interval and step % cfg.curve_interval == 0 \
-                            and step < cfg.steps_per_stage:   # the learning curve
-                        averaged = ema.model if ema else student
-                        window = eval_agreement(averaged, k, bench, windows=True)
-                        stats["curve"].append({"step": step, "train_s": stats["train_s"],
-                                               "window_agreement": window})
-                        log.write(step=global_step, stage=si, k=k, window_agreement=window)
+                    bar.set_postfix(loss=f"{sum(out[:k]) / k:.3f}", win=f"{out[-1]:.2f}")
                     stopping = stop.should_stop(rt)
                     if (step % cfg.ckpt_interval == 0 or step == cfg.steps_per_stage or stopping) \
                             and rt.master:   # the stage's end too: its evaluations lose no training
                         save_checkpoint(last_path, checkpoint(
-                            student, optimizer, ema, gen, cfg, stage=si, step=step, stats=stats,
-                            global_step=global_step, agreement_init=agree_init, results=results,
-                            schedule=schedule, tokenizer=tokenizer, teacher_id=teacher_id,
-                            log_rows=log.rows))
+                            run, student, gen, log, si, step=step, progress=r,
+                            optimizer=optimizer.state_dict(), ema=ema and ema.state_dict()))
                     if stopping:
                         raise UserError(f"interrupted in stage k={k} at step {step}; saved "
                                         f"{last_path}; continue with --resume")
             # the stage's student: evaluated, saved, and the next stage's teacher
-            finished = ema.model if ema else student
-            agree = eval_agreement(finished, k, bench)
-            window = eval_agreement(finished, k, bench, windows=True)
-            stats["curve"].append({"step": step, "train_s": stats["train_s"],
-                                   "window_agreement": window})
-            log.write(step=global_step, stage=si, k=k, window_agreement=window)
-            speed = stats["steps_timed"] / stats["train_s"] if stats["train_s"] else None
-            results.append({
-                "k": k, "steps": step, "steps_per_s": speed,
-                "tokens_per_s": speed and speed * cfg.batch_size * cfg.block_size,
-                "slots_per_s": speed and speed * cfg.batch_size * cfg.anchors * k,
-                "final_loss_per_slot": stats["loss"], "final_acc_per_slot": stats["acc"],
-                "final_window_acc": stats["window_acc"], "agreement_init": agree_init,
-                "agreement": agree, "window_agreement": window, "curve": stats["curve"]})
-            log.write(step=global_step, stage=si, k=k, agreement=agree)
+            r.update(steps=step, agreement=eval_agreement(averaged, k, bench),
+                     window_agreement=window)
+            run["results"].append(r)
+            log.write(step=done + step, stage=si, k=k, agreement=r["agreement"])
             if rt.master:
-                print(f"stage k={k} done: same-noise agreement per slot {fmt(agree)} (start "
-                      f"{fmt(agree_init)}); on the teacher's own context {fmt(window)}")
-                final = checkpoint(student, optimizer, ema, gen, cfg, final=True, stage=si,
-                                   step=step, stats=stats, global_step=global_step,
-                                   agreement_init=agree_init, results=results,
-                                   schedule=schedule, tokenizer=tokenizer,
-                                   teacher_id=teacher_id, log_rows=log.rows)
-                save_checkpoint(stage_path(k), final)
+                print(f"stage k={k} done: same-noise agreement per slot {fmt(r['agreement'])} "
+                      f"(start {fmt(r['agreement_init'])}); on the teacher's context {fmt(window)}")
+                final = checkpoint(run, averaged, gen, log, si + 1)
+                save_checkpoint(f"{cfg.out_dir}/student_k{k}.pt", final)
                 save_checkpoint(last_path, final)   # a resume from here starts the next stage
-            prev = finished.eval()
+            prev = averaged.eval()
             if si + 1 < len(schedule) and stop.should_stop(rt):   # asked during the evaluations
                 raise UserError(f"interrupted after stage k={k}; saved {last_path}; continue "
                                 "with --resume")
@@ -382,19 +330,12 @@ def main(argv=None):
             "device": device_name(rt.device), "world_size": rt.world, "torch": torch.__version__,
             "git": git_commit(), "config": dataclasses.asdict(cfg),
             "teacher_config": dataclasses.asdict(teacher.config), "schedule": schedule,
-            "stages": results, "agreement_without_noise": blind})
-        for key, what in (("agreement", "free-running, both decode their own tokens"),
-                          ("window_agreement", "each window on the teacher's own context")):
-            print(f"\nsame-noise agreement with the AR teacher, {what} ({cfg.eval_samples} val "
-                  f"prefixes of {cfg.prompt_len} tokens):")
-            print("  k  " + "".join(f"  slot {i + 1}" for i in range(schedule[-1])))
-            for r in results:
-                print(f"  {r['k']}  " + "".join(f"  {a:6.1%}" for a in r[key]))
-        print(f"(a student blind to the noise: {blind['independent_draw']:.1%} as an independent "
-              f"draw from the teacher, {blind['teacher_mode']:.1%} always the teacher's mode)")
+            "stages": run["results"], "agreement_without_noise": blind})
         curve = f"{cfg.out_dir}/distill_{args.preset}_curve.png"
-        plot_curve(results, blind, curve)
-        print(f"\nstudents {stage_path('*')}, summary {summary}, learning curve {curve}")
+        plot_curve(run["results"], blind, curve)
+        print(f"a student blind to the noise: {blind['independent_draw']:.0%} as an independent "
+              f"draw from the teacher, {blind['teacher_mode']:.0%} always the teacher's mode\n"
+              f"students {cfg.out_dir}/student_k*.pt, summary {summary}, learning curve {curve}")
 
 
 def fmt(agree):
@@ -409,17 +350,15 @@ def plot_curve(results, blind, path):
     start = 0
     for r in results:
         ax.axvline(start, color="gray", lw=0.8, ls=":")
-        ax.annotate(f"k = {r['k']}", (start, 1), xycoords=("data", "axes fraction"),
-                    xytext=(3, -12), textcoords="offset points", fontsize=8)
+        ax.text(start, 0.98, f" k = {r['k']}", transform=ax.get_xaxis_transform(), va="top")
         for i in range(r["k"]):
             ax.plot([start + p["step"] for p in r["curve"]],
                     [p["window_agreement"][i] for p in r["curve"]], marker=".", color=f"C{i}",
                     label=f"slot {i + 1}" if r is results[-1] else None)
         start += r["steps"]
-    ax.axhline(blind["teacher_mode"], color="tab:red", ls="--", lw=0.8,
-               label="blind to the noise: teacher's mode")
-    ax.axhline(blind["independent_draw"], color="tab:purple", ls="--", lw=0.8,
-               label="blind to the noise: independent draw")
+    for key, color in (("teacher_mode", "tab:red"), ("independent_draw", "tab:purple")):
+        ax.axhline(blind[key], color=color, ls="--", lw=0.8,
+                   label=f"blind to the noise: {key.replace('_', ' ')}")
     ax.set(xlabel="distillation step (all stages)", ylim=(0, None),
            ylabel="same-noise agreement with the AR teacher",
            title="same-noise agreement per slot, each window on the teacher's context")
