@@ -1,24 +1,18 @@
 """
 Distillation: turn the AR teacher into a push-forward student that maps k uniform noises to k
-tokens in one pass. --recipe:
-  cdf_seq (the default), cdf (without the slot MLP): the distribution readout (model.py), one
-    stage at --k. Slot i's distribution learns the AR teacher's after the context and the
-    student's own tokens of slots < i (forward KL, on-policy): at its fixed point the student
-    samples the teacher.
-  onpolicy: the argmax readout, by cross-entropy to the inverse CDF of those same targets.
-  paper: the paper's progressive self-forcing distillation (argmax readout). Stages grow k (1 ->
-    2 -> 4, or --schedule), each a copy of the last learning its same-noise rollout on the real
-    context followed by its own tokens; stage 1 learns the AR teacher's inverse CDF.
-The learning curve (agreement on the teacher's context) goes to log.jsonl, distill_<preset>.json
-and distill_<preset>_curve.png.
+tokens in one pass. --recipe cdf_seq (the default) and cdf (without the slot MLP): the
+distribution readout, one stage at --k; slot i's distribution learns the AR teacher's after the
+context and the student's own tokens of slots < i (forward KL): at its fixed point the student
+samples the teacher. onpolicy: the argmax readout, by cross-entropy to those targets' inverse CDF.
+paper: the paper's progressive self-forcing distillation: stages 1 -> 2 -> 4 (--schedule), each a
+copy of the last learning its same-noise rollout (stage 1: the teacher's inverse CDF).
 
-    python distill.py --preset tiny                  # teacher: out/teacher_<preset>/best.pt
+    python distill.py --preset tiny      # teacher: out/teacher_<preset>/best.pt
     torchrun --standalone --nproc_per_node 8 distill.py --preset small
 """
 import dataclasses
 import math
 import time
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
@@ -35,37 +29,33 @@ from model import (GPT, agreement_without_noise, generate, inverse_cdf, same_noi
 from prepare_data import load_meta, tokenizer_spec
 
 
-@dataclass
+@dataclasses.dataclass
 class DistillConfig:
     teacher: str = field("out/teacher_{preset}/best.pt", "the AR teacher (teacher.py)")
     data_dir: str = field("data/offline", "the teacher's dataset (prepare_data.py)")
     out_dir: str = field("out/distill_{preset}", "student_k<K>.pt, last.pt, log and summary")
     k: int = field(4, "tokens per pass of the last stage", at_least=1)
-    recipe: str = field("cdf_seq", "how the student learns (see above)",
-                        choices=("paper", "onpolicy", "cdf", "cdf_seq"))
+    recipe: str = field("cdf_seq", "see above", choices=("paper", "onpolicy", "cdf", "cdf_seq"))
     schedule: str = field("", "paper's stages, e.g. 1,2,3,4 (empty: 1,2,4,.. up to k)")
     steps_per_stage: int = field(1000, "optimizer steps per stage", at_least=0)
     batch_size: int = field(32, "sequences per step, over all processes", at_least=1)
     block_size: int = field(256, "context tokens per sequence (<= the teacher's)", at_least=1)
-    anchors: int = field(128, "anchors per sequence, each with a window of k noise slots "
-                         "(the paper: every position; at most --block_size)", at_least=1)
+    anchors: int = field(128, "anchors per sequence, each a window of k noise slots", at_least=1)
     lr: float = field(3e-4, "AdamW learning rate, constant after warmup", at_least=0)
     warmup_steps: int = field(50, "linear warmup steps at each stage's start", at_least=0)
-    weight_decay: float = field(0.0, "AdamW weight decay", at_least=0)
     grad_clip: float = field(1.0, "clip the gradient norm to this (0: off)", at_least=0)
-    ema: float = field(0.0, "weight average decay; the average is evaluated, saved and handed on "
-                       "(0: off; the paper's k = 4 stage: 0.999)", at_least=0, below=1)
-    noise_features: str = field("paper", "noise encoder: paper (<= 1 cycle over [0,1]) or high "
-                                "(1-256 cycles)", choices=("paper", "high"))
+    ema: float = field(0.0, "decay of the weight average that is evaluated, saved "
+                       "and handed on (0: off)", at_least=0, below=1)
+    noise_features: str = field("paper", "the noise encoder's cycles over [0, 1]: paper <= 1, "
+                                "high 1-256", choices=("paper", "high"))
     eval_samples: int = field(256, "val prefixes of the same-noise agreement", at_least=1)
     eval_tokens: int = field(48, "tokens it generates per prefix (>= k)", at_least=1)
     prompt_len: int = field(6, "its prefix length (the paper's 6)", at_least=1)
-    curve_interval: int = field(250, "measure it on the teacher's context every N steps (0: at "
-                                "each stage's start and end only)", at_least=0)
+    curve_interval: int = field(250, "the learning curve: its agreement on the teacher's context "
+                                "every N steps (0: at each stage's start and end)", at_least=0)
     log_interval: int = field(10, "log per-slot loss and accuracy every N steps", at_least=1)
     ckpt_interval: int = field(250, "save a resumable checkpoint every N steps", at_least=1)
-    seed: int = field(1337, "seeds the data order, the anchors and the noise",
-                      at_least=0, below=2 ** 63)
+    seed: int = field(1337, "seeds the batches, anchors and noise", at_least=0, below=2 ** 63)
     device: str = field("auto", "cuda, cpu or auto")
     dtype: str = field("auto", "float32, or bfloat16 autocast for the student (targets: fp32)",
                        choices=("auto", "float32", "bfloat16"))
@@ -77,8 +67,8 @@ PRESETS = {
                  steps_per_stage=600, batch_size=16, block_size=128, anchors=32, lr=1e-3,
                  warmup_steps=20, eval_samples=128, curve_interval=50, ckpt_interval=50),
     "small": dict(_about="one GPU (the paper's recipe: ~4 min on an H100 for three stages)"),
-    "paper": dict(_about="the paper's k = 4 stage: lr 1e-4 constant, fp32, batch 512, every anchor;"
-                         " 20k steps per stage (the paper's: not known)",
+    "paper": dict(_about="the paper's k = 4 stage (lr 1e-4 constant, fp32, batch 512, every "
+                         "anchor); 20k steps per stage (the paper's: not known)",
                   steps_per_stage=20_000, batch_size=512, block_size=128, anchors=128, lr=1e-4,
                   warmup_steps=0, dtype="float32", ema=0.999, curve_interval=2000, recipe="paper",
                   ckpt_interval=1000),
@@ -86,9 +76,9 @@ PRESETS = {
 
 
 def parse_schedule(cfg):
+    if cfg.recipe != "paper" and cfg.schedule not in ("", str(cfg.k)):
+        raise UserError(f"--recipe {cfg.recipe} trains one stage at --k: drop --schedule")
     if cfg.recipe != "paper":
-        if cfg.schedule not in ("", str(cfg.k)):
-            raise UserError(f"--recipe {cfg.recipe} trains one stage at --k: drop --schedule")
         return [cfg.k]
     try:
         sched = [int(s) for s in cfg.schedule.split(",")] if cfg.schedule else [1]
@@ -104,10 +94,9 @@ def parse_schedule(cfg):
 
 @torch.no_grad()
 def rollout_targets(prev, x, anchors, u):
-    """The previous model's same-noise tokens for each window, (B, A, k): this stage's targets.
-    prev is the AR teacher (one token per pass, by inverse CDF) or the previous student (k_prev
-    tokens per pass, by argmax); each block after the first runs on the real context followed by
-    prev's own tokens."""
+    """The previous model's same-noise tokens per window (B, A, k): the AR teacher's inverse CDF,
+    or the previous student's k_prev tokens a pass, each block on the real context followed by its
+    own tokens (self-forcing)."""
     if prev.config.max_k == 0:
         assert u.size(2) == 1, "stage 1 distils one token from the AR teacher"
         return inverse_cdf(prev.next_token_logits(x, anchors).float(), u[:, :, 0]).unsqueeze(-1)
@@ -128,10 +117,9 @@ def teacher_after(teacher, x, anchors, own):
 
 
 def distill_loss(recipe, model, teacher, prev, x, anchors, u, autocast):
-    """One step's loss per slot (averaged over the windows), the loss to minimise, the student's
-    tokens and their targets. paper: cross-entropy to the previous model's same-noise rollout;
-    onpolicy: cross-entropy to the teacher's inverse CDF after the student's own tokens; cdf and
-    cdf_seq: forward KL to the teacher's distribution after the student's own tokens."""
+    """One step's loss per slot (a mean over windows), the loss to minimise, the student's tokens
+    and their targets: cross-entropy to the rollout (paper) or to the teacher's inverse CDF after
+    the student's own tokens (onpolicy), or forward KL to that distribution (cdf, cdf_seq)."""
     if recipe == "paper":   # targets first, in fp32, outside autocast
         targets = rollout_targets(prev, x, anchors, u)
     with autocast:   # the student's staircase pass, all windows at once: logits (B, A, k, V) and,
@@ -154,20 +142,17 @@ def eval_agreement(student, k, bench, windows=False):
     """Same-noise agreement per slot with the AR teacher's samples on val prefixes: free-running
     (both decode their own tokens), or with windows=True each window on the teacher's context."""
     student.eval()
-    if windows:
-        out = window_agreement(student, bench.prompts, bench.ar_tokens, bench.noise, k)
-    else:
-        n = bench.noise.size(1) // k * k
-        out = same_noise_agreement(bench.ar_tokens[:, :n],
-                                   generate(student, bench.prompts, bench.noise[:, :n], k), k)
+    n = bench.noise.size(1) // k * k   # whole passes
+    out = (window_agreement(student, bench.prompts, bench.ar_tokens, bench.noise, k) if windows
+           else same_noise_agreement(bench.ar_tokens[:, :n],
+                                     generate(student, bench.prompts, bench.noise[:, :n], k), k))
     student.train()
     return out
 
 
 def checkpoint(run, model, gen, log, stage, **mid_stage):
-    """last.pt and student_k<K>.pt: the run so far and a model. Mid-stage: the raw weights, with
-    the optimizer, the average and the stage's progress; after a stage: its student, and the
-    stage a resume from it starts."""
+    """last.pt mid-stage (the raw weights, optimizer, average and the stage's progress), or a
+    stage's student (student_k<K>.pt, and last.pt: a resume from it starts the next stage)."""
     return {**run, "model_config": dataclasses.asdict(model.config), "model": model.state_dict(),
             "rng": gen.get_state(), "log_rows": log.rows, "stage": stage, "optimizer": None,
             **mid_stage}
@@ -181,12 +166,9 @@ def main(argv=None):
         raise UserError(f"--batch_size {cfg.batch_size} must split over {rt.world} processes")
     teacher_ckpt = load_checkpoint(cfg.teacher, kind="teacher")
     teacher = model_from_checkpoint(teacher_ckpt, rt.device).eval()
-    block = teacher.config.block_size
-    if cfg.k > block - cfg.prompt_len:
-        raise UserError(f"--k {cfg.k} is out of range: at most the teacher's block size {block} "
-                        f"- --prompt_len {cfg.prompt_len}")
-    if cfg.block_size > block:
-        raise UserError(f"--block_size {cfg.block_size} exceeds the teacher's block size {block}")
+    if cfg.k > teacher.config.block_size - cfg.prompt_len:
+        raise UserError(f"--k {cfg.k} is out of range: at most the teacher's block size "
+                        f"{teacher.config.block_size} - --prompt_len {cfg.prompt_len}")
     train, val = load_split(cfg.data_dir, "train"), load_split(cfg.data_dir, "val")
     tokenizer = tokenizer_spec(load_meta(cfg.data_dir))
     if teacher_ckpt["tokenizer"] != tokenizer:
@@ -195,15 +177,14 @@ def main(argv=None):
     state = start_run(cfg.out_dir, "student", args, cfg, rt)   # the checkpoint a resume continues
     teacher_id = {key: teacher_ckpt.get(key) for key in ("step", "best_val")}
     if state and state["teacher_id"] != teacher_id and rt.master:
-        print(f"warning: {cfg.teacher} was trained again since this run started; the rest of the "
-              "run distils the new one")
+        print(f"warning: {cfg.teacher} was trained again since this run started")
 
-    # The agreement's benchmark: fixed val prefixes and noise, the AR teacher's samples on them.
+    # the agreement's benchmark: fixed val prefixes and noise, the AR teacher's samples on them
     g = torch.Generator().manual_seed(0)
     prompts = sample_windows(val, cfg.eval_samples, cfg.prompt_len, g)[0].to(rt.device)
     noise = torch.rand(cfg.eval_samples, cfg.eval_tokens, generator=g, dtype=torch.float64)
-    bench = SimpleNamespace(prompts=prompts, noise=noise.to(rt.device),
-                            ar_tokens=generate(teacher, prompts, noise.to(rt.device), k=1))
+    bench = SimpleNamespace(prompts=prompts, noise=noise.to(rt.device))
+    bench.ar_tokens = generate(teacher, prompts, bench.noise, k=1)
     blind = agreement_without_noise(teacher, prompts, bench.ar_tokens)   # noise-blind baselines
 
     gen = torch.Generator().manual_seed(cfg.seed)   # batches, anchors, noise
@@ -225,8 +206,7 @@ def main(argv=None):
             student = GPT.student_from(prev, k, noise_features=cfg.noise_features,
                                        readout=cfg.recipe if "cdf" in cfg.recipe else "argmax")
             optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
-                                          weight_decay=cfg.weight_decay,
-                                          fused=rt.device.type == "cuda")
+                                          weight_decay=0.0, fused=rt.device.type == "cuda")
             ema = EMA(student, cfg.ema) if cfg.ema else None
             averaged = ema.model if ema else student   # what is evaluated, saved and handed on
             if state and si == state["stage"] and state["optimizer"]:   # resume mid-stage
@@ -238,18 +218,11 @@ def main(argv=None):
             else:   # r: the stage's result so far, in last.pt so that a resumed stage reports it
                 step, r = 0, {"k": k, "agreement_init": eval_agreement(student, k, bench),
                               "train_s": 0.0, "curve": []}
-            done = sum(s["steps"] for s in run["results"])   # steps of the stages before
+            done, first_step = sum(s["steps"] for s in run["results"]), step   # steps before
             model = student
             if cfg.compile and rt.device.type == "cuda":   # static: every stage has its own shapes
                 model = torch.compile(model, dynamic=False)
-            if rt.ddp:
-                model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda"
-                            else None)
-            if rt.master:
-                source = f"k = {prev.config.max_k} student" if prev.config.max_k else "AR teacher"
-                print(f"stage {si + 1}/{len(schedule)}: k = {k}, targets from the {source}; "
-                      f"same-noise agreement at start {fmt(r['agreement_init'])}")
-            first_step = step   # of this process: its first steps compile and warm up, untimed
+            model = DDP(model) if rt.ddp else model   # on the device setup_runtime set
             with tqdm(total=cfg.steps_per_stage, initial=step, desc=f"stage k={k}",
                       disable=not rt.master, dynamic_ncols=True) as bar:   # closed before an error
                 while True:
@@ -263,8 +236,7 @@ def main(argv=None):
                         break
                     t0 = time.perf_counter()
                     lr = lr_at(step, cfg.lr, cfg.lr, cfg.warmup_steps, cfg.steps_per_stage)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
+                    optimizer.param_groups[0]["lr"] = lr   # one group
                     # a batch: real context, random anchors, k uniforms per anchor (the noise slots)
                     x, _ = sample_windows(train, cfg.batch_size, cfg.block_size, gen)
                     anchors = torch.rand(cfg.batch_size, cfg.block_size,
@@ -274,13 +246,12 @@ def main(argv=None):
                     per_slot, loss, own, targets = distill_loss(cfg.recipe, model, teacher, prev,
                                                                 x, anchors, u, rt.autocast)
                     loss.backward()
-                    hit = own == targets   # the loss, accuracy per slot and whole windows right
+                    hit = own == targets   # the loss and accuracy per slot, whole windows right
                     out = all_mean(torch.cat([per_slot.detach(), hit.float().mean((0, 1)),
                                               hit.all(-1).float().mean().view(1)]), rt).tolist()
                     if not math.isfinite(sum(out[:k])):   # stop before the update: last.pt is good
                         raise UserError(f"loss became {sum(out[:k])} at step {done + step + 1}; "
-                                        f"stopped, keeping the last good checkpoint {last_path} "
-                                        "(lower --lr or raise --warmup_steps)")
+                                        f"stopped, keeping the last good checkpoint {last_path}")
                     if cfg.grad_clip > 0:
                         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                     optimizer.step()
@@ -288,9 +259,7 @@ def main(argv=None):
                     if ema:
                         ema.update(student)
                     step += 1
-                    if rt.device.type == "cuda":
-                        torch.cuda.synchronize()
-                    if step > first_step + 3:
+                    if step > first_step + 3:   # .tolist() waited for the GPU: the times add up
                         r["train_s"] += time.perf_counter() - t0
                     r.update(final_loss_per_slot=out[:k], final_acc_per_slot=out[k:2 * k],
                              final_window_acc=out[-1])
@@ -314,8 +283,9 @@ def main(argv=None):
             run["results"].append(r)
             log.write(step=done + step, stage=si, k=k, agreement=r["agreement"])
             if rt.master:
-                print(f"stage k={k} done: same-noise agreement per slot {fmt(r['agreement'])} "
-                      f"(start {fmt(r['agreement_init'])}); on the teacher's context {fmt(window)}")
+                print(f"stage {si + 1}/{len(schedule)}, k = {k}: same-noise agreement per slot "
+                      f"{fmt(r['agreement_init'])} -> {fmt(r['agreement'])} free-running, "
+                      f"{fmt(window)} on the teacher's context")
                 final = checkpoint(run, averaged, gen, log, si + 1)
                 save_checkpoint(f"{cfg.out_dir}/student_k{k}.pt", final)
                 save_checkpoint(last_path, final)   # a resume from here starts the next stage
@@ -326,16 +296,15 @@ def main(argv=None):
 
     if rt.master:
         summary = f"{cfg.out_dir}/distill_{args.preset}.json"
+        curve = f"{cfg.out_dir}/distill_{args.preset}_curve.png"
         write_json(summary, {
             "device": device_name(rt.device), "world_size": rt.world, "torch": torch.__version__,
             "git": git_commit(), "config": dataclasses.asdict(cfg),
             "teacher_config": dataclasses.asdict(teacher.config), "schedule": schedule,
             "stages": run["results"], "agreement_without_noise": blind})
-        curve = f"{cfg.out_dir}/distill_{args.preset}_curve.png"
         plot_curve(run["results"], blind, curve)
-        print(f"a student blind to the noise: {blind['independent_draw']:.0%} as an independent "
-              f"draw from the teacher, {blind['teacher_mode']:.0%} always the teacher's mode\n"
-              f"students {cfg.out_dir}/student_k*.pt, summary {summary}, learning curve {curve}")
+        print(f"blind to the noise: {blind['independent_draw']:.0%} (an independent draw), "
+              f"{blind['teacher_mode']:.0%} (the teacher's mode); {summary}, {curve}")
 
 
 def fmt(agree):
@@ -349,19 +318,16 @@ def plot_curve(results, blind, path):
     fig, ax = plt.subplots(figsize=(8, 4.5))
     start = 0
     for r in results:
-        ax.axvline(start, color="gray", lw=0.8, ls=":")
-        ax.text(start, 0.98, f" k = {r['k']}", transform=ax.get_xaxis_transform(), va="top")
+        ax.axvline(start, color="gray", lw=0.8, ls=":")   # a stage starts
         for i in range(r["k"]):
             ax.plot([start + p["step"] for p in r["curve"]],
                     [p["window_agreement"][i] for p in r["curve"]], marker=".", color=f"C{i}",
                     label=f"slot {i + 1}" if r is results[-1] else None)
         start += r["steps"]
     for key, color in (("teacher_mode", "tab:red"), ("independent_draw", "tab:purple")):
-        ax.axhline(blind[key], color=color, ls="--", lw=0.8,
-                   label=f"blind to the noise: {key.replace('_', ' ')}")
-    ax.set(xlabel="distillation step (all stages)", ylim=(0, None),
-           ylabel="same-noise agreement with the AR teacher",
-           title="same-noise agreement per slot, each window on the teacher's context")
+        ax.axhline(blind[key], color=color, ls="--", lw=0.8, label=f"blind to the noise: {key}")
+    ax.set(xlabel="distillation step (all stages)", ylabel="same-noise agreement", ylim=(0, None),
+           title="same-noise agreement with the AR teacher per slot, on the teacher's context")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     save_figure(fig, path)
 

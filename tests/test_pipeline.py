@@ -252,12 +252,13 @@ def test_ema_is_what_is_evaluated_saved_and_handed_on(iid, tmp_path, monkeypatch
         assert all(torch.equal(saved[name], p) for name, p in ema.model.state_dict().items())
     assert len(seen_prev) == 12 and all(p is stage1.model for p in seen_prev[6:])   # its targets
     assert len(seen_init) == 2 and seen_init[1] is stage1.model                     # its start
-    # each stage's agreement at its start is the fresh student's (free-running, then the learning
-    # curve's first point); the curve's point at step 4 and both measures at its end, the average's
+    # each stage's free-running agreement at its start is the fresh student's; the learning
+    # curve (steps 0, 4 and 6: at step 0 the average is the fresh student) and the free-running
+    # agreement at its end, the average's
     assert len(evaluated) == 10
     for stage, calls in ((stage1, evaluated[:5]), (stage2, evaluated[5:])):
         assert [(m is stage.model, windows) for m, windows in calls] == \
-            [(False, False), (False, True), (True, True), (True, False), (True, True)]
+            [(False, False), (True, True), (True, True), (True, True), (True, False)]
 
 
 def test_the_distribution_readout_learns_the_teachers_chain(markov):
