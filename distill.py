@@ -169,6 +169,8 @@ def main(argv=None):
     if cfg.k > teacher.config.block_size - cfg.prompt_len:
         raise UserError(f"--k {cfg.k} is out of range: at most the teacher's block size "
                         f"{teacher.config.block_size} - --prompt_len {cfg.prompt_len}")
+    if cfg.block_size > teacher.config.block_size:   # RoPE would run on, past what it learned
+        raise UserError(f"--block_size {cfg.block_size} exceeds the teacher's block size")
     train, val = load_split(cfg.data_dir, "train"), load_split(cfg.data_dir, "val")
     tokenizer = tokenizer_spec(load_meta(cfg.data_dir))
     if teacher_ckpt["tokenizer"] != tokenizer:
@@ -324,8 +326,9 @@ def plot_curve(results, blind, path):
                     [p["window_agreement"][i] for p in r["curve"]], marker=".", color=f"C{i}",
                     label=f"slot {i + 1}" if r is results[-1] else None)
         start += r["steps"]
-    for key, color in (("teacher_mode", "tab:red"), ("independent_draw", "tab:purple")):
-        ax.axhline(blind[key], color=color, ls="--", lw=0.8, label=f"blind to the noise: {key}")
+    for key, what, color in (("teacher_mode", "the teacher's mode", "tab:red"),
+                             ("independent_draw", "an independent draw", "tab:purple")):
+        ax.axhline(blind[key], color=color, ls="--", lw=0.8, label=f"blind to the noise: {what}")
     ax.set(xlabel="distillation step (all stages)", ylabel="same-noise agreement", ylim=(0, None),
            title="same-noise agreement with the AR teacher per slot, on the teacher's context")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
