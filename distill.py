@@ -166,9 +166,9 @@ def main(argv=None):
         raise UserError(f"--batch_size {cfg.batch_size} must split over {rt.world} processes")
     teacher_ckpt = load_checkpoint(cfg.teacher, kind="teacher")
     teacher = model_from_checkpoint(teacher_ckpt, rt.device).eval()
-    if cfg.k > teacher.config.block_size - cfg.prompt_len:
-        raise UserError(f"--k {cfg.k} is out of range: at most the teacher's block size "
-                        f"{teacher.config.block_size} - --prompt_len {cfg.prompt_len}")
+    if cfg.k > min(cfg.eval_tokens, teacher.config.block_size - cfg.prompt_len):
+        raise UserError(f"--k {cfg.k} is out of range: at most --eval_tokens and the teacher's "
+                        f"block size {teacher.config.block_size} - --prompt_len {cfg.prompt_len}")
     if cfg.block_size > teacher.config.block_size:   # RoPE would run on, past what it learned
         raise UserError(f"--block_size {cfg.block_size} exceeds the teacher's block size")
     train, val = load_split(cfg.data_dir, "train"), load_split(cfg.data_dir, "val")
