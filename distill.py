@@ -4,7 +4,7 @@ tokens in one pass. --recipe cdf_seq (the default) and cdf (without the slot MLP
 distribution readout, one stage at --k; slot i's distribution learns the AR teacher's after the
 context and the student's own tokens of slots < i (forward KL): at its fixed point the student
 samples the teacher. onpolicy: the argmax readout, by cross-entropy to those targets' inverse CDF.
-paper: the paper's progressive self-forcing distillation: stages 1 -> 2 -> 4 (--schedule), each a
+paper: the paper's progressive self-forcing distillation: stages k = 1, 2, 4, .. up to --k, each a
 copy of the last learning its same-noise rollout (stage 1: the teacher's inverse CDF).
 
     python distill.py --preset tiny      # teacher: out/teacher_<preset>/best.pt
@@ -36,7 +36,6 @@ class DistillConfig:
     out_dir: str = field("out/distill_{preset}", "student_k<K>.pt, last.pt, log and summary")
     k: int = field(4, "tokens per pass of the last stage", at_least=1)
     recipe: str = field("cdf_seq", "see above", choices=("paper", "onpolicy", "cdf", "cdf_seq"))
-    schedule: str = field("", "paper's stages, e.g. 1,2,3,4 (empty: 1,2,4,.. up to k)")
     steps_per_stage: int = field(1000, "optimizer steps per stage", at_least=0)
     batch_size: int = field(32, "sequences per step, over all processes", at_least=1)
     block_size: int = field(256, "context tokens per sequence (<= the teacher's)", at_least=1)
@@ -67,29 +66,19 @@ PRESETS = {
                  steps_per_stage=600, batch_size=16, block_size=128, anchors=32, lr=1e-3,
                  warmup_steps=20, eval_samples=128, curve_interval=50, ckpt_interval=50),
     "small": dict(_about="one GPU (the paper's recipe: ~4 min on an H100 for three stages)"),
-    "paper": dict(_about="the paper's k = 4 stage (lr 1e-4 constant, fp32, batch 512, every "
-                         "anchor); 20k steps per stage (the paper's: not known)",
+    "paper": dict(_about="the paper's k = 4 stage; 20k steps per stage (the paper's: not known)",
                   steps_per_stage=20_000, batch_size=512, block_size=128, anchors=128, lr=1e-4,
                   warmup_steps=0, dtype="float32", ema=0.999, curve_interval=2000, recipe="paper",
                   ckpt_interval=1000),
 }
 
 
-def parse_schedule(cfg):
-    if cfg.recipe != "paper" and cfg.schedule not in ("", str(cfg.k)):
-        raise UserError(f"--recipe {cfg.recipe} trains one stage at --k: drop --schedule")
-    if cfg.recipe != "paper":
-        return [cfg.k]
-    try:
-        sched = [int(s) for s in cfg.schedule.split(",")] if cfg.schedule else [1]
-    except ValueError:
-        raise UserError(f"--schedule {cfg.schedule!r} is not a comma list of integers") from None
-    while not cfg.schedule and sched[-1] < cfg.k:   # doubling up to k
-        sched.append(min(2 * sched[-1], cfg.k))
-    if sched[0] != 1 or any(b <= a for a, b in zip(sched, sched[1:])) or sched[-1] != cfg.k:
-        raise UserError(f"--schedule {','.join(map(str, sched))} must rise strictly from 1 to "
-                        f"--k {cfg.k}")
-    return sched
+def stage_schedule(cfg):
+    """The stages' k: the paper's 1, 2, 4, .. up to --k; the other recipes' one stage at --k."""
+    ks = [1 if cfg.recipe == "paper" else cfg.k]
+    while ks[-1] < cfg.k:
+        ks.append(min(2 * ks[-1], cfg.k))
+    return ks
 
 
 @torch.no_grad()
@@ -160,7 +149,7 @@ def checkpoint(run, model, gen, log, stage, **mid_stage):
 
 def main(argv=None):
     cfg, args = parse_config(DistillConfig, PRESETS, __doc__, argv)
-    schedule = parse_schedule(cfg)
+    schedule = stage_schedule(cfg)
     rt = setup_runtime(cfg.device, cfg.dtype, tf32=False)   # fp32 targets: no TF32 rounding
     if cfg.batch_size % rt.world:
         raise UserError(f"--batch_size {cfg.batch_size} must split over {rt.world} processes")
@@ -285,9 +274,8 @@ def main(argv=None):
             run["results"].append(r)
             log.write(step=done + step, stage=si, k=k, agreement=r["agreement"])
             if rt.master:
-                print(f"stage {si + 1}/{len(schedule)}, k = {k}: same-noise agreement per slot "
-                      f"{fmt(r['agreement_init'])} -> {fmt(r['agreement'])} free-running, "
-                      f"{fmt(window)} on the teacher's context")
+                print(f"stage {si + 1}/{len(schedule)}: agreement per slot {fmt(r['agreement'])} "
+                      f"(start {fmt(r['agreement_init'])}), on the teacher's context {fmt(window)}")
                 final = checkpoint(run, averaged, gen, log, si + 1)
                 save_checkpoint(f"{cfg.out_dir}/student_k{k}.pt", final)
                 save_checkpoint(last_path, final)   # a resume from here starts the next stage
