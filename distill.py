@@ -4,8 +4,9 @@ tokens in one pass. --recipe cdf_seq (the default) and cdf (without the slot MLP
 distribution readout, one stage at --k; slot i's distribution learns the AR teacher's after the
 context and the student's own tokens of slots < i (forward KL): at its fixed point the student
 samples the teacher. onpolicy: the argmax readout, by cross-entropy to those targets' inverse CDF.
-paper: the paper's progressive self-forcing distillation: stages k = 1, 2, 4, .. up to --k, each a
-copy of the last learning its same-noise rollout (stage 1: the teacher's inverse CDF).
+paper: the paper's progressive self-forcing distillation (argmax readout): stages k = 1, 2, 4, ..
+up to --k, each a copy of the last learning its same-noise rollout, block after block on the real
+context followed by its own tokens (stage 1: the teacher's inverse CDF), by cross-entropy.
 
     python distill.py --preset tiny      # teacher: out/teacher_<preset>/best.pt
     torchrun --standalone --nproc_per_node 8 distill.py --preset small
@@ -66,7 +67,8 @@ PRESETS = {
                  steps_per_stage=600, batch_size=16, block_size=128, anchors=32, lr=1e-3,
                  warmup_steps=20, eval_samples=128, curve_interval=50, ckpt_interval=50),
     "small": dict(_about="one GPU (the paper's recipe: ~4 min on an H100 for three stages)"),
-    "paper": dict(_about="the paper's k = 4 stage; 20k steps per stage (the paper's: not known)",
+    "paper": dict(_about="the paper's k = 4 stage: lr 1e-4 constant, fp32, batch 512, every anchor;"
+                         " 20k steps per stage (the paper's: not known)",
                   steps_per_stage=20_000, batch_size=512, block_size=128, anchors=128, lr=1e-4,
                   warmup_steps=0, dtype="float32", ema=0.999, curve_interval=2000, recipe="paper",
                   ckpt_interval=1000),
@@ -89,9 +91,8 @@ def rollout_targets(prev, x, anchors, u):
     if prev.config.max_k == 0:
         assert u.size(2) == 1, "stage 1 distils one token from the AR teacher"
         return inverse_cdf(prev.next_token_logits(x, anchors).float(), u[:, :, 0]).unsqueeze(-1)
-    kp, k = prev.config.max_k, u.size(2)
-    out = None
-    for s in range(0, k, kp):
+    kp, out = prev.config.max_k, None
+    for s in range(0, u.size(2), kp):
         tokens = prev.forward_staircase(x, anchors, u[:, :, s:s + kp], window=out).argmax(-1)
         out = tokens if out is None else torch.cat([out, tokens], dim=2)
     return out
