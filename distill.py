@@ -214,7 +214,9 @@ def main(argv=None):
             model = student
             if cfg.compile and rt.device.type == "cuda":   # static: every stage has its own shapes
                 model = torch.compile(model, dynamic=False)
-            model = DDP(model) if rt.ddp else model   # on the device setup_runtime set
+            if rt.ddp:
+                model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda"
+                            else None)
             with tqdm(total=cfg.steps_per_stage, initial=step, desc=f"stage k={k}",
                       disable=not rt.master, dynamic_ncols=True) as bar:   # closed before an error
                 while True:
