@@ -1,30 +1,19 @@
 """
 Distillation: turn the AR teacher into a push-forward student that maps k uniform noises to k
-tokens in one pass.
+tokens in one pass. --recipe cdf_seq (the default) and cdf (without the slot MLP): the
+distribution readout, one stage at --k; slot i's distribution learns the AR teacher's after the
+context and the student's own tokens of slots < i (forward KL): at its fixed point the student
+samples the teacher. onpolicy: the argmax readout, by cross-entropy to those targets' inverse CDF.
+paper: the paper's progressive self-forcing distillation (argmax readout): stages k = 1, 2, 4, ..
+up to --k, each a copy of the last learning its same-noise rollout, block after block on the real
+context followed by its own tokens (stage 1: the teacher's inverse CDF), by cross-entropy.
 
-    python distill.py --preset tiny                  # teacher: out/teacher_<preset>/best.pt
-    python distill.py --preset tiny --recipe paper --steps_per_stage 250
+    python distill.py --preset tiny      # teacher: out/teacher_<preset>/best.pt
     torchrun --standalone --nproc_per_node 8 distill.py --preset small
-
---recipe cdf_seq (the default; cdf without the slot MLP): the distribution readout (model.py), one
-stage at --k. The student draws its k tokens from its own distributions with the noise; slot i's
-distribution learns the AR teacher's after the context and the student's own tokens before it
-(forward KL, on-policy): at its fixed point the student samples the teacher.
---recipe paper (the paper's progressive self-forcing distillation, argmax readout): stages grow k
-(default 1 -> 2 -> 4, or --schedule). Stage 1 targets: the AR teacher's inverse CDF on the real
-context with the student's own noise. Later stages: the previous student's same-noise rollout: it
-decodes its k noises on the real context, then the next ones on the real context followed by ITS
-OWN tokens (self-forcing), in as many blocks as the new k needs. Each student starts as a copy of
-the previous one; the loss is cross-entropy per slot.
---recipe onpolicy: the argmax readout with the on-policy targets of cdf_seq, by cross-entropy.
-The learning curve (same-noise agreement on the teacher's context every --curve_interval steps)
-goes to log.jsonl, the summary and distill_<preset>_curve.png beside it.
 """
 import dataclasses
 import math
-import os
 import time
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
@@ -41,43 +30,32 @@ from model import (GPT, agreement_without_noise, generate, inverse_cdf, same_noi
 from prepare_data import load_meta, tokenizer_spec
 
 
-@dataclass
+@dataclasses.dataclass
 class DistillConfig:
-    teacher: str = field("out/teacher_{preset}/best.pt", "the AR teacher (from teacher.py)")
-    data_dir: str = field("data/offline", "the teacher's dataset (from prepare_data.py)")
+    teacher: str = field("out/teacher_{preset}/best.pt", "the AR teacher (teacher.py)")
+    data_dir: str = field("data/offline", "the teacher's dataset (prepare_data.py)")
     out_dir: str = field("out/distill_{preset}", "student_k<K>.pt, last.pt, log and summary")
-    k: int = field(4, "the final number of tokens per pass", at_least=1)
-    recipe: str = field("cdf_seq", "paper: the paper's argmax readout, stages 1 -> 2 -> 4 "
-                        "(--schedule), each learning the last one's self-forcing rollout; "
-                        "onpolicy: one stage at --k, slot i learning the AR teacher's inverse CDF "
-                        "after the student's own slots < i; cdf, cdf_seq: the distribution "
-                        "readout (model.py), one stage at --k, slot i's distribution learning "
-                        "the teacher's after the student's own slots < i (forward KL)",
-                        choices=("paper", "onpolicy", "cdf", "cdf_seq"))
-    schedule: str = field("", "stages as a comma list from 1, e.g. 1,2,3,4; empty: 1,2,4,.. to k")
-    steps_per_stage: int = field(1000, "optimizer steps in each stage", at_least=0)
+    k: int = field(4, "tokens per pass of the last stage", at_least=1)
+    recipe: str = field("cdf_seq", "see above", choices=("paper", "onpolicy", "cdf", "cdf_seq"))
+    steps_per_stage: int = field(1000, "optimizer steps per stage", at_least=0)
     batch_size: int = field(32, "sequences per step, over all processes", at_least=1)
     block_size: int = field(256, "context tokens per sequence (<= the teacher's)", at_least=1)
-    anchors: int = field(128, "anchor positions per sequence, each with a window of k noise slots "
-                         "(the paper: every position)", at_least=1)
-    lr: float = field(3e-4, "learning rate (AdamW), constant after warmup", at_least=0)
-    warmup_steps: int = field(50, "linear warmup steps at the start of each stage", at_least=0)
-    weight_decay: float = field(0.0, "AdamW weight decay", at_least=0)
+    anchors: int = field(128, "anchors per sequence, each a window of k noise slots", at_least=1)
+    lr: float = field(3e-4, "AdamW learning rate, constant after warmup", at_least=0)
+    warmup_steps: int = field(50, "linear warmup steps at each stage's start", at_least=0)
     grad_clip: float = field(1.0, "clip the gradient norm to this (0: off)", at_least=0)
-    ema: float = field(0.0, "weight average decay; the average is what each stage evaluates, "
-                       "saves and hands on (0: off; the paper's k = 4 stage: 0.999)",
-                       at_least=0, below=1)
-    noise_features: str = field("paper", "noise encoder features: paper (<= 1 cycle over [0,1]) "
-                                "or high (1-256 cycles)", choices=("paper", "high"))
-    eval_samples: int = field(256, "val prefixes for the same-noise agreement", at_least=1)
-    eval_tokens: int = field(48, "tokens generated per prefix for it", at_least=1)
-    prompt_len: int = field(6, "prefix length for it (6 as in the paper)", at_least=1)
-    curve_interval: int = field(250, "also measure it on the teacher's context every N steps "
-                                "(0: at each stage's start and end only)", at_least=0)
+    ema: float = field(0.0, "decay of the weight average that is evaluated, saved "
+                       "and handed on (0: off)", at_least=0, below=1)
+    noise_features: str = field("paper", "the noise encoder's cycles over [0, 1]: paper <= 1, "
+                                "high 1-256", choices=("paper", "high"))
+    eval_samples: int = field(256, "val prefixes of the same-noise agreement", at_least=1)
+    eval_tokens: int = field(48, "tokens it generates per prefix (>= k)", at_least=1)
+    prompt_len: int = field(6, "its prefix length (the paper's 6)", at_least=1)
+    curve_interval: int = field(250, "the learning curve: its agreement on the teacher's context "
+                                "every N steps (0: at each stage's start and end)", at_least=0)
     log_interval: int = field(10, "log per-slot loss and accuracy every N steps", at_least=1)
     ckpt_interval: int = field(250, "save a resumable checkpoint every N steps", at_least=1)
-    seed: int = field(1337, "seeds the data order, the anchors and the noise",
-                      at_least=0, below=2 ** 63)
+    seed: int = field(1337, "seeds the batches, anchors and noise", at_least=0, below=2 ** 63)
     device: str = field("auto", "cuda, cpu or auto")
     dtype: str = field("auto", "float32, or bfloat16 autocast for the student (targets: fp32)",
                        choices=("auto", "float32", "bfloat16"))
@@ -87,8 +65,7 @@ class DistillConfig:
 PRESETS = {
     "tiny": dict(_about="CPU demo, for the tiny teacher", data_dir="data/shakespeare_char",
                  steps_per_stage=600, batch_size=16, block_size=128, anchors=32, lr=1e-3,
-                 warmup_steps=20, eval_samples=128, eval_tokens=48, curve_interval=50,
-                 ckpt_interval=50),
+                 warmup_steps=20, eval_samples=128, curve_interval=50, ckpt_interval=50),
     "small": dict(_about="one GPU (the paper's recipe: ~4 min on an H100 for three stages)"),
     "paper": dict(_about="the paper's k = 4 stage: lr 1e-4 constant, fp32, batch 512, every anchor;"
                          " 20k steps per stage (the paper's: not known)",
@@ -98,35 +75,24 @@ PRESETS = {
 }
 
 
-def parse_schedule(cfg):
-    if cfg.recipe != "paper":
-        if cfg.schedule not in ("", str(cfg.k)):
-            raise UserError(f"--recipe {cfg.recipe} trains one stage at --k: drop --schedule")
-        return [cfg.k]
-    try:
-        sched = [int(s) for s in cfg.schedule.split(",")] if cfg.schedule else [1]
-    except ValueError:
-        raise UserError(f"--schedule {cfg.schedule!r} is not a comma list of integers") from None
-    while not cfg.schedule and sched[-1] < cfg.k:   # doubling up to k
-        sched.append(min(2 * sched[-1], cfg.k))
-    if sched[0] != 1 or any(b <= a for a, b in zip(sched, sched[1:])) or sched[-1] != cfg.k:
-        raise UserError(f"--schedule {','.join(map(str, sched))} must rise strictly from 1 to "
-                        f"--k {cfg.k}")
-    return sched
+def stage_schedule(cfg):
+    """The stages' k: the paper's 1, 2, 4, .. up to --k; the other recipes' one stage at --k."""
+    ks = [1 if cfg.recipe == "paper" else cfg.k]
+    while ks[-1] < cfg.k:
+        ks.append(min(2 * ks[-1], cfg.k))
+    return ks
 
 
 @torch.no_grad()
 def rollout_targets(prev, x, anchors, u):
-    """The previous model's same-noise tokens for each window, (B, A, k): this stage's targets.
-    prev is the AR teacher (one token per pass, by inverse CDF) or the previous student (k_prev
-    tokens per pass, by argmax); each block after the first runs on the real context followed by
-    prev's own tokens."""
+    """The previous model's same-noise tokens per window (B, A, k): the AR teacher's inverse CDF,
+    or the previous student's k_prev tokens a pass, each block on the real context followed by its
+    own tokens (self-forcing)."""
     if prev.config.max_k == 0:
         assert u.size(2) == 1, "stage 1 distils one token from the AR teacher"
         return inverse_cdf(prev.next_token_logits(x, anchors).float(), u[:, :, 0]).unsqueeze(-1)
-    kp, k = prev.config.max_k, u.size(2)
-    out = None
-    for s in range(0, k, kp):
+    kp, out = prev.config.max_k, None
+    for s in range(0, u.size(2), kp):
         tokens = prev.forward_staircase(x, anchors, u[:, :, s:s + kp], window=out).argmax(-1)
         out = tokens if out is None else torch.cat([out, tokens], dim=2)
     return out
@@ -141,10 +107,9 @@ def teacher_after(teacher, x, anchors, own):
 
 
 def distill_loss(recipe, model, teacher, prev, x, anchors, u, autocast):
-    """One step's loss per slot (averaged over the windows), the loss to minimise, the student's
-    tokens and their targets. paper: cross-entropy to the previous model's same-noise rollout;
-    onpolicy: cross-entropy to the teacher's inverse CDF after the student's own tokens; cdf and
-    cdf_seq: forward KL to the teacher's distribution after the student's own tokens."""
+    """One step's loss per slot (a mean over windows), the loss to minimise, the student's tokens
+    and their targets: cross-entropy to the rollout (paper) or to the teacher's inverse CDF after
+    the student's own tokens (onpolicy), or forward KL to that distribution (cdf, cdf_seq)."""
     if recipe == "paper":   # targets first, in fp32, outside autocast
         targets = rollout_targets(prev, x, anchors, u)
     with autocast:   # the student's staircase pass, all windows at once: logits (B, A, k, V) and,
@@ -167,234 +132,172 @@ def eval_agreement(student, k, bench, windows=False):
     """Same-noise agreement per slot with the AR teacher's samples on val prefixes: free-running
     (both decode their own tokens), or with windows=True each window on the teacher's context."""
     student.eval()
-    if windows:
-        out = window_agreement(student, bench.prompts, bench.ar_tokens, bench.noise, k)
-    else:
-        n = bench.noise.size(1) // k * k
-        out = same_noise_agreement(bench.ar_tokens[:, :n],
-                                   generate(student, bench.prompts, bench.noise[:, :n], k), k)
+    n = bench.noise.size(1) // k * k   # whole passes
+    out = (window_agreement(student, bench.prompts, bench.ar_tokens, bench.noise, k) if windows
+           else same_noise_agreement(bench.ar_tokens[:, :n],
+                                     generate(student, bench.prompts, bench.noise[:, :n], k), k))
     student.train()
     return out
 
 
-def checkpoint(student, optimizer, ema, gen, cfg, final=False, **progress):
-    """Mid-stage: the raw weights, the average and the optimizer, to continue from. final: the
-    stage's student (the average, if any); a resume from it starts the next stage."""
-    return {"kind": "student", "model_config": dataclasses.asdict(student.config),
-            "model": (ema.model if final and ema else student).state_dict(),
-            "ema": None if final or not ema else ema.state_dict(),
-            "optimizer": None if final else optimizer.state_dict(), "rng": gen.get_state(),
-            "train_config": dataclasses.asdict(cfg), **progress,
-            "stage": progress["stage"] + final}
+def checkpoint(run, model, gen, log, stage, **mid_stage):
+    """last.pt mid-stage (the raw weights, optimizer, average and the stage's progress), or a
+    stage's student (student_k<K>.pt, and last.pt: a resume from it starts the next stage)."""
+    return {**run, "model_config": dataclasses.asdict(model.config), "model": model.state_dict(),
+            "rng": gen.get_state(), "log_rows": log.rows, "stage": stage, "optimizer": None,
+            **mid_stage}
 
 
 def main(argv=None):
     cfg, args = parse_config(DistillConfig, PRESETS, __doc__, argv)
-    schedule = parse_schedule(cfg)
+    schedule = stage_schedule(cfg)
     rt = setup_runtime(cfg.device, cfg.dtype, tf32=False)   # fp32 targets: no TF32 rounding
     if cfg.batch_size % rt.world:
         raise UserError(f"--batch_size {cfg.batch_size} must split over {rt.world} processes")
-    if not os.path.isfile(cfg.teacher) and cfg.teacher == f"out/teacher_{args.preset}/best.pt":
-        raise UserError(f"no teacher at {cfg.teacher}; train it with `python teacher.py --preset "
-                        f"{args.preset}` or pass --teacher")
     teacher_ckpt = load_checkpoint(cfg.teacher, kind="teacher")
     teacher = model_from_checkpoint(teacher_ckpt, rt.device).eval()
-    block = teacher.config.block_size
-    for bad, msg in ((cfg.k > block - cfg.prompt_len, f"--k {cfg.k} is out of range: at most the "
-                      f"teacher's block size {block} - --prompt_len {cfg.prompt_len}"),
-                     (cfg.block_size > block, f"--block_size {cfg.block_size} exceeds the "
-                      f"teacher's block size {block}"),
-                     (cfg.eval_tokens < cfg.k, f"--eval_tokens {cfg.eval_tokens} must be at least"
-                      f" --k ({cfg.k}): the agreement decodes whole windows of k tokens"),
-                     (cfg.prompt_len + cfg.eval_tokens > block, f"--prompt_len {cfg.prompt_len} "
-                      f"+ --eval_tokens {cfg.eval_tokens} exceed the teacher's block size {block}"),
-                     (cfg.anchors > cfg.block_size, f"--anchors {cfg.anchors} exceeds "
-                      f"--block_size ({cfg.block_size})")):
-        if bad:
-            raise UserError(msg)
+    if cfg.k > min(cfg.eval_tokens, teacher.config.block_size - cfg.prompt_len):
+        raise UserError(f"--k {cfg.k} is out of range: at most --eval_tokens and the teacher's "
+                        f"block size {teacher.config.block_size} - --prompt_len {cfg.prompt_len}")
+    if cfg.block_size > teacher.config.block_size:   # RoPE would run on, past what it learned
+        raise UserError(f"--block_size {cfg.block_size} exceeds the teacher's block size")
     train, val = load_split(cfg.data_dir, "train"), load_split(cfg.data_dir, "val")
     tokenizer = tokenizer_spec(load_meta(cfg.data_dir))
     if teacher_ckpt["tokenizer"] != tokenizer:
         raise UserError(f"{cfg.teacher} was trained on another vocabulary than {cfg.data_dir}'s; "
                         "pass the --data_dir it was trained on")
-    if len(train) <= cfg.block_size:
-        raise UserError(f"the {len(train)}-token train split is shorter than one window of "
-                        f"{cfg.block_size + 1}; lower --block_size")
-    state = start_run(cfg.out_dir, "student", args, cfg, rt)   # the run a resume continues
+    state = start_run(cfg.out_dir, "student", args, cfg, rt)   # the checkpoint a resume continues
     teacher_id = {key: teacher_ckpt.get(key) for key in ("step", "best_val")}
     if state and state["teacher_id"] != teacher_id and rt.master:
-        print(f"warning: {cfg.teacher} was trained again since this run started; the rest of the "
-              "run distils the new one")
-    stage_path = lambda k: f"{cfg.out_dir}/student_k{k}.pt"  # noqa: E731
+        print(f"warning: {cfg.teacher} was trained again since this run started")
 
-    # The agreement benchmark: fixed val prefixes and noise, the AR teacher's samples on them.
+    # the agreement's benchmark: fixed val prefixes and noise, the AR teacher's samples on them
     g = torch.Generator().manual_seed(0)
-    with fits_in_memory(f"the agreement's {cfg.eval_samples} samples do not fit in memory on "
-                        f"{rt.device}; lower --eval_samples"):
-        prompts = sample_windows(val, cfg.eval_samples, cfg.prompt_len, g)[0].to(rt.device)
-        noise = torch.rand(cfg.eval_samples, cfg.eval_tokens, generator=g,
-                           dtype=torch.float64).to(rt.device)
-        bench = SimpleNamespace(prompts=prompts, noise=noise,
-                                ar_tokens=generate(teacher, prompts, noise, k=1))
-        blind = agreement_without_noise(teacher, prompts, bench.ar_tokens)   # noise-blind baselines
+    prompts = sample_windows(val, cfg.eval_samples, cfg.prompt_len, g)[0].to(rt.device)
+    noise = torch.rand(cfg.eval_samples, cfg.eval_tokens, generator=g, dtype=torch.float64)
+    bench = SimpleNamespace(prompts=prompts, noise=noise.to(rt.device))
+    bench.ar_tokens = generate(teacher, prompts, bench.noise, k=1)
+    blind = agreement_without_noise(teacher, prompts, bench.ar_tokens)   # noise-blind baselines
 
     gen = torch.Generator().manual_seed(cfg.seed)   # batches, anchors, noise
     torch.manual_seed(cfg.seed)   # the first stage's new noise encoder
     if state:
         gen.set_state(state["rng"])
     log = JsonlLog(f"{cfg.out_dir}/log.jsonl", state["log_rows"] if state else 0, rt.master)
-    results = state["results"] if state else []
-    global_step, prev = state["global_step"] if state else 0, teacher
-    last_path = f"{cfg.out_dir}/last.pt"
+    run = {"kind": "student", "train_config": dataclasses.asdict(cfg), "tokenizer": tokenizer,
+           "teacher_id": teacher_id, "results": state["results"] if state else []}
+    prev, last_path = teacher, f"{cfg.out_dir}/last.pt"
     with StopFlag() as stop, fits_in_memory(
             f"a batch of {cfg.batch_size // rt.world} sequences x {cfg.anchors} anchors does not "
             f"fit in memory on {rt.device}; lower --batch_size or --anchors"):
         for si, k in enumerate(schedule):
             if state and si < state["stage"]:   # finished before the resume
-                prev = model_from_checkpoint(load_checkpoint(stage_path(k), "student"),
-                                             rt.device).eval()
+                prev = model_from_checkpoint(load_checkpoint(
+                    f"{cfg.out_dir}/student_k{k}.pt", "student"), rt.device).eval()
                 continue
             student = GPT.student_from(prev, k, noise_features=cfg.noise_features,
                                        readout=cfg.recipe if "cdf" in cfg.recipe else "argmax")
             optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
-                                          weight_decay=cfg.weight_decay,
-                                          fused=rt.device.type == "cuda")
+                                          weight_decay=0.0, fused=rt.device.type == "cuda")
             ema = EMA(student, cfg.ema) if cfg.ema else None
-            # the stage's last losses and timing, in last.pt so that a resumed stage reports them
-            step, stats = 0, {"loss": None, "acc": None, "window_acc": None, "train_s": 0.0,
-                              "steps_timed": 0, "curve": []}
+            averaged = ema.model if ema else student   # what is evaluated, saved and handed on
             if state and si == state["stage"] and state["optimizer"]:   # resume mid-stage
                 student.load_state_dict(state["model"])
                 optimizer.load_state_dict(state["optimizer"])
                 if ema:
                     ema.load_state_dict(state["ema"])
-                step, agree_init, stats = state["step"], state["agreement_init"], state["stats"]
-            else:   # the fresh student's agreement, and the learning curve's first point
-                agree_init = eval_agreement(student, k, bench)
-                window = eval_agreement(student, k, bench, windows=True)
-                stats["curve"].append({"step": 0, "train_s": 0.0, "window_agreement": window})
-                log.write(step=global_step, stage=si, k=k, window_agreement=window)
+                step, r = state["step"], state["progress"]
+            else:   # r: the stage's result so far, in last.pt so that a resumed stage reports it
+                step, r = 0, {"k": k, "agreement_init": eval_agreement(student, k, bench),
+                              "train_s": 0.0, "curve": []}
+            done, first_step = sum(s["steps"] for s in run["results"]), step   # steps before
             model = student
             if cfg.compile and rt.device.type == "cuda":   # static: every stage has its own shapes
                 model = torch.compile(model, dynamic=False)
             if rt.ddp:
                 model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda"
                             else None)
-            if rt.master:
-                source = f"k = {prev.config.max_k} student" if prev.config.max_k else "AR teacher"
-                print(f"stage {si + 1}/{len(schedule)}: k = {k}, targets from the {source}; "
-                      f"same-noise agreement at start {fmt(agree_init)}")
-            first_step = step   # of this process: its first steps compile and warm up, untimed
             with tqdm(total=cfg.steps_per_stage, initial=step, desc=f"stage k={k}",
                       disable=not rt.master, dynamic_ncols=True) as bar:   # closed before an error
-                while step < cfg.steps_per_stage:
+                while True:
+                    if step in (0, cfg.steps_per_stage) or (   # the learning curve
+                            cfg.curve_interval and step % cfg.curve_interval == 0):
+                        window = eval_agreement(averaged, k, bench, windows=True)
+                        r["curve"].append({"step": step, "train_s": r["train_s"],
+                                           "window_agreement": window})
+                        log.write(step=done + step, stage=si, k=k, window_agreement=window)
+                    if step == cfg.steps_per_stage:
+                        break
                     t0 = time.perf_counter()
                     lr = lr_at(step, cfg.lr, cfg.lr, cfg.warmup_steps, cfg.steps_per_stage)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
+                    optimizer.param_groups[0]["lr"] = lr   # one group
                     # a batch: real context, random anchors, k uniforms per anchor (the noise slots)
                     x, _ = sample_windows(train, cfg.batch_size, cfg.block_size, gen)
                     anchors = torch.rand(cfg.batch_size, cfg.block_size,
                                          generator=gen).argsort(-1)[:, :cfg.anchors]
-                    u = torch.rand(cfg.batch_size, cfg.anchors, k, generator=gen,
-                                   dtype=torch.float64)
+                    u = torch.rand(*anchors.shape, k, generator=gen, dtype=torch.float64)
                     x, anchors, u = (shard(t, rt).to(rt.device) for t in (x, anchors, u))
                     per_slot, loss, own, targets = distill_loss(cfg.recipe, model, teacher, prev,
                                                                 x, anchors, u, rt.autocast)
                     loss.backward()
-                    hit = own == targets
+                    hit = own == targets   # the loss and accuracy per slot, whole windows right
                     out = all_mean(torch.cat([per_slot.detach(), hit.float().mean((0, 1)),
                                               hit.all(-1).float().mean().view(1)]), rt).tolist()
-                    stats.update(loss=out[:k], acc=out[k:2 * k], window_acc=out[-1])
                     if not math.isfinite(sum(out[:k])):   # stop before the update: last.pt is good
-                        raise UserError(f"loss became {sum(out[:k])} at step {global_step + 1}; "
-                                        f"stopped, keeping the last good checkpoint {last_path} "
-                                        "(lower --lr or raise --warmup_steps)")
+                        raise UserError(f"loss became {sum(out[:k])} at step {done + step + 1}; "
+                                        f"stopped, keeping the last good checkpoint {last_path}")
                     if cfg.grad_clip > 0:
                         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     if ema:
                         ema.update(student)
-                    step, global_step = step + 1, global_step + 1
-                    if rt.device.type == "cuda":
-                        torch.cuda.synchronize()
-                    if step > first_step + 3:
-                        stats["train_s"] += time.perf_counter() - t0
-                        stats["steps_timed"] += 1
+                    step += 1
+                    if step > first_step + 3:   # .tolist() waited for the GPU: the times add up
+                        r["train_s"] += time.perf_counter() - t0
+                    r.update(final_loss_per_slot=out[:k], final_acc_per_slot=out[k:2 * k],
+                             final_window_acc=out[-1])
                     if step % cfg.log_interval == 0 or step == cfg.steps_per_stage:
-                        log.write(step=global_step, stage=si, k=k, loss=stats["loss"],
-                                  acc=stats["acc"], window_acc=stats["window_acc"], lr=lr)
+                        log.write(step=done + step, stage=si, k=k, loss=out[:k], acc=out[k:2 * k],
+                                  window_acc=out[-1], lr=lr)
                     bar.update(1)
-                    bar.set_postfix(loss=f"{sum(stats['loss']) / k:.3f}", win=f"{out[-1]:.2f}")
-                    if cfg.curve_interval and step % cfg.curve_interval == 0 \
-                            and step < cfg.steps_per_stage:   # the learning curve
-                        averaged = ema.model if ema else student
-                        window = eval_agreement(averaged, k, bench, windows=True)
-                        stats["curve"].append({"step": step, "train_s": stats["train_s"],
-                                               "window_agreement": window})
-                        log.write(step=global_step, stage=si, k=k, window_agreement=window)
+                    bar.set_postfix(loss=f"{sum(out[:k]) / k:.3f}", win=f"{out[-1]:.2f}")
                     stopping = stop.should_stop(rt)
                     if (step % cfg.ckpt_interval == 0 or step == cfg.steps_per_stage or stopping) \
                             and rt.master:   # the stage's end too: its evaluations lose no training
                         save_checkpoint(last_path, checkpoint(
-                            student, optimizer, ema, gen, cfg, stage=si, step=step, stats=stats,
-                            global_step=global_step, agreement_init=agree_init, results=results,
-                            schedule=schedule, tokenizer=tokenizer, teacher_id=teacher_id,
-                            log_rows=log.rows))
+                            run, student, gen, log, si, step=step, progress=r,
+                            optimizer=optimizer.state_dict(), ema=ema and ema.state_dict()))
                     if stopping:
                         raise UserError(f"interrupted in stage k={k} at step {step}; saved "
                                         f"{last_path}; continue with --resume")
             # the stage's student: evaluated, saved, and the next stage's teacher
-            finished = ema.model if ema else student
-            agree = eval_agreement(finished, k, bench)
-            window = eval_agreement(finished, k, bench, windows=True)
-            stats["curve"].append({"step": step, "train_s": stats["train_s"],
-                                   "window_agreement": window})
-            log.write(step=global_step, stage=si, k=k, window_agreement=window)
-            speed = stats["steps_timed"] / stats["train_s"] if stats["train_s"] else None
-            results.append({
-                "k": k, "steps": step, "steps_per_s": speed,
-                "tokens_per_s": speed and speed * cfg.batch_size * cfg.block_size,
-                "slots_per_s": speed and speed * cfg.batch_size * cfg.anchors * k,
-                "final_loss_per_slot": stats["loss"], "final_acc_per_slot": stats["acc"],
-                "final_window_acc": stats["window_acc"], "agreement_init": agree_init,
-                "agreement": agree, "window_agreement": window, "curve": stats["curve"]})
-            log.write(step=global_step, stage=si, k=k, agreement=agree)
+            r.update(steps=step, agreement=eval_agreement(averaged, k, bench),
+                     window_agreement=window)
+            run["results"].append(r)
+            log.write(step=done + step, stage=si, k=k, agreement=r["agreement"])
             if rt.master:
-                print(f"stage k={k} done: same-noise agreement per slot {fmt(agree)} (start "
-                      f"{fmt(agree_init)}); on the teacher's own context {fmt(window)}")
-                final = checkpoint(student, optimizer, ema, gen, cfg, final=True, stage=si,
-                                   step=step, stats=stats, global_step=global_step,
-                                   agreement_init=agree_init, results=results,
-                                   schedule=schedule, tokenizer=tokenizer,
-                                   teacher_id=teacher_id, log_rows=log.rows)
-                save_checkpoint(stage_path(k), final)
+                print(f"stage {si + 1}/{len(schedule)}: agreement per slot {fmt(r['agreement'])} "
+                      f"(start {fmt(r['agreement_init'])}), on the teacher's context {fmt(window)}")
+                final = checkpoint(run, averaged, gen, log, si + 1)
+                save_checkpoint(f"{cfg.out_dir}/student_k{k}.pt", final)
                 save_checkpoint(last_path, final)   # a resume from here starts the next stage
-            prev = finished.eval()
+            prev = averaged.eval()
             if si + 1 < len(schedule) and stop.should_stop(rt):   # asked during the evaluations
                 raise UserError(f"interrupted after stage k={k}; saved {last_path}; continue "
                                 "with --resume")
 
     if rt.master:
         summary = f"{cfg.out_dir}/distill_{args.preset}.json"
+        curve = f"{cfg.out_dir}/distill_{args.preset}_curve.png"
         write_json(summary, {
             "device": device_name(rt.device), "world_size": rt.world, "torch": torch.__version__,
             "git": git_commit(), "config": dataclasses.asdict(cfg),
             "teacher_config": dataclasses.asdict(teacher.config), "schedule": schedule,
-            "stages": results, "agreement_without_noise": blind})
-        for key, what in (("agreement", "free-running, both decode their own tokens"),
-                          ("window_agreement", "each window on the teacher's own context")):
-            print(f"\nsame-noise agreement with the AR teacher, {what} ({cfg.eval_samples} val "
-                  f"prefixes of {cfg.prompt_len} tokens):")
-            print("  k  " + "".join(f"  slot {i + 1}" for i in range(schedule[-1])))
-            for r in results:
-                print(f"  {r['k']}  " + "".join(f"  {a:6.1%}" for a in r[key]))
-        print(f"(a student blind to the noise: {blind['independent_draw']:.1%} as an independent "
-              f"draw from the teacher, {blind['teacher_mode']:.1%} always the teacher's mode)")
-        curve = f"{cfg.out_dir}/distill_{args.preset}_curve.png"
-        plot_curve(results, blind, curve)
-        print(f"\nstudents {stage_path('*')}, summary {summary}, learning curve {curve}")
+            "stages": run["results"], "agreement_without_noise": blind})
+        plot_curve(run["results"], blind, curve)
+        print(f"blind to the noise: {blind['independent_draw']:.0%} (an independent draw), "
+              f"{blind['teacher_mode']:.0%} (the teacher's mode); {summary}, {curve}")
 
 
 def fmt(agree):
@@ -408,21 +311,17 @@ def plot_curve(results, blind, path):
     fig, ax = plt.subplots(figsize=(8, 4.5))
     start = 0
     for r in results:
-        ax.axvline(start, color="gray", lw=0.8, ls=":")
-        ax.annotate(f"k = {r['k']}", (start, 1), xycoords=("data", "axes fraction"),
-                    xytext=(3, -12), textcoords="offset points", fontsize=8)
+        ax.axvline(start, color="gray", lw=0.8, ls=":")   # a stage starts
         for i in range(r["k"]):
             ax.plot([start + p["step"] for p in r["curve"]],
                     [p["window_agreement"][i] for p in r["curve"]], marker=".", color=f"C{i}",
                     label=f"slot {i + 1}" if r is results[-1] else None)
         start += r["steps"]
-    ax.axhline(blind["teacher_mode"], color="tab:red", ls="--", lw=0.8,
-               label="blind to the noise: teacher's mode")
-    ax.axhline(blind["independent_draw"], color="tab:purple", ls="--", lw=0.8,
-               label="blind to the noise: independent draw")
-    ax.set(xlabel="distillation step (all stages)", ylim=(0, None),
-           ylabel="same-noise agreement with the AR teacher",
-           title="same-noise agreement per slot, each window on the teacher's context")
+    for key, what, color in (("teacher_mode", "the teacher's mode", "tab:red"),
+                             ("independent_draw", "an independent draw", "tab:purple")):
+        ax.axhline(blind[key], color=color, ls="--", lw=0.8, label=f"blind to the noise: {what}")
+    ax.set(xlabel="distillation step (all stages)", ylabel="same-noise agreement", ylim=(0, None),
+           title="same-noise agreement with the AR teacher per slot, on the teacher's context")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     save_figure(fig, path)
 

@@ -66,7 +66,7 @@ def iid(tmp_path_factory):
     teacher_path, _ = train_teacher(root, data, 60)
     out = os.path.join(root, "students")
     distill.main(["--preset", "tiny", "--teacher", teacher_path, "--data_dir", data,
-                  "--out_dir", out, "--recipe", "paper", "--schedule", "1,2", "--k", "2",
+                  "--out_dir", out, "--recipe", "paper", "--k", "2",
                   "--steps_per_stage", "60",
                   "--block_size", "32", "--batch_size", "8", "--anchors", "8", "--lr", "3e-3",
                   "--eval_samples", "64", "--eval_tokens", "8", "--curve_interval", "20",
@@ -116,7 +116,7 @@ def test_every_preset_is_a_valid_config():
         assert (t.out_dir, d.out_dir) == (f"out/teacher_{preset}", f"out/distill_{preset}")
         assert d.teacher == f"out/teacher_{preset}/best.pt" and d.data_dir == t.data_dir
         assert t.n_embd % (2 * t.n_head) == 0 and t.eval_interval <= t.max_steps
-        assert distill.parse_schedule(d)[-1] == d.k and d.anchors <= d.block_size <= t.block_size
+        assert distill.stage_schedule(d)[-1] == d.k and d.anchors <= d.block_size <= t.block_size
         assert d.eval_tokens >= d.k and d.prompt_len + d.eval_tokens <= t.block_size
 
 
@@ -234,7 +234,7 @@ def test_ema_is_what_is_evaluated_saved_and_handed_on(iid, tmp_path, monkeypatch
     students = str(tmp_path / "students")
     distill.main(["--preset", "tiny", "--teacher", os.path.join(out, "best.pt"),
                   "--data_dir", iid["data"], "--out_dir", students, "--recipe", "paper",
-                  "--schedule", "1,2", "--k", "2",
+                  "--k", "2",
                   "--steps_per_stage", "6", "--block_size", "32", "--batch_size", "4",
                   "--anchors", "4", "--eval_samples", "8", "--eval_tokens", "8",
                   "--curve_interval", "4", "--ema", "0.9"])
@@ -244,12 +244,13 @@ def test_ema_is_what_is_evaluated_saved_and_handed_on(iid, tmp_path, monkeypatch
         assert all(torch.equal(saved[name], p) for name, p in ema.model.state_dict().items())
     assert len(seen_prev) == 12 and all(p is stage1.model for p in seen_prev[6:])   # its targets
     assert len(seen_init) == 2 and seen_init[1] is stage1.model                     # its start
-    # each stage's agreement at its start is the fresh student's (free-running, then the learning
-    # curve's first point); the curve's point at step 4 and both measures at its end, the average's
+    # each stage's free-running agreement at its start is the fresh student's; the learning
+    # curve (steps 0, 4 and 6: at step 0 the average is the fresh student) and the free-running
+    # agreement at its end, the average's
     assert len(evaluated) == 10
     for stage, calls in ((stage1, evaluated[:5]), (stage2, evaluated[5:])):
         assert [(m is stage.model, windows) for m, windows in calls] == \
-            [(False, False), (False, True), (True, True), (True, False), (True, True)]
+            [(False, False), (True, True), (True, True), (True, True), (True, False)]
 
 
 def test_the_distribution_readout_learns_the_teachers_chain(markov):
@@ -270,8 +271,6 @@ def test_the_distribution_readout_learns_the_teachers_chain(markov):
     assert slot1 >= 0.8 and slot2 >= blind["independent_draw"] + 0.1, (stage, blind)
     assert stage["curve"][0]["window_agreement"][1] < blind["independent_draw"]
     assert all(0 <= kl < 0.5 for kl in stage["final_loss_per_slot"])   # nats, per slot
-    with pytest.raises(UserError, match="one stage at --k"):
-        distill.main(["--recipe", "cdf", "--schedule", "1,2", "--k", "2", "--out_dir", out])
 
 
 @torch.no_grad()
@@ -325,16 +324,12 @@ def test_rollout_targets_are_same_noise_samples():
     assert (forced != targets[:, :, 2:]).any()
 
 
-@pytest.mark.parametrize("schedule,k,want", [
-    ("", 4, [1, 2, 4]), ("", 3, [1, 2, 3]), ("", 1, [1]), ("1,2,3,4", 4, [1, 2, 3, 4]),
-    ("2,4", 4, None), ("1,1,2", 2, None), ("1,2", 4, None), ("1,x", 2, None), ("", 0, None)])
-def test_schedule(schedule, k, want):
-    cfg = distill.DistillConfig(recipe="paper", schedule=schedule, k=k)
-    if want is None:
-        with pytest.raises(UserError):
-            distill.parse_schedule(cfg)
-    else:
-        assert distill.parse_schedule(cfg) == want
+@pytest.mark.parametrize("recipe,k,want", [
+    ("paper", 4, [1, 2, 4]), ("paper", 3, [1, 2, 3]), ("paper", 1, [1]), ("paper", 6, [1, 2, 4, 6]),
+    ("cdf_seq", 4, [4]), ("onpolicy", 1, [1])])
+def test_schedule(recipe, k, want):
+    """The paper's stages double k from 1 up to --k; the other recipes train one stage at --k."""
+    assert distill.stage_schedule(distill.DistillConfig(recipe=recipe, k=k)) == want
 
 
 def test_learning_rate_schedules():

@@ -35,7 +35,7 @@ TEACHER_REF = TEACHER + ["--max_steps", "16", "--eval_interval", "4"]
 DISTILL = ["--block_size", "32", "--batch_size", "4", "--anchors", "4", "--eval_samples", "4",
            "--eval_tokens", "8", "--prompt_len", "4", "--lr", "1e-3", "--warmup_steps", "2",
            "--log_interval", "1", "--ckpt_interval", "2", "--curve_interval", "3",
-           "--recipe", "paper", "--schedule", "1,2", "--k", "2", "--seed", "7", "--ema", "0.9",
+           "--recipe", "paper", "--k", "2", "--seed", "7", "--ema", "0.9",
            "--device", "cpu"]
 DISTILL_REF = DISTILL + ["--steps_per_stage", "8"]
 EXACT = 1e-6     # resumed vs uninterrupted on CPU fp32: the same arithmetic in the same order
@@ -191,7 +191,7 @@ def test_distill_sigkill_mid_stage_resume_matches_uninterrupted(tmp_path, data_d
     os.kill(p.pid, signal.SIGKILL)
     assert p.wait() == -signal.SIGKILL
     ck = load_checkpoint(str(out / "last.pt"), kind="student")
-    assert ck["stage"] == 1 and ck["optimizer"] is not None and 10 <= ck["global_step"] < 16
+    assert ck["stage"] == 1 and ck["optimizer"] is not None and 2 <= ck["step"] < 8
     distill.main(argv + ["--resume"])
     assert_same_log(read_log(out / "log.jsonl"), distill_ref["log"], EXACT)
     assert_same_weights(out / "student_k2.pt", distill_ref["student"])
@@ -262,8 +262,7 @@ def test_default_recipe_ctrl_c_resume_matches_uninterrupted(tmp_path, data_dir, 
                                                            monkeypatch):
     """The default recipe (cdf_seq: the slot MLP, the teacher after the student's own tokens)
     stopped mid-stage with Ctrl-C continues with --resume exactly as if uninterrupted."""
-    argv = lambda out: D(data_dir, teacher_ref["best"], out, "--recipe", "cdf_seq",  # noqa: E731
-                         "--schedule", "")
+    argv = lambda out: D(data_dir, teacher_ref["best"], out, "--recipe", "cdf_seq")  # noqa: E731
     distill.main(argv(tmp_path / "ref"))
     teacher_after, out = distill.teacher_after, tmp_path / "out"
 
@@ -371,7 +370,8 @@ def test_distill_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_di
     with pytest.raises(UserError, match=r"loss became nan at step 3;.*last good checkpoint"):
         distill.main(D(data_dir, teacher_ref["best"], out))
     ck = load_checkpoint(str(out / "last.pt"), kind="student")
-    assert ck["global_step"] == 2 and all(torch.isfinite(v).all() for v in ck["model"].values())
+    assert (ck["stage"], ck["step"]) == (0, 2)
+    assert all(torch.isfinite(v).all() for v in ck["model"].values())
 
 
 def test_grad_accum_splits_the_same_batch(tmp_path, data_dir):
@@ -519,8 +519,7 @@ def test_overwrite_replaces_the_old_run(tmp_path, data_dir, teacher_ref, distill
     student behind to be taken for this run's."""
     out = tmp_path / "out"
     shutil.copytree(distill_ref["out"], out)
-    distill.main(D(data_dir, teacher_ref["best"], out, "--overwrite", "--k", "1",
-                   "--schedule", "1"))
+    distill.main(D(data_dir, teacher_ref["best"], out, "--overwrite", "--k", "1"))
     assert sorted(os.listdir(out)) == ["distill_tiny.json", "distill_tiny_curve.png", "last.pt",
                                        "log.jsonl", "student_k1.pt"]
     assert max(r["stage"] for r in read_log(out / "log.jsonl")) == 0
@@ -580,12 +579,10 @@ BAD = {
     "resume with other flags": (teacher, lambda p: T(p["data"], p["teacher_run"], "--resume",
                                                      "--lr", "1e-2"),
                                 r"resumed used --lr 0.003; resume with the same flags"),
-    "k zero": (distill, lambda p: D(p["data"], p["teacher"], p["out"], "--k", "0", "--schedule",
-                                    ""), r"--k must be at least 1, not 0"),
-    "k out of range": (distill, lambda p: D(p["data"], p["teacher"], p["out"], "--k", "40",
-                                            "--schedule", ""), r"--k 40 is out of range"),
-    "schedule not reaching k": (distill, lambda p: D(p["data"], p["teacher"], p["out"], "--k", "4"),
-                                r"must rise strictly from 1 to --k 4"),
+    "k zero": (distill, lambda p: D(p["data"], p["teacher"], p["out"], "--k", "0"),
+               r"--k must be at least 1, not 0"),
+    "k out of range": (distill, lambda p: D(p["data"], p["teacher"], p["out"], "--k", "40"),
+                       r"--k 40 is out of range"),
     "empty flag": (distill, lambda p: D(p["data"], p["teacher"], p["out"], "--data_dir", ""),
                    r"not found"),
     "zero flag": (teacher, lambda p: T(p["data"], p["out"], "--eval_interval", "0"),
