@@ -69,12 +69,9 @@ def parse_args(argv=None):
     flag("paper_shape", action=on_off, help="also time the paper's 12 x 768 shape (on CUDA)")
     flag("trained", action=on_off, default=True, help="time and score the trained pair (default)")
     flag("speed", action=on_off, default=True, help="time the speed grid (default: on)")
-    flag("quality", action=on_off, help="score the trained pair's samples (default: on if trained, "
-         "off with --profile or --roofline)")
-    flag("profile", action="store_true", help="instead of the speed grid: one decode step per "
-         "point and k (cache half full) under torch.profiler: its time and heaviest kernels")
-    flag("roofline", metavar="GPU", help="instead of timing: every grid point's ceilings on that "
-         "GPU (a name in fast.PEAK_BANDWIDTH, e.g. H100, H200), computed on any machine")
+    flag("quality", action=on_off, help="score samples (default: unless --profile, --roofline)")
+    flag("profile", action="store_true", help="one decode step a point and k, under torch.profiler")
+    flag("roofline", metavar="GPU", help="the grid's ceilings on that GPU (e.g. H200), not timed")
     flag("quality_samples", type=int, default=256, help="val prefixes sampled once (default: 256)")
     flag("quality_tokens", type=int, help="sample length (default: 96 or what the block allows)")
     flag("readout", choices=["argmax", "cdf", "cdf_seq"], default="argmax",
@@ -82,15 +79,13 @@ def parse_args(argv=None):
     flag("attention", choices=["sdpa", "flex"], default="sdpa", help="how a cached pass attends, "
          "both sides: a mask over the whole cache, or FlexAttention's blocks (default: sdpa)")
     flag("compile", action="store_true", help="torch.compile each decode step, both sides")
-    flag("dtype", choices=["bfloat16", "float32"], default="bfloat16", help="weights and cache of "
-         "the speed runs, both sides (default: bfloat16); quality always decodes in float32")
+    flag("dtype", choices=["bfloat16", "float32"], default="bfloat16", help="the speed runs'")
     flag("data_dir", help="val.bin for the quality prefixes (default: the teacher's training data)")
     flag("seed", type=int, default=0, help="seeds prefixes, noise and random weights (default: 0)")
     flag("device", default="auto", help="cuda, cpu or auto (default: auto)")
     flag("name", help="output file stem (default: bench_<preset>, _trained or _paper_shape)")
     flag("out_dir", default="results", help="where outputs go (default: results)")
-    flag("resume", action="store_true", help="continue an interrupted speed or profile grid from "
-         "<name>_<part>.partial.jsonl (rows of another git commit are refused)")
+    flag("resume", action="store_true", help="continue a stopped grid (<name>_*.partial.jsonl)")
     return p.parse_args(argv)
 
 
@@ -150,17 +145,15 @@ ROOFLINE_FIELDS = ("roofline_tokens_per_s", "roofline_speedup", "roofline_overla
 def roofline(runs, B, seq_len, peaks):
     """{k: ceilings} at one point (runs: {k: model}): tokens/s with the phases in sequence, its
     ratio to AR's, and the ratio overlapped. None without peaks or bf16 weights (bf16 FLOP/s)."""
-    bandwidth, flops = peaks
-    if not (bandwidth and flops) or any(next(m.parameters()).dtype != torch.bfloat16
-                                        for m in runs.values()):
+    bw, fl = peaks   # bytes/s, FLOP/s
+    if not (bw and fl) or any(next(m.parameters()).dtype != torch.bfloat16 for m in runs.values()):
         return {k: dict.fromkeys(ROOFLINE_FIELDS) for k in runs}
     seq, over = {}, {}
     for k, model in runs.items():
         n, elem = new_tokens(seq_len, k), next(model.parameters()).element_size()
         phases = generation_phases(model, B, PROMPT_LEN, n, k, elem)
-        seq[k] = B * n / sum(max(b / bandwidth, f / flops) for b, f in phases)
-        over[k] = B * n / max(sum(b for b, _ in phases) / bandwidth,
-                              sum(f for _, f in phases) / flops)
+        seq[k] = B * n / sum(max(b / bw, f / fl) for b, f in phases)
+        over[k] = B * n / max(sum(b for b, _ in phases) / bw, sum(f for _, f in phases) / fl)
     return {k: dict(zip(ROOFLINE_FIELDS, (seq[k], seq[k] / seq[1], over[k] / over[1])))
             for k in runs}
 
@@ -181,8 +174,7 @@ def point_setup(teacher, student, ks, seq_len, B, device, attention, compile):
 
 
 def time_point(teacher, student, ks, B, seq_len, repeats, device, gen, attention, compile):
-    """AR and every k at one point, on the same prompts and noise: {k: (new tokens, [seconds per
-    repeat], warm-up seconds)}."""
+    """{k: (new tokens, [seconds per repeat], warm-up seconds)}, AR and every k on one input."""
     runs, cache, step = point_setup(teacher, student, ks, seq_len, B, device, attention, compile)
     prompt = torch.randint(teacher.config.vocab_size, (B, PROMPT_LEN), generator=gen).to(device)
     noise = torch.rand(B, seq_len - PROMPT_LEN, generator=gen, dtype=torch.float64).to(device)
@@ -502,8 +494,7 @@ def main(argv=None):
         label = "trained" if args.teacher else os.path.basename(os.path.dirname(teacher_path))[8:]
     ks = default(args.ks, [k for k in (2, 3, 4) if k <= max_k])
     if not ks or any(not 2 <= k <= max_k for k in ks):
-        raise UserError(f"--ks: each k between 2 and the student's max_k ({max_k}); AR (k = 1) "
-                        "always runs")
+        raise UserError(f"--ks: each k from 2 to the student's max_k ({max_k}); AR always runs")
     stem = os.path.join(args.out_dir, default(args.name, f"bench_{label}"))
 
     # the models to time: (label, AR teacher, student, seq_lens that fit), copies cast to --dtype
@@ -527,8 +518,7 @@ def main(argv=None):
         room = teacher.config.block_size - PROMPT_LEN - max_k + 1   # whole passes of every k
         T = default(args.quality_tokens, min(96, room))
         if not 4 <= T <= room:
-            raise UserError(f"--quality_tokens {T}: 4 or more (4-grams), and the {PROMPT_LEN}-"
-                            f"token prefix + {T} + {max_k - 1} within the block size")
+            raise UserError(f"--quality_tokens {T}: 4 (4-grams) to {room} (the block size allows)")
         val = load_split(default(args.data_dir, ckpt["train_config"]["data_dir"]), "val")
     os.makedirs(args.out_dir, exist_ok=True)
 
