@@ -513,7 +513,7 @@ def main(argv=None):
             fit = fit or ([t.config.block_size] if args.seq_lens is None else [])   # its block
             models += [(m, cast(t), cast(s), fit)] if fit else []
         if not models:
-            raise UserError(f"--seq_lens {args.seq_lens}: every length exceeds every block size")
+            raise UserError(f"--seq_lens: each of {seq_lens} exceeds every block size")
     if quality:   # checked now, not after the speed grid
         room = teacher.config.block_size - PROMPT_LEN - max_k + 1   # whole passes of every k
         T = default(args.quality_tokens, min(96, room))
