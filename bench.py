@@ -79,7 +79,7 @@ def parse_args(argv=None):
     flag("attention", choices=["sdpa", "flex"], default="sdpa", help="how a cached pass attends, "
          "both sides: a mask over the whole cache, or FlexAttention's blocks (default: sdpa)")
     flag("compile", action="store_true", help="torch.compile each decode step, both sides")
-    flag("dtype", choices=["bfloat16", "float32"], default="bfloat16", help="the speed runs'")
+    flag("dtype", choices=["bfloat16", "float32"], default="bfloat16", help="of the speed runs")
     flag("data_dir", help="val.bin for the quality prefixes (default: the teacher's training data)")
     flag("seed", type=int, default=0, help="seeds prefixes, noise and random weights (default: 0)")
     flag("device", default="auto", help="cuda, cpu or auto (default: auto)")
