@@ -10,23 +10,13 @@ something writes <out_dir>/<name>_<part>.json (speed, quality, profile, roofline
     python bench.py --no-trained --profile --batch_sizes 1,512 --seq_lens 1024   # a step's kernels
     python bench.py --no-trained --roofline H200  # the grid's ceilings on that GPU, on any machine
 
-Speed: from 6-token prefixes to --seq_lens tokens in all, by ONE decode path for AR (the teacher,
-k = 1) and K-Forcing (the student at k, by its readout): model.generate on a static cache sized to
-the generation (fast.make_cache), each pass replayed from a CUDA graph on CUDA (fast.CUDAGraphStep),
-the same --dtype, --attention and --compile. tokens/s counts new tokens, prefill included; warm-up
-(compilation, graph capture) is not timed; AR and every k run back to back in each repeat, timers
-read after a device synchronise; medians over --repeats. A speedup above k (k tokens a pass) or
-repeats that disagree (beyond SPREAD_LIMIT) mark a point `suspect`: printed as such, never plotted.
-Roofline (GPUs in fast.PEAK_BANDWIDTH / PEAK_FLOPS): the tokens/s each side could not exceed, from
-each phase's bytes and FLOPs at the GPU's peaks (generation_phases), in sequence and overlapped.
-
-Quality: --quality_samples continuations of 6-token val prefixes, decoded in float32 by the teacher
-and by the student at every k from the SAME noise, temperature 1: gen-PPL under the teacher overall
-and per slot (tokens at j mod k), entropy, repeated 4-grams of tokens and of words, same-noise
-agreement per slot free-running and on the teacher's context beside a student blind to the noise
-(model.agreement_without_noise), as ratios to the teacher's samples at the same positions; and,
-whatever the coupling, the student's token distribution per slot over many draws of its noise
-against the teacher's (distribution_per_slot: total variation with its floor, entropy).
+Speed: AR (the teacher, k = 1) and K-Forcing (the student at k) by ONE decode path: model.generate
+on a static cache sized to the generation, each pass replayed from a CUDA graph on CUDA. tokens/s
+counts new tokens, prefill included, warm-up not; AR and every k run back to back in each repeat,
+medians kept. A speedup above k or repeats that disagree mark a point `suspect`, never plotted.
+Quality: continuations of 6-token val prefixes in float32 by the teacher and the student at every
+k from the SAME noise: gen-PPL under the teacher (overall, per slot), entropy, repeated 4-grams,
+same-noise agreement beside a student blind to the noise, and the distribution per slot.
 """
 import argparse
 import copy
@@ -42,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (UserError, device_name, git_commit, load_split, pyplot, resolve_device,
-                    run_cli, sample_windows, save_figure, write_json)
+from common import (ArgumentParser, UserError, device_name, git_commit, load_split, pyplot,
+                    resolve_device, run_cli, sample_windows, save_figure, write_json)
 from fast import PEAK_BANDWIDTH, PEAK_FLOPS, CUDAGraphStep, device_peak, make_cache
 from model import (GPT, GPTConfig, agreement_without_noise, continuation_logits,
                    generate, same_noise_agreement, window_agreement)
@@ -56,61 +46,47 @@ PAPER_BAND = (2.4, 3.5)   # the abstract's k = 4 speedup "across batch sizes" on
 SPREAD_LIMIT = 1.5   # slowest over fastest repeat beyond which a point's timings disagree
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    flag = lambda name, **kw: p.add_argument("--" + name, **kw)  # noqa: E731
-    on_off = argparse.BooleanOptionalAction
-    flag("preset", help="out/teacher_<preset>/best.pt and its highest out/distill_<preset>/"
-         "student_k*.pt (default: the newest teacher in out/, as sample.py)")
-    flag("teacher", help="AR teacher checkpoint (instead of the preset's); it also scores gen-PPL")
-    flag("student", help="K-Forcing student checkpoint (instead of the preset's)")
-    flag("batch_sizes", help="comma list (default: 1,8,32,64,128,256,512 on CUDA, 1,8 on CPU)")
-    flag("seq_lens", help="total tokens (prefix + new), comma list; each model runs those that fit "
-         "its block size (default: 128,1024 on CUDA, 64 on CPU)")
-    flag("ks", help="student tokens per pass, comma list of 2..max_k; AR (k = 1) always runs "
-         "(default: 2,3,4 up to the student's max_k)")
-    flag("repeats", type=int, help="timed runs a point, median kept (default: 3 on CUDA, 5 on CPU)")
-    flag("paper_shape", action=on_off, help="also time the paper's 12 x 768 shape with random "
-         "weights (default: on CUDA or with --no-trained)")
-    flag("trained", action=on_off, default=True, help="time and score the trained pair (default: "
-         "on); --no-trained: the paper shape's speed only, no checkpoint")
-    flag("speed", action=on_off, default=True, help="time the speed grid (default: on)")
-    flag("quality", action=on_off, help="score the trained pair's samples (default: on if trained, "
-         "off with --profile or --roofline)")
-    flag("profile", action="store_true", help="instead of the speed grid: one decode step per "
-         "point and k (cache half full) under torch.profiler: its time and heaviest kernels")
-    flag("roofline", metavar="GPU", help="instead of timing: every grid point's ceilings on that "
-         "GPU (a name in fast.PEAK_BANDWIDTH, e.g. H100, H200), computed on any machine")
-    flag("quality_samples", type=int, default=256, help="val prefixes sampled once (default: 256)")
-    flag("quality_tokens", type=int, help="sample length (default: 96 or what the block allows)")
-    flag("readout", choices=["argmax", "cdf", "cdf_seq"], default="argmax", help="the paper "
-         "shape's student readout: argmax (the paper's), cdf or cdf_seq (distill.py's default) "
-         "(default: argmax)")
-    flag("attention", choices=["sdpa", "flex"], default="sdpa", help="how a cached pass attends, "
-         "both sides: sdpa (a mask over the whole cache) or flex (FlexAttention over the written "
-         "blocks; compiled per shape on CUDA) (default: sdpa)")
-    flag("compile", action="store_true", help="torch.compile each decode step before capture, both "
-         "sides (compile time goes to warmup_s)")
-    flag("dtype", choices=["bfloat16", "float32"], default="bfloat16", help="weights and cache of "
-         "the speed runs, both sides (default: bfloat16); quality always decodes in float32")
-    flag("data_dir", help="val.bin for the quality prefixes (default: the teacher's training data)")
-    flag("seed", type=int, default=0, help="seeds prefixes, noise and random weights (default: 0)")
-    flag("device", default="auto", help="cuda, cpu or auto (default: auto)")
-    flag("name", help="output file stem (default: bench_<preset>, bench_trained with --teacher, "
-         "bench_paper_shape with --no-trained)")
-    flag("out_dir", default="results", help="where outputs go (default: results)")
-    flag("resume", action="store_true", help="continue an interrupted speed or profile grid: skip "
-         "the points in <name>_<part>.partial.jsonl (one line per point done, with its git commit; "
-         "rows of another commit are refused). Without it a grid starts afresh")
-    return p.parse_args(argv)
-
-
-def int_list(text, flag):
+def int_list(text):
     try:
         return [int(s) for s in text.split(",")]
     except ValueError:
-        raise UserError(f"--{flag} {text!r} is not a comma list of integers, e.g. 1,8,32") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of integers") from None
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    flag = lambda name, **kw: p.add_argument("--" + name, **kw)  # noqa: E731
+    on_off = argparse.BooleanOptionalAction
+    flag("preset", help="the pair in out/ as sample.py picks it (default: the newest teacher)")
+    flag("teacher", help="AR teacher checkpoint (instead of the preset's); it also scores gen-PPL")
+    flag("student", help="K-Forcing student checkpoint (instead of the preset's)")
+    flag("batch_sizes", type=int_list, help="comma list (default: 1,8,...,512 on CUDA, 1,8 on CPU)")
+    flag("seq_lens", type=int_list, help="total tokens (prefix + new), comma list; each model runs "
+         "those that fit its block size (default: 128,1024 on CUDA, 64 on CPU)")
+    flag("ks", type=int_list, help="student tokens per pass, comma list of 2..max_k; AR (k = 1) "
+         "always runs (default: 2,3,4 up to the student's max_k)")
+    flag("repeats", type=int, help="timed runs a point, median kept (default: 3 on CUDA, 5 on CPU)")
+    flag("paper_shape", action=on_off, help="also time the paper's 12 x 768 shape (on CUDA)")
+    flag("trained", action=on_off, default=True, help="time and score the trained pair (default)")
+    flag("speed", action=on_off, default=True, help="time the speed grid (default: on)")
+    flag("quality", action=on_off, help="score samples (default: unless --profile, --roofline)")
+    flag("profile", action="store_true", help="one decode step a point and k, under torch.profiler")
+    flag("roofline", metavar="GPU", help="the grid's ceilings on that GPU (e.g. H200), not timed")
+    flag("quality_samples", type=int, default=256, help="val prefixes sampled once (default: 256)")
+    flag("quality_tokens", type=int, help="sample length (default: 96 or what the block allows)")
+    flag("readout", choices=["argmax", "cdf", "cdf_seq"], default="argmax",
+         help="the paper shape's student readout (default: argmax, the paper's)")
+    flag("attention", choices=["sdpa", "flex"], default="sdpa", help="how a cached pass attends, "
+         "both sides: a mask over the whole cache, or FlexAttention's blocks (default: sdpa)")
+    flag("compile", action="store_true", help="torch.compile each decode step, both sides")
+    flag("dtype", choices=["bfloat16", "float32"], default="bfloat16", help="of the speed runs")
+    flag("data_dir", help="val.bin for the quality prefixes (default: the teacher's training data)")
+    flag("seed", type=int, default=0, help="seeds prefixes, noise and random weights (default: 0)")
+    flag("device", default="auto", help="cuda, cpu or auto (default: auto)")
+    flag("name", help="output file stem (default: bench_<preset>, _trained or _paper_shape)")
+    flag("out_dir", default="results", help="where outputs go (default: results)")
+    flag("resume", action="store_true", help="continue a stopped grid (<name>_*.partial.jsonl)")
+    return p.parse_args(argv)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -122,7 +98,6 @@ def sync(device):
 
 
 def seconds(fn, device):
-    """Seconds that fn() takes on the device."""
     sync(device)
     t0 = time.perf_counter()
     fn()
@@ -131,11 +106,9 @@ def seconds(fn, device):
 
 
 def generation_phases(model, B, P, n_new, k, cache_elem):
-    """What a whole generation must move and compute, as (bytes, FLOPs) per phase, in order, per
-    pass: the noise encoder and slot readout (a student's slots), the trunk's dense layers (weights
-    read once, 2 FLOPs a weight a row), the LM head (the rows read out only) and attention (the
-    cache read up to its length, the committed K/V written; 4 FLOPs per query, key and channel).
-    Activations, norms and the sampler are not counted."""
+    """(bytes, FLOPs) of each phase of a whole generation, pass by pass: a student's noise encoder
+    and slot readout, the trunk (2 FLOPs a weight a row), the LM head (the rows read out) and
+    attention (the cache read, the new K/V written; 4 FLOPs per query, key and channel)."""
     cfg, w, slot_parts = model.config, model.lm_head.weight, ("noise_encoder.", "slot_readout.")
     size = lambda *parts: sum(p.numel() * p.element_size() for name, p  # noqa: E731
                               in model.named_parameters() if name.startswith(parts))
@@ -170,20 +143,17 @@ ROOFLINE_FIELDS = ("roofline_tokens_per_s", "roofline_speedup", "roofline_overla
 
 
 def roofline(runs, B, seq_len, peaks):
-    """{k: ceilings} at one point (runs: {k: model}, AR is k = 1): tokens/s with the phases in
-    sequence, its ratio to AR's, and the overlapped ratio (all bytes / bandwidth against all
-    FLOPs / peak). None where a peak is unknown or the weights are not bf16 (bf16's FLOP/s)."""
-    bandwidth, flops = peaks
-    if not (bandwidth and flops) or any(next(m.parameters()).dtype != torch.bfloat16
-                                        for m in runs.values()):
+    """{k: ceilings} at one point (runs: {k: model}): tokens/s with the phases in sequence, its
+    ratio to AR's, and the ratio overlapped. None without peaks or bf16 weights (bf16 FLOP/s)."""
+    bw, fl = peaks   # bytes/s, FLOP/s
+    if not (bw and fl) or any(next(m.parameters()).dtype != torch.bfloat16 for m in runs.values()):
         return {k: dict.fromkeys(ROOFLINE_FIELDS) for k in runs}
     seq, over = {}, {}
     for k, model in runs.items():
         n, elem = new_tokens(seq_len, k), next(model.parameters()).element_size()
         phases = generation_phases(model, B, PROMPT_LEN, n, k, elem)
-        seq[k] = B * n / sum(max(b / bandwidth, f / flops) for b, f in phases)
-        over[k] = B * n / max(sum(b for b, _ in phases) / bandwidth,
-                              sum(f for _, f in phases) / flops)
+        seq[k] = B * n / sum(max(b / bw, f / fl) for b, f in phases)
+        over[k] = B * n / max(sum(b for b, _ in phases) / bw, sum(f for _, f in phases) / fl)
     return {k: dict(zip(ROOFLINE_FIELDS, (seq[k], seq[k] / seq[1], over[k] / over[1])))
             for k in runs}
 
@@ -197,16 +167,14 @@ def by_k(teacher, student, ks):
 
 
 def point_setup(teacher, student, ks, seq_len, B, device, attention, compile):
-    """{k: model}, one cache sized to the generation (as a server sizes it) and one step, for every
-    k: ONE decode path for both sides."""
+    """{k: model}, a cache sized to the generation and one step for every k: ONE decode path."""
     cfg = replace(teacher.config, block_size=seq_len)
     cache = make_cache(cfg, B, device, next(teacher.parameters()).dtype, attention)
     return by_k(teacher, student, ks), cache, CUDAGraphStep(compile=compile)
 
 
 def time_point(teacher, student, ks, B, seq_len, repeats, device, gen, attention, compile):
-    """AR and every k at one point, on the same prompts and noise: {k: (new tokens, [seconds per
-    repeat], warm-up seconds)}."""
+    """{k: (new tokens, [seconds per repeat], warm-up seconds)}, AR and every k on one input."""
     runs, cache, step = point_setup(teacher, student, ks, seq_len, B, device, attention, compile)
     prompt = torch.randint(teacher.config.vocab_size, (B, PROMPT_LEN), generator=gen).to(device)
     noise = torch.rand(B, seq_len - PROMPT_LEN, generator=gen, dtype=torch.float64).to(device)
@@ -222,8 +190,8 @@ def time_point(teacher, student, ks, B, seq_len, repeats, device, gen, attention
 
 
 def speed_rows(label, runs, B, seq_len, timed, peaks):
-    """The rows of one timed point (time_point's result), each K-Forcing row's speedup the median
-    of the per-repeat ratios, and `suspect` set where the figure cannot be a result."""
+    """The rows of one timed point, the speedup the median of the per-repeat ratios, `suspect`
+    where the figure cannot be a result."""
     roof, (ar_n, ar_t, _) = roofline(runs, B, seq_len, peaks), timed[1]
     rows = []
     for k, (n, ts, warm) in timed.items():
@@ -234,19 +202,17 @@ def speed_rows(label, runs, B, seq_len, timed, peaks):
         suspect = (f"speedup {speedup:.2f}x above the k-fold bound {k}x" if speedup > k else
                    f"repeats disagree (slowest / fastest {spread:.1f})" if spread > SPREAD_LIMIT
                    else None)
+        mbu = bytes_moved(runs[k], B, PROMPT_LEN, n, k, elem) / t / peaks[0] if peaks[0] else None
         rows.append({"model": label, "seq_len": seq_len, "batch_size": B, "k": k, "new_tokens": n,
-                     "tokens_per_s": tps, "tokens_per_s_per_sequence": tps / B,
-                     "speedup": speedup, "suspect": suspect,
-                     "mbu": bytes_moved(runs[k], B, PROMPT_LEN, n, k, elem) / t / peaks[0]
-                     if peaks[0] else None, **roof[k], "warmup_s": warm, "times_s": ts})
+                     "tokens_per_s": tps, "tokens_per_s_per_sequence": tps / B, "speedup": speedup,
+                     "suspect": suspect, "mbu": mbu, **roof[k], "warmup_s": warm, "times_s": ts})
     return rows
 
 
 def profile_point(label, teacher, student, ks, B, seq_len, device, gen, attention, compile,
                   steps=5, top=8):
-    """ONE decode step per k with the cache half full: its time as the grid runs it, then `steps`
-    steps under torch.profiler, not replayed from a graph, so that it sees each kernel: how many a
-    step launches and the heaviest (at small batch launches bind, at large batch bytes)."""
+    """ONE decode step per k, the cache half full: its time as the grid runs it, then `steps` under
+    torch.profiler, not from a graph: how many kernels a step launches, and the heaviest."""
     from torch.profiler import ProfilerActivity, profile
     runs, cache, step = point_setup(teacher, student, ks, seq_len, B, device, attention, compile)
     cuda, rows = device.type == "cuda", []
@@ -277,21 +243,17 @@ def profile_point(label, teacher, student, ks, B, seq_len, device, gen, attentio
 
 
 def run_grid(points, point, path, resume, seed):
-    """point(label, teacher, student, seq_len, B, generator) -> rows at every point not in the
-    partial file `path` (--resume), one JSON line appended per point done with the git commit; a
-    point out of memory is skipped. Each point draws from a generator of its own: a resumed grid
-    times what an uninterrupted one would. Returns (rows, skipped)."""
+    """(rows, skipped) of point(label, teacher, student, seq_len, B, generator) at every point not
+    in `path` (--resume), a JSON line appended per point done; out of memory skips it. Each point's
+    generator is its own: a resumed grid times what an uninterrupted one would."""
     commit, done = git_commit(), {}
     if resume:
         if not os.path.exists(path):
             raise UserError(f"--resume: {path} does not exist; there is nothing to continue")
-        with open(path) as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except ValueError:   # a line torn by a kill in the middle of its write
-                    continue
-                done[tuple(row["point"])] = row
+        with open(path, "rb+") as f:   # a line torn by a kill has no newline yet: cut it off
+            whole = f.read().rpartition(b"\n")[0]
+            f.truncate(len(whole) + 1 if whole else 0)
+        done = {tuple(row["point"]): row for row in map(json.loads, whole.splitlines())}
         other = {r["commit"] for r in done.values()} - {commit}
         if other:
             raise UserError(f"--resume: {path} holds rows of commit {other.pop()}, this is "
@@ -309,8 +271,7 @@ def run_grid(points, point, path, resume, seed):
                 if not (isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()):
                     raise
                 row["skipped"] = "out of memory"
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()   # the point's cache and graphs go before the next
+            torch.cuda.empty_cache()   # the point's cache and graphs go before the next
             print(json.dumps(row), file=f, flush=True)
             done[key] = json.loads(json.dumps(row))   # as a resumed grid reads it
     rows = [done[(lb, s, b)] for lb, _, _, s, b in points]
@@ -324,8 +285,7 @@ def run_grid(points, point, path, resume, seed):
 
 @torch.no_grad()
 def nll_per_position(judge, prompts, samples, batch=32):
-    """The judge's mean NLL (float64, over the samples) of each continuation token given the prompt
-    and the tokens before it: (T,)."""
+    """(T,): the judge's mean NLL over the samples of each token given all before it (float64)."""
     total = torch.zeros(samples.size(1), dtype=torch.float64)
     for logits, tokens in continuation_logits(judge, prompts, samples, batch):
         nll = -F.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
@@ -339,8 +299,7 @@ def gen_ppl(nll, k=1):
 
 
 def repeated_4grams(seqs):
-    """Fraction of 4-grams that already occurred earlier in the same sequence, pooled; None if no
-    sequence has one."""
+    """Fraction of 4-grams seen earlier in the same sequence, pooled; None if there are none."""
     grams = [[tuple(seq[i:i + 4]) for i in range(len(seq) - 3)] for seq in seqs]
     total = sum(map(len, grams))
     return sum(len(g) - len(set(g)) for g in grams) / total if total else None
@@ -363,13 +322,11 @@ def quality_row(model, k, samples, nll, ar_nll, ar, window, tok):
 
 @torch.no_grad()
 def distribution_per_slot(teacher, student, k, prompts, gen, draws=128, batch=4):
-    """Does the student sample the teacher's distribution at each slot, whatever the coupling? For
-    each prefix, the noises of slots < i fixed and `draws` draws of u_i: the histogram of the
-    student's token i against the teacher's next-token distribution after the context and the
-    student's own tokens < i. Per slot: total variation, its finite-sample floor (the teacher's own
-    histogram of as many draws) and the ratio of the histograms' entropies (below 1: collapse)."""
-    n, L = prompts.shape
-    V = teacher.config.vocab_size
+    """Does the student sample the teacher's distribution at each slot, whatever the coupling? The
+    noises of slots < i fixed, `draws` draws of u_i: the histogram of the student's token i against
+    the teacher's distribution after its tokens < i. Per slot: total variation, its floor (the
+    teacher's own histogram of as many draws), the ratio of entropies (below 1: collapse)."""
+    (n, L), V = prompts.shape, teacher.config.vocab_size
     entropy = lambda h: -(h * torch.where(h > 0, h.log(), 0.0)).sum(-1)  # noqa: E731
     fixed = torch.rand(n, k, generator=gen, dtype=torch.float64)
     u_i = torch.rand(draws, generator=gen, dtype=torch.float64)
@@ -384,8 +341,7 @@ def distribution_per_slot(teacher, student, k, prompts, gen, draws=128, batch=4)
             y = student.window_tokens(x.repeat_interleave(draws, 0), anchors,
                                       u[:, None].to(x.device))[:, 0].view(len(x), draws, k)
             own = y[:, :1, :i]   # the tokens before slot i: the same for every draw of u_i
-            p = torch.softmax(teacher.forward_window(x, anchors[:len(x)], own)[:, 0, -1].float(),
-                              dim=-1)
+            p = teacher.forward_window(x, anchors[:len(x)], own)[:, 0, -1].float().softmax(-1)
             hist = F.one_hot(y[:, :, i], V).float().mean(1)
             ref = F.one_hot(torch.multinomial(p.cpu(), draws, replacement=True, generator=gen)
                             .to(p.device), V).float().mean(1)
@@ -401,8 +357,7 @@ def run_quality(teacher, student, tok, T, val, n_samples, seed, device):
     """The quality rows (AR, then the student at every k) and the noise-blind baselines."""
     gen = torch.Generator().manual_seed(seed)
     prompts = sample_windows(val, n_samples, PROMPT_LEN, gen)[0].to(device)
-    max_k = student.config.max_k
-    # ONE noise tensor: sample j of every model and k decodes the same u
+    max_k = student.config.max_k   # ONE noise tensor: sample j of every model and k decodes it
     noise = torch.rand(n_samples, T + max_k - 1, generator=gen, dtype=torch.float64).to(device)
     ar = generate(teacher, prompts, noise[:, :T], 1)
     ar_nll = nll_per_position(teacher, prompts, ar)
@@ -447,8 +402,7 @@ def plot_speed(rows, device, path):
 
 
 def plot_quality(rows, blind, path):
-    """Per slot, one line per k: gen-PPL ratio to AR, and same-noise agreement on the teacher's
-    context beside the two noise-blind baselines."""
+    """Per slot and k: gen-PPL ratio to AR, and agreement beside the noise-blind baselines."""
     plt = pyplot()
     fig, (ppl, agree) = plt.subplots(1, 2, figsize=(11, 4))
     for r in rows[1:]:
@@ -519,10 +473,8 @@ def main(argv=None):
     device = resolve_device(args.device)
     gpu = device.type == "cuda" or args.roofline is not None   # a roofline is of the GPU grid
     default = lambda value, otherwise: otherwise if value is None else value  # noqa: E731
-    batch_sizes = int_list(default(args.batch_sizes, "1,8,32,64,128,256,512" if gpu else "1,8"),
-                           "batch_sizes")
-    seq_lens = int_list(default(args.seq_lens, "128,1024" if gpu else "64"), "seq_lens")
-    ks = int_list(args.ks, "ks") if args.ks is not None else []
+    batch_sizes = default(args.batch_sizes, [1, 8, 32, 64, 128, 256, 512] if gpu else [1, 8])
+    seq_lens = default(args.seq_lens, [128, 1024] if gpu else [64])
     repeats = default(args.repeats, 3 if device.type == "cuda" else 5)
     quality = args.trained and default(args.quality, not args.profile and args.roofline is None)
     paper_shape = not args.trained or default(args.paper_shape, gpu)
@@ -530,22 +482,20 @@ def main(argv=None):
         raise UserError("--batch_sizes, --repeats and --quality_samples must be at least 1")
     peaks = tuple(device_peak(device, t, args.roofline) for t in (PEAK_BANDWIDTH, PEAK_FLOPS))
     if args.roofline is not None and not (all(peaks) and args.dtype == "bfloat16"):
-        known = [n for n, v in PEAK_BANDWIDTH if v and device_peak(device, PEAK_FLOPS, n)]
         raise UserError(f"--roofline {args.roofline!r}: bf16 ceilings (no --dtype) of a GPU with "
-                        f"known peaks: {', '.join(known)}")
+                        f"known peaks: {', '.join(n for n, v in PEAK_BANDWIDTH if v)}")
     torch.set_float32_matmul_precision("highest")   # float32 quality must not use TF32
 
-    max_k, label = max([4] + ks), "paper_shape"   # the paper shape's student: 4 slots or more
+    max_k, label = max([4] + (args.ks or [])), "paper_shape"   # the paper shape's student
     if args.trained:
         teacher_path, student_path = find_checkpoints(args.preset, args.teacher, args.student)
         teacher, student, ckpt = load_models(teacher_path, student_path, device)
         max_k, tok = student.config.max_k, get_tokenizer(ckpt["tokenizer"])
         label = "trained" if args.teacher else os.path.basename(os.path.dirname(teacher_path))[8:]
-    ks = ks or [k for k in (2, 3, 4) if k <= max_k]
+    ks = default(args.ks, [k for k in (2, 3, 4) if k <= max_k])
     if not ks or any(not 2 <= k <= max_k for k in ks):
-        raise UserError(f"--ks: each k between 2 and the student's max_k ({max_k}); AR (k = 1) "
-                        "always runs")
-    stem = os.path.join(args.out_dir, args.name or f"bench_{label}")
+        raise UserError(f"--ks: each k from 2 to the student's max_k ({max_k}); AR always runs")
+    stem = os.path.join(args.out_dir, default(args.name, f"bench_{label}"))
 
     # the models to time: (label, AR teacher, student, seq_lens that fit), copies cast to --dtype
     models, cast = [], lambda m: copy.deepcopy(m).to(device, getattr(torch, args.dtype)).eval()
@@ -563,19 +513,13 @@ def main(argv=None):
             fit = fit or ([t.config.block_size] if args.seq_lens is None else [])   # its block
             models += [(m, cast(t), cast(s), fit)] if fit else []
         if not models:
-            raise UserError(f"--seq_lens {args.seq_lens}: every length exceeds every block size")
+            raise UserError(f"--seq_lens: each of {seq_lens} exceeds every block size")
     if quality:   # checked now, not after the speed grid
-        # T tokens: every k decodes whole passes, cut to T; 96 by default, or what fits the block
-        block = teacher.config.block_size
-        fits = lambda T: all(PROMPT_LEN + -(-T // k) * k <= block  # noqa: E731
-                             for k in range(1, max_k + 1))
-        T = default(args.quality_tokens, max((T for T in range(4, 97) if fits(T)), default=None))
-        if T is None or T < 4 or not fits(T):
-            raise UserError(f"--quality_tokens {T}: 4 or more (4-grams), and the {PROMPT_LEN}-"
-                            f"token prefix + whole passes of k <= {max_k} within the block size "
-                            f"{block}")
-        val = load_split(args.data_dir or ckpt.get("train_config", {}).get(
-            "data_dir", "data/offline"), "val")
+        room = teacher.config.block_size - PROMPT_LEN - max_k + 1   # whole passes of every k
+        T = default(args.quality_tokens, min(96, room))
+        if not 4 <= T <= room:
+            raise UserError(f"--quality_tokens {T}: 4 (4-grams) to {room} (the block size allows)")
+        val = load_split(default(args.data_dir, ckpt["train_config"]["data_dir"]), "val")
     os.makedirs(args.out_dir, exist_ok=True)
 
     commit = git_commit()
@@ -598,13 +542,12 @@ def main(argv=None):
         rows, blind = run_quality(teacher, student, tok, T, val, args.quality_samples, args.seed,
                                   device)
 
-    config = {**vars(args), "batch_sizes": batch_sizes, "seq_lens": seq_lens, "ks": ks,
-              "repeats": repeats, "quality": quality, "paper_shape": paper_shape,
-              "spread_limit": SPREAD_LIMIT,
-              "peaks": dict(zip(("hbm_bytes_per_s", "dense_flops_per_s"), peaks)),
-              "model_configs": {m: asdict(s.config) for m, _, s, _ in models}}
-    head = {"device": device_name(device), "torch": torch.__version__, "git": commit,
-            "config": config}
+    head = {"device": device_name(device), "torch": torch.__version__, "git": commit, "config": {
+        **vars(args), "batch_sizes": batch_sizes, "seq_lens": seq_lens, "ks": ks,
+        "repeats": repeats, "quality": quality, "paper_shape": paper_shape,
+        "spread_limit": SPREAD_LIMIT,
+        "peaks": dict(zip(("hbm_bytes_per_s", "dense_flops_per_s"), peaks)),
+        "model_configs": {m: asdict(s.config) for m, _, s, _ in models}}}
     parts = {"speed": {"speed": speed, "skipped": skipped}, "quality": {"quality": rows,
              "agreement_without_noise": blind}, "profile": {"profile": profile, "skipped": skipped},
              f"roofline_{str(args.roofline).lower().replace(' ', '_')}": {"roofline": roof}}

@@ -311,6 +311,22 @@ def test_a_point_out_of_memory_is_skipped_and_the_grid_goes_on(tmp_path):
     assert skipped == [{"model": "m", "seq_len": 12, "batch_size": 2, "reason": "out of memory"}]
 
 
+def test_a_resumed_grid_cuts_a_line_torn_by_a_kill(tmp_path, monkeypatch):
+    """A kill while a point's line is written leaves it without its newline: --resume redoes that
+    point, keeps the whole lines, and the file it leaves reads back whole."""
+    monkeypatch.setattr(bench, "git_commit", lambda: "c")
+    path = tmp_path / "p.partial.jsonl"
+    whole = {"point": ["m", 12, 1], "commit": "c", "rows": [{"batch_size": 1}], "skipped": None}
+    path.write_text(json.dumps(whole) + "\n" + json.dumps({**whole, "point": ["m", 12, 2]})[:30])
+    done = []
+    rows, _ = bench.run_grid([("m", None, None, 12, B) for B in (1, 2)],
+                             lambda *a: done.append(a[4]) or [{"batch_size": a[4]}], str(path),
+                             True, 0)
+    assert done == [2] and [r["batch_size"] for r in rows] == [1, 2]
+    assert [json.loads(x)["point"] for x in path.read_text().splitlines()] == [["m", 12, 1],
+                                                                               ["m", 12, 2]]
+
+
 def test_a_run_that_measures_nothing_writes_nothing(pair, tmp_path, monkeypatch):
     """Every point out of memory, or Ctrl-C before the grid is whole: earlier results stay."""
     earlier = {name: "earlier" for name in ("bench_trained_speed.json", "bench_trained_speed.csv",
