@@ -62,7 +62,8 @@ def parse_config(cls, presets, description, argv=None):
                    help="; ".join(f"{k}: {v['_about']}" for k, v in presets.items()))
     run = p.add_mutually_exclusive_group()
     run.add_argument("--resume", action="store_true", help="continue the run in --out_dir")
-    run.add_argument("--overwrite", action="store_true", help="replace the run in --out_dir")
+    run.add_argument("--overwrite", action="store_true",
+                     help="delete the run in --out_dir at the start, then train afresh")
     for f in dataclasses.fields(cls):
         shown = {repr(pre.get(f.name, f.default)) for pre in presets.values()}
         shown = shown.pop() if len(shown) == 1 else "per --preset"
