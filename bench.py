@@ -560,8 +560,8 @@ def main(argv=None):
         plot_speed(speed, device_name(device), stem + "_speed.png")
     if rows:
         plot_quality(rows, blind, stem + "_quality.png")
-    if points and not roof and os.path.exists(grid):
-        os.remove(grid)   # the grid is whole: nothing left to resume
+    if args.speed and args.roofline is None and os.path.exists(grid):   # the grid ran whole:
+        os.remove(grid)   # nothing left to resume (a quality-only run keeps a stopped grid)
     print_tables(speed, skipped, rows, blind, profile, roof, device_name(device))
     plots = [f"{stem}_{part}.png" for part in ("speed", "quality") if part in parts]
     print(f"\nwrote {', '.join([f'{stem}_{part}.json' for part in parts] + plots)}")
