@@ -6,19 +6,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 out=out/ablation_tiny
+run() {   # run DIR NAME DISTILL_FLAGS...: distil into DIR, then score the student's samples
+  local dir=$1 name=$2
+  shift 2
+  $PY distill.py --preset tiny "$@" --out_dir "$dir" --overwrite
+  $PY bench.py --teacher out/teacher_tiny/best.pt --student "$dir/student_k4.pt" \
+      --data_dir data/shakespeare_char --no-speed --quality_samples 128 --name "$name" \
+      --out_dir "$dir"
+}
 for recipe in paper onpolicy cdf cdf_seq; do
   steps=600; [ "$recipe" = paper ] && steps=250   # the paper's recipe: three stages of 250
-  $PY distill.py --preset tiny --recipe "$recipe" --steps_per_stage "$steps" \
-      --out_dir "$out/$recipe" --overwrite
-  $PY bench.py --teacher out/teacher_tiny/best.pt --student "$out/$recipe/student_k4.pt" \
-      --data_dir data/shakespeare_char --no-speed --quality_samples 128 --name "$recipe" \
-      --out_dir "$out/$recipe"
+  run "$out/$recipe" "$recipe" --recipe "$recipe" --steps_per_stage "$steps"
 done
-for lever in "high:--noise_features high" "ema:--ema 0.99"; do   # levers on top of the default
-  name=${lever%%:*}
-  OMP_NUM_THREADS=1 $PY distill.py --preset tiny ${lever#*:} --out_dir "out/lever_$name" --overwrite
-  OMP_NUM_THREADS=1 $PY bench.py --teacher out/teacher_tiny/best.pt \
-      --student "out/lever_$name/student_k4.pt" --data_dir data/shakespeare_char --no-speed \
-      --quality_samples 128 --name "$name" --out_dir "out/lever_$name"
-done
+export OMP_NUM_THREADS=1   # the levers on top of the default ran on one thread each
+run out/lever_high high --noise_features high
+run out/lever_ema ema --ema 0.99
 $PY scripts/ablation.py "$out" results/ablation_tiny
