@@ -520,7 +520,10 @@ def main(argv=None):
         if not 4 <= T <= room:
             raise UserError(f"--quality_tokens {T}: 4 (4-grams) to {room} (the block size allows)")
         val = load_split(default(args.data_dir, ckpt["train_config"]["data_dir"]), "val")
-    os.makedirs(args.out_dir, exist_ok=True)
+    try:   # now, not after the speed grid
+        os.makedirs(args.out_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write to --out_dir {args.out_dir} ({e.strerror})") from None
 
     commit = git_commit()
     print(f"bench on {device_name(device)}, commit {commit}: " + ", ".join(m for m, *_ in models))

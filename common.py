@@ -211,7 +211,8 @@ def save_checkpoint(path, ckpt):
 
 def load_checkpoint(path, kind=None):   # kind: "teacher" (teacher.py's) or "student" (distill's)
     if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path!r} not found")
+        made_by = {"teacher": "; run teacher.py first", "student": "; run distill.py first"}
+        raise UserError(f"checkpoint {path!r} not found{made_by.get(kind, '')}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         with torch.device("meta"):   # the network its config describes, not allocated

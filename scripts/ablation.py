@@ -15,7 +15,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import pyplot, save_figure, write_json  # noqa: E402
 
 RECIPES = ("paper", "onpolicy", "cdf", "cdf_seq")
-LEVERS = {"high": "cdf_seq, --noise_features high", "ema": "cdf_seq, --ema 0.99"}   # out/lever_*
+LEVERS = {"high": "cdf_seq, --noise_features high", "ema": "cdf_seq, --ema 0.99",   # out/lever_*
+          "lr": "cdf_seq, --lr 2e-3 (the tiny default)", "paper_lr": "paper, --lr 2e-3"}
 
 
 def gather(root):

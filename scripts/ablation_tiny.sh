@@ -16,9 +16,11 @@ run() {   # run DIR NAME DISTILL_FLAGS...: distil into DIR, then score the stude
 }
 for recipe in paper onpolicy cdf cdf_seq; do
   steps=600; [ "$recipe" = paper ] && steps=250   # the paper's recipe: three stages of 250
-  run "$out/$recipe" "$recipe" --recipe "$recipe" --steps_per_stage "$steps"
+  run "$out/$recipe" "$recipe" --recipe "$recipe" --steps_per_stage "$steps" --lr 1e-3
 done
 export OMP_NUM_THREADS=1   # the levers on top of the default ran on one thread each
-run out/lever_high high --noise_features high
-run out/lever_ema ema --ema 0.99
+run out/lever_high high --noise_features high --lr 1e-3
+run out/lever_ema ema --ema 0.99 --lr 1e-3
+run out/lever_lr lr --lr 2e-3                      # the tiny preset's learning rate since then
+run out/lever_paper_lr paper_lr --recipe paper --steps_per_stage 250 --lr 2e-3
 $PY scripts/ablation.py "$out" results/ablation_tiny

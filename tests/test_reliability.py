@@ -559,7 +559,7 @@ BAD = {
     "distill data missing": (distill, lambda p: D(p["missing"], p["teacher"], p["out"]),
                              r"not found"),
     "no teacher": (distill, lambda p: D(p["data"], p["missing"], p["out"]),
-                   r"checkpoint .* not found"),
+                   r"checkpoint .* not found; run teacher.py first"),
     "teacher garbage": (distill, lambda p: D(p["data"], p["garbage"], p["out"]), r"corrupt"),
     "teacher truncated": (distill, lambda p: D(p["data"], p["truncated"], p["out"]), r"corrupt"),
     "teacher short of a weight": (distill, lambda p: D(p["data"], p["short"], p["out"]),
