@@ -65,7 +65,7 @@ class DistillConfig:
 PRESETS = {
     "tiny": dict(_about="CPU demo, for the tiny teacher", data_dir="data/shakespeare_char",
                  steps_per_stage=600, batch_size=16, block_size=128, anchors=32, lr=2e-3,
-                 warmup_steps=20, eval_samples=128, curve_interval=50, ckpt_interval=50),
+                 ema=0.99, warmup_steps=20, eval_samples=128, curve_interval=50, ckpt_interval=50),
     "small": dict(_about="one GPU (the paper's recipe: ~4 min on an H100 for three stages)"),
     "paper": dict(_about="the paper's k = 4 stage: lr 1e-4 constant, fp32, batch 512, every anchor;"
                          " 20k steps per stage (the paper's: not known)",

@@ -16,7 +16,9 @@ from common import pyplot, save_figure, write_json  # noqa: E402
 
 RECIPES = ("paper", "onpolicy", "cdf", "cdf_seq")
 LEVERS = {"high": "cdf_seq, --noise_features high", "ema": "cdf_seq, --ema 0.99",   # out/lever_*
-          "lr": "cdf_seq, --lr 2e-3 (the tiny default)", "paper_lr": "paper, --lr 2e-3"}
+          "lr": "cdf_seq, --lr 2e-3", "paper_lr": "paper, --lr 2e-3",
+          "lr_ema": "cdf_seq, --lr 2e-3 --ema 0.99 (the tiny preset)",
+          "anchors": "cdf_seq, --lr 2e-3 --anchors 64"}
 
 
 def gather(root):

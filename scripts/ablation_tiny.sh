@@ -14,13 +14,16 @@ run() {   # run DIR NAME DISTILL_FLAGS...: distil into DIR, then score the stude
       --data_dir data/shakespeare_char --no-speed --quality_samples 128 --name "$name" \
       --out_dir "$dir"
 }
+old=(--lr 1e-3 --ema 0)   # the recipes ran before the tiny preset took lr 2e-3 and ema 0.99
 for recipe in paper onpolicy cdf cdf_seq; do
   steps=600; [ "$recipe" = paper ] && steps=250   # the paper's recipe: three stages of 250
-  run "$out/$recipe" "$recipe" --recipe "$recipe" --steps_per_stage "$steps" --lr 1e-3
+  run "$out/$recipe" "$recipe" --recipe "$recipe" --steps_per_stage "$steps" "${old[@]}"
 done
-export OMP_NUM_THREADS=1   # the levers on top of the default ran on one thread each
-run out/lever_high high --noise_features high --lr 1e-3
-run out/lever_ema ema --ema 0.99 --lr 1e-3
-run out/lever_lr lr --lr 2e-3                      # the tiny preset's learning rate since then
-run out/lever_paper_lr paper_lr --recipe paper --steps_per_stage 250 --lr 2e-3
+export OMP_NUM_THREADS=1   # the levers on top of cdf_seq ran on one thread each, two at a time
+run out/lever_high high --noise_features high "${old[@]}"
+run out/lever_ema ema --lr 1e-3 --ema 0.99
+run out/lever_lr lr --lr 2e-3 --ema 0
+run out/lever_paper_lr paper_lr --recipe paper --steps_per_stage 250 --lr 2e-3 --ema 0
+run out/lever_lr_ema lr_ema --lr 2e-3 --ema 0.99   # the tiny preset since
+run out/lever_anchors anchors --anchors 64 --lr 2e-3 --ema 0
 $PY scripts/ablation.py "$out" results/ablation_tiny
