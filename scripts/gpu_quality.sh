@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Which recipe keeps the teacher's distribution, confirmed on the small preset on one GPU (at most
+# 9 minutes, one device command): the small teacher once, then three distillations to k = 4 at
+# about the same training time, each scored by bench.py (quality only, on 256 prefixes): the paper's
+# recipe, the default cdf_seq, and cdf_seq with what won on the CPU (a larger learning rate, a
+# weight average). Summaries, quality JSON and logs go into ${OUT:-gpu_out}/gpu_quality.tgz
+# (checkpoints stay in out/gpu_quality/), with summary.log beside it.
+#     bash scripts/gpu_quality.sh                                         # on the GPU
+#     PRESET=tiny STEPS=9 TEACHER_STEPS=20 PREFIXES=8 bash scripts/gpu_quality.sh   # CPU dry run
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu_out}
+runs=out/gpu_quality
+res=$runs/results   # everything that goes back, packed at the end
+preset=${PRESET:-small}
+steps=${STEPS:-600}   # a stage of cdf_seq; the paper's three stages get a third each
+mkdir -p "$out" "$res"
+export PYTHONUNBUFFERED=1
+run() {   # run NAME SECONDS CMD...: a time limit of its own, its log beside the results
+  local name=$1 limit=$2; shift 2
+  echo "== $name: $*" | tee -a "$out/summary.log"
+  timeout -s INT "$limit" "$@" > "$res/$name.log" 2>&1
+  echo "   exit $? after ${SECONDS}s in all" | tee -a "$out/summary.log"
+}
+run teacher 130 python teacher.py --preset "$preset" --out_dir "$runs/teacher" --overwrite \
+    ${TEACHER_STEPS:+--max_steps "$TEACHER_STEPS" --eval_interval "$TEACHER_STEPS"}
+distill() {   # distill NAME FLAGS...: distil the teacher into $runs/NAME, then score its samples
+  local name=$1
+  shift
+  run "distill_$name" 100 python distill.py --preset "$preset" --teacher "$runs/teacher/best.pt" \
+      --out_dir "$runs/$name" --overwrite "$@"
+  cp "$runs/$name/distill_$preset.json" "$res/distill_$name.json"
+  run "bench_$name" 35 python bench.py --teacher "$runs/teacher/best.pt" --no-speed \
+      --student "$runs/$name/student_k4.pt" --quality_samples "${PREFIXES:-256}" --name "$name" \
+      --out_dir "$res"
+}
+distill paper --recipe paper --steps_per_stage $((steps / 3))
+distill cdf_seq --steps_per_stage "$steps"
+distill cdf_seq_lr_ema --steps_per_stage "$steps" --lr 1e-3 --ema 0.99
+cp "$runs/teacher/teacher_$preset.json" "$res/"
+ls -la "$res" >> "$out/summary.log"
+tar czf "$out/gpu_quality.tgz" -C "$res" .
