@@ -456,8 +456,8 @@ def print_tables(speed, skipped, quality, blind, profile, roof, device):
                   f"{fmt(r['entropy_ratio'], '.2f'):>8}{fmt(r['repeat4_tokens'], '.3f'):>8}/"
                   f"{fmt(r['repeat4_words'], '.3f'):<6}  {pct(r['window_agreement'])} | "
                   f"{pct(r['agreement'])}")
-        print(f"blind to the noise: {blind['independent_draw']:.1%} (an independent draw from the "
-              f"teacher), {blind['teacher_mode']:.1%} (always its most likely token)")
+        print(f"blind to the noise: {blind['independent_draw']:.1%} (an independent draw), "
+              f"{blind['teacher_mode']:.1%} (the teacher's mode)")
         print("\nthe student's tokens per slot over many draws of its noise, against the teacher's "
               "distribution:\n   k  total variation (its floor)                   entropy ratio")
         for r in quality[1:]:

@@ -104,8 +104,8 @@ def main(argv=None):
     print(f"\nsame-noise agreement with the teacher per slot, {B} x {n} tokens:\n"
           f"  on the teacher's context  {per_slot(same_noise_agreement(ar, windowed, k))}\n"
           f"  free-running              {per_slot(same_noise_agreement(ar, free, k))}\n"
-          f"  blind to the noise: {blind['independent_draw']:.1%} (an independent draw from the "
-          f"teacher), {blind['teacher_mode']:.1%} (always its most likely token)")
+          f"  blind to the noise: {blind['independent_draw']:.1%} (an independent draw), "
+          f"{blind['teacher_mode']:.1%} (the teacher's mode)")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ RECIPES = ("paper", "onpolicy", "cdf", "cdf_seq")
 LEVERS = {"high": "cdf_seq, --noise_features high", "ema": "cdf_seq, --ema 0.99",   # out/lever_*
           "lr": "cdf_seq, --lr 2e-3", "paper_lr": "paper, --lr 2e-3",
           "lr_ema": "cdf_seq, --lr 2e-3 --ema 0.99 (the tiny preset)",
-          "anchors": "cdf_seq, --lr 2e-3 --anchors 64"}
+          "anchors": "cdf_seq, --lr 2e-3 --anchors 64",
+          "long": "the tiny preset, twice the steps", "paper_long": "paper, twice the steps"}
 
 
 def gather(root):

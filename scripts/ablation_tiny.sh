@@ -26,4 +26,6 @@ run out/lever_lr lr --lr 2e-3 --ema 0
 run out/lever_paper_lr paper_lr --recipe paper --steps_per_stage 250 --lr 2e-3 --ema 0
 run out/lever_lr_ema lr_ema --lr 2e-3 --ema 0.99   # the tiny preset since
 run out/lever_anchors anchors --anchors 64 --lr 2e-3 --ema 0
+run out/lever_long long --steps_per_stage 1200   # twice the compute, each side
+run out/lever_paper_long paper_long --recipe paper --steps_per_stage 500 "${old[@]}"
 $PY scripts/ablation.py "$out" results/ablation_tiny
