@@ -1,0 +1,59 @@
+"""Same-noise agreement per slot on the teacher's context, split by whether the window's earlier
+slots agreed: how much of a later slot's shortfall it inherits from the slots before it.
+
+    python scripts/conditional_agreement.py out/distill_tiny out/ablation_tiny/paper \
+        out/ablation_tiny/cdf_seq out/lever_long out/lever_paper_long \
+        --out results/conditional_agreement_tiny.json
+
+A distribution-readout student conditions slot i on its OWN tokens of slots < i, so once it has
+drawn another token than the teacher, its later slots follow another text: slot 4's agreement is
+P(slots 1-3 agreed) x (its agreement given that) + the rest x (its agreement after a miss).
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import load_checkpoint, load_split, model_from_checkpoint, sample_windows  # noqa: E402
+from common import write_json  # noqa: E402
+from model import generate, teacher_context_windows  # noqa: E402
+
+p = argparse.ArgumentParser(description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("runs", nargs="+", help="distill.py output folders, each with a student_k<K>.pt")
+p.add_argument("--k", type=int, default=4, help="the student checkpoint student_k<K>.pt to read")
+p.add_argument("--teacher", default="out/teacher_tiny/best.pt", help="the AR teacher")
+p.add_argument("--prefixes", type=int, default=256, help="val prefixes (6 tokens each)")
+p.add_argument("--tokens", type=int, default=48, help="tokens the teacher samples after each")
+p.add_argument("--out", help="write the numbers to this JSON file")
+args = p.parse_args()
+
+ckpt = load_checkpoint(args.teacher, "teacher")
+teacher = model_from_checkpoint(ckpt, "cpu").eval()
+g = torch.Generator().manual_seed(0)   # the prefixes and noise of distill.py's evaluation
+val = load_split(ckpt["train_config"]["data_dir"], "val")
+prompts = sample_windows(val, args.prefixes, 6, g)[0]
+noise = torch.rand(args.prefixes, args.tokens, generator=g, dtype=torch.float64)
+ar = generate(teacher, prompts, noise, k=1)
+n, k, out = args.tokens // args.k * args.k, args.k, {}
+for run in args.runs:
+    student = model_from_checkpoint(
+        load_checkpoint(f"{run}/student_k{k}.pt", "student"), "cpu").eval()
+    with torch.no_grad():
+        tokens = teacher_context_windows(student, prompts, ar, noise, k)
+    hit = (tokens.view(args.prefixes, -1, k) == ar[:, :n].view(args.prefixes, -1, k)).float()
+    before = torch.cumprod(torch.cat([torch.ones_like(hit[..., :1]), hit[..., :-1]], -1), -1)
+    missed = 1 - before
+    out[run] = {   # per slot, over all windows (slot 1 has no earlier slot to miss)
+        "agreement": hit.mean((0, 1)).tolist(),
+        "earlier_slots_agreed": before.mean((0, 1)).tolist(),
+        "agreement_given_earlier_agreed": ((hit * before).sum((0, 1))
+                                           / before.sum((0, 1))).tolist(),
+        "agreement_after_a_miss": [None] + ((hit * missed).sum((0, 1))[1:]
+                                            / missed.sum((0, 1))[1:]).tolist()}
+    print(run, "; ".join(f"{key} " + "/".join("-" if x is None else f"{x:.0%}" for x in v)
+                         for key, v in out[run].items()))
+if args.out:
+    write_json(args.out, {"teacher": args.teacher, "prefixes": args.prefixes, "runs": out})
