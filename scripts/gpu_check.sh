@@ -8,14 +8,10 @@
 #     bash scripts/gpu_check.sh            # about 12 minutes on one H200
 set -uo pipefail
 out=${OUT:-gpu_out}
+logs=$out   # each part's log beside the results
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-run() {   # run NAME SECONDS CMD...: a time limit of its own, its log beside the results
-  local name=$1 limit=$2; shift 2
-  echo "== $name: $*" | tee -a "$out/summary.log"
-  timeout -s INT "$limit" "$@" > "$out/$name.log" 2>&1
-  echo "   exit $? after ${SECONDS}s in all" | tee -a "$out/summary.log"
-}
+source "$(dirname "$0")/timed_run.sh"
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$out/device.txt" 2>&1
 run gpu_tests 120 python -m pytest -q tests/test_fast.py
 run roofline 30 python bench.py --no-trained --roofline H200 --out_dir "$out"

@@ -12,16 +12,12 @@ cd "$(dirname "$0")/.."
 out=${OUT:-gpu_out}
 runs=out/gpu_quality
 res=$runs/results   # everything that goes back, packed at the end
+logs=$res
 preset=${PRESET:-small}
 steps=${STEPS:-600}   # a stage of cdf_seq; the paper's three stages get a third each
 mkdir -p "$out" "$res"
 export PYTHONUNBUFFERED=1
-run() {   # run NAME SECONDS CMD...: a time limit of its own, its log beside the results
-  local name=$1 limit=$2; shift 2
-  echo "== $name: $*" | tee -a "$out/summary.log"
-  timeout -s INT "$limit" "$@" > "$res/$name.log" 2>&1
-  echo "   exit $? after ${SECONDS}s in all" | tee -a "$out/summary.log"
-}
+source scripts/timed_run.sh
 run teacher 130 python teacher.py --preset "$preset" --out_dir "$runs/teacher" --overwrite \
     ${TEACHER_STEPS:+--max_steps "$TEACHER_STEPS" --eval_interval "$TEACHER_STEPS"}
 distill() {   # distill NAME FLAGS...: distil the teacher into $runs/NAME, then score its samples
