@@ -2,10 +2,11 @@
 
     python scripts/ablation.py out/ablation_tiny results/ablation_tiny
 
-For each recipe (and each lever on top of cdf_seq, in out/lever_<name>): distill.py's summary (the
-learning curve against training seconds, all stages) and bench.py's quality at the final k (gen-PPL
-per slot, entropy, repetition, the distribution per slot). Writes <prefix>.json and <prefix>.png and
-prints the table the README quotes.
+For each recipe and the tiny preset (and each lever on top of cdf_seq, in out/lever_<name>):
+distill.py's summary (the learning curve against training seconds, all stages) and bench.py's
+quality at the final k (gen-PPL per slot, entropy, repetition, the distribution per slot). Writes
+<prefix>.json and <prefix>.png and prints the table the README quotes. A row whose run folder is
+gone (an earlier machine's) is kept from the previous <prefix>.json; each row records its commit.
 """
 import json
 import os
@@ -17,17 +18,26 @@ from common import pyplot, save_figure, write_json  # noqa: E402
 RECIPES = ("paper", "onpolicy", "cdf", "cdf_seq")
 LEVERS = {"high": "cdf_seq, --noise_features high", "ema": "cdf_seq, --ema 0.99",   # out/lever_*
           "lr": "cdf_seq, --lr 2e-3", "paper_lr": "paper, --lr 2e-3",
-          "lr_ema": "cdf_seq, --lr 2e-3 --ema 0.99 (the tiny preset)",
+          "lr_ema": "cdf_seq, --lr 2e-3 --ema 0.99",
           "anchors": "cdf_seq, --lr 2e-3 --anchors 64",
-          "long": "the tiny preset, twice the steps", "paper_long": "paper, twice the steps"}
+          "long": "cdf_seq, --lr 2e-3 --ema 0.99, twice the steps",
+          "paper_long": "paper, twice the steps",
+          "adapters": "cdf_seq, --slot_rank 32 --lr 2e-3 --ema 0.99",
+          "adapters_lr": "cdf_seq, --slot_rank 32 --lr 5e-3 --ema 0.99",
+          "adapters_lr2": "cdf_seq, --slot_rank 32 --lr 1e-2 --ema 0.99",
+          "adapters_r64": "cdf_seq, --slot_rank 64 --lr 5e-3 --ema 0.99"}
+PRESET = "the tiny preset (cdf_seq, --slot_rank 32 --lr 5e-3 --ema 0.99)"   # <root>/preset
 
 
-def gather(root):
+def gather(root, previous):
     out = {}
     runs = [(r, os.path.join(root, r), r) for r in RECIPES]
+    runs += [(PRESET, os.path.join(root, "preset"), "preset")]
     runs += [(label, f"out/lever_{name}", name) for name, label in LEVERS.items()]
     for recipe, d, name in runs:
         if not os.path.isdir(d):
+            if recipe in previous:
+                out[recipe] = previous[recipe]
             continue
         distill = json.load(open(os.path.join(d, "distill_tiny.json")))
         quality = json.load(open(os.path.join(d, f"{name}_quality.json")))
@@ -51,10 +61,10 @@ def gather(root):
 
 
 def table(runs):
-    pct = lambda a: " / ".join(f"{x:.0%}" for x in a)  # noqa: E731
+    pct = lambda a: " / ".join(f"{100 * x:.0f}" for x in a) + "%"  # noqa: E731
     two = lambda a: " / ".join(f"{x:.2f}" for x in a)  # noqa: E731
     lines = ["| recipe | steps | train s | agreement per slot | gen-PPL ratio (per slot) | "
-             "entropy ratio | rep. 4-grams (AR) | TV per slot (floor) |",
+             "entropy ratio | repeated 4-grams (teacher) | TV per slot (floor) |",
              "|---|---|---|---|---|---|---|---|"]
     for recipe, r in runs.items():
         lines.append(
@@ -67,10 +77,11 @@ def table(runs):
 
 def plot(runs, path):
     """Left: agreement on the teacher's context at slots 1 and 4 against training seconds. Right:
-    the final student's gen-PPL ratio to the teacher per slot."""
+    the final student's gen-PPL ratio to the teacher per slot. The recipes and the tiny preset."""
     plt = pyplot()
     fig, (curve, ppl) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for i, (recipe, r) in enumerate((k, v) for k, v in runs.items() if k in RECIPES):
+    for i, (recipe, r) in enumerate((k, v) for k, v in runs.items() if k in RECIPES + (PRESET,)):
+        recipe = "the tiny preset" if recipe == PRESET else recipe
         for slot, ls in ((0, "-"), (3, "--")):
             pts = [(p["train_s"], p["window_agreement"][slot]) for p in r["curve"]
                    if p["k"] == r["k"]]
@@ -82,7 +93,7 @@ def plot(runs, path):
     curve.axhline(blind["teacher_mode"], color="gray", ls=":", label="blind: teacher's mode")
     curve.set(xlabel="distillation seconds (all stages)", ylabel="same-noise agreement",
               title="k = 4 student on the teacher's context")
-    curve.legend(fontsize=7, ncol=2)
+    curve.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.15))
     ppl.axhline(1.0, color="gray", ls=":")
     ppl.set(xlabel="slot", ylabel="gen-PPL ratio to the AR teacher", yscale="log",
             title="free-running samples, k = 4", xticks=range(1, 5))
@@ -92,8 +103,9 @@ def plot(runs, path):
 
 if __name__ == "__main__":
     root, prefix = sys.argv[1:3]
-    runs = gather(root)
-    write_json(prefix + ".json", runs)
+    path = prefix + ".json"
+    runs = gather(root, json.load(open(path)) if os.path.exists(path) else {})
+    write_json(path, runs)
     plot(runs, prefix + ".png")
     print(table(runs))
     print(f"wrote {prefix}.json, {prefix}.png")

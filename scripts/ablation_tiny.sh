@@ -14,18 +14,25 @@ run() {   # run DIR NAME DISTILL_FLAGS...: distil into DIR, then score the stude
       --data_dir data/shakespeare_char --no-speed --quality_samples 128 --name "$name" \
       --out_dir "$dir"
 }
-old=(--lr 1e-3 --ema 0)   # the recipes ran before the tiny preset took lr 2e-3 and ema 0.99
+# the recipes ran before the tiny preset took lr 2e-3 and ema 0.99, then slot adapters at 5e-3
+old=(--lr 1e-3 --ema 0 --slot_rank 0)
 for recipe in paper onpolicy cdf cdf_seq; do
   steps=600; [ "$recipe" = paper ] && steps=250   # the paper's recipe: three stages of 250
   run "$out/$recipe" "$recipe" --recipe "$recipe" --steps_per_stage "$steps" "${old[@]}"
 done
+run "$out/preset" preset   # the tiny preset as it stands: cdf_seq with slot adapters
 export OMP_NUM_THREADS=1   # the levers on top of cdf_seq ran on one thread each, two at a time
 run out/lever_high high --noise_features high "${old[@]}"
-run out/lever_ema ema --lr 1e-3 --ema 0.99
-run out/lever_lr lr --lr 2e-3 --ema 0
-run out/lever_paper_lr paper_lr --recipe paper --steps_per_stage 250 --lr 2e-3 --ema 0
-run out/lever_lr_ema lr_ema --lr 2e-3 --ema 0.99   # the tiny preset since
-run out/lever_anchors anchors --anchors 64 --lr 2e-3 --ema 0
-run out/lever_long long --steps_per_stage 1200   # twice the compute, each side
+run out/lever_ema ema --lr 1e-3 --ema 0.99 --slot_rank 0
+run out/lever_lr lr --lr 2e-3 --ema 0 --slot_rank 0
+run out/lever_paper_lr paper_lr --recipe paper --steps_per_stage 250 --lr 2e-3 --ema 0 \
+    --slot_rank 0
+run out/lever_lr_ema lr_ema --lr 2e-3 --ema 0.99 --slot_rank 0   # the preset until adapters
+run out/lever_anchors anchors --anchors 64 --lr 2e-3 --ema 0 --slot_rank 0
+run out/lever_long long --steps_per_stage 1200 --lr 2e-3 --slot_rank 0   # twice the compute
 run out/lever_paper_long paper_long --recipe paper --steps_per_stage 500 "${old[@]}"
+run out/lever_adapters adapters --slot_rank 32 --lr 2e-3   # slot adapters on a frozen teacher
+run out/lever_adapters_lr adapters_lr --slot_rank 32 --lr 5e-3   # the tiny preset since
+run out/lever_adapters_lr2 adapters_lr2 --slot_rank 32 --lr 1e-2
+run out/lever_adapters_r64 adapters_r64 --slot_rank 64 --lr 5e-3
 $PY scripts/ablation.py "$out" results/ablation_tiny

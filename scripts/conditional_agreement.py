@@ -10,6 +10,7 @@ drawn another token than the teacher, its later slots follow another text: slot 
 P(slots 1-3 agreed) x (its agreement given that) + the rest x (its agreement after a miss).
 """
 import argparse
+import json
 import os
 import sys
 
@@ -27,7 +28,7 @@ p.add_argument("--k", type=int, default=4, help="the student checkpoint student_
 p.add_argument("--teacher", default="out/teacher_tiny/best.pt", help="the AR teacher")
 p.add_argument("--prefixes", type=int, default=256, help="val prefixes (6 tokens each)")
 p.add_argument("--tokens", type=int, default=48, help="tokens the teacher samples after each")
-p.add_argument("--out", help="write the numbers to this JSON file")
+p.add_argument("--out", help="write the numbers to this JSON file (its other runs are kept)")
 args = p.parse_args()
 
 ckpt = load_checkpoint(args.teacher, "teacher")
@@ -38,6 +39,8 @@ prompts = sample_windows(val, args.prefixes, 6, g)[0]
 noise = torch.rand(args.prefixes, args.tokens, generator=g, dtype=torch.float64)
 ar = generate(teacher, prompts, noise, k=1)
 n, k, out = args.tokens // args.k * args.k, args.k, {}
+if args.out and os.path.exists(args.out):   # runs measured before, perhaps on another machine
+    out = json.load(open(args.out))["runs"]
 for run in args.runs:
     student = model_from_checkpoint(
         load_checkpoint(f"{run}/student_k{k}.pt", "student"), "cpu").eval()

@@ -260,9 +260,11 @@ def test_distill_ctrl_c_during_evaluation_stops_after_the_stage(tmp_path, data_d
 
 def test_default_recipe_ctrl_c_resume_matches_uninterrupted(tmp_path, data_dir, teacher_ref,
                                                            monkeypatch):
-    """The default recipe (cdf_seq: the slot MLP, the teacher after the student's own tokens)
-    stopped mid-stage with Ctrl-C continues with --resume exactly as if uninterrupted."""
-    argv = lambda out: D(data_dir, teacher_ref["best"], out, "--recipe", "cdf_seq")  # noqa: E731
+    """The tiny preset's recipe (cdf_seq: the slot MLP, the teacher after the student's own
+    tokens; slot adapters on a frozen teacher) stopped mid-stage with Ctrl-C continues with
+    --resume exactly as if uninterrupted."""
+    argv = lambda out: D(data_dir, teacher_ref["best"], out, "--recipe", "cdf_seq",  # noqa: E731
+                         "--slot_rank", "4")
     distill.main(argv(tmp_path / "ref"))
     teacher_after, out = distill.teacher_after, tmp_path / "out"
 
