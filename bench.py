@@ -76,8 +76,6 @@ def parse_args(argv=None):
     flag("quality_tokens", type=int, help="sample length (default: 96 or what the block allows)")
     flag("readout", choices=["argmax", "cdf", "cdf_seq"], default="argmax",
          help="the paper shape's student readout (default: argmax, the paper's)")
-    flag("slot_rank", type=int, default=0, help="the paper shape's student's slot adapters' rank "
-         "(distill.py --slot_rank; needs a cdf readout; default: 0, none)")
     flag("attention", choices=["sdpa", "flex"], default="sdpa", help="how a cached pass attends, "
          "both sides: a mask over the whole cache, or FlexAttention's blocks (default: sdpa)")
     flag("compile", action="store_true", help="torch.compile each decode step, both sides")
@@ -120,9 +118,7 @@ def generation_phases(model, B, P, n_new, k, cache_elem):
     # noise slots per pass: the argmax readout k, the cdf readout k - 1, AR none
     slots = 0 if not cfg.max_k else k if cfg.readout == "argmax" else k - 1
     heads = k if cfg.max_k else 1                          # rows read out: AR its last one
-    # slot adapters: their weights are read with the trunk's; their FLOPs are the slots' alone
-    adapters = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
-    extra, extra_flops = size(*slot_parts), dense(*slot_parts) + adapters
+    extra, extra_flops = size(*slot_parts), dense(*slot_parts)
     head, head_bytes, trunk = w.numel(), w.numel() * w.element_size(), dense("blocks.")
     # an input embedding is only gathered (a few rows), so it does not count; the final norm does
     trunk_bytes = size("") - size("wte.", "lm_head.") - extra
@@ -484,8 +480,6 @@ def main(argv=None):
     paper_shape = not args.trained or default(args.paper_shape, gpu)
     if min(batch_sizes + [repeats, args.quality_samples]) < 1:
         raise UserError("--batch_sizes, --repeats and --quality_samples must be at least 1")
-    if args.slot_rank < 0 or args.slot_rank and args.readout == "argmax":
-        raise UserError("--slot_rank: 0, or a positive rank with --readout cdf or cdf_seq")
     peaks = tuple(device_peak(device, t, args.roofline) for t in (PEAK_BANDWIDTH, PEAK_FLOPS))
     if args.roofline is not None and not (all(peaks) and args.dtype == "bfloat16"):
         raise UserError(f"--roofline {args.roofline!r}: bf16 ceilings (no --dtype) of a GPU with "
@@ -513,8 +507,7 @@ def main(argv=None):
             torch.manual_seed(args.seed)
             ps = GPT(PAPER_SHAPE)
             candidates.insert(0, ("paper_shape_random", ps,
-                                  GPT.student_from(ps, max(ks), readout=args.readout,
-                                                   slot_rank=args.slot_rank)))
+                                  GPT.student_from(ps, max(ks), readout=args.readout)))
         for m, t, s in candidates:
             fit = [L for L in seq_lens if L <= t.config.block_size]
             fit = fit or ([t.config.block_size] if args.seq_lens is None else [])   # its block

@@ -7,8 +7,8 @@ samples the teacher. onpolicy: the argmax readout, by cross-entropy to those tar
 paper: the paper's progressive self-forcing distillation (argmax readout): stages k = 1, 2, 4, ..
 up to --k, each a copy of the last learning its same-noise rollout, block after block on the real
 context followed by its own tokens (stage 1: the teacher's inverse CDF), by cross-entropy.
---slot_rank r (the tiny preset's 32; cdf readouts only): the teacher's weights stay frozen and only
-rank-r adapters on the noise slots' rows learn, so real tokens and slot 1 stay the teacher's.
+--freeze_trunk (the tiny preset's; cdf readouts only): every weight the teacher had stays frozen
+and only the noise encoder and the slot MLP learn, so real tokens and slot 1 stay the teacher's.
 
     python distill.py --preset tiny      # teacher: out/teacher_<preset>/best.pt
     torchrun --standalone --nproc_per_node 8 distill.py --preset small
@@ -50,9 +50,8 @@ class DistillConfig:
                        "and handed on (0: off)", at_least=0, below=1)
     noise_features: str = field("paper", "the noise encoder's cycles over [0, 1]: paper <= 1, "
                                 "high 1-256", choices=("paper", "high"))
-    slot_rank: int = field(0, "0: train every weight; r > 0: keep the teacher's weights and train "
-                           "rank-r adapters on the noise-slot rows (cdf readouts only): real tokens"
-                           ", slot 1 and the KV cache stay exactly the teacher's", at_least=0)
+    freeze_trunk: bool = field(False, "train only the noise encoder and the slot MLP (cdf readouts"
+                               "): real tokens, slot 1 and the KV cache stay exactly the teacher's")
     eval_samples: int = field(256, "val prefixes of the same-noise agreement", at_least=1)
     eval_tokens: int = field(48, "tokens it generates per prefix (>= k)", at_least=1)
     prompt_len: int = field(6, "its prefix length (the paper's 6)", at_least=1)
@@ -70,7 +69,7 @@ class DistillConfig:
 PRESETS = {
     "tiny": dict(_about="CPU demo, for the tiny teacher", data_dir="data/shakespeare_char",
                  steps_per_stage=600, batch_size=16, block_size=128, anchors=32, lr=5e-3,
-                 ema=0.99, slot_rank=32, warmup_steps=20, eval_samples=128, curve_interval=50,
+                 ema=0.99, freeze_trunk=True, warmup_steps=20, eval_samples=128, curve_interval=50,
                  ckpt_interval=50),
     "small": dict(_about="one GPU (the paper's recipe: ~4 min on an H100 for three stages)"),
     "paper": dict(_about="the paper's k = 4 stage: lr 1e-4 constant, fp32, batch 512, every anchor;"
@@ -165,9 +164,9 @@ def main(argv=None):
     if cfg.k > min(cfg.eval_tokens, teacher.config.block_size - cfg.prompt_len):
         raise UserError(f"--k {cfg.k} is out of range: at most --eval_tokens and the teacher's "
                         f"block size {teacher.config.block_size} - --prompt_len {cfg.prompt_len}")
-    if cfg.slot_rank and "cdf" not in cfg.recipe:
-        raise UserError(f"--slot_rank {cfg.slot_rank} needs --recipe cdf or cdf_seq (with --recipe "
-                        f"{cfg.recipe}, add --slot_rank 0)")
+    if cfg.freeze_trunk and "cdf" not in cfg.recipe:   # the argmax readout reads slot 1 from a slot
+        raise UserError(f"--freeze_trunk needs --recipe cdf or cdf_seq (with --recipe {cfg.recipe}"
+                        ", add --no-freeze_trunk)")
     if cfg.block_size > teacher.config.block_size:   # RoPE would run on, past what it learned
         raise UserError(f"--block_size {cfg.block_size} exceeds the teacher's block size")
     train, val = load_split(cfg.data_dir, "train"), load_split(cfg.data_dir, "val")
@@ -196,6 +195,7 @@ def main(argv=None):
     run = {"kind": "student", "train_config": dataclasses.asdict(cfg), "tokenizer": tokenizer,
            "teacher_id": teacher_id, "results": state["results"] if state else []}
     prev, last_path = teacher, f"{cfg.out_dir}/last.pt"
+    teacher_weights = dict(teacher.named_parameters())
     with StopFlag() as stop, fits_in_memory(
             f"a batch of {cfg.batch_size // rt.world} sequences x {cfg.anchors} anchors does not "
             f"fit in memory on {rt.device}; lower --batch_size or --anchors"):
@@ -205,8 +205,9 @@ def main(argv=None):
                     f"{cfg.out_dir}/student_k{k}.pt", "student"), rt.device).eval()
                 continue
             student = GPT.student_from(prev, k, noise_features=cfg.noise_features,
-                                       readout=cfg.recipe if "cdf" in cfg.recipe else "argmax",
-                                       slot_rank=cfg.slot_rank)
+                                       readout=cfg.recipe if "cdf" in cfg.recipe else "argmax")
+            for name, p in student.named_parameters():   # frozen: what the teacher already had
+                p.requires_grad_(not (cfg.freeze_trunk and name in teacher_weights))
             trained = [p for p in student.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(trained, lr=cfg.lr, betas=(0.9, 0.95),
                                           weight_decay=0.0, fused=rt.device.type == "cuda")

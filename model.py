@@ -49,9 +49,6 @@ class GPTConfig:
     # "argmax": the paper's push-forward readout; "cdf": the distribution readout; "cdf_seq": cdf
     # with a small MLP per slot over the token the slot before produced
     readout: str = "argmax"
-    # 0: noise slots share every weight with real tokens (the paper); r > 0: the teacher's weights
-    # stay frozen and noise-slot rows add a rank-r update to each trunk linear (SlotLinear)
-    slot_rank: int = 0
 
     @property
     def padded_vocab(self):
@@ -80,38 +77,16 @@ def apply_rope(x, cos, sin):
     return torch.addcmul(x * cos, torch.cat([x2, x1], dim=-1), sin).type_as(x)
 
 
-class SlotLinear(nn.Linear):
-    """A bias-free linear layer whose rows from n_real on (the noise slots) may add a low-rank
-    update x A^T B^T. B starts at zero, so an adapted student starts as its teacher; real-token
-    rows never change, so with frozen weights they compute exactly the teacher's states."""
-
-    def __init__(self, d_in, d_out, rank=0):
-        super().__init__(d_in, d_out, bias=False)
-        self.rank = rank
-        if rank:
-            self.lora_a = nn.Parameter(torch.randn(rank, d_in) / d_in ** 0.5)
-            self.lora_b = nn.Parameter(torch.zeros(d_out, rank))
-
-    def forward(self, x, n_real=None):
-        y = super().forward(x)
-        if not self.rank or n_real is None:   # a teacher, or a pass without noise slots
-            return y
-        a, b = self.lora_a.to(x.dtype), self.lora_b.to(x.dtype)
-        update = x[:, n_real:] @ a.t() @ b.t()
-        return torch.cat([y[:, :n_real], y[:, n_real:] + update], dim=1)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg, layer):
         super().__init__()
         self.n_head, self.layer, self.dropout = cfg.n_head, layer, cfg.dropout
-        self.qkv = SlotLinear(cfg.n_embd, 3 * cfg.n_embd, cfg.slot_rank)
-        self.proj = SlotLinear(cfg.n_embd, cfg.n_embd, cfg.slot_rank)
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None, pos=None, n_real=None):
+    def forward(self, x, cos, sin, mask, cache=None, pos=None):
         B, T, C = x.shape
-        qkv = self.qkv(x, n_real).view(B, T, 3, self.n_head, C // self.n_head)
-        qkv = qkv.permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(qkv[:2], cos, sin)   # q and k rotated together
         v = qkv[2]
         if cache is not None:   # decoding: write this pass's K/V, attend over the cache
@@ -120,18 +95,18 @@ class CausalSelfAttention(nn.Module):
         else:   # is_causal for plain AR training lets SDPA pick the flash kernel on CUDA
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C).to(x.dtype), n_real)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C).to(x.dtype))
 
 
 class MLP(nn.Module):
-    def __init__(self, d_in, d_hidden, dropout=0.0, rank=0):
+    def __init__(self, d_in, d_hidden, dropout=0.0):
         super().__init__()
-        self.fc = SlotLinear(d_in, d_hidden, rank)
-        self.proj = SlotLinear(d_hidden, d_in, rank)
+        self.fc = nn.Linear(d_in, d_hidden, bias=False)
+        self.proj = nn.Linear(d_hidden, d_in, bias=False)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x, n_real=None):
-        return self.dropout(self.proj(F.gelu(self.fc(x, n_real)), n_real))
+    def forward(self, x):
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
 
 
 class Block(nn.Module):
@@ -140,12 +115,12 @@ class Block(nn.Module):
         self.ln1 = nn.RMSNorm(cfg.n_embd)
         self.attn = CausalSelfAttention(cfg, layer)
         self.ln2 = nn.RMSNorm(cfg.n_embd)
-        self.mlp = MLP(cfg.n_embd, 4 * cfg.n_embd, cfg.dropout, cfg.slot_rank)
+        self.mlp = MLP(cfg.n_embd, 4 * cfg.n_embd, cfg.dropout)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, mask, cache=None, pos=None, n_real=None):
-        x = x + self.drop(self.attn(self.ln1(x), cos, sin, mask, cache, pos, n_real))
-        return x + self.mlp(self.ln2(x), n_real)
+    def forward(self, x, cos, sin, mask, cache=None, pos=None):
+        x = x + self.drop(self.attn(self.ln1(x), cos, sin, mask, cache, pos))
+        return x + self.mlp(self.ln2(x))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -221,8 +196,6 @@ class GPT(nn.Module):
         if cfg.readout not in ("argmax", "cdf", "cdf_seq"):
             raise ValueError(f"readout must be argmax, cdf or cdf_seq, not {cfg.readout!r}")
         self.slot_readout = SlotReadout(cfg) if cfg.readout == "cdf_seq" else None
-        if cfg.slot_rank and cfg.readout == "argmax":   # argmax reads slot 1 from a noise slot
-            raise ValueError("slot adapters (slot_rank > 0) need the cdf or cdf_seq readout")
         for m in self.modules():   # GPT-2's init, with residual projections scaled by depth
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, mean=0.0, std=0.02)
@@ -237,13 +210,12 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def _trunk(self, x, pos, mask, cache=None, n_real=None):
-        """Rows from n_real on are noise slots (they take the slot adapters, if any)."""
+    def _trunk(self, x, pos, mask, cache=None):
         # RoPE in the residual stream's dtype: a bf16 copy rotates q and k in bf16, as it makes them
         cos, sin = (t.to(x.dtype) for t in rope(self.config, pos))
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, cos, sin, mask, cache, pos, n_real)
+            x = block(x, cos, sin, mask, cache, pos)
         return self.ln_f(x)
 
     def _logits(self, h, real_vocab=True):
@@ -336,26 +308,21 @@ class GPT(nn.Module):
         win_pos = anchors.unsqueeze(-1) + 1 + torch.arange(W, device=idx.device)   # (B, A, W)
         pos = torch.cat([torch.arange(N, device=idx.device).expand(B, N),
                          win_pos.reshape(B, A * W)], dim=1)
-        return self._trunk(x, pos, staircase_mask(N, anchors, W), n_real=N)
+        return self._trunk(x, pos, staircase_mask(N, anchors, W))
 
     @classmethod
-    def student_from(cls, teacher, max_k, noise_features=None, readout=None, slot_rank=None):
+    def student_from(cls, teacher, max_k, noise_features=None, readout=None):
         """A student initialised from its teacher: every shared tensor copied, only a new noise
-        encoder (first stage), slot readout and slot adapters from scratch; no dropout, as in the
-        paper's k = 4 stage. With slot adapters only they, the noise encoder and the slot readout
-        train: the rest stays the teacher's."""
+        encoder (first stage) and slot readout from scratch; no dropout, as in the paper's k = 4
+        stage."""
         cfg = GPTConfig(**{**asdict(teacher.config), "max_k": max_k, "dropout": 0.0})
         if teacher.noise_encoder is None:   # the first stage chooses; later ones inherit
             cfg.noise_features = noise_features or cfg.noise_features
             cfg.readout = readout or cfg.readout
-            cfg.slot_rank = cfg.slot_rank if slot_rank is None else slot_rank
         student = cls(cfg).to(next(teacher.parameters()).device)
         missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
-        new = lambda name: name.startswith(("noise_encoder.", "slot_readout.")) or "lora_" in name
-        assert not unexpected and all(new(name) for name in missing)
-        if cfg.slot_rank:
-            for name, p in student.named_parameters():
-                p.requires_grad_(new(name))
+        assert not unexpected and all(k.startswith(("noise_encoder.", "slot_readout."))
+                                      for k in missing)
         return student
 
     # --------------------------------------------------------------------------------------------
@@ -368,8 +335,7 @@ class GPT(nn.Module):
         x = self.wte(tokens)
         if slots is not None:
             x = torch.cat([x, slots.to(x.dtype)], dim=1)
-        n = tokens.size(1)
-        return self._trunk(x, pos, cache.mask(pos), cache=cache, n_real=n)[:, n - 1:]
+        return self._trunk(x, pos, cache.mask(pos), cache=cache)[:, tokens.size(1) - 1:]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -22,11 +22,10 @@ LEVERS = {"high": "cdf_seq, --noise_features high", "ema": "cdf_seq, --ema 0.99"
           "anchors": "cdf_seq, --lr 2e-3 --anchors 64",
           "long": "cdf_seq, --lr 2e-3 --ema 0.99, twice the steps",
           "paper_long": "paper, twice the steps",
-          "adapters": "cdf_seq, --slot_rank 32 --lr 2e-3 --ema 0.99",
-          "adapters_lr": "cdf_seq, --slot_rank 32 --lr 5e-3 --ema 0.99",
-          "adapters_lr2": "cdf_seq, --slot_rank 32 --lr 1e-2 --ema 0.99",
-          "adapters_r64": "cdf_seq, --slot_rank 64 --lr 5e-3 --ema 0.99"}
-PRESET = "the tiny preset (cdf_seq, --slot_rank 32 --lr 5e-3 --ema 0.99)"   # <root>/preset
+          "seed": "the tiny preset, --seed 1",
+          "lr5_ema": "cdf_seq, --lr 5e-3 --ema 0.99",
+          "frozen": "cdf_seq, --freeze_trunk --lr 2e-3 --ema 0.99"}
+PRESET = "the tiny preset (cdf_seq, --freeze_trunk --lr 5e-3 --ema 0.99)"   # <root>/preset
 
 
 def gather(root, previous):

@@ -14,25 +14,24 @@ run() {   # run DIR NAME DISTILL_FLAGS...: distil into DIR, then score the stude
       --data_dir data/shakespeare_char --no-speed --quality_samples 128 --name "$name" \
       --out_dir "$dir"
 }
-# the recipes ran before the tiny preset took lr 2e-3 and ema 0.99, then slot adapters at 5e-3
-old=(--lr 1e-3 --ema 0 --slot_rank 0)
+# the recipes ran before the tiny preset took lr 2e-3 and ema 0.99, then a frozen trunk at 5e-3
+old=(--lr 1e-3 --ema 0 --no-freeze_trunk)
 for recipe in paper onpolicy cdf cdf_seq; do
   steps=600; [ "$recipe" = paper ] && steps=250   # the paper's recipe: three stages of 250
   run "$out/$recipe" "$recipe" --recipe "$recipe" --steps_per_stage "$steps" "${old[@]}"
 done
-run "$out/preset" preset   # the tiny preset as it stands: cdf_seq with slot adapters
+run "$out/preset" preset   # the tiny preset as it stands: cdf_seq on a frozen trunk
+run out/lever_seed seed --seed 1   # the same with other batches, noise and initial weights
 export OMP_NUM_THREADS=1   # the levers on top of cdf_seq ran on one thread each, two at a time
 run out/lever_high high --noise_features high "${old[@]}"
-run out/lever_ema ema --lr 1e-3 --ema 0.99 --slot_rank 0
-run out/lever_lr lr --lr 2e-3 --ema 0 --slot_rank 0
+run out/lever_ema ema --lr 1e-3 --ema 0.99 --no-freeze_trunk
+run out/lever_lr lr --lr 2e-3 --ema 0 --no-freeze_trunk
 run out/lever_paper_lr paper_lr --recipe paper --steps_per_stage 250 --lr 2e-3 --ema 0 \
-    --slot_rank 0
-run out/lever_lr_ema lr_ema --lr 2e-3 --ema 0.99 --slot_rank 0   # the preset until adapters
-run out/lever_anchors anchors --anchors 64 --lr 2e-3 --ema 0 --slot_rank 0
-run out/lever_long long --steps_per_stage 1200 --lr 2e-3 --slot_rank 0   # twice the compute
+    --no-freeze_trunk
+run out/lever_lr_ema lr_ema --lr 2e-3 --ema 0.99 --no-freeze_trunk   # the preset until frozen
+run out/lever_anchors anchors --anchors 64 --lr 2e-3 --ema 0 --no-freeze_trunk
+run out/lever_long long --steps_per_stage 1200 --lr 2e-3 --no-freeze_trunk   # twice the compute
 run out/lever_paper_long paper_long --recipe paper --steps_per_stage 500 "${old[@]}"
-run out/lever_adapters adapters --slot_rank 32 --lr 2e-3   # slot adapters on a frozen teacher
-run out/lever_adapters_lr adapters_lr --slot_rank 32 --lr 5e-3   # the tiny preset since
-run out/lever_adapters_lr2 adapters_lr2 --slot_rank 32 --lr 1e-2
-run out/lever_adapters_r64 adapters_r64 --slot_rank 64 --lr 5e-3
+run out/lever_lr5_ema lr5_ema --lr 5e-3 --no-freeze_trunk   # the preset's lr, every weight
+run out/lever_frozen frozen --lr 2e-3   # a frozen trunk at the earlier preset's lr
 $PY scripts/ablation.py "$out" results/ablation_tiny

@@ -54,8 +54,8 @@ for run in args.runs:
         "earlier_slots_agreed": before.mean((0, 1)).tolist(),
         "agreement_given_earlier_agreed": ((hit * before).sum((0, 1))
                                            / before.sum((0, 1))).tolist(),
-        "agreement_after_a_miss": [None] + ((hit * missed).sum((0, 1))[1:]
-                                            / missed.sum((0, 1))[1:]).tolist()}
+        "agreement_after_a_miss": [x if x == x else None for x in   # None: never missed
+                                   ((hit * missed).sum((0, 1)) / missed.sum((0, 1))).tolist()]}
     print(run, "; ".join(f"{key} " + "/".join("-" if x is None else f"{x:.0%}" for x in v)
                          for key, v in out[run].items()))
 if args.out:

@@ -2,7 +2,7 @@
 # Which recipe keeps the teacher's distribution, confirmed on the small preset on one GPU (at most
 # 9 minutes, one device command): the small teacher once, then three distillations to k = 4 at
 # about the same training time, each scored by bench.py (quality only, on 256 prefixes): the paper's
-# recipe, cdf_seq, and cdf_seq with what won on the CPU (slot adapters at a larger learning rate,
+# recipe, cdf_seq, and cdf_seq with what won on the CPU (a frozen trunk at a larger learning rate,
 # a weight average). Summaries, quality JSON and logs go into ${OUT:-gpu_out}/gpu_quality.tgz
 # (checkpoints stay in out/gpu_quality/), with summary.log beside it.
 #     bash scripts/gpu_quality.sh                                         # on the GPU
@@ -30,9 +30,9 @@ distill() {   # distill NAME FLAGS...: distil the teacher into $runs/NAME, then 
       --student "$runs/$name/student_k4.pt" --quality_samples "${PREFIXES:-256}" --name "$name" \
       --out_dir "$res"
 }
-distill paper --recipe paper --steps_per_stage $((steps / 3)) --slot_rank 0
-distill cdf_seq --steps_per_stage "$steps" --slot_rank 0
-distill adapters --steps_per_stage "$steps" --slot_rank 32 --lr 1e-3 --ema 0.99
+distill paper --recipe paper --steps_per_stage $((steps / 3)) --no-freeze_trunk
+distill cdf_seq --steps_per_stage "$steps" --no-freeze_trunk
+distill frozen --steps_per_stage "$steps" --freeze_trunk --lr 2e-3 --ema 0.99   # tiny: 5e-3
 cp "$runs/teacher/teacher_$preset.json" "$res/"
 ls -la "$res" >> "$out/summary.log"
 tar czf "$out/gpu_quality.tgz" -C "$res" .

@@ -231,19 +231,6 @@ def test_roofline_phases_and_ceiling():
     assert roofline(dict(zip((1, 4), tiny_pair())), B, 14, (bw, fl)) == {1: none, 4: none}   # fp32
 
 
-def test_slot_adapters_cost_their_bytes_every_pass_and_their_flops_on_slot_rows():
-    """A cdf_seq student with rank-8 slot adapters against one without: each pass also reads the
-    adapters (with the trunk) and computes 2 FLOPs per adapter weight for each of its k - 1 slot
-    rows, and nothing else changes."""
-    teacher = tiny_pair()[0]
-    plain, adapted = (GPT.student_from(teacher, 4, readout="cdf_seq", slot_rank=r) for r in (0, 8))
-    lora = sum(p.numel() for name, p in adapted.named_parameters() if "lora_" in name)
-    B, P = 3, 6
-    diff = [(a[0] - b[0], a[1] - b[1]) for a, b in zip(generation_phases(adapted, B, P, 8, 4, 2),
-                                                       generation_phases(plain, B, P, 8, 4, 2))]
-    assert lora and diff == [(0, 2 * B * 3 * lora), (4 * lora, 0), (0, 0), (0, 0)] * 2
-
-
 def test_roofline_of_a_gpu_on_any_machine(pair, tmp_path):
     """--roofline GPU: the grid's ceilings there, computed: at batch 1 a pass reads the weights,
     so k tokens a pass approach k times AR's ceiling; a wider batch raises every ceiling."""
@@ -409,7 +396,6 @@ def test_paper_shape_needs_no_checkpoint(tmp_path, monkeypatch):
     (["--roofline", "H100", "--dtype", "float32"], "bf16"),
     (["--data_dir", "/nonexistent", "--no-speed"], "/nonexistent"),
     (["--resume"], "nothing to continue"),
-    (["--slot_rank", "4"], "--slot_rank: 0, or a positive rank with --readout cdf"),
 ])
 def test_bad_input_is_one_line(pair, tmp_path, args, message):
     with pytest.raises(UserError) as e:

@@ -35,7 +35,7 @@ TEACHER_REF = TEACHER + ["--max_steps", "16", "--eval_interval", "4"]
 DISTILL = ["--block_size", "32", "--batch_size", "4", "--anchors", "4", "--eval_samples", "4",
            "--eval_tokens", "8", "--prompt_len", "4", "--lr", "1e-3", "--warmup_steps", "2",
            "--log_interval", "1", "--ckpt_interval", "2", "--curve_interval", "3",
-           "--recipe", "paper", "--k", "2", "--seed", "7", "--ema", "0.9",
+           "--recipe", "paper", "--no-freeze_trunk", "--k", "2", "--seed", "7", "--ema", "0.9",
            "--device", "cpu"]
 DISTILL_REF = DISTILL + ["--steps_per_stage", "8"]
 EXACT = 1e-6     # resumed vs uninterrupted on CPU fp32: the same arithmetic in the same order
@@ -261,10 +261,10 @@ def test_distill_ctrl_c_during_evaluation_stops_after_the_stage(tmp_path, data_d
 def test_default_recipe_ctrl_c_resume_matches_uninterrupted(tmp_path, data_dir, teacher_ref,
                                                            monkeypatch):
     """The tiny preset's recipe (cdf_seq: the slot MLP, the teacher after the student's own
-    tokens; slot adapters on a frozen teacher) stopped mid-stage with Ctrl-C continues with
-    --resume exactly as if uninterrupted."""
+    tokens; a frozen trunk) stopped mid-stage with Ctrl-C continues with --resume exactly as if
+    uninterrupted."""
     argv = lambda out: D(data_dir, teacher_ref["best"], out, "--recipe", "cdf_seq",  # noqa: E731
-                         "--slot_rank", "4")
+                         "--freeze_trunk")
     distill.main(argv(tmp_path / "ref"))
     teacher_after, out = distill.teacher_after, tmp_path / "out"
 
@@ -591,6 +591,9 @@ BAD = {
                   r"--eval_interval must be at least 1, not 0"),
     "zero k of anchors": (distill, lambda p: D(p["data"], p["teacher"], p["out"], "--anchors", "0"),
                           r"--anchors must be at least 1, not 0"),
+    "frozen trunk, argmax readout": (distill, lambda p: D(p["data"], p["teacher"], p["out"],
+                                                          "--freeze_trunk"),
+                                     r"--freeze_trunk needs --recipe cdf or cdf_seq"),
     "ema of 1": (distill, lambda p: D(p["data"], p["teacher"], p["out"], "--ema", "1"),
                  r"--ema must be below 1"),
     "unknown flag": (teacher, lambda p: T(p["data"], p["out"], "--learning_rate", "1"),
