@@ -24,7 +24,9 @@ LEVERS = {"high": "cdf_seq, --noise_features high", "ema": "cdf_seq, --ema 0.99"
           "paper_long": "paper, twice the steps",
           "seed": "the tiny preset, --seed 1",
           "lr5_ema": "cdf_seq, --lr 5e-3 --ema 0.99",
-          "frozen": "cdf_seq, --freeze_trunk --lr 2e-3 --ema 0.99"}
+          "frozen": "cdf_seq, --freeze_trunk --lr 2e-3 --ema 0.99",
+          "frozen_long": "the tiny preset, twice the steps",
+          "lr5_long": "cdf_seq, --lr 5e-3 --ema 0.99, twice the steps"}
 PRESET = "the tiny preset (cdf_seq, --freeze_trunk --lr 5e-3 --ema 0.99)"   # <root>/preset
 
 

@@ -34,4 +34,6 @@ run out/lever_long long --steps_per_stage 1200 --lr 2e-3 --no-freeze_trunk   # t
 run out/lever_paper_long paper_long --recipe paper --steps_per_stage 500 "${old[@]}"
 run out/lever_lr5_ema lr5_ema --lr 5e-3 --no-freeze_trunk   # the preset's lr, every weight
 run out/lever_frozen frozen --lr 2e-3   # a frozen trunk at the earlier preset's lr
+run out/lever_frozen_long frozen_long --steps_per_stage 1200   # twice the compute, each side
+run out/lever_lr5_long lr5_long --steps_per_stage 1200 --lr 5e-3 --no-freeze_trunk
 $PY scripts/ablation.py "$out" results/ablation_tiny
