@@ -195,7 +195,7 @@ def main(argv=None):
     run = {"kind": "student", "train_config": dataclasses.asdict(cfg), "tokenizer": tokenizer,
            "teacher_id": teacher_id, "results": state["results"] if state else []}
     prev, last_path = teacher, f"{cfg.out_dir}/last.pt"
-    teacher_weights = dict(teacher.named_parameters())
+    teacher_names = {name for name, _ in teacher.named_parameters()}
     with StopFlag() as stop, fits_in_memory(
             f"a batch of {cfg.batch_size // rt.world} sequences x {cfg.anchors} anchors does not "
             f"fit in memory on {rt.device}; lower --batch_size or --anchors"):
@@ -207,7 +207,7 @@ def main(argv=None):
             student = GPT.student_from(prev, k, noise_features=cfg.noise_features,
                                        readout=cfg.recipe if "cdf" in cfg.recipe else "argmax")
             for name, p in student.named_parameters():   # frozen: what the teacher already had
-                p.requires_grad_(not (cfg.freeze_trunk and name in teacher_weights))
+                p.requires_grad_(not (cfg.freeze_trunk and name in teacher_names))
             trained = [p for p in student.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(trained, lr=cfg.lr, betas=(0.9, 0.95),
                                           weight_decay=0.0, fused=rt.device.type == "cuda")

@@ -11,6 +11,7 @@ P(slots 1-3 agreed) x (its agreement given that) + the rest x (its agreement aft
 """
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -54,7 +55,7 @@ for run in args.runs:
         "earlier_slots_agreed": before.mean((0, 1)).tolist(),
         "agreement_given_earlier_agreed": ((hit * before).sum((0, 1))
                                            / before.sum((0, 1))).tolist(),
-        "agreement_after_a_miss": [x if x == x else None for x in   # None: never missed
+        "agreement_after_a_miss": [None if math.isnan(x) else x for x in   # None: never missed
                                    ((hit * missed).sum((0, 1)) / missed.sum((0, 1))).tolist()]}
     print(run, "; ".join(f"{key} " + "/".join("-" if x is None else f"{x:.0%}" for x in v)
                          for key, v in out[run].items()))
