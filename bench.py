@@ -76,6 +76,7 @@ def parse_args(argv=None):
     flag("quality_tokens", type=int, help="sample length (default: 96 or what the block allows)")
     flag("readout", choices=["argmax", "cdf", "cdf_seq"], default="argmax",
          help="the paper shape's student readout (default: argmax, the paper's)")
+    flag("readout_layers", type=int, default=1, help="its slot MLP's layers (cdf_seq; default 1)")
     flag("attention", choices=["sdpa", "flex"], default="sdpa", help="how a cached pass attends, "
          "both sides: a mask over the whole cache, or FlexAttention's blocks (default: sdpa)")
     flag("compile", action="store_true", help="torch.compile each decode step, both sides")
@@ -478,8 +479,9 @@ def main(argv=None):
     repeats = default(args.repeats, 3 if device.type == "cuda" else 5)
     quality = args.trained and default(args.quality, not args.profile and args.roofline is None)
     paper_shape = not args.trained or default(args.paper_shape, gpu)
-    if min(batch_sizes + [repeats, args.quality_samples]) < 1:
-        raise UserError("--batch_sizes, --repeats and --quality_samples must be at least 1")
+    if min(batch_sizes + [repeats, args.quality_samples, args.readout_layers]) < 1:
+        raise UserError("--batch_sizes, --repeats, --quality_samples and --readout_layers must be "
+                        "at least 1")
     peaks = tuple(device_peak(device, t, args.roofline) for t in (PEAK_BANDWIDTH, PEAK_FLOPS))
     if args.roofline is not None and not (all(peaks) and args.dtype == "bfloat16"):
         raise UserError(f"--roofline {args.roofline!r}: bf16 ceilings (no --dtype) of a GPU with "
@@ -507,7 +509,8 @@ def main(argv=None):
             torch.manual_seed(args.seed)
             ps = GPT(PAPER_SHAPE)
             candidates.insert(0, ("paper_shape_random", ps,
-                                  GPT.student_from(ps, max(ks), readout=args.readout)))
+                                  GPT.student_from(ps, max(ks), readout=args.readout,
+                                                   readout_layers=args.readout_layers)))
         for m, t, s in candidates:
             fit = [L for L in seq_lens if L <= t.config.block_size]
             fit = fit or ([t.config.block_size] if args.seq_lens is None else [])   # its block

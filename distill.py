@@ -48,6 +48,7 @@ class DistillConfig:
     grad_clip: float = field(1.0, "clip the gradient norm to this (0: off)", at_least=0)
     ema: float = field(0.0, "decay of the weight average that is evaluated, saved "
                        "and handed on (0: off)", at_least=0, below=1)
+    readout_layers: int = field(1, "cdf_seq: residual MLPs in the slot readout", at_least=1)
     noise_features: str = field("paper", "the noise encoder's cycles over [0, 1]: paper <= 1, "
                                 "high 1-256", choices=("paper", "high"))
     freeze_trunk: bool = field(False, "train only the noise encoder and the slot MLP (cdf readouts"
@@ -68,9 +69,9 @@ class DistillConfig:
 
 PRESETS = {
     "tiny": dict(_about="CPU demo, for the tiny teacher", data_dir="data/shakespeare_char",
-                 steps_per_stage=600, batch_size=16, block_size=128, anchors=32, lr=5e-3,
-                 ema=0.99, freeze_trunk=True, warmup_steps=20, eval_samples=128, curve_interval=50,
-                 ckpt_interval=50),
+                 steps_per_stage=750, batch_size=16, block_size=64, anchors=32, lr=5e-3,
+                 ema=0.99, freeze_trunk=True, readout_layers=3, warmup_steps=20, eval_samples=128,
+                 curve_interval=50, ckpt_interval=50),
     "small": dict(_about="one GPU (the paper's recipe: ~4 min on an H100 for three stages)"),
     "paper": dict(_about="the paper's k = 4 stage: lr 1e-4 constant, fp32, batch 512, every anchor;"
                          " 20k steps per stage (the paper's: not known)",
@@ -205,7 +206,8 @@ def main(argv=None):
                     f"{cfg.out_dir}/student_k{k}.pt", "student"), rt.device).eval()
                 continue
             student = GPT.student_from(prev, k, noise_features=cfg.noise_features,
-                                       readout=cfg.recipe if "cdf" in cfg.recipe else "argmax")
+                                       readout=cfg.recipe if "cdf" in cfg.recipe else "argmax",
+                                       readout_layers=cfg.readout_layers)
             for name, p in student.named_parameters():   # frozen: what the teacher already had
                 p.requires_grad_(not (cfg.freeze_trunk and name in teacher_names))
             trained = [p for p in student.parameters() if p.requires_grad]

@@ -26,7 +26,7 @@ Read top to bottom:
 fast.py makes decoding fast (FlexAttention, CUDA graphs) without computing anything new.
 """
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -49,6 +49,7 @@ class GPTConfig:
     # "argmax": the paper's push-forward readout; "cdf": the distribution readout; "cdf_seq": cdf
     # with a small MLP per slot over the token the slot before produced
     readout: str = "argmax"
+    readout_layers: int = 1    # cdf_seq: the residual MLPs of that per-slot readout
 
     @property
     def padded_vocab(self):
@@ -168,17 +169,22 @@ def staircase_mask(N, anchors, W):
 
 
 class SlotReadout(nn.Module):
-    """cdf_seq: slot i's state r_i = h_i + MLP([h_i, embedding of token i, r_{i-1}]), so that token
-    i+1's distribution sees the token slot i actually produced, not only the noise that made it.
-    The output layer starts at zero: the readout starts as the plain cdf one."""
+    """cdf_seq: slot i's state r_i starts as h_i, then r_i += MLP([r_i, embedding of token i,
+    r_{i-1}]) readout_layers times, so that token i+1's distribution sees the token slot i actually
+    produced, not only the noise that made it. Output layers start at zero: the readout starts as
+    the plain cdf one."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.fc = nn.Linear(3 * cfg.n_embd, 4 * cfg.n_embd)
-        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        n, C = cfg.readout_layers, cfg.n_embd
+        self.fc = nn.ModuleList(nn.Linear(3 * C, 4 * C) for _ in range(n))
+        self.proj = nn.ModuleList(nn.Linear(4 * C, C) for _ in range(n))
 
-    def forward(self, h, emb, r):
-        return h + self.proj(F.gelu(self.fc(torch.cat([h, emb, r], dim=-1))))
+    def forward(self, h, emb, r_prev):
+        r = h
+        for fc, proj in zip(self.fc, self.proj):
+            r = r + proj(F.gelu(fc(torch.cat([r, emb, r_prev], dim=-1))))
+        return r
 
 
 class GPT(nn.Module):
@@ -204,8 +210,8 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("proj.weight") and name.startswith("blocks"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
-        if self.slot_readout is not None:
-            nn.init.zeros_(self.slot_readout.proj.weight)
+        for proj in self.slot_readout.proj if self.slot_readout is not None else []:
+            nn.init.zeros_(proj.weight)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -311,14 +317,14 @@ class GPT(nn.Module):
         return self._trunk(x, pos, staircase_mask(N, anchors, W))
 
     @classmethod
-    def student_from(cls, teacher, max_k, noise_features=None, readout=None):
+    def student_from(cls, teacher, max_k, **choices):
         """A student initialised from its teacher: every shared tensor copied, only a new noise
         encoder (first stage) and slot readout from scratch; no dropout, as in the paper's k = 4
-        stage."""
+        stage. choices (noise_features, readout, readout_layers): the first stage's; later stages
+        inherit them."""
         cfg = GPTConfig(**{**asdict(teacher.config), "max_k": max_k, "dropout": 0.0})
-        if teacher.noise_encoder is None:   # the first stage chooses; later ones inherit
-            cfg.noise_features = noise_features or cfg.noise_features
-            cfg.readout = readout or cfg.readout
+        if teacher.noise_encoder is None:
+            cfg = replace(cfg, **{name: v for name, v in choices.items() if v is not None})
         student = cls(cfg).to(next(teacher.parameters()).device)
         missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
         assert not unexpected and all(k.startswith(("noise_encoder.", "slot_readout."))

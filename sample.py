@@ -39,7 +39,8 @@ def load_models(teacher_path, student_path, device):
     s_ckpt = load_checkpoint(student_path, "student")
     t_cfg, s_cfg = t_ckpt["model_config"], s_ckpt["model_config"]
     diff = [f"{key} {s_cfg.get(key)} vs {v}" for key, v in t_cfg.items()   # not what a student adds
-            if key not in ("max_k", "noise_features", "readout", "dropout") and s_cfg.get(key) != v]
+            if key not in ("max_k", "noise_features", "readout", "readout_layers", "dropout")
+            and s_cfg.get(key) != v]
     if diff:
         raise UserError(f"{student_path} does not have {teacher_path}'s shape: {', '.join(diff)}")
     return *(model_from_checkpoint(ckpt, device).eval() for ckpt in (t_ckpt, s_ckpt)), t_ckpt

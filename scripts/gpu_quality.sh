@@ -3,7 +3,7 @@
 # 9 minutes, one device command): the small teacher once, then three distillations to k = 4 at
 # about the same training time, each scored by bench.py (quality only, on 256 prefixes): the paper's
 # recipe, cdf_seq, and cdf_seq with what won on the CPU (a frozen trunk at a larger learning rate,
-# a weight average). Summaries, quality JSON and logs go into ${OUT:-gpu_out}/gpu_quality.tgz
+# a weight average, a 3-layer slot MLP). Summaries, quality JSON and logs go into ${OUT:-gpu_out}/gpu_quality.tgz
 # (checkpoints stay in out/gpu_quality/), with summary.log beside it.
 #     bash scripts/gpu_quality.sh                                         # on the GPU
 #     PRESET=tiny STEPS=9 TEACHER_STEPS=20 PREFIXES=8 bash scripts/gpu_quality.sh   # CPU dry run
@@ -32,7 +32,8 @@ distill() {   # distill NAME FLAGS...: distil the teacher into $runs/NAME, then 
 }
 distill paper --recipe paper --steps_per_stage $((steps / 3)) --no-freeze_trunk
 distill cdf_seq --steps_per_stage "$steps" --no-freeze_trunk
-distill frozen --steps_per_stage "$steps" --freeze_trunk --lr 2e-3 --ema 0.99   # tiny: 5e-3
+distill frozen --steps_per_stage "$steps" --freeze_trunk --lr 2e-3 --ema 0.99 \
+    --readout_layers 3   # the tiny preset's lr: 5e-3
 cp "$runs/teacher/teacher_$preset.json" "$res/"
 ls -la "$res" >> "$out/summary.log"
 tar czf "$out/gpu_quality.tgz" -C "$res" .

@@ -273,9 +273,9 @@ def test_ar_decode_equals_naive_sampling(teacher):
     assert torch.equal(generate(teacher, prompt, noise, k=1), seq[:, 6:])
 
 
-def cdf_student(teacher, readout, perturb=True):
+def cdf_student(teacher, readout, perturb=True, layers=1):
     torch.manual_seed(1)
-    s = GPT.student_from(teacher, 4, readout=readout).eval()
+    s = GPT.student_from(teacher, 4, readout=readout, readout_layers=layers).eval()
     with torch.no_grad():   # as the student fixture: a wrong mask or readout must show
         for p in s.parameters() if perturb else ():
             p.add_(0.05 * torch.randn_like(p))
@@ -283,10 +283,11 @@ def cdf_student(teacher, readout, perturb=True):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("readout", ["argmax", "cdf", "cdf_seq"])
-def test_student_decode_equals_staircase(teacher, student, readout):
+@pytest.mark.parametrize("readout,layers", [("argmax", 1), ("cdf", 1), ("cdf_seq", 1),
+                                            ("cdf_seq", 3)])
+def test_student_decode_equals_staircase(teacher, student, readout, layers):
     """Each pass of generate() is the student's staircase window on the tokens committed so far."""
-    model = student if readout == "argmax" else cdf_student(teacher, readout)
+    model = student if readout == "argmax" else cdf_student(teacher, readout, layers=layers)
     prompt, noise = torch.randint(0, V, (2, 6)), torch.rand(2, 12, dtype=torch.float64)
     out = generate(model, prompt, noise, k=4)
     seq = torch.cat([prompt, out], 1)
@@ -299,12 +300,13 @@ def test_student_decode_equals_staircase(teacher, student, readout):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("readout", ["cdf", "cdf_seq"])
-def test_a_cdf_student_starts_as_its_teacher(teacher, readout):
+@pytest.mark.parametrize("readout,layers", [("cdf", 1), ("cdf_seq", 1), ("cdf_seq", 3)])
+def test_a_cdf_student_starts_as_its_teacher(teacher, readout, layers):
     """The distribution readout reads token 1's distribution from the last real token's state: a
     fresh student's is exactly the teacher's, so at k = 1 it samples the teacher exactly (AR is the
-    readout with no slot), and at k = 4 its first token of every window is the teacher's."""
-    s = cdf_student(teacher, readout, perturb=False)
+    readout with no slot), and at k = 4 its first token of every window is the teacher's. The slot
+    MLP's output layers start at zero: a fresh cdf_seq student reads out what a cdf one does."""
+    s = cdf_student(teacher, readout, perturb=False, layers=layers)
     prompt, noise = torch.randint(0, V, (3, 6)), torch.rand(3, 16, dtype=torch.float64)
     ar = generate(teacher, prompt, noise, k=1)
     assert torch.equal(generate(s, prompt, noise, k=1), ar)
@@ -312,6 +314,10 @@ def test_a_cdf_student_starts_as_its_teacher(teacher, readout):
     logits, tokens = s.forward_cdf(x, anchors, torch.rand(2, 3, 4, dtype=torch.float64))
     assert logits.shape == (2, 3, 4, V) and tokens.shape == (2, 3, 4)
     torch.testing.assert_close(logits[:, :, 0], teacher.next_token_logits(x, anchors))
+    plain = cdf_student(teacher, "cdf", perturb=False)   # no slot MLP, the same noise encoder
+    plain.noise_encoder.load_state_dict(s.noise_encoder.state_dict())
+    u = torch.rand(2, 3, 4, dtype=torch.float64)
+    torch.testing.assert_close(s.forward_cdf(x, anchors, u)[0], plain.forward_cdf(x, anchors, u)[0])
 
 
 @torch.no_grad()
@@ -320,9 +326,9 @@ def test_only_the_sequential_readout_sees_the_token_a_slot_produced(teacher):
     comes from slot 1's state alone and stays, with cdf_seq it also reads token 1 and moves."""
     h_last, h_slots = torch.randn(1, 32), torch.randn(1, 3, 32)
     u = torch.tensor([[0.01, 0.5, 0.5, 0.5], [0.99, 0.5, 0.5, 0.5]], dtype=torch.float64)
-    for readout in ("cdf", "cdf_seq"):
-        logits, tokens = cdf_student(teacher, readout).read_out(h_last.expand(2, -1),
-                                                              h_slots.expand(2, -1, -1), u)
+    for readout, layers in (("cdf", 1), ("cdf_seq", 1), ("cdf_seq", 3)):
+        logits, tokens = cdf_student(teacher, readout, layers=layers).read_out(
+            h_last.expand(2, -1), h_slots.expand(2, -1, -1), u)
         assert tokens[0, 0] != tokens[1, 0]
         assert torch.equal(logits[0, 0], logits[1, 0])
         assert torch.equal(logits[0, 1], logits[1, 1]) == (readout == "cdf"), readout

@@ -24,19 +24,20 @@ TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nS
 K = 4
 
 
-def tiny_pair(vocab_size=len(CHARS), k=K, readout="argmax"):
-    """A 2 x 32 teacher and its k-slot student, with a noise encoder whose output matters."""
+def tiny_pair(vocab_size=len(CHARS), k=K, **choices):
+    """A 2 x 32 teacher and its k-slot student (choices: student_from's), with a noise encoder
+    whose output matters."""
     torch.manual_seed(0)
     teacher = GPT(GPTConfig(block_size=64, vocab_size=vocab_size, n_layer=2, n_head=2,
                             n_embd=32)).eval()
-    student = GPT.student_from(teacher, k, readout=readout).eval()
+    student = GPT.student_from(teacher, k, **choices).eval()
     with torch.no_grad():
         for p in student.noise_encoder.parameters():
             p.normal_(0, 0.5)
     return teacher, student
 
 
-def write_pair(tmp, teacher_extra=None, student_extra=None, readout="argmax"):
+def write_pair(tmp, teacher_extra=None, student_extra=None, **choices):
     """The pair's checkpoints as teacher.py and distill.py write them (character vocabulary), and a
     val split of the data they name. Returns (teacher path, student path, data dir)."""
     spec = {"tokenizer": "char", "vocab_size": len(CHARS), "chars": CHARS}
@@ -48,7 +49,7 @@ def write_pair(tmp, teacher_extra=None, student_extra=None, readout="argmax"):
     (data / "meta.json").write_text(json.dumps({**spec, "val_tokens": len(ids),
                                                 "train_tokens": len(ids)}))
     paths = []
-    for kind, m, extra in zip(("teacher", "student"), tiny_pair(readout=readout),
+    for kind, m, extra in zip(("teacher", "student"), tiny_pair(**choices),
                               (teacher_extra, student_extra)):
         paths.append(str(tmp / f"{kind}.pt"))
         save_checkpoint(paths[-1], {"kind": kind, "model_config": asdict(m.config),
@@ -149,6 +150,6 @@ def test_the_command_line_prints_one_error_line(pair):
 def test_a_distribution_readout_student_starts_at_its_teachers_first_token(tmp_path, capsys):
     """sample.py takes a cdf_seq student (its config adds a readout to the teacher's): fresh from
     its teacher, its first token of every window on the teacher's context is the teacher's."""
-    run(write_pair(tmp_path, readout="cdf_seq"), "--prompt", "First", "--num_samples", "2",
+    run(write_pair(tmp_path, readout="cdf_seq", readout_layers=3), "--prompt", "First", "--num_samples", "2",
         "--max_new_tokens", "12", "--k", "4")
     assert re.search(r"on the teacher's context\s+slot 1\s+100\.0%", capsys.readouterr().out)
