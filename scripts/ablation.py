@@ -22,12 +22,17 @@ LEVERS = {"high": "cdf_seq, --noise_features high", "ema": "cdf_seq, --ema 0.99"
           "anchors": "cdf_seq, --lr 2e-3 --anchors 64",
           "long": "cdf_seq, --lr 2e-3 --ema 0.99, twice the steps",
           "paper_long": "paper, twice the steps",
-          "seed": "the tiny preset, --seed 1",
+          "layers1": "the earlier tiny preset (1-layer slot MLP, 128-character windows)",
+          "seed": "the earlier tiny preset, --seed 1",
           "lr5_ema": "cdf_seq, --lr 5e-3 --ema 0.99",
           "frozen": "cdf_seq, --freeze_trunk --lr 2e-3 --ema 0.99",
-          "frozen_long": "the tiny preset, twice the steps",
-          "lr5_long": "cdf_seq, --lr 5e-3 --ema 0.99, twice the steps"}
-PRESET = "the tiny preset (cdf_seq, --freeze_trunk --lr 5e-3 --ema 0.99)"   # <root>/preset
+          "frozen_long": "the earlier tiny preset, twice the steps",
+          "lr5_long": "cdf_seq, --lr 5e-3 --ema 0.99, twice the steps",
+          "layers2": "the earlier tiny preset, --readout_layers 2",
+          "layers3": "the earlier tiny preset, --readout_layers 3",
+          "b64": "the earlier tiny preset, --block_size 64"}
+PRESET = ("the tiny preset (cdf_seq, --freeze_trunk --lr 5e-3 --ema 0.99 --readout_layers 3 "
+          "--block_size 64, 750 steps)")   # <root>/preset
 
 
 def gather(root, previous):

@@ -14,26 +14,36 @@ run() {   # run DIR NAME DISTILL_FLAGS...: distil into DIR, then score the stude
       --data_dir data/shakespeare_char --no-speed --quality_samples 128 --name "$name" \
       --out_dir "$dir"
 }
+# the tiny preset's earlier shape: a 1-layer slot MLP on 128-character windows, 600 steps
+before=(--readout_layers 1 --block_size 128 --steps_per_stage 600)
 # the recipes ran before the tiny preset took lr 2e-3 and ema 0.99, then a frozen trunk at 5e-3
-old=(--lr 1e-3 --ema 0 --no-freeze_trunk)
+old=("${before[@]}" --lr 1e-3 --ema 0 --no-freeze_trunk)
 for recipe in paper onpolicy cdf cdf_seq; do
   steps=600; [ "$recipe" = paper ] && steps=250   # the paper's recipe: three stages of 250
   run "$out/$recipe" "$recipe" --recipe "$recipe" --steps_per_stage "$steps" "${old[@]}"
 done
 run "$out/preset" preset   # the tiny preset as it stands: cdf_seq on a frozen trunk
-run out/lever_seed seed --seed 1   # the same with other batches, noise and initial weights
+lever() {   # lever NAME FLAGS...: the tiny preset's earlier shape, then FLAGS, into out/lever_NAME
+  local name=$1
+  shift
+  run "out/lever_$name" "$name" "${before[@]}" "$@"
+}
+lever layers1   # the tiny preset before its 3-layer slot MLP
+lever seed --seed 1   # the same with other batches, noise and initial weights
 export OMP_NUM_THREADS=1   # the levers on top of cdf_seq ran on one thread each, two at a time
-run out/lever_high high --noise_features high "${old[@]}"
-run out/lever_ema ema --lr 1e-3 --ema 0.99 --no-freeze_trunk
-run out/lever_lr lr --lr 2e-3 --ema 0 --no-freeze_trunk
-run out/lever_paper_lr paper_lr --recipe paper --steps_per_stage 250 --lr 2e-3 --ema 0 \
-    --no-freeze_trunk
-run out/lever_lr_ema lr_ema --lr 2e-3 --ema 0.99 --no-freeze_trunk   # the preset until frozen
-run out/lever_anchors anchors --anchors 64 --lr 2e-3 --ema 0 --no-freeze_trunk
-run out/lever_long long --steps_per_stage 1200 --lr 2e-3 --no-freeze_trunk   # twice the compute
-run out/lever_paper_long paper_long --recipe paper --steps_per_stage 500 "${old[@]}"
-run out/lever_lr5_ema lr5_ema --lr 5e-3 --no-freeze_trunk   # the preset's lr, every weight
-run out/lever_frozen frozen --lr 2e-3   # a frozen trunk at the earlier preset's lr
-run out/lever_frozen_long frozen_long --steps_per_stage 1200   # twice the compute, each side
-run out/lever_lr5_long lr5_long --steps_per_stage 1200 --lr 5e-3 --no-freeze_trunk
+lever high --noise_features high "${old[@]}"
+lever ema --lr 1e-3 --ema 0.99 --no-freeze_trunk
+lever lr --lr 2e-3 --ema 0 --no-freeze_trunk
+lever paper_lr --recipe paper --steps_per_stage 250 --lr 2e-3 --ema 0 --no-freeze_trunk
+lever lr_ema --lr 2e-3 --ema 0.99 --no-freeze_trunk   # the preset until frozen
+lever anchors --anchors 64 --lr 2e-3 --ema 0 --no-freeze_trunk
+lever long --steps_per_stage 1200 --lr 2e-3 --no-freeze_trunk   # twice the compute
+lever paper_long --recipe paper --steps_per_stage 500 "${old[@]}"
+lever lr5_ema --lr 5e-3 --no-freeze_trunk   # the preset's lr, every weight
+lever frozen --lr 2e-3   # a frozen trunk at the earlier preset's lr
+lever frozen_long --steps_per_stage 1200   # twice the compute, each side
+lever lr5_long --steps_per_stage 1200 --lr 5e-3 --no-freeze_trunk
+lever layers2 --readout_layers 2   # a deeper slot MLP
+lever layers3 --readout_layers 3
+lever b64 --block_size 64   # windows as long as the evaluation's contexts (<= 54 characters)
 $PY scripts/ablation.py "$out" results/ablation_tiny

@@ -1,13 +1,19 @@
-"""Same-noise agreement per slot on the teacher's context, split by whether the window's earlier
-slots agreed: how much of a later slot's shortfall it inherits from the slots before it.
+"""Same-noise agreement per slot on the teacher's context, taken apart: (1) split by whether the
+window's earlier slots agreed, how much of a later slot's shortfall it inherits from the slots
+before it; (2) with the noise slots fed OTHER noise than the readout draws with, how much of it the
+network's trunk carries from the noise.
 
-    python scripts/conditional_agreement.py out/distill_tiny out/ablation_tiny/paper \
-        out/ablation_tiny/cdf_seq out/lever_long out/lever_paper_long \
-        --out results/conditional_agreement_tiny.json
+    python scripts/slot_agreement.py out/distill_tiny out/ablation_tiny/paper \
+        out/ablation_tiny/cdf_seq out/lever_long out/lever_paper_long out/lever_lr5_ema \
+        --out results/slot_agreement_tiny.json
 
-A distribution-readout student conditions slot i on its OWN tokens of slots < i, so once it has
+(1) A distribution-readout student conditions slot i on its OWN tokens of slots < i, so once it has
 drawn another token than the teacher, its later slots follow another text: slot 4's agreement is
 P(slots 1-3 agreed) x (its agreement given that) + the rest x (its agreement after a miss).
+(2) The argmax readout has only the trunk to read u through: other noise at its slots is another
+sample. The distribution readout also draws x_i = F^-1(u_i | ..) itself and its slot MLP reads the
+token drawn: if its agreement holds with other noise at the slots, the trunk ignores the noise and
+a slot's state is a function of the context alone.
 """
 import argparse
 import json
@@ -45,8 +51,11 @@ if args.out and os.path.exists(args.out):   # runs measured before, perhaps on a
 for run in args.runs:
     student = model_from_checkpoint(
         load_checkpoint(f"{run}/student_k{k}.pt", "student"), "cpu").eval()
-    with torch.no_grad():
-        tokens = teacher_context_windows(student, prompts, ar, noise, k)
+    tokens = teacher_context_windows(student, prompts, ar, noise, k)
+    encode = student.noise_encoder.forward   # (2): the noise slots get fresh uniforms
+    torch.manual_seed(1)   # the same for every run
+    student.noise_encoder.forward = lambda u: encode(torch.rand(u.shape, dtype=u.dtype))
+    other = teacher_context_windows(student, prompts, ar, noise, k)
     hit = (tokens.view(args.prefixes, -1, k) == ar[:, :n].view(args.prefixes, -1, k)).float()
     before = torch.cumprod(torch.cat([torch.ones_like(hit[..., :1]), hit[..., :-1]], -1), -1)
     missed = 1 - before
@@ -56,7 +65,9 @@ for run in args.runs:
         "agreement_given_earlier_agreed": ((hit * before).sum((0, 1))
                                            / before.sum((0, 1))).tolist(),
         "agreement_after_a_miss": [None if math.isnan(x) else x for x in   # None: never missed
-                                   ((hit * missed).sum((0, 1)) / missed.sum((0, 1))).tolist()]}
+                                   ((hit * missed).sum((0, 1)) / missed.sum((0, 1))).tolist()],
+        "agreement_other_noise_at_the_slots": (other == ar[:, :n]).view(
+            args.prefixes, -1, k).float().mean((0, 1)).tolist()}
     print(run, "; ".join(f"{key} " + "/".join("-" if x is None else f"{x:.0%}" for x in v)
                          for key, v in out[run].items()))
 if args.out:
