@@ -3,9 +3,10 @@ window's earlier slots agreed, how much of a later slot's shortfall it inherits 
 before it; (2) with the noise slots fed OTHER noise than the readout draws with, how much of it the
 network's trunk carries from the noise.
 
-    python scripts/slot_agreement.py out/distill_tiny out/ablation_tiny/paper \
-        out/ablation_tiny/cdf_seq out/lever_long out/lever_paper_long out/lever_lr5_ema \
-        --out results/slot_agreement_tiny.json
+    python scripts/slot_agreement.py out/distill_tiny out/lever_layers1 out/lever_layers3 \
+        out/ablation_tiny/paper out/lever_lr5_ema out/lever_frozen_long out/lever_lr5_long \
+        --out results/slot_agreement_tiny.json   # ablation_tiny.sh's runs; (2) is newer than
+                                                 # its cdf_seq, long and paper_long rows
 
 (1) A distribution-readout student conditions slot i on its OWN tokens of slots < i, so once it has
 drawn another token than the teacher, its later slots follow another text: slot 4's agreement is
