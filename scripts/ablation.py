@@ -30,7 +30,9 @@ LEVERS = {"high": "cdf_seq, --noise_features high", "ema": "cdf_seq, --ema 0.99"
           "lr5_long": "cdf_seq, --lr 5e-3 --ema 0.99, twice the steps",
           "layers2": "the earlier tiny preset, --readout_layers 2",
           "layers3": "the earlier tiny preset, --readout_layers 3",
-          "b64": "the earlier tiny preset, --block_size 64"}
+          "b64": "the earlier tiny preset, --block_size 64",
+          "layers5": "the tiny preset, --readout_layers 5",
+          "preset_long": "the tiny preset, twice the steps"}
 PRESET = ("the tiny preset (cdf_seq, --freeze_trunk --lr 5e-3 --ema 0.99 --readout_layers 3 "
           "--block_size 64, 750 steps)")   # <root>/preset
 

@@ -46,4 +46,6 @@ lever lr5_long --steps_per_stage 1200 --lr 5e-3 --no-freeze_trunk
 lever layers2 --readout_layers 2   # a deeper slot MLP
 lever layers3 --readout_layers 3
 lever b64 --block_size 64   # windows as long as the evaluation's contexts (<= 54 characters)
+run out/lever_layers5 layers5 --readout_layers 5   # on top of the tiny preset as it stands
+run out/lever_preset_long preset_long --steps_per_stage 1500
 $PY scripts/ablation.py "$out" results/ablation_tiny
