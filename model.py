@@ -56,6 +56,10 @@ class GPTConfig:
         return (self.vocab_size + 63) // 64 * 64
 
 
+# what GPT.student_from may set; every other field of a student is its teacher's
+STUDENT_FIELDS = ("max_k", "dropout", "noise_features", "readout", "readout_layers")
+
+
 # ------------------------------------------------------------------------------------------------
 # 1. The blocks: a pre-norm causal Transformer with RoPE. Positions always come as a tensor: noise
 # slot i of a window anchored at t sits at t + i, the position of the token it will produce.
@@ -322,6 +326,7 @@ class GPT(nn.Module):
         encoder (first stage) and slot readout from scratch; no dropout, as in the paper's k = 4
         stage. choices (noise_features, readout, readout_layers): the first stage's; later stages
         inherit them."""
+        assert set(choices) <= set(STUDENT_FIELDS), choices   # the rest stays the teacher's
         cfg = GPTConfig(**{**asdict(teacher.config), "max_k": max_k, "dropout": 0.0})
         if teacher.noise_encoder is None:
             cfg = replace(cfg, **{name: v for name, v in choices.items() if v is not None})

@@ -13,7 +13,8 @@ import torch
 
 from common import (ArgumentParser, UserError, load_checkpoint, load_split, model_from_checkpoint,
                     resolve_device, run_cli, sample_windows)
-from model import agreement_without_noise, generate, same_noise_agreement, teacher_context_windows
+from model import (STUDENT_FIELDS, agreement_without_noise, generate, same_noise_agreement,
+                   teacher_context_windows)
 from prepare_data import get_tokenizer
 
 
@@ -38,9 +39,8 @@ def load_models(teacher_path, student_path, device):
     t_ckpt = load_checkpoint(teacher_path, "teacher")
     s_ckpt = load_checkpoint(student_path, "student")
     t_cfg, s_cfg = t_ckpt["model_config"], s_ckpt["model_config"]
-    diff = [f"{key} {s_cfg.get(key)} vs {v}" for key, v in t_cfg.items()   # not what a student adds
-            if key not in ("max_k", "noise_features", "readout", "readout_layers", "dropout")
-            and s_cfg.get(key) != v]
+    diff = [f"{key} {s_cfg.get(key)} vs {v}" for key, v in t_cfg.items()
+            if key not in STUDENT_FIELDS and s_cfg.get(key) != v]
     if diff:
         raise UserError(f"{student_path} does not have {teacher_path}'s shape: {', '.join(diff)}")
     return *(model_from_checkpoint(ckpt, device).eval() for ckpt in (t_ckpt, s_ckpt)), t_ckpt
