@@ -77,6 +77,8 @@ def parse_args(argv=None):
     flag("readout", choices=["argmax", "cdf", "cdf_seq"], default="argmax",
          help="the paper shape's student readout (default: argmax, the paper's)")
     flag("readout_layers", type=int, default=1, help="its slot MLP's layers (cdf_seq; default 1)")
+    flag("coupling", choices=["inverse_cdf", "gumbel"], default="inverse_cdf",
+         help="how the paper shape's AR and student draw a token from u (default: inverse_cdf)")
     flag("attention", choices=["sdpa", "flex"], default="sdpa", help="how a cached pass attends, "
          "both sides: a mask over the whole cache, or FlexAttention's blocks (default: sdpa)")
     flag("compile", action="store_true", help="torch.compile each decode step, both sides")
@@ -507,7 +509,7 @@ def main(argv=None):
         candidates = [(label, teacher, student)] if args.trained else []
         if paper_shape:   # random weights: a pass's speed does not depend on them
             torch.manual_seed(args.seed)
-            ps = GPT(PAPER_SHAPE)
+            ps = GPT(replace(PAPER_SHAPE, coupling=args.coupling))   # the student inherits it
             candidates.insert(0, ("paper_shape_random", ps,
                                   GPT.student_from(ps, max(ks), readout=args.readout,
                                                    readout_layers=args.readout_layers)))

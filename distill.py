@@ -9,6 +9,10 @@ up to --k, each a copy of the last learning its same-noise rollout, block after 
 context followed by its own tokens (stage 1: the teacher's inverse CDF), by cross-entropy.
 --freeze_trunk (the tiny preset's; cdf readouts only): every weight the teacher had stays frozen
 and only the noise encoder and the slot MLP learn, so real tokens and slot 1 stay the teacher's.
+--coupling gumbel (the cdf readouts' default): tokens are drawn from u by the Gumbel-max trick
+instead of the inverse CDF, by the student and by the AR teacher it is compared with: the same
+distributions, and their same-noise samples coincide more often. The argmax readouts learn the map
+from u themselves and need the smooth inverse CDF.
 
     python distill.py --preset tiny      # teacher: out/teacher_<preset>/best.pt
     torchrun --standalone --nproc_per_node 8 distill.py --preset small
@@ -27,8 +31,8 @@ from common import (EMA, JsonlLog, StopFlag, UserError, all_mean, device_name, f
                     fits_in_memory, git_commit, load_checkpoint, load_split, lr_at,
                     model_from_checkpoint, parse_config, pyplot, run_cli, sample_windows,
                     save_checkpoint, save_figure, setup_runtime, shard, start_run, write_json)
-from model import (GPT, agreement_without_noise, generate, inverse_cdf, same_noise_agreement,
-                   window_agreement)
+from model import (GPT, agreement_without_noise, draw, generate, inverse_cdf,
+                   same_noise_agreement, window_agreement)
 from prepare_data import load_meta, tokenizer_spec
 
 
@@ -39,6 +43,9 @@ class DistillConfig:
     out_dir: str = field("out/distill_{preset}", "student_k<K>.pt, last.pt, log and summary")
     k: int = field(4, "tokens per pass of the last stage", at_least=1)
     recipe: str = field("cdf_seq", "see above", choices=("paper", "onpolicy", "cdf", "cdf_seq"))
+    coupling: str = field("auto", "how u becomes a token (see above): inverse_cdf (the paper's), "
+                          "gumbel, or auto: gumbel for cdf readouts",
+                          choices=("auto", "inverse_cdf", "gumbel"))
     steps_per_stage: int = field(1000, "optimizer steps per stage", at_least=0)
     batch_size: int = field(32, "sequences per step, over all processes", at_least=1)
     block_size: int = field(256, "context tokens per sequence (<= the teacher's)", at_least=1)
@@ -123,7 +130,7 @@ def distill_loss(recipe, model, teacher, prev, x, anchors, u, autocast):
     own = logits.argmax(-1) if own is None else own   # the argmax readout's tokens
     if recipe != "paper":
         target_logits = teacher_after(teacher, x, anchors, own)
-        targets = inverse_cdf(target_logits, u)
+        targets = draw(target_logits, u, teacher.config.coupling)
     if recipe in ("paper", "onpolicy"):
         per_slot = F.cross_entropy(logits.float().flatten(0, 2), targets.flatten(),
                                    reduction="none").view_as(targets).mean((0, 1))
@@ -157,6 +164,8 @@ def checkpoint(run, model, gen, log, stage, **mid_stage):
 def main(argv=None):
     cfg, args = parse_config(DistillConfig, PRESETS, __doc__, argv)
     schedule = stage_schedule(cfg)
+    if cfg.coupling == "auto":
+        cfg.coupling = "gumbel" if "cdf" in cfg.recipe else "inverse_cdf"
     rt = setup_runtime(cfg.device, cfg.dtype, tf32=False)   # fp32 targets: no TF32 rounding
     if cfg.batch_size % rt.world:
         raise UserError(f"--batch_size {cfg.batch_size} must split over {rt.world} processes")
@@ -165,9 +174,11 @@ def main(argv=None):
     if cfg.k > min(cfg.eval_tokens, teacher.config.block_size - cfg.prompt_len):
         raise UserError(f"--k {cfg.k} is out of range: at most --eval_tokens and the teacher's "
                         f"block size {teacher.config.block_size} - --prompt_len {cfg.prompt_len}")
-    if cfg.freeze_trunk and "cdf" not in cfg.recipe:   # the argmax readout reads slot 1 from a slot
-        raise UserError(f"--freeze_trunk needs --recipe cdf or cdf_seq (with --recipe {cfg.recipe}"
-                        ", add --no-freeze_trunk)")
+    if "cdf" not in cfg.recipe and (cfg.freeze_trunk or cfg.coupling == "gumbel"):
+        # the argmax readout reads token 1 from a slot, and learns the map from u: a smooth one
+        flag = "--freeze_trunk" if cfg.freeze_trunk else "--coupling gumbel"
+        raise UserError(f"{flag} needs --recipe cdf or cdf_seq (--recipe {cfg.recipe} reads tokens "
+                        "by argmax)")
     if cfg.block_size > teacher.config.block_size:   # RoPE would run on, past what it learned
         raise UserError(f"--block_size {cfg.block_size} exceeds the teacher's block size")
     train, val = load_split(cfg.data_dir, "train"), load_split(cfg.data_dir, "val")
@@ -185,6 +196,7 @@ def main(argv=None):
     prompts = sample_windows(val, cfg.eval_samples, cfg.prompt_len, g)[0].to(rt.device)
     noise = torch.rand(cfg.eval_samples, cfg.eval_tokens, generator=g, dtype=torch.float64)
     bench = SimpleNamespace(prompts=prompts, noise=noise.to(rt.device))
+    teacher.config.coupling = cfg.coupling   # the AR reference draws as the student will
     bench.ar_tokens = generate(teacher, prompts, bench.noise, k=1)
     blind = agreement_without_noise(teacher, prompts, bench.ar_tokens)   # noise-blind baselines
 
@@ -207,7 +219,7 @@ def main(argv=None):
                 continue
             student = GPT.student_from(prev, k, noise_features=cfg.noise_features,
                                        readout=cfg.recipe if "cdf" in cfg.recipe else "argmax",
-                                       readout_layers=cfg.readout_layers)
+                                       readout_layers=cfg.readout_layers, coupling=cfg.coupling)
             for name, p in student.named_parameters():   # frozen: what the teacher already had
                 p.requires_grad_(not (cfg.freeze_trunk and name in teacher_names))
             trained = [p for p in student.parameters() if p.requires_grad]

@@ -13,15 +13,17 @@ paper's) keeps the inverse CDF: token 1's distribution is read from the last rea
 teacher's, exactly, at the start), token i+1's from noise slot i's state, and x_i = F^-1(u_i | that
 distribution). A student that learns the teacher's conditionals then samples the teacher exactly,
 and AR is its k = 1 case with no slot at all. "cdf_seq" adds a small MLP per slot that also reads
-the token slot i produced (as Hydra's or DeepSeek-V3's multi-token heads do).
+the token slot i produced (as Hydra's or DeepSeek-V3's multi-token heads do). A distribution
+readout may also swap the inverse CDF for another exact map from u to a token (coupling="gumbel")
+under which a student's and its teacher's samples from the same noise coincide more often.
 
 Read top to bottom:
   1. the blocks: GPTConfig, rope, attention, MLP, Block
   2. the student's pieces, NoiseEncoder, staircase_mask and SlotReadout; then GPT: forward (the
      teacher), forward_staircase, forward_cdf, read_out and student_from (the student),
      forward_step (a cached decoding pass)
-  3. sampling as a function of noise: inverse_cdf, KVCache, GPT.forward_step, decode_step, generate
-     (one decode loop; AR is its k = 1 case)
+  3. sampling as a function of noise: inverse_cdf and gumbel_max (two couplings), KVCache,
+     GPT.forward_step, decode_step, generate (one decode loop; AR is its k = 1 case)
   4. measures: same-noise agreement, on the teacher's context, against a student blind to the noise
 fast.py makes decoding fast (FlexAttention, CUDA graphs) without computing anything new.
 """
@@ -50,6 +52,9 @@ class GPTConfig:
     # with a small MLP per slot over the token the slot before produced
     readout: str = "argmax"
     readout_layers: int = 1    # cdf_seq: the residual MLPs of that per-slot readout
+    # how a uniform u becomes a token (model.draw): "inverse_cdf", smooth in u as the argmax readout
+    # needs, or "gumbel" (distribution readouts), whose same-noise samples agree more often
+    coupling: str = "inverse_cdf"
 
     @property
     def padded_vocab(self):
@@ -57,7 +62,7 @@ class GPTConfig:
 
 
 # what GPT.student_from may set; every other field of a student is its teacher's
-STUDENT_FIELDS = ("max_k", "dropout", "noise_features", "readout", "readout_layers")
+STUDENT_FIELDS = ("max_k", "dropout", "noise_features", "readout", "readout_layers", "coupling")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -206,6 +211,8 @@ class GPT(nn.Module):
         if cfg.readout not in ("argmax", "cdf", "cdf_seq"):
             raise ValueError(f"readout must be argmax, cdf or cdf_seq, not {cfg.readout!r}")
         self.slot_readout = SlotReadout(cfg) if cfg.readout == "cdf_seq" else None
+        if cfg.coupling not in ("inverse_cdf", "gumbel"):
+            raise ValueError(f"coupling must be inverse_cdf or gumbel, not {cfg.coupling!r}")
         for m in self.modules():   # GPT-2's init, with residual projections scaled by depth
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, mean=0.0, std=0.02)
@@ -283,11 +290,11 @@ class GPT(nn.Module):
 
     def read_out(self, h_last, h_slots, u):
         """From the states of the last real token (..., C) and of the k - 1 noise slots after it
-        (..., k - 1, C) to k distributions and tokens, x_i = F^-1(u_i | distribution i)."""
+        (..., k - 1, C) to k distributions and tokens, x_i = draw(distribution i, u_i)."""
         r, logits, tokens = h_last, [], []
         for i in range(u.size(-1)):
             logits.append(self._logits(r))
-            tokens.append(inverse_cdf(logits[-1], u[..., i]))
+            tokens.append(draw(logits[-1], u[..., i], self.config.coupling))
             if i + 1 < u.size(-1):   # the state that token i+1's distribution is read from
                 h, mlp = h_slots[..., i, :], self.slot_readout
                 r = h if mlp is None else mlp(h, self.wte(tokens[-1]), r)
@@ -363,6 +370,29 @@ def inverse_cdf(logits, u):
     tok = torch.searchsorted(cdf, (u.to(dtype).unsqueeze(-1) * total).contiguous(), right=True)
     last = torch.searchsorted(cdf, total, right=False)   # the last id with mass
     return torch.minimum(tok, last).squeeze(-1)
+
+
+def _mix(x):   # a 32-bit integer hash in int64 arithmetic (no product reaches 2^63)
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+    return (x >> 16) ^ x
+
+
+def gumbel_max(logits, u):
+    """x = argmax_j logit_j + G_j: the Gumbel-max trick, its Gumbel variates G_j = -log E_j made
+    from the one uniform u by a fixed hash of (u, j), E_j ~ Exp(1). Exact as a pseudo-random draw
+    is. Two nearby distributions drawn with the same u give the same token with probability at
+    least (1 - TV) / (1 + TV); the inverse CDF loses a share at every bucket boundary that moves."""
+    bits = (u.double() * 2.0 ** 53).long()   # u's 53 bits, folded to 32
+    seed = ((bits >> 32) ^ bits).unsqueeze(-1) & 0xFFFFFFFF
+    j = torch.arange(logits.size(-1), device=u.device) * 0x9E3779B1 & 0xFFFFFFFF
+    e = -torch.log((_mix(seed ^ j).double() + 0.5) / 2.0 ** 32)
+    return (logits.double() - torch.log(e)).argmax(-1)
+
+
+def draw(logits, u, coupling):
+    """A token from each distribution and its uniform u, by the coupling: noise to token, fixed."""
+    return gumbel_max(logits, u) if coupling == "gumbel" else inverse_cdf(logits, u)
 
 
 def decode_mask(qpos, length):

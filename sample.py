@@ -43,7 +43,9 @@ def load_models(teacher_path, student_path, device):
             if key not in STUDENT_FIELDS and s_cfg.get(key) != v]
     if diff:
         raise UserError(f"{student_path} does not have {teacher_path}'s shape: {', '.join(diff)}")
-    return *(model_from_checkpoint(ckpt, device).eval() for ckpt in (t_ckpt, s_ckpt)), t_ckpt
+    teacher, student = (model_from_checkpoint(ckpt, device).eval() for ckpt in (t_ckpt, s_ckpt))
+    teacher.config.coupling = student.config.coupling   # the AR reference draws as the student does
+    return teacher, student, t_ckpt
 
 
 def show(tok, teacher, student, k, width=96):

@@ -32,9 +32,10 @@ LEVERS = {"high": "cdf_seq, --noise_features high", "ema": "cdf_seq, --ema 0.99"
           "layers3": "the earlier tiny preset, --readout_layers 3",
           "b64": "the earlier tiny preset, --block_size 64",
           "layers5": "the tiny preset, --readout_layers 5",
-          "preset_long": "the tiny preset, twice the steps"}
+          "preset_long": "the tiny preset, twice the steps",
+          "gumbel": "the tiny preset as it stands: --coupling gumbel"}
 PRESET = ("the tiny preset (cdf_seq, --freeze_trunk --lr 5e-3 --ema 0.99 --readout_layers 3 "
-          "--block_size 64, 750 steps)")   # <root>/preset
+          "--block_size 64, 750 steps), --coupling inverse_cdf")   # <root>/preset
 
 
 def gather(root, previous):

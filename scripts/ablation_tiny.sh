@@ -14,15 +14,17 @@ run() {   # run DIR NAME DISTILL_FLAGS...: distil into DIR, then score the stude
       --data_dir data/shakespeare_char --no-speed --quality_samples 128 --name "$name" \
       --out_dir "$dir"
 }
-# the tiny preset's earlier shape: a 1-layer slot MLP on 128-character windows, 600 steps
-before=(--readout_layers 1 --block_size 128 --steps_per_stage 600)
+# the tiny preset's earlier shape: a 1-layer slot MLP on 128-character windows, 600 steps; all but
+# the last run draw by the inverse CDF, as they did before the Gumbel-max coupling
+iv=(--coupling inverse_cdf)
+before=(--readout_layers 1 --block_size 128 --steps_per_stage 600 "${iv[@]}")
 # the recipes ran before the tiny preset took lr 2e-3 and ema 0.99, then a frozen trunk at 5e-3
 old=("${before[@]}" --lr 1e-3 --ema 0 --no-freeze_trunk)
 for recipe in paper onpolicy cdf cdf_seq; do
   steps=600; [ "$recipe" = paper ] && steps=250   # the paper's recipe: three stages of 250
   run "$out/$recipe" "$recipe" --recipe "$recipe" --steps_per_stage "$steps" "${old[@]}"
 done
-run "$out/preset" preset   # the tiny preset as it stands: cdf_seq on a frozen trunk
+run "$out/preset" preset "${iv[@]}"   # the tiny preset: cdf_seq on a frozen trunk
 lever() {   # lever NAME FLAGS...: the tiny preset's earlier shape, then FLAGS, into out/lever_NAME
   local name=$1
   shift
@@ -46,6 +48,8 @@ lever lr5_long --steps_per_stage 1200 --lr 5e-3 --no-freeze_trunk
 lever layers2 --readout_layers 2   # a deeper slot MLP
 lever layers3 --readout_layers 3
 lever b64 --block_size 64   # windows as long as the evaluation's contexts (<= 54 characters)
-run out/lever_layers5 layers5 --readout_layers 5   # on top of the tiny preset as it stands
-run out/lever_preset_long preset_long --steps_per_stage 1500
+run out/lever_layers5 layers5 --readout_layers 5 "${iv[@]}"   # on top of the tiny preset
+run out/lever_preset_long preset_long --steps_per_stage 1500 "${iv[@]}"
+unset OMP_NUM_THREADS
+run out/lever_gumbel gumbel   # the tiny preset as it stands: the Gumbel-max coupling
 $PY scripts/ablation.py "$out" results/ablation_tiny

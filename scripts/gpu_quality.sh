@@ -3,7 +3,8 @@
 # 9 minutes, one device command): the small teacher once, then three distillations to k = 4 at
 # about the same training time, each scored by bench.py (quality only, on 256 prefixes): the paper's
 # recipe, cdf_seq, and cdf_seq with what won on the CPU (a frozen trunk at a larger learning rate,
-# a weight average, a 3-layer slot MLP). Summaries, quality JSON and logs go into
+# a weight average, a 3-layer slot MLP); both cdf_seq runs draw by the Gumbel-max coupling (distill
+# .py's default for them), the paper's by the inverse CDF. Summaries, quality JSON and logs go into
 # ${OUT:-gpu_out}/gpu_quality.tgz (checkpoints stay in out/gpu_quality/), summary.log beside it.
 #     bash scripts/gpu_quality.sh                                         # on the GPU
 #     PRESET=tiny STEPS=9 TEACHER_STEPS=20 PREFIXES=8 bash scripts/gpu_quality.sh   # CPU dry run

@@ -1,7 +1,9 @@
 """Same-noise agreement per slot on the teacher's context, taken apart: (1) split by whether the
 window's earlier slots agreed, how much of a later slot's shortfall it inherits from the slots
 before it; (2) with the noise slots fed OTHER noise than the readout draws with, how much of it the
-network's trunk carries from the noise.
+network's trunk carries from the noise; (3) for a distribution readout, how much the coupling
+decides: the same student and teacher drawing by each coupling, and 1 - TV between their
+distributions at each slot, the most that any coupling could agree.
 
     python scripts/slot_agreement.py out/distill_tiny out/lever_layers1 out/lever_layers3 \
         out/ablation_tiny/paper out/lever_lr5_ema out/lever_frozen_long out/lever_lr5_long \
@@ -15,6 +17,8 @@ P(slots 1-3 agreed) x (its agreement given that) + the rest x (its agreement aft
 sample. The distribution readout also draws x_i = F^-1(u_i | ..) itself and its slot MLP reads the
 token drawn: if its agreement holds with other noise at the slots, the trunk ignores the noise and
 a slot's state is a function of the context alone.
+(3) The distributions do not depend on the coupling; how often two nearby ones draw the same token
+from the same u does.
 """
 import argparse
 import json
@@ -45,19 +49,43 @@ g = torch.Generator().manual_seed(0)   # the prefixes and noise of distill.py's 
 val = load_split(ckpt["train_config"]["data_dir"], "val")
 prompts = sample_windows(val, args.prefixes, 6, g)[0]
 noise = torch.rand(args.prefixes, args.tokens, generator=g, dtype=torch.float64)
-ar = generate(teacher, prompts, noise, k=1)
 n, k, out = args.tokens // args.k * args.k, args.k, {}
 if args.out and os.path.exists(args.out):   # runs measured before, perhaps on another machine
     out = json.load(open(args.out))["runs"]
+
+
+def on_teachers_context(student, coupling):
+    """The teacher's samples and the student's windows on them, both drawing by `coupling`."""
+    student.config.coupling = teacher.config.coupling = coupling
+    ar = generate(teacher, prompts, noise, k=1)
+    return ar, teacher_context_windows(student, prompts, ar, noise, k)
+
+
+def agreement(ar, tokens):   # (prefixes, windows, k): 1 where the student's token is the teacher's
+    return (tokens.view(args.prefixes, -1, k) == ar[:, :n].view(args.prefixes, -1, k)).float()
+
+
 for run in args.runs:
     student = model_from_checkpoint(
         load_checkpoint(f"{run}/student_k{k}.pt", "student"), "cpu").eval()
-    tokens = teacher_context_windows(student, prompts, ar, noise, k)
+    own, by_coupling = student.config.coupling, {}
+    for coupling in ("inverse_cdf", "gumbel") if student.config.readout != "argmax" else ():
+        by_coupling[coupling] = agreement(*on_teachers_context(student, coupling)).mean((0, 1))
+    ar, tokens = on_teachers_context(student, own)
+    tv = None
+    if by_coupling:   # (3) each slot's two distributions in each window, as distill.py has them
+        P = prompts.size(1)
+        seq = torch.cat([prompts, ar[:, :n]], 1)[:, :P + n - k]
+        anchors = (P - 1 + torch.arange(0, n, k)).expand(args.prefixes, -1)
+        with torch.no_grad():
+            logits, drawn = student.forward_cdf(seq, anchors, noise[:, :n].view(len(seq), -1, k))
+            p = teacher.forward_window(seq, anchors, drawn[:, :, :-1]).softmax(-1)
+        tv = 0.5 * (logits.softmax(-1) - p).abs().sum(-1)
     encode = student.noise_encoder.forward   # (2): the noise slots get fresh uniforms
     torch.manual_seed(1)   # the same for every run
     student.noise_encoder.forward = lambda u: encode(torch.rand(u.shape, dtype=u.dtype))
     other = teacher_context_windows(student, prompts, ar, noise, k)
-    hit = (tokens.view(args.prefixes, -1, k) == ar[:, :n].view(args.prefixes, -1, k)).float()
+    hit = agreement(ar, tokens)
     before = torch.cumprod(torch.cat([torch.ones_like(hit[..., :1]), hit[..., :-1]], -1), -1)
     missed = 1 - before
     out[run] = {   # per slot, over all windows (slot 1 has no earlier slot to miss)
@@ -68,8 +96,14 @@ for run in args.runs:
         "agreement_after_a_miss": [None if math.isnan(x) else x for x in   # None: never missed
                                    ((hit * missed).sum((0, 1)) / missed.sum((0, 1))).tolist()],
         "agreement_other_noise_at_the_slots": (other == ar[:, :n]).view(
-            args.prefixes, -1, k).float().mean((0, 1)).tolist()}
-    print(run, "; ".join(f"{key} " + "/".join("-" if x is None else f"{x:.0%}" for x in v)
-                         for key, v in out[run].items()))
+            args.prefixes, -1, k).float().mean((0, 1)).tolist(),
+        "coupling": own, **({} if tv is None else {
+            "agreement_by_coupling": {c: a.tolist() for c, a in by_coupling.items()},
+            "one_minus_tv_given_earlier_agreed": (((1 - tv) * before).sum((0, 1))
+                                                  / before.sum((0, 1))).tolist()})}
+    shown = {**out[run], **{f"agreement_{c}": a for c, a in
+                            out[run].get("agreement_by_coupling", {}).items()}}
+    print(run, own, "; ".join(f"{key} " + "/".join("-" if x is None else f"{x:.0%}" for x in v)
+                              for key, v in shown.items() if isinstance(v, list)))
 if args.out:
     write_json(args.out, {"teacher": args.teacher, "prefixes": args.prefixes, "runs": out})

@@ -163,6 +163,7 @@ def test_compiled_step_matches_eager_generate():
     with torch.no_grad():
         teacher.lm_head.weight.mul_(30)
     cdf = GPT.student_from(teacher, K, readout="cdf_seq").eval()   # sharpened as well
+    gumbel = GPT.student_from(teacher, K, readout="cdf_seq", coupling="gumbel").eval()
     gen = torch.Generator().manual_seed(2)
     prompt = torch.randint(V, (3, 6), generator=gen)
     noise = torch.rand(3, 16, generator=gen, dtype=torch.float64)
@@ -170,7 +171,7 @@ def test_compiled_step_matches_eager_generate():
     torch._dynamo.utils.counters.clear()   # (reset() keeps them: count this test's graphs only)
     step = CUDAGraphStep(capture=False, compile=True)
     for attention in ("sdpa", "flex"):
-        for model, k in ((teacher, 1), (student, 2), (student, 4), (cdf, 4)):
+        for model, k in ((teacher, 1), (student, 2), (student, 4), (cdf, 4), (gumbel, 4)):
             cache = make_cache(model.config, 3, "cpu", torch.float32, attention)
             assert torch.equal(generate(model, prompt, noise, k, step_fn=step, cache=cache),
                                generate(model, prompt, noise, k)), (attention, k)

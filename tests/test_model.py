@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from model import (GPT, GPTConfig, KVCache, agreement_without_noise, apply_rope, decode_mask,
-                   decode_step, generate, inverse_cdf, rope, same_noise_agreement, staircase_mask,
-                   window_agreement)
+                   decode_step, draw, generate, inverse_cdf, rope, same_noise_agreement,
+                   staircase_mask, window_agreement)
 
 V = 50257
 
@@ -224,15 +224,31 @@ def test_inverse_cdf_sums_float32_logits_in_float64():
         assert inverse_cdf(logits, torch.tensor([u], dtype=torch.float64)).item() == int(u >= edge)
 
 
+@pytest.mark.parametrize("coupling", ["inverse_cdf", "gumbel"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_inverse_cdf_frequencies_match_the_softmax(dtype):
+def test_each_coupling_samples_the_softmax(dtype, coupling):
     torch.manual_seed(0)
     logits = (torch.randn(20) * 2).to(dtype)   # bf16 logits (bench's speed runs) sum in float32
     n = 200_000
-    tok = inverse_cdf(logits.expand(n, -1), torch.rand(n, dtype=torch.float64))
+    tok = draw(logits.expand(n, -1), torch.rand(n, dtype=torch.float64), coupling)
     freq = torch.bincount(tok, minlength=20).double() / n
     tv = 0.5 * (freq - torch.softmax(logits.double(), -1)).abs().sum().item()
     assert tv < 0.01, tv       # sampling error of 200k draws over 20 bins is ~0.003
+
+
+def test_the_gumbel_coupling_is_near_maximal():
+    """Two nearby distributions drawn with the same u: no coupling agrees more often than 1 - TV;
+    Gumbel-max (its variates a fixed function of u and the token) agrees at least (1 - TV) / (1 +
+    TV) of the time, the inverse CDF loses a share at every bucket boundary that moves."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(20, generator=g) * 2
+    q = p + 0.3 * torch.randn(20, generator=g)
+    tv = 0.5 * (p.double().softmax(-1) - q.double().softmax(-1)).abs().sum().item()   # 0.08
+    u = torch.rand(200_000, generator=g, dtype=torch.float64)
+    agree = {c: (draw(p.expand(len(u), -1), u, c) == draw(q.expand(len(u), -1), u, c)).double()
+             .mean().item() for c in ("inverse_cdf", "gumbel")}
+    assert (1 - tv) / (1 + tv) - 0.01 < agree["gumbel"] < 1 - tv + 0.01, (agree, tv)
+    assert agree["inverse_cdf"] < agree["gumbel"] - 0.1, agree   # here 0.75 against 0.91
 
 
 @torch.no_grad()
@@ -273,9 +289,10 @@ def test_ar_decode_equals_naive_sampling(teacher):
     assert torch.equal(generate(teacher, prompt, noise, k=1), seq[:, 6:])
 
 
-def cdf_student(teacher, readout, perturb=True, layers=1):
+def cdf_student(teacher, readout, perturb=True, layers=1, coupling="inverse_cdf"):
     torch.manual_seed(1)
-    s = GPT.student_from(teacher, 4, readout=readout, readout_layers=layers).eval()
+    s = GPT.student_from(teacher, 4, readout=readout, readout_layers=layers,
+                         coupling=coupling).eval()
     with torch.no_grad():   # as the student fixture: a wrong mask or readout must show
         for p in s.parameters() if perturb else ():
             p.add_(0.05 * torch.randn_like(p))
@@ -283,11 +300,13 @@ def cdf_student(teacher, readout, perturb=True, layers=1):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("readout,layers", [("argmax", 1), ("cdf", 1), ("cdf_seq", 1),
-                                            ("cdf_seq", 3)])
-def test_student_decode_equals_staircase(teacher, student, readout, layers):
+@pytest.mark.parametrize("readout,layers,coupling", [
+    ("argmax", 1, "inverse_cdf"), ("cdf", 1, "inverse_cdf"), ("cdf_seq", 1, "inverse_cdf"),
+    ("cdf_seq", 3, "inverse_cdf"), ("cdf_seq", 3, "gumbel")])
+def test_student_decode_equals_staircase(teacher, student, readout, layers, coupling):
     """Each pass of generate() is the student's staircase window on the tokens committed so far."""
-    model = student if readout == "argmax" else cdf_student(teacher, readout, layers=layers)
+    model = student if readout == "argmax" else cdf_student(teacher, readout, layers=layers,
+                                                            coupling=coupling)
     prompt, noise = torch.randint(0, V, (2, 6)), torch.rand(2, 12, dtype=torch.float64)
     out = generate(model, prompt, noise, k=4)
     seq = torch.cat([prompt, out], 1)
@@ -326,14 +345,15 @@ def test_only_the_sequential_readout_sees_the_token_a_slot_produced(teacher):
     comes from slot 1's state alone and stays, with cdf_seq it also reads token 1 and moves."""
     h_last, h_slots = torch.randn(1, 32), torch.randn(1, 3, 32)
     u = torch.tensor([[0.01, 0.5, 0.5, 0.5], [0.99, 0.5, 0.5, 0.5]], dtype=torch.float64)
-    for readout, layers in (("cdf", 1), ("cdf_seq", 1), ("cdf_seq", 3)):
-        logits, tokens = cdf_student(teacher, readout, layers=layers).read_out(
+    for readout, layers, coupling in (("cdf", 1, "inverse_cdf"), ("cdf_seq", 1, "inverse_cdf"),
+                                      ("cdf_seq", 3, "inverse_cdf"), ("cdf_seq", 3, "gumbel")):
+        logits, tokens = cdf_student(teacher, readout, layers=layers, coupling=coupling).read_out(
             h_last.expand(2, -1), h_slots.expand(2, -1, -1), u)
         assert tokens[0, 0] != tokens[1, 0]
         assert torch.equal(logits[0, 0], logits[1, 0])
         assert torch.equal(logits[0, 1], logits[1, 1]) == (readout == "cdf"), readout
-        for i in range(4):   # each token is the inverse CDF of its own distribution
-            assert torch.equal(tokens[:, i], inverse_cdf(logits[:, i], u[:, i]))
+        for i in range(4):   # each token is drawn from its own distribution by the coupling
+            assert torch.equal(tokens[:, i], draw(logits[:, i], u[:, i], coupling))
 
 
 def test_student_copies_every_shared_tensor(teacher):

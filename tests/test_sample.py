@@ -148,8 +148,9 @@ def test_the_command_line_prints_one_error_line(pair):
 
 
 def test_a_distribution_readout_student_starts_at_its_teachers_first_token(tmp_path, capsys):
-    """sample.py takes a cdf_seq student (its config adds a readout to the teacher's): fresh from
-    its teacher, its first token of every window on the teacher's context is the teacher's."""
-    run(write_pair(tmp_path, readout="cdf_seq", readout_layers=3), "--prompt", "First",
-        "--num_samples", "2", "--max_new_tokens", "12", "--k", "4")
+    """sample.py takes a cdf_seq student (its config adds a readout and a coupling to the
+    teacher's): fresh from its teacher, its first token of every window on the teacher's context
+    is the teacher's, the teacher drawing with the student's coupling."""
+    run(write_pair(tmp_path, readout="cdf_seq", readout_layers=3, coupling="gumbel"),
+        "--prompt", "First", "--num_samples", "2", "--max_new_tokens", "12", "--k", "4")
     assert re.search(r"on the teacher's context\s+slot 1\s+100\.0%", capsys.readouterr().out)
