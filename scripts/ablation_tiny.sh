@@ -22,7 +22,7 @@ before=(--readout_layers 1 --block_size 128 --steps_per_stage 600 "${iv[@]}")
 old=("${before[@]}" --lr 1e-3 --ema 0 --no-freeze_trunk)
 for recipe in paper onpolicy cdf cdf_seq; do
   steps=600; [ "$recipe" = paper ] && steps=250   # the paper's recipe: three stages of 250
-  run "$out/$recipe" "$recipe" --recipe "$recipe" --steps_per_stage "$steps" "${old[@]}"
+  run "$out/$recipe" "$recipe" "${old[@]}" --recipe "$recipe" --steps_per_stage "$steps"
 done
 run "$out/preset" preset "${iv[@]}"   # the tiny preset: cdf_seq on a frozen trunk
 lever() {   # lever NAME FLAGS...: the tiny preset's earlier shape, then FLAGS, into out/lever_NAME
@@ -40,7 +40,7 @@ lever paper_lr --recipe paper --steps_per_stage 250 --lr 2e-3 --ema 0 --no-freez
 lever lr_ema --lr 2e-3 --ema 0.99 --no-freeze_trunk   # the preset until frozen
 lever anchors --anchors 64 --lr 2e-3 --ema 0 --no-freeze_trunk
 lever long --steps_per_stage 1200 --lr 2e-3 --no-freeze_trunk   # twice the compute
-lever paper_long --recipe paper --steps_per_stage 500 "${old[@]}"
+lever paper_long --recipe paper --steps_per_stage 500 --lr 1e-3 --ema 0 --no-freeze_trunk
 lever lr5_ema --lr 5e-3 --no-freeze_trunk   # the preset's lr, every weight
 lever frozen --lr 2e-3   # a frozen trunk at the earlier preset's lr
 lever frozen_long --steps_per_stage 1200   # twice the compute, each side

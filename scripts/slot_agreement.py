@@ -9,6 +9,8 @@ distributions at each slot, the most that any coupling could agree.
         out/ablation_tiny/paper out/lever_lr5_ema out/lever_frozen_long out/lever_lr5_long \
         --out results/slot_agreement_tiny.json   # ablation_tiny.sh's runs; (2) is newer than
                                                  # its cdf_seq, long and paper_long rows
+    python scripts/slot_agreement.py out/distill_tiny out/ablation_tiny/preset \
+        --out results/slot_agreement_tiny.json   # (3), newer: make demo's and the preset's
 
 (1) A distribution-readout student conditions slot i on its OWN tokens of slots < i, so once it has
 drawn another token than the teacher, its later slots follow another text: slot 4's agreement is
