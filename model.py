@@ -491,19 +491,26 @@ def same_noise_agreement(a, b, k):
     return [eq[:, i::k].mean().item() for i in range(k)]
 
 
-@torch.no_grad()
-def teacher_context_windows(student, prompts, ar_tokens, noise, k, batch=32):
-    """The student's tokens with every window on the AR teacher's own context: window j starts
-    from the teacher's sample so far (prompt + its first j*k tokens) with the noise the teacher
-    used for its next k tokens. (B, n), n the tokens of whole windows; a pass per batch rows."""
+def teacher_context(prompts, ar_tokens, noise, k):
+    """Every window on the AR teacher's own context: window j starts from the teacher's sample so
+    far (prompt + its first j*k tokens) with the noise the teacher used for its next k tokens.
+    Returns the sequence, the windows' anchors (B, n / k) and their uniforms (B, n / k, k), n the
+    tokens of whole windows."""
     B, P = prompts.shape
     n = ar_tokens.size(1) // k * k
     seq = torch.cat([prompts, ar_tokens[:, :n]], dim=1)[:, :P + n - k]   # the last window's context
     anchors = (P - 1 + torch.arange(0, n, k, device=seq.device)).expand(B, -1)
-    slots = noise[:, :n].reshape(B, -1, k)
+    return seq, anchors, noise[:, :n].reshape(B, -1, k)
+
+
+@torch.no_grad()
+def teacher_context_windows(student, prompts, ar_tokens, noise, k, batch=32):
+    """The student's tokens in every window on the teacher's context (teacher_context), (B, n);
+    a pass per batch rows."""
+    seq, anchors, slots = teacher_context(prompts, ar_tokens, noise, k)
     return torch.cat([student.window_tokens(seq[i:i + batch], anchors[i:i + batch],
                                             slots[i:i + batch])
-                      for i in range(0, B, batch)]).flatten(1)
+                      for i in range(0, len(seq), batch)]).flatten(1)
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import load_checkpoint, load_split, model_from_checkpoint, sample_windows  # noqa: E402
 from common import write_json  # noqa: E402
-from model import generate, teacher_context_windows  # noqa: E402
+from model import generate, teacher_context, teacher_context_windows  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,17 +70,16 @@ def agreement(ar, tokens):   # (prefixes, windows, k): 1 where the student's tok
 for run in args.runs:
     student = model_from_checkpoint(
         load_checkpoint(f"{run}/student_k{k}.pt", "student"), "cpu").eval()
-    own, by_coupling = student.config.coupling, {}
-    for coupling in ("inverse_cdf", "gumbel") if student.config.readout != "argmax" else ():
-        by_coupling[coupling] = agreement(*on_teachers_context(student, coupling)).mean((0, 1))
-    ar, tokens = on_teachers_context(student, own)
+    own, cdf = student.config.coupling, student.config.readout != "argmax"
+    drawn_by = {c: on_teachers_context(student, c) for c in
+                (("inverse_cdf", "gumbel") if cdf else (own,))}   # (3): both, where it can
+    ar, tokens = drawn_by[own]
+    student.config.coupling = teacher.config.coupling = own   # (1) and (2): the run's own
     tv = None
-    if by_coupling:   # (3) each slot's two distributions in each window, as distill.py has them
-        P = prompts.size(1)
-        seq = torch.cat([prompts, ar[:, :n]], 1)[:, :P + n - k]
-        anchors = (P - 1 + torch.arange(0, n, k)).expand(args.prefixes, -1)
+    if cdf:   # (3) each slot's two distributions in each window, as distill.py has them
+        seq, anchors, slots = teacher_context(prompts, ar, noise, k)
         with torch.no_grad():
-            logits, drawn = student.forward_cdf(seq, anchors, noise[:, :n].view(len(seq), -1, k))
+            logits, drawn = student.forward_cdf(seq, anchors, slots)
             p = teacher.forward_window(seq, anchors, drawn[:, :, :-1]).softmax(-1)
         tv = 0.5 * (logits.softmax(-1) - p).abs().sum(-1)
     encode = student.noise_encoder.forward   # (2): the noise slots get fresh uniforms
@@ -100,7 +99,8 @@ for run in args.runs:
         "agreement_other_noise_at_the_slots": (other == ar[:, :n]).view(
             args.prefixes, -1, k).float().mean((0, 1)).tolist(),
         "coupling": own, **({} if tv is None else {
-            "agreement_by_coupling": {c: a.tolist() for c, a in by_coupling.items()},
+            "agreement_by_coupling": {c: agreement(*drawn).mean((0, 1)).tolist()
+                                      for c, drawn in drawn_by.items()},
             "one_minus_tv_given_earlier_agreed": (((1 - tv) * before).sum((0, 1))
                                                   / before.sum((0, 1))).tolist()})}
     shown = {**out[run], **{f"agreement_{c}": a for c, a in
