@@ -331,8 +331,8 @@ class GPT(nn.Module):
     def student_from(cls, teacher, max_k, **choices):
         """A student initialised from its teacher: every shared tensor copied, only a new noise
         encoder (first stage) and slot readout from scratch; no dropout, as in the paper's k = 4
-        stage. choices (noise_features, readout, readout_layers): the first stage's; later stages
-        inherit them."""
+        stage. choices (noise_features, readout, readout_layers, coupling): the first stage's;
+        later stages inherit them."""
         assert set(choices) <= set(STUDENT_FIELDS), choices   # the rest stays the teacher's
         cfg = GPTConfig(**{**asdict(teacher.config), "max_k": max_k, "dropout": 0.0})
         if teacher.noise_encoder is None:
