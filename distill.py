@@ -2,8 +2,9 @@
 Distillation: turn the AR teacher into a push-forward student that maps k uniform noises to k
 tokens in one pass. --recipe cdf_seq (the default) and cdf (without the slot MLP): the
 distribution readout, one stage at --k; slot i's distribution learns the AR teacher's after the
-context and the student's own tokens of slots < i (forward KL): at its fixed point the student
-samples the teacher. onpolicy: the argmax readout, by cross-entropy to those targets' inverse CDF.
+context and the student's own tokens of slots < i (--kl: the mean of the forward and reverse KL;
+forward alone spreads mass the teacher does not have): at its fixed point the student samples the
+teacher. onpolicy: the argmax readout, by cross-entropy to those targets' inverse CDF.
 paper: the paper's progressive self-forcing distillation (argmax readout): stages k = 1, 2, 4, ..
 up to --k, each a copy of the last learning its same-noise rollout, block after block on the real
 context followed by its own tokens (stage 1: the teacher's inverse CDF), by cross-entropy.
@@ -55,6 +56,9 @@ class DistillConfig:
     grad_clip: float = field(1.0, "clip the gradient norm to this (0: off)", at_least=0)
     ema: float = field(0.0, "decay of the weight average that is evaluated, saved "
                        "and handed on (0: off)", at_least=0, below=1)
+    kl: str = field("both", "the cdf readouts' loss per slot: forward KL(teacher || student) "
+                    "(mass-covering), reverse (mode-seeking) or both (their mean)",
+                    choices=("forward", "reverse", "both"))
     readout_layers: int = field(1, "cdf_seq: residual MLPs in the slot readout", at_least=1)
     noise_features: str = field("paper", "the noise encoder's cycles over [0, 1]: paper <= 1, "
                                 "high 1-256", choices=("paper", "high"))
@@ -119,10 +123,10 @@ def teacher_after(teacher, x, anchors, own):
     return teacher.forward_window(x, anchors, own[:, :, :-1]).float()
 
 
-def distill_loss(recipe, model, teacher, prev, x, anchors, u, autocast):
+def distill_loss(recipe, kl, model, teacher, prev, x, anchors, u, autocast):
     """One step's loss per slot (a mean over windows), the loss to minimise, the student's tokens
     and their targets: cross-entropy to the rollout (paper) or to the teacher's inverse CDF after
-    the student's own tokens (onpolicy), or forward KL to that distribution (cdf, cdf_seq)."""
+    the student's own tokens (onpolicy), or --kl to that distribution (cdf, cdf_seq)."""
     if recipe == "paper":   # targets first, in fp32, outside autocast
         targets = rollout_targets(prev, x, anchors, u)
     with autocast:   # the student's staircase pass, all windows at once: logits (B, A, k, V) and,
@@ -135,8 +139,10 @@ def distill_loss(recipe, model, teacher, prev, x, anchors, u, autocast):
         per_slot = F.cross_entropy(logits.float().flatten(0, 2), targets.flatten(),
                                    reduction="none").view_as(targets).mean((0, 1))
         return per_slot, per_slot.mean(), own, targets
-    log_p = F.log_softmax(target_logits, dim=-1)
-    per_slot = (log_p.exp() * (log_p - F.log_softmax(logits.float(), dim=-1))).sum(-1).mean((0, 1))
+    log_p, log_q = F.log_softmax(target_logits, dim=-1), F.log_softmax(logits.float(), dim=-1)
+    forward = (log_p.exp() * (log_p - log_q)).sum(-1).mean((0, 1))   # where p has mass, q needs it
+    reverse = (log_q.exp() * (log_q - log_p)).sum(-1).mean((0, 1))   # where p has none, q may not
+    per_slot = {"forward": forward, "reverse": reverse, "both": (forward + reverse) / 2}[kl]
     return per_slot, per_slot.sum(), own, targets   # summed, as the chain rule sums a joint's KL
 
 
@@ -263,8 +269,8 @@ def main(argv=None):
                                          generator=gen).argsort(-1)[:, :cfg.anchors]
                     u = torch.rand(*anchors.shape, k, generator=gen, dtype=torch.float64)
                     x, anchors, u = (shard(t, rt).to(rt.device) for t in (x, anchors, u))
-                    per_slot, loss, own, targets = distill_loss(cfg.recipe, model, teacher, prev,
-                                                                x, anchors, u, rt.autocast)
+                    per_slot, loss, own, targets = distill_loss(cfg.recipe, cfg.kl, model, teacher,
+                                                                prev, x, anchors, u, rt.autocast)
                     loss.backward()
                     hit = own == targets   # the loss and accuracy per slot, whole windows right
                     out = all_mean(torch.cat([per_slot.detach(), hit.float().mean((0, 1)),

@@ -33,7 +33,9 @@ LEVERS = {"high": "cdf_seq, --noise_features high", "ema": "cdf_seq, --ema 0.99"
           "b64": "the earlier tiny preset, --block_size 64",
           "layers5": "the tiny preset, --readout_layers 5",
           "preset_long": "the tiny preset, twice the steps",
-          "gumbel": "the tiny preset as it stands: --coupling gumbel"}
+          "gumbel": "the tiny preset, --coupling gumbel --kl forward",
+          "kl_reverse": "the tiny preset, --kl reverse",
+          "kl_both": "the tiny preset as it stands: --kl both"}
 PRESET = ("the tiny preset (cdf_seq, --freeze_trunk --lr 5e-3 --ema 0.99 --readout_layers 3 "
           "--block_size 64, 750 steps), --coupling inverse_cdf")   # <root>/preset
 

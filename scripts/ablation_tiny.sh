@@ -14,9 +14,11 @@ run() {   # run DIR NAME DISTILL_FLAGS...: distil into DIR, then score the stude
       --data_dir data/shakespeare_char --no-speed --quality_samples 128 --name "$name" \
       --out_dir "$dir"
 }
-# the tiny preset's earlier shape: a 1-layer slot MLP on 128-character windows, 600 steps; all but
-# the last run draw by the inverse CDF, as they did before the Gumbel-max coupling
-iv=(--coupling inverse_cdf)
+# the tiny preset's earlier shape: a 1-layer slot MLP on 128-character windows, 600 steps; the runs
+# before the last three draw by the inverse CDF, as they did before the Gumbel-max coupling, and all
+# but the last two learn by forward KL, as they did before --kl
+fw=(--kl forward)
+iv=(--coupling inverse_cdf "${fw[@]}")
 before=(--readout_layers 1 --block_size 128 --steps_per_stage 600 "${iv[@]}")
 # the recipes ran before the tiny preset took lr 2e-3 and ema 0.99, then a frozen trunk at 5e-3
 old=("${before[@]}" --lr 1e-3 --ema 0 --no-freeze_trunk)
@@ -51,5 +53,7 @@ lever b64 --block_size 64   # windows as long as the evaluation's contexts (<= 5
 run out/lever_layers5 layers5 --readout_layers 5 "${iv[@]}"   # on top of the tiny preset
 run out/lever_preset_long preset_long --steps_per_stage 1500 "${iv[@]}"
 unset OMP_NUM_THREADS
-run out/lever_gumbel gumbel   # the tiny preset as it stands: the Gumbel-max coupling
+run out/lever_gumbel gumbel "${fw[@]}"   # the Gumbel-max coupling
+run out/lever_kl_reverse kl_reverse --kl reverse   # the loss: KL(student || teacher) per slot
+run out/lever_kl_both kl_both   # the tiny preset as it stands: --kl both, the two KLs' mean
 $PY scripts/ablation.py "$out" results/ablation_tiny

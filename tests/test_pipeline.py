@@ -302,6 +302,33 @@ def test_onpolicy_targets_are_the_teachers_chain_after_the_students_own_tokens()
     assert torch.equal(inverse_cdf(distill.teacher_after(ar, x, anchors, other), u), got)
 
 
+def test_the_kl_choices_are_the_divergences_between_teacher_and_student_per_slot():
+    """--kl: per slot, a mean over windows of KL(p || q) (forward), KL(q || p) (reverse) or their
+    mean (both), p the teacher's distribution after the student's own tokens, q the student's; a
+    fresh student's slot 1 is its teacher's, so its loss there is zero by each."""
+    torch.manual_seed(0)
+    ar = GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=16, vocab_size=40)).eval()
+    torch.nn.init.normal_(ar.wte.weight)   # peaked distributions: the two KLs differ
+    student = GPT.student_from(ar, 3, readout="cdf_seq", readout_layers=1, coupling="gumbel")
+    torch.nn.init.normal_(student.slot_readout.proj[0].weight, std=1.0)   # slots 2, 3 differ
+    x, anchors = torch.randint(40, (2, 12)), torch.tensor([[2, 7], [0, 11]])
+    u = torch.rand(2, 2, 3, dtype=torch.float64)
+    loss = {kl: distill.distill_loss("cdf_seq", kl, student, ar, None, x, anchors, u,
+                                     torch.autocast("cpu", enabled=False))
+            for kl in ("forward", "reverse", "both")}
+    logits, own = student(x, anchors=anchors, noise=u)
+    p = torch.distributions.Categorical(logits=distill.teacher_after(ar, x, anchors, own))
+    q = torch.distributions.Categorical(logits=logits.float())
+    want = {"forward": torch.distributions.kl_divergence(p, q).mean((0, 1)),
+            "reverse": torch.distributions.kl_divergence(q, p).mean((0, 1))}
+    want["both"] = (want["forward"] + want["reverse"]) / 2
+    for kl, (per_slot, total, tokens, _) in loss.items():
+        assert torch.allclose(per_slot, want[kl], atol=1e-6), kl
+        assert torch.isclose(total, per_slot.sum()) and torch.equal(tokens, own)
+        assert per_slot[0] < 1e-6 < per_slot[1:].min(), (kl, per_slot)
+    assert not torch.allclose(want["forward"][1:], want["reverse"][1:], rtol=0.05)
+
+
 @torch.no_grad()
 def test_rollout_targets_are_same_noise_samples():
     """Stage targets: the AR teacher's inverse CDF on the real context (stage 1), and the previous
