@@ -1,8 +1,7 @@
-"""
-Benchmark K-Forcing against AR decoding: speed (tokens/s, speedup, roofline) and quality (gen-PPL,
-entropy, repetition, same-noise agreement, the distribution per slot). Each part that measured
-something writes <out_dir>/<name>_<part>.json (speed, quality, profile, roofline_<gpu>) and a plot
-(speed, quality): a rerun under a name replaces the files of the parts it runs, not the others.
+"""Benchmark K-Forcing against AR decoding: speed (tokens/s, speedup, roofline) and quality
+(gen-PPL, entropy, repetition, same-noise agreement, the distribution per slot). Each part that
+measured something writes <out_dir>/<name>_<part>.json (speed, quality, profile, roofline_<gpu>) and
+a plot (speed, quality): a rerun under a name replaces only the files of the parts it runs.
 
     python bench.py                               # the newest trained pair in out/: speed + quality
     python bench.py --no-trained                  # the paper's shape, random weights: no checkpoint
@@ -16,8 +15,7 @@ counts new tokens, prefill included, warm-up not; AR and every k run back to bac
 medians kept. A speedup above k or repeats that disagree mark a point `suspect`, never plotted.
 Quality: continuations of 6-token val prefixes in float32 by the teacher and the student at every
 k from the SAME noise: gen-PPL under the teacher (overall, per slot), entropy, repeated 4-grams,
-same-noise agreement beside a student blind to the noise, and the distribution per slot.
-"""
+same-noise agreement beside a student blind to the noise, and the distribution per slot."""
 import argparse
 import copy
 import json
@@ -146,9 +144,9 @@ ROOFLINE_FIELDS = ("roofline_tokens_per_s", "roofline_speedup", "roofline_overla
 
 
 def roofline(runs, B, seq_len, peaks):
-    """{k: ceilings} at one point (runs: {k: model}): tokens/s with the phases in sequence, its
-    ratio to AR's, and the ratio overlapped. None without peaks or bf16 weights (bf16 FLOP/s)."""
+    """{k: ceilings}: tokens/s, phases in sequence, its ratio to AR's, the ratio overlapped."""
     bw, fl = peaks   # bytes/s, FLOP/s
+    # no ceilings (None) without peaks or bf16 weights: the peaks are bf16 FLOP/s
     if not (bw and fl) or any(next(m.parameters()).dtype != torch.bfloat16 for m in runs.values()):
         return {k: dict.fromkeys(ROOFLINE_FIELDS) for k in runs}
     seq, over = {}, {}
@@ -185,16 +183,13 @@ def time_point(teacher, student, ks, B, seq_len, repeats, device, gen, attention
         runs[k], prompt, noise[:, :n], k, cache=cache, step_fn=step), device)
     # warm-up, not timed: prefill + one pass compiles kernels and captures the pass's graph
     warm = {k: run(k, min(2 * k, new_tokens(seq_len, k))) for k in runs}
-    times = {k: [] for k in runs}
-    for _ in range(repeats):   # AR and K-Forcing back to back: each speedup compares one moment
-        for k in runs:
-            times[k].append(run(k, new_tokens(seq_len, k)))
-    return {k: (new_tokens(seq_len, k), times[k], warm[k]) for k in runs}
+    # a round per repeat, AR and K-Forcing back to back in it: each speedup compares one moment
+    rounds = [{k: run(k, new_tokens(seq_len, k)) for k in runs} for _ in range(repeats)]
+    return {k: (new_tokens(seq_len, k), [r[k] for r in rounds], warm[k]) for k in runs}
 
 
 def speed_rows(label, runs, B, seq_len, timed, peaks):
-    """The rows of one timed point, the speedup the median of the per-repeat ratios, `suspect`
-    where the figure cannot be a result."""
+    """A timed point's rows: the speedup is the median per-repeat ratio, `suspect` if no result."""
     roof, (ar_n, ar_t, _) = roofline(runs, B, seq_len, peaks), timed[1]
     rows = []
     for k, (n, ts, warm) in timed.items():
@@ -247,8 +242,7 @@ def profile_point(label, teacher, student, ks, B, seq_len, device, gen, attentio
 
 def run_grid(points, point, path, resume, seed):
     """(rows, skipped) of point(label, teacher, student, seq_len, B, generator) at every point not
-    in `path` (--resume), a JSON line appended per point done; out of memory skips it. Each point's
-    generator is its own: a resumed grid times what an uninterrupted one would."""
+    in `path` (--resume), a JSON line appended per point done; out of memory skips it."""
     commit, done = git_commit(), {}
     if resume:
         if not os.path.exists(path):
@@ -267,7 +261,7 @@ def run_grid(points, point, path, resume, seed):
             if key in done:
                 continue
             row = {"point": key, "commit": commit, "rows": [], "skipped": None}
-            try:
+            try:   # a generator per point: a resumed grid times what an uninterrupted one would
                 row["rows"] = point(label, teacher, student, seq_len, B,
                                     torch.Generator().manual_seed(seed * len(points) + i))
             except Exception as e:
@@ -380,9 +374,8 @@ def run_quality(teacher, student, tok, T, val, n_samples, seed, device):
 # Outputs
 
 def plot_speed(rows, device, path):
-    plt = pyplot()
     models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
     for ax, m in zip(axes[0], models):
         ax.axhspan(*PAPER_BAND, color="tab:green", alpha=0.15, label="paper, k = 4, H100: 2.4-3.5x")
         ax.axhline(1.0, color="gray", lw=0.8, ls=":")
@@ -405,9 +398,7 @@ def plot_speed(rows, device, path):
 
 
 def plot_quality(rows, blind, path):
-    """Per slot and k: gen-PPL ratio to AR, and agreement beside the noise-blind baselines."""
-    plt = pyplot()
-    fig, (ppl, agree) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ppl, agree) = pyplot().subplots(1, 2, figsize=(11, 4))
     for r in rows[1:]:
         slots = range(1, r["k"] + 1)
         ppl.plot(slots, r["gen_ppl_per_slot_ratio"], marker="o", label=f"k = {r['k']}")
@@ -510,9 +501,8 @@ def main(argv=None):
         if paper_shape:   # random weights: a pass's speed does not depend on them
             torch.manual_seed(args.seed)
             ps = GPT(replace(PAPER_SHAPE, coupling=args.coupling))   # the student inherits it
-            candidates.insert(0, ("paper_shape_random", ps,
-                                  GPT.student_from(ps, max(ks), readout=args.readout,
-                                                   readout_layers=args.readout_layers)))
+            candidates.insert(0, ("paper_shape_random", ps, GPT.student_from(
+                ps, max(ks), readout=args.readout, readout_layers=args.readout_layers)))
         for m, t, s in candidates:
             fit = [L for L in seq_lens if L <= t.config.block_size]
             fit = fit or ([t.config.block_size] if args.seq_lens is None else [])   # its block

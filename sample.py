@@ -1,9 +1,7 @@
-"""
-Sample the AR teacher and a K-Forcing student on the SAME noise: free-running and on the teacher's
-context (each window of k slots from the teacher's text so far), '^' under each token that differs.
+"""Sample the AR teacher and a K-Forcing student on the SAME noise: free-running and on the
+teacher's context (each window of k slots from the teacher's text so far), '^' under each mismatch.
 
-    python sample.py --prompt "ROMEO:" --k 4   # the newest teacher in out/, its highest-k student
-"""
+    python sample.py --prompt "ROMEO:" --k 4  # the newest teacher in out/, its highest-k student"""
 import argparse
 import glob
 import os
@@ -34,15 +32,14 @@ def find_checkpoints(preset, teacher, student):
     return teacher, student
 
 
-def load_models(teacher_path, student_path, device):
+def load_models(t_path, s_path, device):
     """(teacher, student, the teacher's checkpoint): a student must have its teacher's shape."""
-    t_ckpt = load_checkpoint(teacher_path, "teacher")
-    s_ckpt = load_checkpoint(student_path, "student")
+    t_ckpt, s_ckpt = load_checkpoint(t_path, "teacher"), load_checkpoint(s_path, "student")
     t_cfg, s_cfg = t_ckpt["model_config"], s_ckpt["model_config"]
     diff = [f"{key} {s_cfg.get(key)} vs {v}" for key, v in t_cfg.items()
             if key not in STUDENT_FIELDS and s_cfg.get(key) != v]
     if diff:
-        raise UserError(f"{student_path} does not have {teacher_path}'s shape: {', '.join(diff)}")
+        raise UserError(f"{s_path} does not have {t_path}'s shape: {', '.join(diff)}")
     teacher, student = (model_from_checkpoint(ckpt, device).eval() for ckpt in (t_ckpt, s_ckpt))
     teacher.config.coupling = student.config.coupling   # the AR reference draws as the student does
     return teacher, student, t_ckpt
@@ -98,17 +95,15 @@ def main(argv=None):
     noise = torch.rand(B, n, generator=gen, dtype=torch.float64).to(device)
     ar, free = generate(teacher, prompts, noise, 1), generate(student, prompts, noise, k)
     windowed = teacher_context_windows(student, prompts, ar, noise, k)
-    for i in range(B):
+    for i, (a, f, w) in enumerate(zip(ar.tolist(), free.tolist(), windowed.tolist())):
         print(f"--- sample {i + 1}: {tok.decode(prompts[i].tolist())!r}, k = {k}\nfree-running:\n"
-              f"{show(tok, ar[i].tolist(), free[i].tolist(), k)}\non the teacher's context:\n"
-              f"{show(tok, ar[i].tolist(), windowed[i].tolist(), k)}")
+              f"{show(tok, a, f, k)}\non the teacher's context:\n{show(tok, a, w, k)}")
     per_slot = lambda a: "  ".join(f"slot {j + 1} {x:6.1%}" for j, x in enumerate(a))  # noqa: E731
-    blind = agreement_without_noise(teacher, prompts, ar)
     print(f"\nsame-noise agreement with the teacher per slot, {B} x {n} tokens:\n"
           f"  on the teacher's context  {per_slot(same_noise_agreement(ar, windowed, k))}\n"
-          f"  free-running              {per_slot(same_noise_agreement(ar, free, k))}\n"
-          f"  blind to the noise: {blind['independent_draw']:.1%} (an independent draw), "
-          f"{blind['teacher_mode']:.1%} (the teacher's mode)")
+          f"  free-running              {per_slot(same_noise_agreement(ar, free, k))}")
+    print("  blind to the noise: {independent_draw:.1%} (an independent draw), {teacher_mode:.1%} "
+          "(the teacher's mode)".format(**agreement_without_noise(teacher, prompts, ar)))
 
 
 if __name__ == "__main__":

@@ -1,15 +1,11 @@
-"""
-Train the autoregressive (AR) teacher: a plain GPT with next-token cross-entropy. distill.py turns
-it into a push-forward student, and the teacher's own samples are what the student is judged by.
+"""Train the autoregressive (AR) teacher: a plain GPT with next-token cross-entropy. distill.py
+turns it into a push-forward student, judged against the teacher's own samples.
 
-    python teacher.py --preset tiny                  # CPU, character-level Shakespeare, minutes
-    python teacher.py --preset small                 # one GPU, ~1.5 minutes on an H100
-    torchrun --standalone --nproc_per_node 8 teacher.py --preset paper
-"""
+    python teacher.py --preset tiny    # CPU, minutes; --preset small: one GPU, ~1.5 min on an H100
+    torchrun --standalone --nproc_per_node 8 teacher.py --preset paper"""
 import dataclasses
 import math
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,7 +20,7 @@ from model import GPT, GPTConfig
 from prepare_data import load_meta, tokenizer_spec
 
 
-@dataclass
+@dataclasses.dataclass
 class TeacherConfig:
     data_dir: str = field("data/offline", "a dataset from prepare_data.py (it sets the vocabulary)")
     out_dir: str = field("out/teacher_{preset}", "checkpoints, log.jsonl and the summary")
@@ -44,8 +40,7 @@ class TeacherConfig:
     warmup_steps: int = field(200, "linear warmup steps", at_least=0)
     weight_decay: float = field(0.1, "AdamW weight decay of matrices", at_least=0)
     grad_clip: float = field(1.0, "clip the gradient norm to this (0: off)", at_least=0)
-    ema: float = field(0.0, "decay of the weight average that best.pt keeps (paper: 0.9999)",
-                       at_least=0, below=1)
+    ema: float = field(0.0, "decay of best.pt's weight average (paper 0.9999)", at_least=0, below=1)
     # bookkeeping
     eval_interval: int = field(250, "evaluate and save a checkpoint every N steps", at_least=1)
     eval_iters: int = field(20, "val batches per evaluation (the same ones each time)", at_least=1)
@@ -88,10 +83,10 @@ def evaluate(model, val, cfg, rt):   # model: the average, always in eval mode
     return float(np.mean(losses))
 
 
-def checkpoint(model, cfg, meta, **state):   # state, for last.pt: everything a resume needs
-    return {"kind": "teacher", "model_config": dataclasses.asdict(model.config),
-            "model": model.state_dict(), "tokenizer": tokenizer_spec(meta),
-            "train_config": dataclasses.asdict(cfg), **state}
+def save(path, model, cfg, meta, **state):   # state, for last.pt: everything a resume needs
+    save_checkpoint(path, {"kind": "teacher", "model_config": dataclasses.asdict(model.config),
+                           "model": model.state_dict(), "tokenizer": tokenizer_spec(meta),
+                           "train_config": dataclasses.asdict(cfg), **state})
 
 
 def main(argv=None):
@@ -108,19 +103,18 @@ def main(argv=None):
     last_path, best_path = f"{cfg.out_dir}/last.pt", f"{cfg.out_dir}/best.pt"
 
     torch.manual_seed(cfg.seed)
-    model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=meta["vocab_size"],
-                          n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                          dropout=cfg.dropout, tie_embeddings=cfg.tie_embeddings)).to(rt.device)
+    raw = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=meta["vocab_size"],
+                        n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                        dropout=cfg.dropout, tie_embeddings=cfg.tie_embeddings)).to(rt.device)
     optimizer = torch.optim.AdamW(
-        [{"params": [p for p in model.parameters() if p.dim() >= 2]},
-         {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
-        fused=rt.device.type == "cuda")
+        [{"params": [p for p in raw.parameters() if p.dim() >= 2]},
+         {"params": [p for p in raw.parameters() if p.dim() < 2], "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay, fused=rt.device.type == "cuda")
     gen = torch.Generator().manual_seed(cfg.seed)   # the data order, the same on every rank
-    ema = EMA(model, cfg.ema)   # --ema 0: the average is the weights themselves
+    ema = EMA(raw, cfg.ema)   # --ema 0: the average is the weights themselves
     step, best_val, tok_s, val_loss = 0, math.inf, None, math.nan
     if ckpt:
-        model.load_state_dict(ckpt["model"])
+        raw.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         ema.load_state_dict(ckpt["ema"])
         step, best_val, tok_s = ckpt["step"], ckpt["best_val"], ckpt["tok_s"]
@@ -128,9 +122,8 @@ def main(argv=None):
         gen.set_state(ckpt["rng"][1])
         if ckpt["rng"][2] is not None and rt.device.type == "cuda":
             torch.cuda.set_rng_state(ckpt["rng"][2], rt.device)
-    raw = model
-    if cfg.compile and rt.device.type == "cuda":
-        model = torch.compile(model, dynamic=False)
+    # model: raw as it trains (compiled on CUDA, under DDP); raw is what is averaged and saved
+    model = torch.compile(raw, dynamic=False) if cfg.compile and rt.device.type == "cuda" else raw
     if rt.ddp:
         model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     log = JsonlLog(f"{cfg.out_dir}/log.jsonl", ckpt["log_rows"] if ckpt else 0, rt.master)
@@ -154,8 +147,7 @@ def main(argv=None):
                 if step > 0 and val_loss < best_val:
                     best_val = val_loss
                     if rt.master:
-                        save_checkpoint(best_path, checkpoint(ema.model, cfg, meta, step=step,
-                                                              best_val=best_val))
+                        save(best_path, ema.model, cfg, meta, step=step, best_val=best_val)
             if step == cfg.max_steps:
                 break
             t0 = time.perf_counter()
@@ -167,8 +159,7 @@ def main(argv=None):
             # forward backward, with gradient accumulation (DDP syncs on the last micro-batch only)
             loss_sum = torch.zeros((), device=rt.device)
             for i in range(cfg.grad_accum):
-                last_micro = i == cfg.grad_accum - 1
-                with (model.no_sync() if rt.ddp and not last_micro else torch.enable_grad()):
+                with model.no_sync() if rt.ddp and i < cfg.grad_accum - 1 else torch.enable_grad():
                     with rt.autocast:
                         _, loss = model(x[i * mb:(i + 1) * mb], y[i * mb:(i + 1) * mb])
                     (loss / cfg.grad_accum).backward()
@@ -193,9 +184,9 @@ def main(argv=None):
             if (step % cfg.eval_interval == 0 or step == cfg.max_steps or stopping) and rt.master:
                 rng = [torch.get_rng_state(), gen.get_state(),
                        torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None]
-                save_checkpoint(last_path, checkpoint(
-                    raw, cfg, meta, optimizer=optimizer.state_dict(), ema=ema.state_dict(),
-                    rng=rng, step=step, best_val=best_val, tok_s=tok_s, log_rows=log.rows))
+                save(last_path, raw, cfg, meta, optimizer=optimizer.state_dict(),
+                     ema=ema.state_dict(), rng=rng, step=step, best_val=best_val, tok_s=tok_s,
+                     log_rows=log.rows)
             bar.update(1)
             bar.set_postfix(loss=loss, val=val_loss)
             if stopping:
