@@ -38,6 +38,8 @@ LEVERS = {"high": "cdf_seq, --noise_features high", "ema": "cdf_seq, --ema 0.99"
           "kl_both": "the tiny preset as it stands: --kl both"}
 PRESET = ("the tiny preset (cdf_seq, --freeze_trunk --lr 5e-3 --ema 0.99 --readout_layers 3 "
           "--block_size 64, 750 steps), --coupling inverse_cdf")   # <root>/preset
+# the tiny preset by coupling and loss, on the plot's right
+LOSSES = tuple(LEVERS[name] for name in ("gumbel", "kl_reverse", "kl_both"))
 
 
 def gather(root, previous):
@@ -87,10 +89,11 @@ def table(runs):
 
 
 def plot(runs, path):
-    """Left: agreement on the teacher's context at slots 1 and 4 against training seconds. Right:
-    the final student's gen-PPL ratio to the teacher per slot. The recipes and the tiny preset."""
+    """Left: agreement on the teacher's context at slots 1 and 4 against training seconds, and
+    middle: the final student's gen-PPL ratio to the teacher per slot, for the recipes and the tiny
+    preset. Right: the same ratio for the preset by coupling and loss, on a linear scale."""
     plt = pyplot()
-    fig, (curve, ppl) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (curve, ppl, losses) = plt.subplots(1, 3, figsize=(17, 4.5))
     for i, (recipe, r) in enumerate((k, v) for k, v in runs.items() if k in RECIPES + (PRESET,)):
         recipe = "the tiny preset" if recipe == PRESET else recipe
         for slot, ls in ((0, "-"), (3, "--")):
@@ -100,15 +103,22 @@ def plot(runs, path):
                        label=f"{recipe}, slot {slot + 1}")
         ppl.plot(range(1, r["k"] + 1), r["gen_ppl_per_slot_ratio"], marker="o", color=f"C{i}",
                  label=recipe)
+    for i, (recipe, label) in enumerate(zip((PRESET,) + LOSSES, (
+            "inverse CDF, forward KL", "Gumbel-max, forward KL", "Gumbel-max, reverse KL",
+            "Gumbel-max, their mean (the preset)"))):
+        losses.plot(range(1, 5), runs[recipe]["gen_ppl_per_slot_ratio"], marker="o",
+                    color=f"C{4 + i}", label=label)
     blind = next(iter(runs.values()))["blind"]
     curve.axhline(blind["teacher_mode"], color="gray", ls=":", label="blind: teacher's mode")
     curve.set(xlabel="distillation seconds (all stages)", ylabel="same-noise agreement",
               title="k = 4 student on the teacher's context")
     curve.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.15))
-    ppl.axhline(1.0, color="gray", ls=":")
-    ppl.set(xlabel="slot", ylabel="gen-PPL ratio to the AR teacher", yscale="log",
-            title="free-running samples, k = 4", xticks=range(1, 5))
-    ppl.legend(fontsize=8)
+    ppl.set(yscale="log", title="free-running samples, k = 4")
+    losses.set(title="the tiny preset (750 steps), by coupling and loss")
+    for ax in (ppl, losses):
+        ax.axhline(1.0, color="gray", ls=":")
+        ax.set(xlabel="slot", ylabel="gen-PPL ratio to the AR teacher", xticks=range(1, 5))
+        ax.legend(fontsize=8)
     save_figure(fig, path)
 
 
