@@ -35,11 +35,12 @@ LEVERS = {"high": "cdf_seq, --noise_features high", "ema": "cdf_seq, --ema 0.99"
           "preset_long": "the tiny preset, twice the steps",
           "gumbel": "the tiny preset, --coupling gumbel --kl forward",
           "kl_reverse": "the tiny preset, --kl reverse",
-          "kl_both": "the tiny preset as it stands: --kl both"}
+          "kl_both": "the tiny preset as it stands: --kl both",
+          "kl_both_long": "the tiny preset as it stands, twice the steps"}
 PRESET = ("the tiny preset (cdf_seq, --freeze_trunk --lr 5e-3 --ema 0.99 --readout_layers 3 "
           "--block_size 64, 750 steps), --coupling inverse_cdf")   # <root>/preset
-# the tiny preset by coupling and loss, on the plot's right
-LOSSES = tuple(LEVERS[name] for name in ("gumbel", "kl_reverse", "kl_both"))
+# the tiny preset by coupling, loss and steps, on the plot's right
+LOSSES = tuple(LEVERS[name] for name in ("gumbel", "kl_reverse", "kl_both", "kl_both_long"))
 
 
 def gather(root, previous):
@@ -91,7 +92,7 @@ def table(runs):
 def plot(runs, path):
     """Left: agreement on the teacher's context at slots 1 and 4 against training seconds, and
     middle: the final student's gen-PPL ratio to the teacher per slot, for the recipes and the tiny
-    preset. Right: the same ratio for the preset by coupling and loss, on a linear scale."""
+    preset. Right: the same ratio for the preset by coupling, loss and steps, on a linear scale."""
     plt = pyplot()
     fig, (curve, ppl, losses) = plt.subplots(1, 3, figsize=(17, 4.5))
     for i, (recipe, r) in enumerate((k, v) for k, v in runs.items() if k in RECIPES + (PRESET,)):
@@ -105,7 +106,7 @@ def plot(runs, path):
                  label=recipe)
     for i, (recipe, label) in enumerate(zip((PRESET,) + LOSSES, (
             "inverse CDF, forward KL", "Gumbel-max, forward KL", "Gumbel-max, reverse KL",
-            "Gumbel-max, their mean (the preset)"))):
+            "Gumbel-max, their mean (the preset)", "the preset, twice the steps"))):
         losses.plot(range(1, 5), runs[recipe]["gen_ppl_per_slot_ratio"], marker="o",
                     color=f"C{4 + i}", label=label)
     blind = next(iter(runs.values()))["blind"]
@@ -114,7 +115,7 @@ def plot(runs, path):
               title="k = 4 student on the teacher's context")
     curve.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.15))
     ppl.set(yscale="log", title="free-running samples, k = 4")
-    losses.set(title="the tiny preset (750 steps), by coupling and loss")
+    losses.set(title="the tiny preset by coupling, loss and steps")
     for ax in (ppl, losses):
         ax.axhline(1.0, color="gray", ls=":")
         ax.set(xlabel="slot", ylabel="gen-PPL ratio to the AR teacher", xticks=range(1, 5))

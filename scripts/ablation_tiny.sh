@@ -15,8 +15,8 @@ run() {   # run DIR NAME DISTILL_FLAGS...: distil into DIR, then score the stude
       --out_dir "$dir"
 }
 # the tiny preset's earlier shape: a 1-layer slot MLP on 128-character windows, 600 steps; the runs
-# before the last three draw by the inverse CDF, as they did before the Gumbel-max coupling, and all
-# but the last two learn by forward KL, as they did before --kl
+# before the last four draw by the inverse CDF, as they did before the Gumbel-max coupling, and all
+# but the last three learn by forward KL, as they did before --kl
 fw=(--kl forward)
 iv=(--coupling inverse_cdf "${fw[@]}")
 before=(--readout_layers 1 --block_size 128 --steps_per_stage 600 "${iv[@]}")
@@ -56,4 +56,5 @@ unset OMP_NUM_THREADS
 run out/lever_gumbel gumbel "${fw[@]}"   # the Gumbel-max coupling
 run out/lever_kl_reverse kl_reverse --kl reverse   # the loss: KL(student || teacher) per slot
 run out/lever_kl_both kl_both   # the tiny preset as it stands: --kl both, the two KLs' mean
+run out/lever_kl_both_long kl_both_long --steps_per_stage 1500   # twice the compute
 $PY scripts/ablation.py "$out" results/ablation_tiny
