@@ -28,9 +28,11 @@ distill() {   # distill NAME FLAGS...: distil the teacher into $runs/NAME, then 
   run "distill_$name" 100 python distill.py --preset "$preset" --teacher "$runs/teacher/best.pt" \
       --out_dir "$runs/$name" --overwrite "$@"
   cp "$runs/$name/distill_$preset.json" "$res/distill_$name.json"
+  # stopped at its time limit (its log says at which step): score the weights it saved, unaveraged
+  local student=$runs/$name/student_k4.pt
+  [ -f "$student" ] || student=$runs/$name/last.pt
   run "bench_$name" 35 python bench.py --teacher "$runs/teacher/best.pt" --no-speed \
-      --student "$runs/$name/student_k4.pt" --quality_samples "${PREFIXES:-256}" --name "$name" \
-      --out_dir "$res"
+      --student "$student" --quality_samples "${PREFIXES:-256}" --name "$name" --out_dir "$res"
 }
 distill paper --recipe paper --steps_per_stage $((steps / 3)) --no-freeze_trunk
 frozen=(--steps_per_stage "$steps" --freeze_trunk --lr 2e-3 --ema 0.99 --readout_layers 3)
