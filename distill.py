@@ -123,6 +123,11 @@ def teacher_after(teacher, x, anchors, own):
     return teacher.forward_window(x, anchors, own[:, :, :-1]).float()
 
 
+def kl_per_slot(log_a, log_b):
+    """KL(a || b) per slot, a mean over windows; a, b: log-probabilities (B, A, k, vocab)."""
+    return (log_a.exp() * (log_a - log_b)).sum(-1).mean((0, 1))
+
+
 def distill_loss(recipe, kl, model, teacher, prev, x, anchors, u, autocast):
     """One step's loss per slot (a mean over windows), the loss to minimise, the student's tokens
     and their targets: cross-entropy to the rollout (paper) or to the teacher's inverse CDF after
@@ -140,9 +145,12 @@ def distill_loss(recipe, kl, model, teacher, prev, x, anchors, u, autocast):
                                    reduction="none").view_as(targets).mean((0, 1))
         return per_slot, per_slot.mean(), own, targets
     log_p, log_q = F.log_softmax(target_logits, dim=-1), F.log_softmax(logits.float(), dim=-1)
-    forward = (log_p.exp() * (log_p - log_q)).sum(-1).mean((0, 1))   # where p has mass, q needs it
-    reverse = (log_q.exp() * (log_q - log_p)).sum(-1).mean((0, 1))   # where p has none, q may not
-    per_slot = {"forward": forward, "reverse": reverse, "both": (forward + reverse) / 2}[kl]
+    if kl == "forward":   # where p has mass, q needs it
+        per_slot = kl_per_slot(log_p, log_q)
+    elif kl == "reverse":   # where p has none, q may not
+        per_slot = kl_per_slot(log_q, log_p)
+    else:
+        per_slot = (kl_per_slot(log_p, log_q) + kl_per_slot(log_q, log_p)) / 2
     return per_slot, per_slot.sum(), own, targets   # summed, as the chain rule sums a joint's KL
 
 
