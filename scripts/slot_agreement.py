@@ -3,7 +3,8 @@ window's earlier slots agreed, how much of a later slot's shortfall it inherits 
 before it; (2) with the noise slots fed OTHER noise than the readout draws with, how much of it the
 network's trunk carries from the noise; (3) for a distribution readout, how much the coupling
 decides: the same student and teacher drawing by each coupling, and 1 - TV between their
-distributions at each slot, the most that any coupling could agree.
+distributions at each slot, the most that any coupling could agree; (4) for a distribution readout,
+what its gen-PPL per slot is made of on the teacher's context: breadth and error.
 
     python scripts/slot_agreement.py out/distill_tiny out/lever_layers1 out/lever_layers3 \
         out/ablation_tiny/paper out/lever_lr5_ema out/lever_frozen_long out/lever_lr5_long \
@@ -11,6 +12,8 @@ distributions at each slot, the most that any coupling could agree.
                                                  # its cdf_seq, long and paper_long rows
     python scripts/slot_agreement.py out/distill_tiny out/ablation_tiny/preset \
         --out results/slot_agreement_tiny.json   # (3), newer: make demo's and the preset's
+    python scripts/slot_agreement.py out/distill_tiny out/lever_gumbel out/lever_kl_reverse \
+        out/lever_kl_both_long --out results/slot_agreement_tiny.json   # (4), newer: the losses
 
 (1) A distribution-readout student conditions slot i on its OWN tokens of slots < i, so once it has
 drawn another token than the teacher, its later slots follow another text: slot 4's agreement is
@@ -21,6 +24,9 @@ token drawn: if its agreement holds with other noise at the slots, the trunk ign
 a slot's state is a function of the context alone.
 (3) The distributions do not depend on the coupling; how often two nearby ones draw the same token
 from the same u does.
+(4) The teacher's NLL of the student's draw at a slot, less that of its own draw, is in expectation
+E_q[-log p] - E_p[-log p] = (H(q) - H(p)) + KL(q || p): the log of the gen-PPL ratio on the
+teacher's context, split into the student's excess entropy (too broad: > 0) and its error.
 """
 import argparse
 import json
@@ -82,6 +88,9 @@ for run in args.runs:
             logits, drawn = student.forward_cdf(seq, anchors, slots)
             p = teacher.forward_window(seq, anchors, drawn[:, :, :-1]).softmax(-1)
         tv = 0.5 * (logits.softmax(-1) - p).abs().sum(-1)
+        log_q, log_p = logits.log_softmax(-1), p.log()   # (4), a mean over all windows
+        entropy = [-(t.exp() * t).sum(-1).mean((0, 1)) for t in (log_q, log_p)]
+        kl = (log_q.exp() * (log_q - log_p)).sum(-1).mean((0, 1))
     encode = student.noise_encoder.forward   # (2): the noise slots get fresh uniforms
     torch.manual_seed(1)   # the same for every run
     student.noise_encoder.forward = lambda u: encode(torch.rand(u.shape, dtype=u.dtype))
@@ -102,10 +111,16 @@ for run in args.runs:
             "agreement_by_coupling": {c: agreement(*drawn).mean((0, 1)).tolist()
                                       for c, drawn in drawn_by.items()},
             "one_minus_tv_given_earlier_agreed": (((1 - tv) * before).sum((0, 1))
-                                                  / before.sum((0, 1))).tolist()})}
+                                                  / before.sum((0, 1))).tolist(),
+            "excess_entropy_nats": (entropy[0] - entropy[1]).tolist(), "kl_q_p_nats": kl.tolist(),
+            "gen_ppl_ratio_on_teachers_context": (entropy[0] - entropy[1] + kl).exp().tolist()})}
     shown = {**out[run], **{f"agreement_{c}": a for c, a in
                             out[run].get("agreement_by_coupling", {}).items()}}
+    parts = ("excess_entropy_nats", "kl_q_p_nats", "gen_ppl_ratio_on_teachers_context")   # (4)
     print(run, own, "; ".join(f"{key} " + "/".join("-" if x is None else f"{x:.0%}" for x in v)
-                              for key, v in shown.items() if isinstance(v, list)))
+                              for key, v in shown.items()
+                              if isinstance(v, list) and key not in parts))
+    print("  " + "; ".join(f"{key} " + "/".join(f"{x:.3f}" for x in shown[key])
+                           for key in parts if key in shown))
 if args.out:
     write_json(args.out, {"teacher": args.teacher, "prefixes": args.prefixes, "runs": out})
