@@ -311,7 +311,8 @@ def git_commit():   # HEAD, with "+dirty" if a .py file differs from it; None ou
     git = ["git", "-C", os.path.dirname(os.path.abspath(__file__))]
     try:
         head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True)
-        dirty = subprocess.run(git + ["diff", "--quiet", "HEAD", "--", "*.py"]).returncode
+        dirty = subprocess.run(git + ["diff", "--quiet", "HEAD", "--", "*.py"],
+                               capture_output=True).returncode   # outside a checkout: silent
     except OSError:   # no git
         return None
     return None if head.returncode else head.stdout.strip() + ("+dirty" if dirty else "")

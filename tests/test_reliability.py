@@ -416,6 +416,16 @@ def test_error_line_is_one_write(monkeypatch):
     assert writes == ["error: in use\n"]
 
 
+def test_a_copy_outside_a_checkout_records_no_commit_and_says_nothing(tmp_path):
+    """From a copy without git (a downloaded archive), git_commit is None and git's complaint
+    ("error: Could not access 'HEAD'", like one of ours) does not reach the user's terminal."""
+    for name in ("common.py", "model.py", "prepare_data.py"):
+        shutil.copy(os.path.join(REPO, name), tmp_path)
+    out = subprocess.run([sys.executable, "-c", "import common; print(common.git_commit())"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert (out.stdout, out.stderr) == ("None\n", "")
+
+
 def torchrun(script, argv):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc_per_node", "2", script, *argv], cwd=REPO, capture_output=True,
