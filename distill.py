@@ -32,6 +32,7 @@ from common import (EMA, JsonlLog, StopFlag, UserError, all_mean, device_name, f
                     fits_in_memory, git_commit, load_checkpoint, load_split, lr_at,
                     model_from_checkpoint, parse_config, pyplot, run_cli, sample_windows,
                     save_checkpoint, save_figure, setup_runtime, shard, start_run, write_json)
+from fast import compile_per_shape
 from model import (GPT, agreement_without_noise, draw, generate, inverse_cdf,
                    same_noise_agreement, window_agreement)
 from prepare_data import load_meta, tokenizer_spec
@@ -75,7 +76,7 @@ class DistillConfig:
     device: str = field("auto", "cuda, cpu or auto")
     dtype: str = field("auto", "float32, or bfloat16 autocast for the student (targets: fp32)",
                        choices=("auto", "float32", "bfloat16"))
-    compile: bool = field(True, "torch.compile the student (CUDA only)")
+    compile: bool = field(True, "torch.compile the student and the targets' draw (CUDA only)")
 
 
 PRESETS = {
@@ -128,10 +129,11 @@ def kl_per_slot(log_a, log_b):
     return (log_a.exp() * (log_a - log_b)).sum(-1).mean((0, 1))
 
 
-def distill_loss(recipe, kl, model, teacher, prev, x, anchors, u, autocast):
+def distill_loss(recipe, kl, model, teacher, prev, x, anchors, u, autocast, draw_fn=draw):
     """One step's loss per slot (a mean over windows), the loss to minimise, the student's tokens
     and their targets: cross-entropy to the rollout (paper) or to the teacher's inverse CDF after
-    the student's own tokens (onpolicy), or --kl to that distribution (cdf, cdf_seq)."""
+    the student's own tokens (onpolicy), or --kl to that distribution (cdf, cdf_seq). draw_fn:
+    model.draw, or the same compiled."""
     if recipe == "paper":   # targets first, in fp32, outside autocast
         targets = rollout_targets(prev, x, anchors, u)
     with autocast:   # the student's staircase pass, all windows at once: logits (B, A, k, V) and,
@@ -139,7 +141,7 @@ def distill_loss(recipe, kl, model, teacher, prev, x, anchors, u, autocast):
     own = logits.argmax(-1) if own is None else own   # the argmax readout's tokens
     if recipe != "paper":
         target_logits = teacher_after(teacher, x, anchors, own)
-        targets = draw(target_logits, u, teacher.config.coupling)
+        targets = draw_fn(target_logits, u, teacher.config.coupling)
     if recipe in ("paper", "onpolicy"):
         per_slot = F.cross_entropy(logits.float().flatten(0, 2), targets.flatten(),
                                    reduction="none").view_as(targets).mean((0, 1))
@@ -222,6 +224,8 @@ def main(argv=None):
     run = {"kind": "student", "train_config": dataclasses.asdict(cfg), "tokenizer": tokenizer,
            "teacher_id": teacher_id, "results": state["results"] if state else []}
     prev, last_path = teacher, f"{cfg.out_dir}/last.pt"
+    # eager, the targets' draw would sweep batch x anchors x k x vocab some 20 times a step
+    draw_fn = compile_per_shape(draw) if cfg.compile and rt.device.type == "cuda" else draw
     teacher_names = {name for name, _ in teacher.named_parameters()}
     with StopFlag() as stop, fits_in_memory(
             f"a batch of {cfg.batch_size // rt.world} sequences x {cfg.anchors} anchors does not "
@@ -277,8 +281,9 @@ def main(argv=None):
                                          generator=gen).argsort(-1)[:, :cfg.anchors]
                     u = torch.rand(*anchors.shape, k, generator=gen, dtype=torch.float64)
                     x, anchors, u = (shard(t, rt).to(rt.device) for t in (x, anchors, u))
-                    per_slot, loss, own, targets = distill_loss(cfg.recipe, cfg.kl, model, teacher,
-                                                                prev, x, anchors, u, rt.autocast)
+                    per_slot, loss, own, targets = distill_loss(
+                        cfg.recipe, cfg.kl, model, teacher, prev, x, anchors, u, rt.autocast,
+                        draw_fn)
                     loss.backward()
                     hit = own == targets   # the loss and accuracy per slot, whole windows right
                     out = all_mean(torch.cat([per_slot.detach(), hit.float().mean((0, 1)),

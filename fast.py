@@ -6,6 +6,8 @@ checks each piece against model.generate), so a reader can skip this file and st
   far, so that a pass's 2k queries read the valid prefix once and cost about what one query does.
 - CUDAGraphStep: a decode pass replayed from a CUDA graph (at small batch a pass is hundreds of tiny
   kernels whose launches cost more than their work), optionally compiled first.
+- compile_per_shape: torch.compile with static shapes, for a decode step, and for distill.py's
+  draw of its targets over batch x anchors x k x vocab.
 - the peak FLOP/s and bandwidth of known GPUs, for MFU and rooflines.
 """
 import inspect

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fast import FLEX_BLOCK, CUDAGraphStep, compile_per_shape, make_cache
-from model import GPT, GPTConfig, KVCache, decode_mask, decode_step, generate
+from model import GPT, GPTConfig, KVCache, decode_mask, decode_step, draw, generate
 
 V = 50257
 K = 4
@@ -177,6 +177,23 @@ def test_compiled_step_matches_eager_generate():
                                generate(model, prompt, noise, k)), (attention, k)
     # really compiled, once per shape
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 8
+
+
+@needs_compiler
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_compiled_draw_matches_eager(device):
+    """distill.py --compile on CUDA draws its targets with compile_per_shape(model.draw) over
+    (batch, anchors, k, vocab) logits: the same tokens as eager, for both couplings (the Gumbel-max
+    hash is integer arithmetic that a fused kernel must not round or overflow differently)."""
+    gen = torch.Generator().manual_seed(5)
+    logits = (3 * torch.randn(2, 5, 4, 300, generator=gen)).to(device)
+    u = torch.rand(2, 5, 4, generator=gen, dtype=torch.float64).to(device)
+    torch._dynamo.reset()
+    compiled = compile_per_shape(draw)
+    for coupling in ("inverse_cdf", "gumbel"):
+        tokens = draw(logits, u, coupling)
+        assert tokens.unique().numel() > 10   # many different tokens: a real check
+        assert torch.equal(compiled(logits, u, coupling), tokens), coupling
 
 
 @needs_compiler
