@@ -86,10 +86,10 @@ for run in args.runs:
         seq, anchors, slots = teacher_context(prompts, ar, noise, k)
         with torch.no_grad():
             logits, drawn = student.forward_cdf(seq, anchors, slots)
-            p = teacher.forward_window(seq, anchors, drawn[:, :, :-1]).softmax(-1)
-        tv = 0.5 * (logits.softmax(-1) - p).abs().sum(-1)
-        log_q, log_p = logits.log_softmax(-1), p.log()   # (4), a mean over all windows
-        entropy = [-(t.exp() * t).sum(-1).mean((0, 1)) for t in (log_q, log_p)]
+            log_p = teacher.forward_window(seq, anchors, drawn[:, :, :-1]).log_softmax(-1)
+        log_q = logits.log_softmax(-1)
+        tv = 0.5 * (log_q.exp() - log_p.exp()).abs().sum(-1)
+        entropy = [-(t.exp() * t).sum(-1).mean((0, 1)) for t in (log_q, log_p)]   # (4)
         kl = (log_q.exp() * (log_q - log_p)).sum(-1).mean((0, 1))
     encode = student.noise_encoder.forward   # (2): the noise slots get fresh uniforms
     torch.manual_seed(1)   # the same for every run
