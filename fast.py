@@ -1,6 +1,7 @@
 """
-What only makes decoding fast. Nothing here computes anything model.py does not (tests/test_fast.py
-checks each piece against model.generate), so a reader can skip this file and still know K-Forcing.
+What only makes things fast: decoding, and distill.py's draw of its targets. Nothing here computes
+anything model.py does not (tests/test_fast.py checks each piece against model.py's eager code),
+so a reader can skip this file and still know K-Forcing.
 
 - FlexCache: a KV cache whose passes attend through FlexAttention over the cache blocks written so
   far, so that a pass's 2k queries read the valid prefix once and cost about what one query does.
