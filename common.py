@@ -75,9 +75,9 @@ def parse_config(cls, presets, description, argv=None):
     for f in dataclasses.fields(cls):
         value, low, high = getattr(args, f.name), f.metadata["at_least"], f.metadata["below"]
         value = getattr(cfg, f.name) if value is None else value   # "" and 0 are given: checked
-        if low is not None and value < low:
+        if low is not None and not value >= low:   # (so that NaN is refused too)
             raise UserError(f"--{f.name} must be at least {low}, not {value}")
-        if high is not None and value >= high:
+        if high is not None and not value < high:
             raise UserError(f"--{f.name} must be below {high}, not {value}")
         setattr(cfg, f.name, value.replace("{preset}", args.preset) if f.type is str else value)
     return cfg, args

@@ -17,17 +17,24 @@ from prepare_data import get_tokenizer
 
 
 def find_checkpoints(preset, teacher, student):
-    """The paths given, else out/teacher_<preset>/best.pt (default: the newest), its highest k."""
+    """The paths given, else out/teacher_<preset>/best.pt (default: the newest) and the highest k
+    in out/distill_<preset>/, the preset read off the teacher's folder where not given."""
     if teacher is None:
         name = "*" if preset is None else preset
         found = sorted(glob.glob(f"out/teacher_{name}/best.pt"), key=os.path.getmtime)
         if not found:
             raise UserError(f"no teacher in out/teacher_{name}/; run teacher.py or pass --teacher")
-        teacher, preset = found[-1], os.path.basename(os.path.dirname(found[-1]))[len("teacher_"):]
+        teacher = found[-1]
     if student is None:
+        if preset is None:   # the teacher's own: out/teacher_<preset>/
+            folder = os.path.basename(os.path.dirname(os.path.abspath(teacher)))
+            if not folder.startswith("teacher_"):
+                raise UserError(f"{teacher} is not in an out/teacher_<preset>/ folder: pass "
+                                "--student")
+            preset = folder[len("teacher_"):]
         found = glob.glob(f"out/distill_{preset}/student_k*.pt")
         if not found:
-            raise UserError(f"no student in out/distill_{preset}; run distill.py or pass --student")
+            raise UserError(f"no student in out/distill_{preset}/; run distill.py or pass --student")
         student = max(found, key=lambda p: int(re.findall(r"(\d+)\.pt$", p)[0]))
     return teacher, student
 

@@ -607,6 +607,8 @@ BAD = {
     "gumbel, argmax readout": (distill, lambda p: D(p["data"], p["teacher"], p["out"],
                                                     "--coupling", "gumbel"),
                                r"--coupling gumbel needs --recipe cdf or cdf_seq"),
+    "learning rate NaN": (distill, lambda p: D(p["data"], p["teacher"], p["out"], "--lr", "nan"),
+                          r"--lr must be at least 0, not nan"),
     "ema of 1": (distill, lambda p: D(p["data"], p["teacher"], p["out"], "--ema", "1"),
                  r"--ema must be below 1"),
     "unknown flag": (teacher, lambda p: T(p["data"], p["out"], "--learning_rate", "1"),
