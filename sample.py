@@ -34,7 +34,8 @@ def find_checkpoints(preset, teacher, student):
             preset = folder[len("teacher_"):]
         found = glob.glob(f"out/distill_{preset}/student_k*.pt")
         if not found:
-            raise UserError(f"no student in out/distill_{preset}/; run distill.py or pass --student")
+            raise UserError(f"no student in out/distill_{preset}/; run distill.py or pass "
+                            "--student")
         student = max(found, key=lambda p: int(re.findall(r"(\d+)\.pt$", p)[0]))
     return teacher, student
 
