@@ -2,9 +2,10 @@
 # Which recipe keeps the teacher's distribution, confirmed on the small preset on one GPU (at most
 # 9 minutes, one device command): the small teacher once, then three distillations to k = 4 at
 # about the same training time, each scored by bench.py (quality only, on 256 prefixes): the paper's
-# recipe, and cdf_seq with what won on the CPU (a frozen trunk at a larger learning rate, a weight
-# average, a 3-layer slot MLP, the Gumbel-max coupling) learning by forward KL, then by the mean of
-# the forward and reverse KL (distill.py's default); the paper's draws by the inverse CDF.
+# recipe (as on the H100 before: lr 3e-4, no weight average), and distill.py's small preset, what
+# won on the CPU (cdf_seq, a frozen trunk at a larger learning rate, a weight average, a 3-layer
+# slot MLP, the Gumbel-max coupling), learning by forward KL, then by the mean of the forward and
+# reverse KL (the default); the paper's draws by the inverse CDF.
 # Summaries, quality JSON and logs go into ${OUT:-gpu_out}/gpu_quality.tgz (checkpoints stay in
 # out/gpu_quality/), summary.log beside it.
 #     bash scripts/gpu_quality.sh                                         # on the GPU
@@ -34,10 +35,9 @@ distill() {   # distill NAME FLAGS...: distil the teacher into $runs/NAME, then 
   run "bench_$name" 35 python bench.py --teacher "$runs/teacher/best.pt" --no-speed \
       --student "$student" --quality_samples "${PREFIXES:-256}" --name "$name" --out_dir "$res"
 }
-distill paper --recipe paper --steps_per_stage $((steps / 3)) --no-freeze_trunk
-frozen=(--steps_per_stage "$steps" --freeze_trunk --lr 2e-3 --ema 0.99 --readout_layers 3)
-distill frozen_forward "${frozen[@]}" --kl forward   # the tiny preset's lr: 5e-3
-distill frozen "${frozen[@]}" --kl both
+distill paper --recipe paper --steps_per_stage $((steps / 3)) --no-freeze_trunk --lr 3e-4 --ema 0
+distill frozen_forward --steps_per_stage "$steps" --kl forward
+distill frozen --steps_per_stage "$steps"
 cp "$runs/teacher/teacher_$preset.json" "$res/"
 ls -la "$res" >> "$out/summary.log"
 tar czf "$out/gpu_quality.tgz" -C "$res" .
