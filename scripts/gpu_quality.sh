@@ -28,10 +28,18 @@ distill() {   # distill NAME FLAGS...: distil the teacher into $runs/NAME, then 
   shift
   run "distill_$name" 100 python distill.py --preset "$preset" --teacher "$runs/teacher/best.pt" \
       --out_dir "$runs/$name" --overwrite "$@"
+  cp "$runs/$name/log.jsonl" "$res/log_$name.jsonl"   # the curve, even if stopped
   cp "$runs/$name/distill_$preset.json" "$res/distill_$name.json"
-  # stopped at its time limit (its log says at which step): score the weights it saved, unaveraged
   local student=$runs/$name/student_k4.pt
-  [ -f "$student" ] || student=$runs/$name/last.pt
+  if [ ! -f "$student" ]; then   # stopped at its time limit: score the weight average it saved
+    student=$runs/$name/stopped.pt
+    python - "$runs/$name/last.pt" "$student" <<'PY'
+import sys, torch
+ckpt = torch.load(sys.argv[1], weights_only=False)
+ckpt["model"] = (ckpt.get("ema") or ckpt)["model"]   # the raw weights where the run keeps no average
+torch.save(ckpt, sys.argv[2])
+PY
+  fi
   run "bench_$name" 35 python bench.py --teacher "$runs/teacher/best.pt" --no-speed \
       --student "$student" --quality_samples "${PREFIXES:-256}" --name "$name" --out_dir "$res"
 }
