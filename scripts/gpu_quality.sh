@@ -36,7 +36,7 @@ distill() {   # distill NAME FLAGS...: distil the teacher into $runs/NAME, then 
     python - "$runs/$name/last.pt" "$student" <<'PY'
 import sys, torch
 ckpt = torch.load(sys.argv[1], weights_only=False)
-ckpt["model"] = (ckpt.get("ema") or ckpt)["model"]   # the raw weights where the run keeps no average
+ckpt["model"] = (ckpt.get("ema") or ckpt)["model"]   # raw where the run keeps no average
 torch.save(ckpt, sys.argv[2])
 PY
   fi
