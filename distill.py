@@ -51,7 +51,8 @@ class DistillConfig:
     steps_per_stage: int = field(1000, "optimizer steps per stage", at_least=0)
     batch_size: int = field(32, "sequences per step, over all processes", at_least=1)
     block_size: int = field(256, "context tokens per sequence (<= the teacher's)", at_least=1)
-    anchors: int = field(128, "anchors per sequence, each a window of k noise slots", at_least=1)
+    anchors: int = field(128, "anchors per sequence, each a window of k noise slots (the cdf "
+                         "readouts: k - 1)", at_least=1)
     lr: float = field(3e-4, "AdamW learning rate, constant after warmup", at_least=0)
     warmup_steps: int = field(50, "linear warmup steps at each stage's start", at_least=0)
     grad_clip: float = field(1.0, "clip the gradient norm to this (0: off)", at_least=0)
@@ -154,7 +155,9 @@ def distill_loss(recipe, kl, model, teacher, prev, x, anchors, u, autocast, draw
         per_slot = kl_per_slot(log_q, log_p)
     else:
         per_slot = (kl_per_slot(log_p, log_q) + kl_per_slot(log_q, log_p)) / 2
-    return per_slot, per_slot.sum(), own, targets   # summed, as the chain rule sums a joint's KL
+    # summed: on the student's own prefixes the reverse terms add up to the joint's reverse KL (the
+    # chain rule); the forward terms stand in for the joint's forward KL, whose prefixes are p's
+    return per_slot, per_slot.sum(), own, targets
 
 
 @torch.no_grad()
@@ -196,7 +199,9 @@ def main(argv=None):
         flag = "--freeze_trunk" if cfg.freeze_trunk else "--coupling gumbel"
         raise UserError(f"{flag} needs --recipe cdf or cdf_seq (--recipe {cfg.recipe} reads tokens "
                         "by argmax)")
-    if cfg.block_size > teacher.config.block_size:   # RoPE would run on, past what it learned
+    # a longer context would run RoPE on past what the teacher learned (the windows at the last
+    # anchors reach up to k positions further, as in the paper, where decoding never goes)
+    if cfg.block_size > teacher.config.block_size:
         raise UserError(f"--block_size {cfg.block_size} exceeds the teacher's block size")
     train, val = load_split(cfg.data_dir, "train"), load_split(cfg.data_dir, "val")
     tokenizer = tokenizer_spec(load_meta(cfg.data_dir))

@@ -12,10 +12,11 @@ The distribution readout (readout="cdf" or "cdf_seq", the latter distill.py's de
 paper's) keeps the inverse CDF: token 1's distribution is read from the last real token's state (the
 teacher's, exactly, at the start), token i+1's from noise slot i's state, and x_i = F^-1(u_i | that
 distribution). A student that learns the teacher's conditionals then samples the teacher exactly,
-and AR is its k = 1 case with no slot at all. "cdf_seq" adds a small MLP per slot that also reads
-the token slot i produced (as Hydra's or DeepSeek-V3's multi-token heads do). A distribution
-readout may also swap the inverse CDF for another exact map from u to a token (coupling="gumbel")
-under which a student's and its teacher's samples from the same noise coincide more often.
+and AR is its k = 1 case with no slot at all. "cdf_seq" adds one small MLP, shared by the slots,
+that also reads the token slot i produced (as Hydra's or DeepSeek-V3's multi-token heads do). A
+distribution readout may also swap the inverse CDF for another exact map from u to a token
+(coupling="gumbel") under which a student's and its teacher's samples from the same noise coincide
+more often.
 
 Read top to bottom:
   1. the blocks: GPTConfig, rope, attention, MLP, Block
@@ -49,9 +50,9 @@ class GPTConfig:
     # "high": 1 to 256 cycles, so that nearby u (inverse-CDF buckets are narrow) look different
     noise_features: str = "paper"
     # "argmax": the paper's push-forward readout; "cdf": the distribution readout; "cdf_seq": cdf
-    # with a small MLP per slot over the token the slot before produced
+    # with a small MLP (one, shared by the slots) over the token the slot before produced
     readout: str = "argmax"
-    readout_layers: int = 1    # cdf_seq: the residual MLPs of that per-slot readout
+    readout_layers: int = 1    # cdf_seq: the residual MLPs of that slot readout
     # how a uniform u becomes a token (model.draw): "inverse_cdf", smooth in u as the argmax readout
     # needs, or "gumbel" (distribution readouts), whose same-noise samples agree more often
     coupling: str = "inverse_cdf"
@@ -268,8 +269,9 @@ class GPT(nn.Module):
     def forward_staircase(self, idx, anchors, noise, window=None):
         """The training layout: one pass over [N context tokens | A windows], the window of anchor t
         holding its k noise slots (B, A, k uniforms) at positions t+1..t+k. window: (B, A, m) tokens
-        committed after t, placed before the slots as if real (the previous student's own tokens in
-        a self-forcing rollout). The paper trains every position as an anchor; A < N is a saving.
+        committed after t, at t+1..t+m as if real, the slots then at t+m+1..t+m+k (the previous
+        student's own tokens in a self-forcing rollout). The paper trains every position as an
+        anchor; A < N is a saving.
         Returns the slots' logits, (B, A, k, vocab)."""
         x_win = self.noise_encoder(noise)                                       # (B, A, k, C)
         m = 0 if window is None else window.size(2)
@@ -406,8 +408,8 @@ class KVCache:
     """A static KV cache, one (B, heads, block_size, head dim) tensor per layer, written in place at
     the positions of each pass's inputs, noise slots included: a slot's row is the position of the
     token it produces, so the next pass overwrites it with that token before any query reads it.
-    So only real tokens are ever attended from the cache (the paper: slots are used in the pass and
-    discarded), and shapes never change (compilable, capturable in a CUDA graph)."""
+    So a slot is attended only by the later slots of its own pass (the paper: slots are used in the
+    pass and discarded), and shapes never change (compilable, capturable in a CUDA graph)."""
 
     def __init__(self, cfg, batch_size, device, dtype):
         shape = (batch_size, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
@@ -433,8 +435,8 @@ class KVCache:
 def decode_step(model, tokens, pos, u, cache):
     """One pass: commit `tokens` and read out the next k tokens from their uniforms u (B, k); pos:
     the positions of the tokens, then of the k after them. The argmax readout: k noise slots, x_i =
-    argmax at slot i. The cdf readout: k - 1 slots, x_i = F^-1(u_i | distribution i); AR is its
-    k = 1 case, x = F^-1(u | ctx) from the last token's state, with no slot."""
+    argmax at slot i. The cdf readout: k - 1 slots, x_i = draw(distribution i, u_i) by its coupling;
+    AR is its k = 1 case, x = draw(p(. | ctx), u) from the last token's state, with no slot."""
     n, k = tokens.size(1), u.size(1)
     if model.config.max_k == 0:
         assert k == 1, "an AR model decodes one token per pass"
