@@ -54,7 +54,9 @@ run out/lever_layers5 layers5 --readout_layers 5 "${iv[@]}"   # on top of the ti
 run out/lever_preset_long preset_long --steps_per_stage 1500 "${iv[@]}"
 unset OMP_NUM_THREADS
 run out/lever_gumbel gumbel "${fw[@]}"   # the Gumbel-max coupling
-run out/lever_kl_reverse kl_reverse --kl reverse   # the loss: KL(student || teacher) per slot
-run out/lever_kl_both kl_both   # the tiny preset as it stands: --kl both, the two KLs' mean
+# the loss: KL(student || teacher) per slot; then the tiny preset as it stands (--kl both, the two
+# KLs' mean). These two ran side by side, one thread each
+OMP_NUM_THREADS=1 run out/lever_kl_reverse kl_reverse --kl reverse
+OMP_NUM_THREADS=1 run out/lever_kl_both kl_both
 run out/lever_kl_both_long kl_both_long --steps_per_stage 1500   # twice the compute
 $PY scripts/ablation.py "$out" results/ablation_tiny
