@@ -15,7 +15,8 @@ counts new tokens, prefill included, warm-up not; AR and every k run back to bac
 medians kept. A speedup above k or repeats that disagree mark a point `suspect`, never plotted.
 Quality: continuations of 6-token val prefixes in float32 by the teacher and the student at every
 k from the SAME noise: gen-PPL under the teacher (overall, per slot), entropy, repeated 4-grams,
-same-noise agreement beside a student blind to the noise, and the distribution per slot."""
+same-noise agreement beside a student blind to the noise, and the distribution per slot (on the
+first 32 prefixes)."""
 import argparse
 import copy
 import json

@@ -88,8 +88,8 @@ class CUDAGraphStep:
     """A step_fn for model.generate that replays each decode pass from a CUDA graph. A graph replays
     fixed kernels on fixed memory, so each (model, cache, input shapes) gets its own, captured on
     first use, with static input buffers that each call copies into; pass generate the same cache
-    every call (a new cache would capture new graphs). The prefill runs eagerly. The returned
-    tokens are the graph's static output, overwritten by the next replay. On CPU, or with
+    every call (a new cache would capture new graphs); generate runs the prefill eagerly. The
+    returned tokens are the graph's static output, overwritten by the next replay. On CPU, or with
     capture=False, the same buffers run eagerly (what the CPU tests check). compile=True runs the
     pass through torch.compile before capture (fused elementwise kernels).
     Why not torch.compile(mode="reduce-overhead")? Inductor skips CUDA graphs for a step that
@@ -100,8 +100,6 @@ class CUDAGraphStep:
         self.step = compile_per_shape(decode_step) if compile else decode_step
 
     def __call__(self, model, tokens, pos, noise, cache):
-        if tokens.size(1) != noise.size(1):   # prefill: a one-off shape, not worth a graph
-            return decode_step(model, tokens, pos, noise, cache)
         w = next(model.parameters())   # a graph holds the addresses of the weights and the cache
         key = (id(model), w.data_ptr(), w.dtype, id(cache), tuple(tokens.shape),
                tuple(noise.shape), noise.dtype)

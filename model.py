@@ -453,7 +453,7 @@ def generate(model, prompt, noise, k=1, cache=None, step_fn=decode_step):
     """The one decode loop. prompt: (B, P) tokens. noise: (B, n_new) uniforms, u_j for the j-th new
     token, so that AR (k = 1) and a student (any k) decode the same noise and compare position by
     position. Returns (B, n_new) tokens. cache: a KVCache to reuse (stale entries are masked);
-    step_fn: decode_step, or fast.CUDAGraphStep() to replay each pass from a CUDA graph."""
+    step_fn: each pass after the prefill, decode_step or fast.CUDAGraphStep() (a CUDA graph)."""
     B, P = prompt.shape
     n_new, max_k = noise.size(1), model.config.max_k or 1
     if not 1 <= k <= max_k:
@@ -474,8 +474,8 @@ def generate(model, prompt, noise, k=1, cache=None, step_fn=decode_step):
     if n_new == 0:
         return out
     pos = torch.arange(P + n_new, device=prompt.device)
-    # prefill: commit the prompt, read out the first k tokens
-    out[:, :k] = tokens = step_fn(model, prompt, pos[:P + k], noise[:, :k], cache)
+    # prefill: commit the prompt, read out the first k tokens (eagerly: a one-off shape)
+    out[:, :k] = tokens = decode_step(model, prompt, pos[:P + k], noise[:, :k], cache)
     # decode: each pass commits the k tokens the last one read out, and reads out k more
     for s in range(k, n_new, k):
         tokens = step_fn(model, tokens, pos[P + s - k:P + s + k], noise[:, s:s + k], cache)

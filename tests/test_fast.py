@@ -1,7 +1,8 @@
 """The fast decode path computes what model.generate computes: the FlexAttention cache, the
 CUDA-graph step (its static buffers run eagerly on CPU; captured on a GPU) and the compiled step.
-On a GPU the same tests check the captured graphs and compiled kernels, and one more checks the
-fused FlexAttention kernel against SDPA on whole generations."""
+On a GPU the tests that take a device also capture the graphs and compile for it (every readout
+and coupling, both attention paths), and one more checks the fused FlexAttention kernel against
+SDPA on whole generations."""
 import dataclasses
 import math
 import re
@@ -154,25 +155,27 @@ needs_compiler = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c+
 
 
 @needs_compiler
-def test_compiled_step_matches_eager_generate():
-    """bench.py --compile: CUDAGraphStep(compile=True) compiles the decode step and gives generate's
-    tokens. The teacher's logits are sharpened so that rounding differences between fused and
-    unfused kernels (~1e-7) cannot move its inverse CDF across a token boundary; the student's
-    argmax readout is robust to them anyway."""
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_compiled_step_matches_eager_generate(device, no_tf32):
+    """bench.py --compile: CUDAGraphStep(compile=True) compiles the decode step (and on a GPU
+    captures it) and gives generate's tokens. The teacher's logits are sharpened so that rounding
+    differences between fused and unfused kernels (~1e-7) cannot move its inverse CDF across a
+    token boundary; the student's argmax readout is robust to them anyway."""
     teacher, student, _ = tiny_models()
     with torch.no_grad():
         teacher.lm_head.weight.mul_(30)
     cdf = GPT.student_from(teacher, K, readout="cdf_seq").eval()   # sharpened as well
     gumbel = GPT.student_from(teacher, K, readout="cdf_seq", coupling="gumbel").eval()
+    teacher, student, cdf, gumbel = (m.to(device) for m in (teacher, student, cdf, gumbel))
     gen = torch.Generator().manual_seed(2)
-    prompt = torch.randint(V, (3, 6), generator=gen)
-    noise = torch.rand(3, 16, generator=gen, dtype=torch.float64)
+    prompt = torch.randint(V, (3, 6), generator=gen).to(device)
+    noise = torch.rand(3, 16, generator=gen, dtype=torch.float64).to(device)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()   # (reset() keeps them: count this test's graphs only)
-    step = CUDAGraphStep(capture=False, compile=True)
+    step = CUDAGraphStep(capture=device == "cuda", compile=True)
     for attention in ("sdpa", "flex"):
         for model, k in ((teacher, 1), (student, 2), (student, 4), (cdf, 4), (gumbel, 4)):
-            cache = make_cache(model.config, 3, "cpu", torch.float32, attention)
+            cache = make_cache(model.config, 3, device, torch.float32, attention)
             assert torch.equal(generate(model, prompt, noise, k, step_fn=step, cache=cache),
                                generate(model, prompt, noise, k)), (attention, k)
     # really compiled, once per shape

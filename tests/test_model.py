@@ -461,16 +461,18 @@ def test_generate_rejects_what_the_model_cannot_decode(teacher, student):
 
 
 @torch.no_grad()
-def test_generate_gives_each_pass_its_own_float64_noise():
+def test_generate_gives_each_pass_its_own_float64_noise(monkeypatch):
     """Each pass gets exactly its k uniforms, in float64 (the staircase encodes them so in
-    training; "high" features are sensitive to it)."""
+    training; "high" features are sensitive to it). The prefill runs decode_step itself, every
+    later pass step_fn."""
     torch.manual_seed(0)
     s = GPT.student_from(GPT(GPTConfig(block_size=48, n_layer=1, n_head=2, n_embd=32)), 2,
                          noise_features="high").eval()
     prompt, noise = torch.randint(0, V, (2, 6)), torch.rand(2, 20, dtype=torch.float64)
     seen = []
-    generate(s, prompt, noise, 2,
-             step_fn=lambda m, t, p, u, c: seen.append(u.clone()) or decode_step(m, t, p, u, c))
+    spy = lambda m, t, p, u, c: seen.append(u.clone()) or decode_step(m, t, p, u, c)  # noqa: E731
+    monkeypatch.setattr("model.decode_step", spy)   # the prefill
+    generate(s, prompt, noise, 2, step_fn=spy)
     assert torch.equal(torch.cat(seen, 1), noise) and seen[0].dtype == torch.float64
 
 
