@@ -241,10 +241,11 @@ def profile_point(label, teacher, student, ks, B, seq_len, device, gen, attentio
     return rows
 
 
-def run_grid(points, point, path, resume, seed):
+def run_grid(points, point, path, resume, seed, made_by):
     """(rows, skipped) of point(label, teacher, student, seq_len, B, generator) at every point not
-    in `path` (--resume), a JSON line appended per point done; out of memory skips it."""
-    commit, done = git_commit(), {}
+    in `path` (--resume), a JSON line appended per point done; out of memory skips it. made_by: the
+    commit and flags, in every line: a resume continues only the same command."""
+    made_by, done = json.loads(json.dumps(made_by)), {}   # as the file gives it back
     if resume:
         if not os.path.exists(path):
             raise UserError(f"--resume: {path} does not exist; there is nothing to continue")
@@ -252,16 +253,17 @@ def run_grid(points, point, path, resume, seed):
             whole = f.read().rpartition(b"\n")[0]
             f.truncate(len(whole) + 1 if whole else 0)
         done = {tuple(row["point"]): row for row in map(json.loads, whole.splitlines())}
-        other = {r["commit"] for r in done.values()} - {commit}
+        other = next((r["made_by"] for r in done.values() if r["made_by"] != made_by), None)
         if other:
-            raise UserError(f"--resume: {path} holds rows of commit {other.pop()}, this is "
-                            f"{commit}; rerun without --resume to start afresh")
+            diff = ", ".join(f"{k} {v!r}" for k, v in other.items() if made_by.get(k) != v)
+            raise UserError(f"--resume: {path} holds rows made with {diff}; rerun without "
+                            "--resume to start afresh")
     with open(path, "a" if resume else "w") as f:
         for i, (label, teacher, student, seq_len, B) in enumerate(tqdm(points, dynamic_ncols=True)):
             key = (label, seq_len, B)
             if key in done:
                 continue
-            row = {"point": key, "commit": commit, "rows": [], "skipped": None}
+            row = {"point": key, "made_by": made_by, "rows": [], "skipped": None}
             try:   # a generator per point: a resumed grid times what an uninterrupted one would
                 row["rows"] = point(label, teacher, student, seq_len, B,
                                     torch.Generator().manual_seed(seed * len(points) + i))
@@ -535,7 +537,8 @@ def main(argv=None):
                 return profile_point(m, t, s, ks, B, L, device, gen, args.attention, args.compile)
             timed = time_point(t, s, ks, B, L, repeats, device, gen, args.attention, args.compile)
             return speed_rows(m, by_k(t, s, ks), B, L, timed, peaks)
-        found, skipped = run_grid(points, point, grid, args.resume, args.seed)
+        made_by = {"commit": commit, **{k: v for k, v in vars(args).items() if k != "resume"}}
+        found, skipped = run_grid(points, point, grid, args.resume, args.seed, made_by)
         profile, speed = (found, []) if args.profile else ([], found)
     if quality:
         rows, blind = run_quality(teacher, student, tok, T, val, args.quality_samples, args.seed,

@@ -75,6 +75,8 @@ def parse_config(cls, presets, description, argv=None):
     for f in dataclasses.fields(cls):
         value, low, high = getattr(args, f.name), f.metadata["at_least"], f.metadata["below"]
         value = getattr(cfg, f.name) if value is None else value   # "" and 0 are given: checked
+        if f.type is str and not value:   # an empty path would be the current folder, or /
+            raise UserError(f"--{f.name} must not be empty")
         if low is not None and not value >= low:   # (so that NaN is refused too)
             raise UserError(f"--{f.name} must be at least {low}, not {value}")
         if high is not None and not value < high:
@@ -187,6 +189,7 @@ class EMA:
 
 def atomic_write(path, write_fn, mode="wb"):
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)), ".tmp-" + os.path.basename(path))
+    StopFlag.saving = True   # a second Ctrl-C lets the write finish (torch.save would swallow it)
     try:
         os.makedirs(os.path.dirname(tmp), exist_ok=True)
         with open(tmp, mode) as f:
@@ -197,6 +200,7 @@ def atomic_write(path, write_fn, mode="wb"):
     except OSError as e:   # a full disk, a read-only folder
         raise UserError(f"cannot write {path} ({e.strerror or e})") from None
     finally:
+        StopFlag.saving = False
         if os.path.exists(tmp):
             os.remove(tmp)
 
@@ -278,14 +282,18 @@ class JsonlLog:
 
     def write(self, **row):
         if self.master:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            except OSError as e:   # a full disk
+                raise UserError(f"cannot write {self.path} ({e.strerror or e})") from None
         self.rows += 1
 
 
 class StopFlag:
-    """Ctrl-C (or SIGTERM) once asks to stop after this step and save; twice stops now."""
-    requested = False
+    """Ctrl-C (or SIGTERM) once asks to stop after this step and save; twice stops now, but a
+    second press while a file is being saved is ignored, so that the file is finished."""
+    requested = saving = False
 
     def __enter__(self):
         self.old = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -296,7 +304,7 @@ class StopFlag:
             signal.signal(s, handler)
 
     def handle(self, signum, frame):
-        if self.requested:
+        if self.requested and not StopFlag.saving:
             raise KeyboardInterrupt
         self.requested = True
 

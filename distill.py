@@ -191,9 +191,11 @@ def main(argv=None):
         raise UserError(f"--batch_size {cfg.batch_size} must split over {rt.world} processes")
     teacher_ckpt = load_checkpoint(cfg.teacher, kind="teacher")
     teacher = model_from_checkpoint(teacher_ckpt, rt.device).eval()
-    if cfg.k > min(cfg.eval_tokens, teacher.config.block_size - cfg.prompt_len):
-        raise UserError(f"--k {cfg.k} is out of range: at most --eval_tokens and the teacher's "
-                        f"block size {teacher.config.block_size} - --prompt_len {cfg.prompt_len}")
+    if cfg.prompt_len + cfg.eval_tokens > teacher.config.block_size:
+        raise UserError(f"--prompt_len {cfg.prompt_len} + --eval_tokens {cfg.eval_tokens} exceed "
+                        f"the teacher's block size {teacher.config.block_size}")
+    if cfg.k > cfg.eval_tokens:
+        raise UserError(f"--k {cfg.k} is out of range: at most --eval_tokens ({cfg.eval_tokens})")
     if "cdf" not in cfg.recipe and (cfg.freeze_trunk or cfg.coupling == "gumbel"):
         # the argmax readout reads token 1 from a slot, and learns the map from u: a smooth one
         flag = "--freeze_trunk" if cfg.freeze_trunk else "--coupling gumbel"

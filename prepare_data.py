@@ -337,6 +337,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not 0 < args.val_fraction < 1:
         die(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
+    if min(args.seed, args.max_docs or 0) < 0:
+        die("--seed and --max_docs must be at least 0")
+    if args.source_dir is not None and not os.path.isdir(args.source_dir):   # "" too
+        die(f"--source_dir {args.source_dir!r} is not a folder")
     name = "custom" if args.source_dir is not None else args.dataset
     out = os.path.join(args.out_dir, name)
     try:   # a finished dataset is kept, whatever flags built it; an unfinished one is rebuilt

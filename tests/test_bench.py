@@ -268,7 +268,8 @@ def test_timed_rows_carry_each_sides_ceiling(pair, tmp_path, monkeypatch):
 def test_an_interrupted_grid_resumes_at_the_point_it_stopped(pair, tmp_path, monkeypatch):
     """Ctrl-C stops the grid at once, with one line per point done in <name>_speed.partial.jsonl and
     no results; --resume times only the points not done, the interrupted one again (each from a
-    generator of its own: what an uninterrupted run gives it) and refuses rows of another commit."""
+    generator of its own: what an uninterrupted run gives it) and refuses rows of another commit
+    or other flags."""
     timed, time_point, ctrl_c = [], bench.time_point, {"at": 2}
 
     def recorded(teacher, student, ks, B, seq_len, repeats, device, gen, *rest):
@@ -286,8 +287,10 @@ def test_an_interrupted_grid_resumes_at_the_point_it_stopped(pair, tmp_path, mon
     assert sorted(p.name for p in tmp_path.iterdir()) == [partial.name]   # no results yet
     with monkeypatch.context() as m:
         m.setattr(bench, "git_commit", lambda: "another")
-        with pytest.raises(UserError, match="rows of commit"):
+        with pytest.raises(UserError, match="rows made with commit"):
             run(pair, tmp_path, *args, "--resume")
+    with pytest.raises(UserError, match="rows made with dtype 'bfloat16'"):
+        run(pair, tmp_path, *args, "--resume", "--dtype", "float32")
     rows = run(pair, tmp_path, *args, "--resume")("speed")["speed"]
     assert [B for B, _ in timed] == [1, 2, 2, 3]   # the interrupted point again, then the third
     assert timed[1] == timed[2]   # redone from the same generator
@@ -306,7 +309,7 @@ def test_a_point_out_of_memory_is_skipped_and_the_grid_goes_on(tmp_path):
             raise torch.OutOfMemoryError("CUDA out of memory")
         return [{"batch_size": B}]
     rows, skipped = bench.run_grid([("m", None, None, 12, B) for B in (1, 2, 3)], point,
-                                   str(tmp_path / "p.partial.jsonl"), False, 0)
+                                   str(tmp_path / "p.partial.jsonl"), False, 0, {})
     assert [r["batch_size"] for r in rows] == [1, 3]
     assert skipped == [{"model": "m", "seq_len": 12, "batch_size": 2, "reason": "out of memory"}]
 
@@ -314,14 +317,14 @@ def test_a_point_out_of_memory_is_skipped_and_the_grid_goes_on(tmp_path):
 def test_a_resumed_grid_cuts_a_line_torn_by_a_kill(tmp_path, monkeypatch):
     """A kill while a point's line is written leaves it without its newline: --resume redoes that
     point, keeps the whole lines, and the file it leaves reads back whole."""
-    monkeypatch.setattr(bench, "git_commit", lambda: "c")
     path = tmp_path / "p.partial.jsonl"
-    whole = {"point": ["m", 12, 1], "commit": "c", "rows": [{"batch_size": 1}], "skipped": None}
+    whole = {"point": ["m", 12, 1], "made_by": {"commit": "c"}, "rows": [{"batch_size": 1}],
+             "skipped": None}
     path.write_text(json.dumps(whole) + "\n" + json.dumps({**whole, "point": ["m", 12, 2]})[:30])
     done = []
     rows, _ = bench.run_grid([("m", None, None, 12, B) for B in (1, 2)],
                              lambda *a: done.append(a[4]) or [{"batch_size": a[4]}], str(path),
-                             True, 0)
+                             True, 0, {"commit": "c"})
     assert done == [2] and [r["batch_size"] for r in rows] == [1, 2]
     assert [json.loads(x)["point"] for x in path.read_text().splitlines()] == [["m", 12, 1],
                                                                                ["m", 12, 2]]

@@ -273,6 +273,12 @@ def test_user_mistakes_are_one_line(tmp_path):
         run("--source_dir", src, "--out_dir", str(tmp_path / "file" / "sub")))
     assert "--val_fraction" in one_line_error(run("--val_fraction", "0"))
     assert "invalid choice" in one_line_error(run("--dataset", "shakespear"))
+    for flag in ("--seed", "--max_docs"):
+        assert "must be at least 0" in one_line_error(run(flag, "-1", "--out_dir", str(tmp_path)))
+    # an empty value is not the current folder
+    for folder in ("", str(tmp_path / "missing")):
+        assert "is not a folder" in one_line_error(run("--source_dir", folder, "--out_dir",
+                                                       str(tmp_path / "out")))
     # one document cannot fill both splits: refused, and no bins are left behind
     one = write_docs(tmp_path / "one", ["the only document"])
     assert "need one of each" in one_line_error(run("--source_dir", one, "--out_dir",

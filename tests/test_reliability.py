@@ -596,7 +596,11 @@ BAD = {
     "k out of range": (distill, lambda p: D(p["data"], p["teacher"], p["out"], "--k", "40"),
                        r"--k 40 is out of range"),
     "empty flag": (distill, lambda p: D(p["data"], p["teacher"], p["out"], "--data_dir", ""),
-                   r"not found"),
+                   r"--data_dir must not be empty"),
+    "empty out_dir": (teacher, lambda p: T(p["data"], ""), r"--out_dir must not be empty"),
+    "eval tokens past the block": (distill, lambda p: D(p["data"], p["teacher"], p["out"],
+                                                        "--eval_tokens", "100000"),
+                                   r"--eval_tokens 100000 exceed the teacher's block size"),
     "zero flag": (teacher, lambda p: T(p["data"], p["out"], "--eval_interval", "0"),
                   r"--eval_interval must be at least 1, not 0"),
     "zero k of anchors": (distill, lambda p: D(p["data"], p["teacher"], p["out"], "--anchors", "0"),
@@ -643,6 +647,33 @@ def test_bad_input_through_the_real_command_line(bad):
                                                    "--bogus"), r"unrecognized arguments")):
         r = run(script, argv)
         assert r.returncode == 2 and re.search(pattern, error_line(r.stderr)), (script, r.stderr)
+
+
+def test_a_second_ctrl_c_lets_a_checkpoint_finish(tmp_path):
+    """Ctrl-C pressed again while a checkpoint is written: torch.save would turn the interrupt
+    into a RuntimeError (a traceback) and lose the save; the press is ignored, the file whole."""
+    with common.StopFlag() as stop:
+        stop.requested = True   # the first press
+
+        def write(f):
+            os.kill(os.getpid(), signal.SIGINT)   # the second, mid-write
+            torch.save({"w": torch.ones(3)}, f)
+        try:
+            common.atomic_write(str(tmp_path / "last.pt"), write)
+        except KeyboardInterrupt:
+            pytest.fail("the second press interrupted the save")
+        with pytest.raises(KeyboardInterrupt):   # outside a save it stops at once
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert torch.equal(torch.load(tmp_path / "last.pt")["w"], torch.ones(3))
+
+
+def test_a_log_that_cannot_be_written_is_one_line(tmp_path):
+    log = common.JsonlLog(str(tmp_path / "log.jsonl"), 0, True)
+    os.remove(log.path)
+    os.mkdir(log.path)   # (as a full disk would, open or write fails)
+    with pytest.raises(UserError, match="cannot write .*log.jsonl"):
+        log.write(step=1)
 
 
 def test_load_checkpoint_refuses_the_wrong_kind(teacher_ref, distill_ref):
