@@ -6,6 +6,7 @@ import argparse
 import glob
 import os
 import re
+import sys
 
 import torch
 
@@ -48,6 +49,9 @@ def load_models(t_path, s_path, device):
             if key not in STUDENT_FIELDS and s_cfg.get(key) != v]
     if diff:
         raise UserError(f"{s_path} does not have {t_path}'s shape: {', '.join(diff)}")
+    if s_ckpt.get("teacher_id", {}) != {key: t_ckpt.get(key) for key in ("step", "best_val")}:
+        print(f"warning: {s_path} was distilled from another teacher than {t_path} (trained "
+              "again since?): its agreement with this one means little", file=sys.stderr)
     teacher, student = (model_from_checkpoint(ckpt, device).eval() for ckpt in (t_ckpt, s_ckpt))
     teacher.config.coupling = student.config.coupling   # the AR reference draws as the student does
     return teacher, student, t_ckpt

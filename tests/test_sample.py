@@ -154,6 +154,18 @@ def test_a_given_teacher_finds_the_student_of_its_preset(tmp_path, monkeypatch):
         sample.find_checkpoints(None, "elsewhere/teacher.pt", None)
 
 
+def test_a_student_of_another_teacher_is_warned_about(tmp_path, capsys):
+    """A teacher trained again after its student was distilled: sample.py (and bench.py) warn."""
+    t, s, _ = write_pair(tmp_path, teacher_extra={"step": 20, "best_val": 1.5},
+                         student_extra={"teacher_id": {"step": 20, "best_val": 1.5}})
+    sample.load_models(t, s, torch.device("cpu"))
+    assert capsys.readouterr().err == ""
+    (tmp_path / "again").mkdir()
+    t2, _, _ = write_pair(tmp_path / "again", teacher_extra={"step": 20, "best_val": 1.4})
+    sample.load_models(t2, s, torch.device("cpu"))
+    assert "distilled from another teacher" in capsys.readouterr().err
+
+
 def test_the_command_line_prints_one_error_line(pair):
     r = subprocess.run([sys.executable, "sample.py", "--teacher", pair[0], "--student", pair[0]],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
