@@ -314,7 +314,7 @@ def test_a_point_out_of_memory_is_skipped_and_the_grid_goes_on(tmp_path):
     assert skipped == [{"model": "m", "seq_len": 12, "batch_size": 2, "reason": "out of memory"}]
 
 
-def test_a_resumed_grid_cuts_a_line_torn_by_a_kill(tmp_path, monkeypatch):
+def test_a_resumed_grid_cuts_a_line_torn_by_a_kill(tmp_path):
     """A kill while a point's line is written leaves it without its newline: --resume redoes that
     point, keeps the whole lines, and the file it leaves reads back whole."""
     path = tmp_path / "p.partial.jsonl"
