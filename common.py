@@ -232,6 +232,10 @@ def load_checkpoint(path, kind=None):   # kind: "teacher" (teacher.py's) or "stu
     return ckpt
 
 
+def teacher_id(ckpt):   # what tells one training of a teacher from another; a student records it
+    return {key: ckpt.get(key) for key in ("step", "best_val")}
+
+
 def model_from_checkpoint(ckpt, device):
     model = GPT(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])

@@ -31,7 +31,8 @@ from tqdm import tqdm
 from common import (EMA, JsonlLog, StopFlag, UserError, all_mean, device_name, field,
                     fits_in_memory, git_commit, load_checkpoint, load_split, lr_at,
                     model_from_checkpoint, parse_config, pyplot, run_cli, sample_windows,
-                    save_checkpoint, save_figure, setup_runtime, shard, start_run, write_json)
+                    save_checkpoint, save_figure, setup_runtime, shard, start_run, teacher_id,
+                    write_json)
 from fast import compile_per_shape
 from model import (GPT, agreement_without_noise, draw, generate, inverse_cdf,
                    same_noise_agreement, window_agreement)
@@ -211,8 +212,7 @@ def main(argv=None):
         raise UserError(f"{cfg.teacher} was trained on another vocabulary than {cfg.data_dir}'s; "
                         "pass the --data_dir it was trained on")
     state = start_run(cfg.out_dir, "student", args, cfg, rt)   # the checkpoint a resume continues
-    teacher_id = {key: teacher_ckpt.get(key) for key in ("step", "best_val")}
-    if state and state["teacher_id"] != teacher_id and rt.master:
+    if state and state["teacher_id"] != teacher_id(teacher_ckpt) and rt.master:
         print(f"warning: {cfg.teacher} was trained again since this run started")
 
     # the agreement's benchmark: fixed val prefixes and noise, the AR teacher's samples on them
@@ -230,7 +230,7 @@ def main(argv=None):
         gen.set_state(state["rng"])
     log = JsonlLog(f"{cfg.out_dir}/log.jsonl", state["log_rows"] if state else 0, rt.master)
     run = {"kind": "student", "train_config": dataclasses.asdict(cfg), "tokenizer": tokenizer,
-           "teacher_id": teacher_id, "results": state["results"] if state else []}
+           "teacher_id": teacher_id(teacher_ckpt), "results": state["results"] if state else []}
     prev, last_path = teacher, f"{cfg.out_dir}/last.pt"
     # eager, the targets' draw would sweep batch x anchors x k x vocab some 20 times a step
     draw_fn = compile_per_shape(draw) if cfg.compile and rt.device.type == "cuda" else draw

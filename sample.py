@@ -11,7 +11,7 @@ import sys
 import torch
 
 from common import (ArgumentParser, UserError, load_checkpoint, load_split, model_from_checkpoint,
-                    resolve_device, run_cli, sample_windows)
+                    resolve_device, run_cli, sample_windows, teacher_id)
 from model import (STUDENT_FIELDS, agreement_without_noise, generate, same_noise_agreement,
                    teacher_context_windows)
 from prepare_data import get_tokenizer
@@ -49,7 +49,7 @@ def load_models(t_path, s_path, device):
             if key not in STUDENT_FIELDS and s_cfg.get(key) != v]
     if diff:
         raise UserError(f"{s_path} does not have {t_path}'s shape: {', '.join(diff)}")
-    if s_ckpt.get("teacher_id", {}) != {key: t_ckpt.get(key) for key in ("step", "best_val")}:
+    if s_ckpt.get("teacher_id", {}) != teacher_id(t_ckpt):
         print(f"warning: {s_path} was distilled from another teacher than {t_path} (trained "
               "again since?): its agreement with this one means little", file=sys.stderr)
     teacher, student = (model_from_checkpoint(ckpt, device).eval() for ckpt in (t_ckpt, s_ckpt))
