@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402
 from bench import bytes_moved, generation_phases, nll_per_position, roofline  # noqa: E402
 from common import UserError  # noqa: E402
-from model import GPT, generate  # noqa: E402
+from model import GPT, draw, generate  # noqa: E402
 from test_sample import CHARS, K, tiny_pair, write_pair  # noqa: E402
 
 FAST = ["--device", "cpu", "--repeats", "1", "--seq_lens", "16", "--batch_sizes", "1"]
@@ -76,7 +76,8 @@ def test_end_to_end_outputs(pair, tmp_path, capsys):
 def test_gen_ppl_is_exact_on_judges_with_known_answers_whatever_the_batching():
     """The NLL of each continuation token given everything before it: a judge sure that token j + 1
     follows token j scores counting sequences at 1, a uniform judge at V, in any batching; per slot,
-    one surprising token raises only its slot's gen-PPL."""
+    one surprising token raises only its slot's gen-PPL. A row's ratios divide by the teacher's
+    samples' gen-PPL, overall and per slot."""
     V = 11
     prompts = torch.tensor([[0, 1, 2], [4, 5, 6]])
     samples = torch.tensor([[3, 4, 5, 6], [7, 8, 9, 10]])
@@ -93,6 +94,11 @@ def test_gen_ppl_is_exact_on_judges_with_known_answers_whatever_the_batching():
         assert math.log(overall) == pytest.approx(50 / 8, rel=1e-3)
         assert per_slot[0] == pytest.approx(1)
         assert math.log(per_slot[1]) == pytest.approx(50 / 4, rel=1e-3)
+    tok = SimpleNamespace(decode=lambda ids: "".join(CHARS[i] for i in ids))
+    nll, ar_nll = torch.tensor([1.0, 3.0, 1.0, 3.0]), torch.tensor([1.0, 1.0, 2.0, 2.0])
+    row = bench.quality_row("student", 2, samples, nll, ar_nll, samples, [1.0, 1.0], tok)
+    assert row["gen_ppl_ratio"] == pytest.approx(math.exp(2 - 1.5))
+    assert row["gen_ppl_per_slot_ratio"] == pytest.approx([math.exp(-0.5), math.exp(1.5)])
 
 
 def test_repetition_counts_token_and_word_4grams():
@@ -427,3 +433,30 @@ def test_distribution_per_slot_tells_a_sampler_from_a_collapsed_student():
     assert 0.8 < good["draw_entropy_ratio_per_slot"][0] < 1.2
     assert bad["draw_entropy_ratio_per_slot"] == [0.0, 0.0]
     assert min(bad["tv_per_slot"]) > 3 * max(bad["tv_floor_per_slot"])
+
+
+class TeacherChain:
+    """A sampler exact at every slot: in each window, the teacher's own chain drawn with the noise."""
+
+    def __init__(self, teacher):
+        self.teacher = teacher
+
+    def window_tokens(self, idx, anchors, noise):
+        own = anchors.new_zeros(*anchors.shape, 0)
+        for i in range(noise.size(2)):
+            logits = self.teacher.forward_window(idx, anchors, own)[:, :, -1].float()
+            own = torch.cat([own, draw(logits, noise[:, :, i], "inverse_cdf")[..., None]], dim=2)
+        return own
+
+
+@torch.no_grad()
+def test_distribution_per_slot_finds_an_exact_sampler_exact_at_every_slot():
+    """Slot i is judged against the teacher after the tokens the same draws wrote before it: the
+    teacher's own chain is at the finite-sample floor at every slot, the entropy kept."""
+    teacher, _ = tiny_pair()
+    teacher.lm_head.weight.mul_(4)   # peaked, and dependent on the order of the tokens before
+    out = bench.distribution_per_slot(teacher, TeacherChain(teacher), 3, torch.randint(
+        len(CHARS), (8, 6), generator=torch.Generator().manual_seed(0)),
+        torch.Generator().manual_seed(1), draws=256)
+    for tv, floor, ratio in zip(*out.values()):
+        assert tv < 1.5 * floor and 0.9 < ratio < 1.1, out

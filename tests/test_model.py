@@ -356,6 +356,25 @@ def test_only_the_sequential_readout_sees_the_token_a_slot_produced(teacher):
             assert torch.equal(tokens[:, i], draw(logits[:, i], u[:, i], coupling))
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("layers", [1, 3])
+def test_the_sequential_readout_reads_every_earlier_token(teacher, layers):
+    """cdf_seq, as the teacher's chain: a u_2 that changes token 2 leaves the first two
+    distributions and moves the third, and the fourth even where token 3 came out the same (r_3
+    carries token 2 on)."""
+    s = cdf_student(teacher, "cdf_seq", layers=layers)
+    h_last, h_slots = torch.randn(1, 32).expand(16, -1), torch.randn(1, 3, 32).expand(16, -1, -1)
+    u = torch.tensor([0.3, 0.0, 0.6, 0.4], dtype=torch.float64).repeat(16, 1)
+    u[:, 1] = (torch.arange(16) + 0.5) / 16
+    logits, tokens = s.read_out(h_last, h_slots, u)
+    assert (logits[:, :2] == logits[:1, :2]).all()
+    other = tokens[:, 1] != tokens[0, 1]
+    assert other.sum() >= 8
+    assert (logits[other, 2] != logits[0, 2]).any(-1).all()
+    same_3 = other & (tokens[:, 2] == tokens[0, 2])
+    assert same_3.any() and (logits[same_3, 3] != logits[0, 3]).any(-1).all()
+
+
 def test_student_copies_every_shared_tensor(teacher):
     s = GPT.student_from(teacher, 2)
     ts, ss = teacher.state_dict(), s.state_dict()

@@ -16,7 +16,7 @@ import common
 import distill
 import teacher
 from common import EMA, UserError, load_checkpoint, lr_at, model_from_checkpoint, sample_windows
-from model import GPT, GPTConfig, generate, inverse_cdf
+from model import GPT, GPTConfig, draw, generate, inverse_cdf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHARS = "abcdefgh"   # an 8-character vocabulary: the model is small and fast on CPU
@@ -142,6 +142,8 @@ def test_distillation_raises_same_noise_agreement(iid):
         logged = [r["window_agreement"] for r in log
                   if r["stage"] == si and "window_agreement" in r]
         assert logged == [p["window_agreement"] for p in stage["curve"]]
+        lr = [r["lr"] for r in log if r["stage"] == si and "lr" in r]   # every 10 steps
+        assert lr[0] < 3e-3 and lr[1:] == pytest.approx([3e-3] * 5)   # warmup, then constant
     first, *_, last = (p["window_agreement"][0] for p in stage1["curve"])
     assert first <= 0.35 and last >= 0.6, stage1["curve"]
     assert os.path.getsize(os.path.join(iid["out"], "distill_tiny_curve.png")) > 0
@@ -305,12 +307,14 @@ def test_onpolicy_targets_are_the_teachers_chain_after_the_students_own_tokens()
 def test_the_kl_choices_are_the_divergences_between_teacher_and_student_per_slot():
     """--kl: per slot, a mean over windows of KL(p || q) (forward), KL(q || p) (reverse) or their
     mean (both), p the teacher's distribution after the student's own tokens, q the student's; a
-    fresh student's slot 1 is its teacher's, so its loss there is zero by each."""
+    fresh student's slot 1 is its teacher's, so its loss there is zero by each. The accuracy's
+    targets: the teacher's draws from p with the same noise, by the student's coupling."""
     torch.manual_seed(0)
     ar = GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=16, vocab_size=40)).eval()
-    torch.nn.init.normal_(ar.wte.weight)   # peaked distributions: the two KLs differ
+    torch.nn.init.normal_(ar.wte.weight, std=0.3)   # the two KLs differ, so do the couplings
     student = GPT.student_from(ar, 3, readout="cdf_seq", readout_layers=1, coupling="gumbel")
     torch.nn.init.normal_(student.slot_readout.proj[0].weight, std=1.0)   # slots 2, 3 differ
+    ar.config.coupling = "gumbel"   # as distill.py sets it
     x, anchors = torch.randint(40, (2, 12)), torch.tensor([[2, 7], [0, 11]])
     u = torch.rand(2, 2, 3, dtype=torch.float64)
     loss = {kl: distill.distill_loss("cdf_seq", kl, student, ar, None, x, anchors, u,
@@ -322,9 +326,12 @@ def test_the_kl_choices_are_the_divergences_between_teacher_and_student_per_slot
     want = {"forward": torch.distributions.kl_divergence(p, q).mean((0, 1)),
             "reverse": torch.distributions.kl_divergence(q, p).mean((0, 1))}
     want["both"] = (want["forward"] + want["reverse"]) / 2
-    for kl, (per_slot, total, tokens, _) in loss.items():
+    targets = draw(p.logits, u, "gumbel")
+    assert not torch.equal(targets, draw(p.logits, u, "inverse_cdf"))
+    for kl, (per_slot, total, tokens, target) in loss.items():
         assert torch.allclose(per_slot, want[kl], atol=1e-6), kl
         assert torch.isclose(total, per_slot.sum()) and torch.equal(tokens, own)
+        assert torch.equal(target, targets)
         assert per_slot[0] < 1e-6 < per_slot[1:].min(), (kl, per_slot)
     assert not torch.allclose(want["forward"][1:], want["reverse"][1:], rtol=0.05)
 
