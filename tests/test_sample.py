@@ -180,3 +180,13 @@ def test_a_distribution_readout_student_starts_at_its_teachers_first_token(tmp_p
     run(write_pair(tmp_path, readout="cdf_seq", readout_layers=3, coupling="gumbel"),
         "--prompt", "First", "--num_samples", "2", "--max_new_tokens", "12", "--k", "4")
     assert re.search(r"on the teacher's context\s+slot 1\s+100\.0%", capsys.readouterr().out)
+
+
+def test_on_the_teachers_context_every_window_starts_from_the_teachers_text(tmp_path, capsys):
+    """A cdf student fresh from its teacher: free-running, its slot 1 drifts from the teacher's
+    once its earlier passes differed; each window started from the teacher's text, never."""
+    run(write_pair(tmp_path, readout="cdf"), "--prompt", "First", "--num_samples", "4",
+        "--max_new_tokens", "24", "--k", "4")
+    out = capsys.readouterr().out
+    assert re.search(r"on the teacher's context\s+slot 1\s+100\.0%", out)
+    assert not re.search(r"free-running\s+slot 1\s+100\.0%", out)
