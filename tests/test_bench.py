@@ -450,7 +450,7 @@ class TeacherChain:
 
 
 @torch.no_grad()
-def test_distribution_per_slot_finds_an_exact_sampler_exact_at_every_slot():
+def test_distribution_per_slot_puts_the_teachers_own_chain_at_the_floor():
     """Slot i is judged against the teacher after the tokens the same draws wrote before it: the
     teacher's own chain is at the finite-sample floor at every slot, the entropy kept."""
     teacher, _ = tiny_pair()
