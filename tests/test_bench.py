@@ -436,7 +436,7 @@ def test_distribution_per_slot_tells_a_sampler_from_a_collapsed_student():
 
 
 class TeacherChain:
-    """A sampler exact at every slot: in each window, the teacher's own chain drawn with the noise."""
+    """In each window the teacher's own chain, drawn with its noise: exact at every slot."""
 
     def __init__(self, teacher):
         self.teacher = teacher
