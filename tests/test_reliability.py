@@ -526,15 +526,29 @@ def test_resume_keeps_the_best_so_far(tmp_path, data_dir, monkeypatch):
 # ------------------------------------------------------------------------------------------------
 # Existing runs: a directory holding a run needs --resume or --overwrite; --overwrite replaces it.
 
-def test_overwrite_replaces_the_old_run(tmp_path, data_dir, teacher_ref, distill_ref):
-    """--overwrite deletes the old run's files: a stage the new schedule does not reach leaves no
-    student behind to be taken for this run's."""
-    out = tmp_path / "out"
-    shutil.copytree(distill_ref["out"], out)
-    distill.main(D(data_dir, teacher_ref["best"], out, "--overwrite", "--k", "1"))
-    assert sorted(os.listdir(out)) == ["distill_tiny.json", "distill_tiny_curve.png", "last.pt",
-                                       "log.jsonl", "student_k1.pt"]
-    assert max(r["stage"] for r in read_log(out / "log.jsonl")) == 0
+@pytest.mark.parametrize("script", ["teacher", "distill"])
+def test_overwrite_replaces_the_old_run(tmp_path, data_dir, teacher_ref, distill_ref, monkeypatch,
+                                        script):
+    """--overwrite deletes the old run's files before the new run writes any: a stage the new
+    schedule does not reach leaves no student behind to be taken for this run's."""
+    out, at_start = tmp_path / "out", []
+    module, ref = (teacher, teacher_ref) if script == "teacher" else (distill, distill_ref)
+    shutil.copytree(ref["out"], out)
+
+    def start_run(*args):   # what the directory holds once the run has started
+        ckpt = common.start_run(*args)
+        at_start.append(sorted(os.listdir(out)))
+        return ckpt
+    monkeypatch.setattr(module, "start_run", start_run)
+    if script == "teacher":
+        teacher.main(T(data_dir, out, "--overwrite", "--max_steps", "4"))
+        assert max(r["step"] for r in read_log(out / "log.jsonl")) == 4
+    else:
+        distill.main(D(data_dir, teacher_ref["best"], out, "--overwrite", "--k", "1"))
+        assert sorted(os.listdir(out)) == ["distill_tiny.json", "distill_tiny_curve.png",
+                                           "last.pt", "log.jsonl", "student_k1.pt"]
+        assert max(r["stage"] for r in read_log(out / "log.jsonl")) == 0
+    assert at_start == [[]]   # every file of the old run gone before the new run writes one
 
 
 # ------------------------------------------------------------------------------------------------
