@@ -94,7 +94,7 @@ def test_tokenizer_is_gpt2s(text, ids):
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("corpus")
-    src = write_docs(tmp / "src", DOCS)
+    src = write_docs(tmp / "src", DOCS + [" \n\n "])   # a blank document is left out
     prepare_data.main(["--source_dir", src, "--out_dir", str(tmp / "out")])
     return tmp / "out" / "custom", src
 

@@ -141,15 +141,16 @@ def test_bad_input_is_one_line(pair, args, message):
 
 
 def test_a_given_teacher_finds_the_student_of_its_preset(tmp_path, monkeypatch):
-    """--teacher alone: the student is the highest k in out/distill_<the teacher's preset>/."""
+    """--teacher alone: the student is the highest k in out/distill_<the teacher's preset>/ (by
+    number: k = 16 after k = 8)."""
     monkeypatch.chdir(tmp_path)
-    for path in ("out/teacher_x/best.pt", "out/distill_x/student_k2.pt",
-                 "out/distill_x/student_k4.pt", "elsewhere/teacher.pt"):
+    for path in ("out/teacher_x/best.pt", "out/distill_x/student_k8.pt",
+                 "out/distill_x/student_k16.pt", "elsewhere/teacher.pt"):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         open(path, "w").close()
     assert sample.find_checkpoints(None, "out/teacher_x/best.pt", None) == (
-        "out/teacher_x/best.pt", "out/distill_x/student_k4.pt")
-    assert sample.find_checkpoints(None, None, None)[1] == "out/distill_x/student_k4.pt"
+        "out/teacher_x/best.pt", "out/distill_x/student_k16.pt")
+    assert sample.find_checkpoints(None, None, None)[1] == "out/distill_x/student_k16.pt"
     with pytest.raises(UserError, match="pass --student"):
         sample.find_checkpoints(None, "elsewhere/teacher.pt", None)
 
