@@ -218,6 +218,12 @@ def test_roofline_phases_and_ceiling():
         B * 4 * encoder_flops, 2 * B * 10 * trunk, 2 * B * 4 * d * V, 4 * B * L * d * 10 * (6 + 4),
         B * 4 * encoder_flops, 2 * B * 8 * trunk, 2 * B * 4 * d * V, 4 * B * L * d * 8 * (10 + 4)]
     assert phases[2][0] == phases[6][0] == d * V * 2   # the LM head's bf16 weights, once a pass
+    cdf = tiny_pair(readout="cdf_seq")[1].to(torch.bfloat16)   # k - 1 noise slots a pass
+    slot_flops = 2 * sum(m.weight.numel() for name, m in cdf.named_modules()
+                         if name.startswith(("noise_encoder", "slot_readout"))
+                         and isinstance(m, torch.nn.Linear))
+    assert [f for _, f in generation_phases(cdf, B, P, 8, 4, 2)][:2] == [
+        B * 3 * slot_flops, 2 * B * 9 * trunk]
     assert [f for _, f in generation_phases(teacher, B, P, 2, 1, 2)] == [
         2 * B * 6 * trunk, 2 * B * d * V, 4 * B * L * d * 6 * 6, 2 * B * trunk, 2 * B * d * V,
         4 * B * L * d * 7]
