@@ -567,6 +567,12 @@ def bad(tmp_path_factory, data_dir, teacher_ref, distill_ref):
         shutil.copy(os.path.join(data_dir, name), d / "odd" / name)
     (d / "odd" / "train.bin").write_bytes(b"\x01\x00\x02")
     p["odd"] = str(d / "odd")
+    (d / "reordered").mkdir()   # the same ids, another character set: another vocabulary
+    for name in ("train.bin", "val.bin"):
+        shutil.copy(os.path.join(data_dir, name), d / "reordered" / name)
+    meta = json.load(open(os.path.join(data_dir, "meta.json")))
+    json.dump({**meta, "chars": meta["chars"][::-1]}, open(d / "reordered" / "meta.json", "w"))
+    p["reordered"] = str(d / "reordered")
     (d / "garbage.pt").write_bytes(os.urandom(5000))
     p["garbage"] = str(d / "garbage.pt")
     raw = open(teacher_ref["best"], "rb").read()
@@ -612,6 +618,11 @@ BAD = {
     "empty flag": (distill, lambda p: D(p["data"], p["teacher"], p["out"], "--data_dir", ""),
                    r"--data_dir must not be empty"),
     "empty out_dir": (teacher, lambda p: T(p["data"], ""), r"--out_dir must not be empty"),
+    "another vocabulary": (distill, lambda p: D(p["reordered"], p["teacher"], p["out"]),
+                           r"trained on another vocabulary than"),
+    "context past the teacher's": (distill, lambda p: D(p["data"], p["teacher"], p["out"],
+                                                        "--block_size", "64"),
+                                   r"--block_size 64 exceeds the teacher's block size"),
     "eval tokens past the block": (distill, lambda p: D(p["data"], p["teacher"], p["out"],
                                                         "--eval_tokens", "100000"),
                                    r"--eval_tokens 100000 exceed the teacher's block size"),
