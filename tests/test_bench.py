@@ -22,6 +22,7 @@ from common import UserError  # noqa: E402
 from model import GPT, draw, generate  # noqa: E402
 from test_sample import CHARS, K, tiny_pair, write_pair  # noqa: E402
 
+TOK = SimpleNamespace(decode=lambda ids: "".join(CHARS[i] for i in ids))   # the pair's characters
 FAST = ["--device", "cpu", "--repeats", "1", "--seq_lens", "16", "--batch_sizes", "1"]
 
 
@@ -94,9 +95,8 @@ def test_gen_ppl_is_exact_on_judges_with_known_answers_whatever_the_batching():
         assert math.log(overall) == pytest.approx(50 / 8, rel=1e-3)
         assert per_slot[0] == pytest.approx(1)
         assert math.log(per_slot[1]) == pytest.approx(50 / 4, rel=1e-3)
-    tok = SimpleNamespace(decode=lambda ids: "".join(CHARS[i] for i in ids))
     nll, ar_nll = torch.tensor([1.0, 3.0, 1.0, 3.0]), torch.tensor([1.0, 1.0, 2.0, 2.0])
-    row = bench.quality_row("student", 2, samples, nll, ar_nll, samples, [1.0, 1.0], tok)
+    row = bench.quality_row("student", 2, samples, nll, ar_nll, samples, [1.0, 1.0], TOK)
     assert row["gen_ppl_ratio"] == pytest.approx(math.exp(2 - 1.5))
     assert row["gen_ppl_per_slot_ratio"] == pytest.approx([math.exp(-0.5), math.exp(1.5)])
 
@@ -107,10 +107,9 @@ def test_repetition_counts_token_and_word_4grams():
     seqs = [[1, 2, 3, 4, 1, 2, 3, 4], [7, 7, 7, 7, 7]]   # 5 + 2 4-grams, 1 + 1 seen before
     assert bench.repeated_4grams(seqs) == pytest.approx(2 / 7)
     assert bench.repeated_4grams([[1, 2, 3]]) is None
-    tok = SimpleNamespace(decode=lambda ids: "".join(CHARS[i] for i in ids))
     text = torch.tensor([[CHARS.index(c) for c in "to be or not to be or not"]])
     row = bench.quality_row("ar", 1, text, torch.ones(text.size(1)), torch.ones(text.size(1)), text,
-                            [1.0], tok)
+                            [1.0], TOK)
     assert row["repeat4_words"] == pytest.approx(1 / 5)
     assert row["repeat4_tokens"] == bench.repeated_4grams(text.tolist())
 
@@ -131,8 +130,7 @@ def test_quality_decodes_every_k_from_the_ar_samples_noise(monkeypatch):
     monkeypatch.setattr(bench, "generate", recording_generate)
     monkeypatch.setattr(bench, "window_agreement", recording_window_agreement)
     val = np.random.default_rng(0).integers(0, len(CHARS), 500).astype(np.uint16)
-    tok = SimpleNamespace(decode=lambda ids: "".join(CHARS[i] for i in ids))
-    rows, _ = bench.run_quality(teacher, student, tok, 10, val, 3, 0, torch.device("cpu"))
+    rows, _ = bench.run_quality(teacher, student, TOK, 10, val, 3, 0, torch.device("cpu"))
     (ar_model, ar_noise, ar_out), students = calls[0], calls[1:]
     assert ar_model is teacher and [m for m, _, _ in students] == [student] * K
     assert len(rows) == K + 1
