@@ -1,6 +1,7 @@
 """Gather scripts/ablation_tiny.sh's runs into one table, JSON and plot.
 
     python scripts/ablation.py out/ablation_tiny results/ablation_tiny
+    python scripts/ablation.py out/bpe_cpu results/bpe_cpu paper forward both   # named runs
 
 For each recipe and the tiny preset (and each lever on top of cdf_seq, in out/lever_<name>):
 distill.py's summary (the learning curve against training seconds, all stages) and bench.py's
@@ -49,29 +50,33 @@ def gather(root, previous):
     runs += [(PRESET, os.path.join(root, "preset"), "preset")]
     runs += [(label, f"out/lever_{name}", name) for name, label in LEVERS.items()]
     for recipe, d, name in runs:
-        if not os.path.isdir(d):
-            if recipe in previous:
-                out[recipe] = previous[recipe]
-            continue
-        distill = json.load(open(os.path.join(d, "distill_tiny.json")))
-        quality = json.load(open(os.path.join(d, f"{name}_quality.json")))
-        curve, seconds = [], 0.0   # stage after stage, on one axis of training seconds
-        for stage in distill["stages"]:
-            curve += [{"train_s": seconds + p["train_s"], "k": stage["k"],
-                       "window_agreement": p["window_agreement"]} for p in stage["curve"]]
-            seconds += stage["curve"][-1]["train_s"]
-        ar, last = quality["quality"][0], quality["quality"][-1]
-        out[recipe] = {
-            "git": distill["git"], "device": distill["device"],
-            "steps": sum(s["steps"] for s in distill["stages"]), "train_s": seconds,
-            "curve": curve, "blind": distill["agreement_without_noise"],   # the curve's prompts
-            "blind_quality": quality["agreement_without_noise"],   # the table's
-            "ar_repeat4_tokens": ar["repeat4_tokens"],
-            **{key: last[key] for key in (
-                "k", "window_agreement", "gen_ppl_ratio", "gen_ppl_per_slot_ratio",
-                "entropy_ratio", "repeat4_tokens", "tv_per_slot", "tv_floor_per_slot",
-                "draw_entropy_ratio_per_slot")}}
+        if os.path.isdir(d):
+            out[recipe] = summarise(d, name)
+        elif recipe in previous:
+            out[recipe] = previous[recipe]
     return out
+
+
+def summarise(d, name):
+    """The run in folder d: distill.py's summary and bench.py's <name>_quality.json."""
+    distill = json.load(open(os.path.join(d, "distill_tiny.json")))
+    quality = json.load(open(os.path.join(d, f"{name}_quality.json")))
+    curve, seconds = [], 0.0   # stage after stage, on one axis of training seconds
+    for stage in distill["stages"]:
+        curve += [{"train_s": seconds + p["train_s"], "k": stage["k"],
+                   "window_agreement": p["window_agreement"]} for p in stage["curve"]]
+        seconds += stage["curve"][-1]["train_s"]
+    ar, last = quality["quality"][0], quality["quality"][-1]
+    return {
+        "git": distill["git"], "device": distill["device"],
+        "steps": sum(s["steps"] for s in distill["stages"]), "train_s": seconds,
+        "curve": curve, "blind": distill["agreement_without_noise"],   # the curve's prompts
+        "blind_quality": quality["agreement_without_noise"],   # the table's
+        "ar_repeat4_tokens": ar["repeat4_tokens"],
+        **{key: last[key] for key in (
+            "k", "window_agreement", "gen_ppl_ratio", "gen_ppl_per_slot_ratio",
+            "entropy_ratio", "repeat4_tokens", "tv_per_slot", "tv_floor_per_slot",
+            "draw_entropy_ratio_per_slot")}}
 
 
 def table(runs):
@@ -89,13 +94,15 @@ def table(runs):
     return "\n".join(lines)
 
 
-def plot(runs, path):
+def plot(runs, path, shown):
     """Left: agreement on the teacher's context at slots 1 and 4 against training seconds, and
-    middle: the final student's gen-PPL ratio to the teacher per slot, for the recipes and the tiny
-    preset. Right: the same ratio for the preset by coupling, loss and steps, on a linear scale."""
+    middle: the final student's gen-PPL ratio to the teacher per slot, for the runs shown. Right
+    (the tiny ablation): the same ratio for the preset by coupling, loss and steps, linear scale."""
     plt = pyplot()
-    fig, (curve, ppl, losses) = plt.subplots(1, 3, figsize=(17, 4.5))
-    for i, (recipe, r) in enumerate((k, v) for k, v in runs.items() if k in RECIPES + (PRESET,)):
+    tiny = set(LOSSES) <= set(runs)
+    fig, axes = plt.subplots(1, 3 if tiny else 2, figsize=(17 if tiny else 12, 4.5))
+    curve, ppl = axes[:2]
+    for i, (recipe, r) in enumerate((k, v) for k, v in runs.items() if k in shown):
         recipe = "the tiny preset" if recipe == PRESET else recipe
         for slot, ls in ((0, "-"), (3, "--")):
             pts = [(p["train_s"], p["window_agreement"][slot]) for p in r["curve"]
@@ -106,17 +113,18 @@ def plot(runs, path):
                  label=recipe)
     for i, (recipe, label) in enumerate(zip((PRESET,) + LOSSES, (
             "inverse CDF, forward KL", "Gumbel-max, forward KL", "Gumbel-max, reverse KL",
-            "Gumbel-max, their mean (the preset)", "the preset, twice the steps"))):
-        losses.plot(range(1, 5), runs[recipe]["gen_ppl_per_slot_ratio"], marker="o",
-                    color=f"C{4 + i}", label=label)
+            "Gumbel-max, their mean (the preset)", "the preset, twice the steps")) if tiny else ()):
+        axes[2].plot(range(1, 5), runs[recipe]["gen_ppl_per_slot_ratio"], marker="o",
+                     color=f"C{4 + i}", label=label)
     blind = next(iter(runs.values()))["blind"]
     curve.axhline(blind["teacher_mode"], color="gray", ls=":", label="blind: teacher's mode")
     curve.set(xlabel="distillation seconds (all stages)", ylabel="same-noise agreement",
               title="k = 4 student on the teacher's context")
     curve.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.15))
     ppl.set(yscale="log", title="free-running samples, k = 4")
-    losses.set(title="the tiny preset by coupling, loss and steps")
-    for ax in (ppl, losses):
+    if tiny:
+        axes[2].set(title="the tiny preset by coupling, loss and steps")
+    for ax in axes[1:]:
         ax.axhline(1.0, color="gray", ls=":")
         ax.set(xlabel="slot", ylabel="gen-PPL ratio to the AR teacher", xticks=range(1, 5))
         ax.legend(fontsize=8)
@@ -124,10 +132,13 @@ def plot(runs, path):
 
 
 if __name__ == "__main__":
-    root, prefix = sys.argv[1:3]
+    root, prefix, names = sys.argv[1], sys.argv[2], sys.argv[3:]
     path = prefix + ".json"
-    runs = gather(root, json.load(open(path)) if os.path.exists(path) else {})
+    if names:
+        runs = {name: summarise(os.path.join(root, name), name) for name in names}
+    else:
+        runs = gather(root, json.load(open(path)) if os.path.exists(path) else {})
     write_json(path, runs)
-    plot(runs, prefix + ".png")
+    plot(runs, prefix + ".png", names or RECIPES + (PRESET,))
     print(table(runs))
     print(f"wrote {prefix}.json, {prefix}.png")
