@@ -113,9 +113,10 @@ def plot(runs, path, shown):
                  label=recipe)
     for i, (recipe, label) in enumerate(zip((PRESET,) + LOSSES, (
             "inverse CDF, forward KL", "Gumbel-max, forward KL", "Gumbel-max, reverse KL",
-            "Gumbel-max, their mean (the preset)", "the preset, twice the steps")) if tiny else ()):
-        axes[2].plot(range(1, 5), runs[recipe]["gen_ppl_per_slot_ratio"], marker="o",
-                     color=f"C{4 + i}", label=label)
+            "Gumbel-max, their mean (the preset)", "the preset, twice the steps"))):
+        if tiny:
+            axes[2].plot(range(1, 5), runs[recipe]["gen_ppl_per_slot_ratio"], marker="o",
+                         color=f"C{4 + i}", label=label)
     blind = next(iter(runs.values()))["blind"]
     curve.axhline(blind["teacher_mode"], color="gray", ls=":", label="blind: teacher's mode")
     curve.set(xlabel="distillation seconds (all stages)", ylabel="same-noise agreement",
