@@ -4,7 +4,8 @@
 # shape on the offline corpus (64-token context), then the paper's recipe (three stages, at about
 # the time of the others' one) and the default, by forward KL and by the mean of both KLs, each
 # distilled to k = 4 and scored by bench.py.
-# scripts/ablation.py gathers their results into results/bpe_cpu.{json,png}.
+# scripts/ablation.py gathers their results into results/bpe_cpu.{json,png}. Needs data/offline
+# (python prepare_data.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
