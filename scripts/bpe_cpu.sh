@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# gpu_quality.sh's comparison on the CPU, on GPT-2 tokens instead of characters (about 75 minutes on
+# gpu_quality.sh's comparison on the CPU, on GPT-2 tokens instead of characters (about 90 minutes on
 # 2 cores): does what won on characters hold over a 50,257-token vocabulary? A teacher of the tiny
 # shape on the offline corpus (64-token context), then the paper's recipe (three stages, at about
 # the time of the others' one) and the default, by forward KL and by the mean of both KLs, each
@@ -26,5 +26,6 @@ run() {   # run NAME DISTILL_FLAGS...: distil into $out/NAME, then score the stu
 run paper --recipe paper --steps_per_stage 600 --no-freeze_trunk --lr 1e-3 --ema 0
 run forward --steps_per_stage 600 --kl forward
 run both --steps_per_stage 600
+run both_seed1 --steps_per_stage 600 --seed 1   # other batches, noise and initial weights
 cp $out/teacher/teacher_tiny.json results/bpe_cpu_teacher.json
-$PY scripts/ablation.py $out results/bpe_cpu paper forward both
+$PY scripts/ablation.py $out results/bpe_cpu paper forward both both_seed1
