@@ -4,8 +4,8 @@
 # shape on the offline corpus (64-token context), then the paper's recipe (three stages, at about
 # the time of the others' one) and the default, by forward KL and by the mean of both KLs, each
 # distilled to k = 4 and scored by bench.py.
-# scripts/ablation.py gathers their results into results/bpe_cpu.{json,png}. Needs data/offline
-# (python prepare_data.py).
+# scripts/ablation.py gathers their results into results/bpe_cpu.{json,png}; sample.py shows the
+# default's text beside the teacher's. Needs data/offline (python prepare_data.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -28,4 +28,6 @@ run forward --steps_per_stage 600 --kl forward
 run both --steps_per_stage 600
 run both_seed1 --steps_per_stage 600 --seed 1   # other batches, noise and initial weights
 cp $out/teacher/teacher_tiny.json results/bpe_cpu_teacher.json
+$PY sample.py --teacher $out/teacher/best.pt --student $out/both/student_k4.pt --num_samples 2 \
+    --max_new_tokens 24 > results/bpe_cpu_sample.txt
 $PY scripts/ablation.py $out results/bpe_cpu paper forward both both_seed1
