@@ -1,13 +1,15 @@
-"""Gather scripts/ablation_tiny.sh's runs into one table, JSON and plot.
+"""Gather scripts/ablation_tiny.sh's runs (or the runs named, as scripts/bpe_cpu.sh does) into one
+table, JSON and plot.
 
     python scripts/ablation.py out/ablation_tiny results/ablation_tiny
-    python scripts/ablation.py out/bpe_cpu results/bpe_cpu paper forward both   # named runs
+    python scripts/ablation.py out/bpe_cpu results/bpe_cpu paper forward both both_seed1
 
 For each recipe and the tiny preset (and each lever on top of cdf_seq, in out/lever_<name>):
 distill.py's summary (the learning curve against training seconds, all stages) and bench.py's
 quality at the final k (gen-PPL per slot, entropy, repetition, the distribution per slot). Writes
 <prefix>.json and <prefix>.png and prints the table the README quotes. A row whose run folder is
 gone (an earlier machine's) is kept from the previous <prefix>.json; each row records its commit.
+Named runs are each <root>/<name> and replace <prefix>.json whole.
 """
 import json
 import os
@@ -111,10 +113,10 @@ def plot(runs, path, shown):
                        label=f"{recipe}, slot {slot + 1}")
         ppl.plot(range(1, r["k"] + 1), r["gen_ppl_per_slot_ratio"], marker="o", color=f"C{i}",
                  label=recipe)
-    for i, (recipe, label) in enumerate(zip((PRESET,) + LOSSES, (
-            "inverse CDF, forward KL", "Gumbel-max, forward KL", "Gumbel-max, reverse KL",
-            "Gumbel-max, their mean (the preset)", "the preset, twice the steps"))):
-        if tiny:
+    if tiny:
+        for i, (recipe, label) in enumerate(zip((PRESET,) + LOSSES, (
+                "inverse CDF, forward KL", "Gumbel-max, forward KL", "Gumbel-max, reverse KL",
+                "Gumbel-max, their mean (the preset)", "the preset, twice the steps"))):
             axes[2].plot(range(1, 5), runs[recipe]["gen_ppl_per_slot_ratio"], marker="o",
                          color=f"C{4 + i}", label=label)
     blind = next(iter(runs.values()))["blind"]

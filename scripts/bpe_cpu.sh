@@ -2,14 +2,14 @@
 # gpu_quality.sh's comparison on the CPU, on GPT-2 tokens instead of characters (about 90 minutes on
 # 2 cores): does what won on characters hold over a 50,257-token vocabulary? A teacher of the tiny
 # shape on the offline corpus (64-token context), then the paper's recipe (three stages, at about
-# the time of the others' one) and the default, by forward KL and by the mean of both KLs, each
-# distilled to k = 4 and scored by bench.py.
+# the time of the others' one) and the default, by forward KL and by the mean of both KLs (the
+# latter on two seeds), each distilled to k = 4 and scored by bench.py.
 # scripts/ablation.py gathers their results into results/bpe_cpu.{json,png}; sample.py shows the
 # default's text beside the teacher's. Needs data/offline (python prepare_data.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
-# glibc hands each freed 100 MB logits tensor back to the OS and faults it in again: 3.4x slower
+# glibc hands each freed 100 MB logits tensor back to the OS and faults it in again: much slower
 export MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000
 out=out/bpe_cpu
 data=(--data_dir data/offline)
