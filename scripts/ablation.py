@@ -119,14 +119,13 @@ def plot(runs, path, shown):
                 "Gumbel-max, their mean (the preset)", "the preset, twice the steps"))):
             axes[2].plot(range(1, 5), runs[recipe]["gen_ppl_per_slot_ratio"], marker="o",
                          color=f"C{4 + i}", label=label)
+        axes[2].set(title="the tiny preset by coupling, loss and steps")
     blind = next(iter(runs.values()))["blind"]
     curve.axhline(blind["teacher_mode"], color="gray", ls=":", label="blind: teacher's mode")
     curve.set(xlabel="distillation seconds (all stages)", ylabel="same-noise agreement",
               title="k = 4 student on the teacher's context")
     curve.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.15))
     ppl.set(yscale="log", title="free-running samples, k = 4")
-    if tiny:
-        axes[2].set(title="the tiny preset by coupling, loss and steps")
     for ax in axes[1:]:
         ax.axhline(1.0, color="gray", ls=":")
         ax.set(xlabel="slot", ylabel="gen-PPL ratio to the AR teacher", xticks=range(1, 5))
