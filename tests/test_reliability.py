@@ -20,7 +20,7 @@ import common
 import distill
 import model
 import teacher
-from common import UserError, load_checkpoint, run_cli, save_checkpoint
+from common import UserError, load_checkpoint, lr_at, run_cli, save_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = """The river ran past the old mill and under the stone bridge.
@@ -376,15 +376,53 @@ def test_distill_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_di
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
 
 
-def test_grad_accum_splits_the_same_batch(tmp_path, data_dir):
-    logs = []
+def test_grad_accum_splits_the_same_batch(tmp_path, data_dir, monkeypatch):
+    """Batch 4 x 2 micro-batches is batch 8: the same loss, gradient norm (what --grad_clip
+    clips) and tokens seen."""
+    clip, norms = torch.nn.utils.clip_grad_norm_, []
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda *a, **kw: norms.append(clip(*a, **kw).item()))
+    logs, runs = [], []
     for batch, accum in ((8, 1), (4, 2)):
         out = tmp_path / f"accum{accum}"
         teacher.main(TEACHER + ["--batch_size", str(batch), "--grad_accum", str(accum),
                                 "--max_steps", "4", "--eval_interval", "4", "--data_dir",
                                 data_dir, "--out_dir", str(out)])
         logs.append([r["loss"] for r in read_log(out / "log.jsonl") if "loss" in r])
+        runs.append(json.load(open(out / "teacher_tiny.json"))["tokens_seen"])
     assert len(logs[0]) == 4 and np.allclose(logs[1], logs[0], rtol=0, atol=DDP_TOL), logs
+    assert len(norms) == 8 and np.allclose(norms[4:], norms[:4], rtol=1e-4), norms
+    assert runs == [4 * 8 * 32] * 2
+
+
+def test_the_teacher_follows_its_schedule_and_decays_only_matrices(teacher_ref):
+    """Each step's learning rate is lr_at's (warmup to 3e-3 in 4 steps, cosine to 3e-4 at step
+    16); weight decay applies to the matrices, never to the norms' gains."""
+    lrs = [r["lr"] for r in teacher_ref["log"] if "loss" in r]
+    assert lrs == pytest.approx([lr_at(s, 3e-3, 3e-4, 4, 16) for s in range(16)])
+    ck = torch.load(os.path.join(teacher_ref["out"], "last.pt"), weights_only=False)
+    matrices, gains = ck["optimizer"]["param_groups"]
+    assert (matrices["weight_decay"], gains["weight_decay"]) == (0.1, 0.0)
+    assert len(gains["params"]) == sum(w.dim() == 1 for w in ck["model"].values()) > 0
+
+
+def test_the_last_step_is_evaluated_and_saved_off_the_interval(tmp_path, data_dir):
+    """--max_steps 6 with --eval_interval 4: step 6 is evaluated, summarised and in last.pt."""
+    out = tmp_path / "out"
+    teacher.main(T(data_dir, out, "--max_steps", "6"))
+    evals = [r for r in read_log(out / "log.jsonl") if "val_loss" in r]
+    assert [r["step"] for r in evals] == [0, 4, 6]
+    assert json.load(open(out / "teacher_tiny.json"))["final_val_loss"] == evals[-1]["val_loss"]
+    assert load_checkpoint(str(out / "last.pt"), kind="teacher")["step"] == 6
+
+
+def test_without_an_average_the_teacher_saves_its_weights(tmp_path, data_dir):
+    """--ema 0: the average, which is evaluated and saved as best.pt, is the weights after the
+    step, not one step behind."""
+    out = tmp_path / "out"
+    teacher.main(T(data_dir, out, "--ema", "0", "--max_steps", "4"))
+    ck = torch.load(out / "last.pt", weights_only=False)
+    assert all(torch.equal(ck["ema"]["model"][name], w) for name, w in ck["model"].items())
 
 
 @pytest.mark.filterwarnings("ignore:Mismatch dtype")
@@ -505,8 +543,9 @@ def test_dropout_masks_repeat_on_resume(tmp_path, data_dir, teacher_ref, monkeyp
 
 
 def test_resume_keeps_the_best_so_far(tmp_path, data_dir, monkeypatch):
-    """best.pt and the best val loss are the best of the whole run, across a resume too."""
-    losses = iter([5.0, 3.0, 4.0, 6.0, 7.0])   # steps 0, 4, 8, then resumed: 12, 16
+    """best.pt and the best val loss are the best of the whole run, across a resume too, after
+    step 0: the initial weights are never the teacher, even where their loss is the lowest."""
+    losses = iter([1.0, 3.0, 4.0, 6.0, 7.0])   # steps 0, 4, 8, then resumed: 12, 16
 
     def scripted(*a):
         loss = next(losses)
@@ -644,8 +683,8 @@ BAD = {
                      r"unrecognized arguments: --learning_rate"),
     "unknown preset": (distill, lambda p: D(p["data"], p["teacher"], p["out"], "--preset", "huge"),
                        r"invalid choice: 'huge'"),
-    "heads do not split the width": (teacher, lambda p: T(p["data"], p["out"], "--n_head", "3"),
-                                     r"multiple of 2 x --n_head \(3\)"),
+    "heads of an odd width": (teacher, lambda p: T(p["data"], p["out"], "--n_head", "32"),
+                              r"multiple of 2 x --n_head \(32\)"),   # 32 / 32 = 1: RoPE needs 2
     "block longer than the data": (teacher, lambda p: T(p["data"], p["out"], "--block_size",
                                                         "100000"), r"shorter than one window"),
     "device not supported": (teacher, lambda p: T(p["data"], p["out"], "--device", "mps"),

@@ -45,7 +45,7 @@ def write_pair(tmp, teacher_extra=None, student_extra=None, **choices):
     data.mkdir(exist_ok=True)
     ids = np.array([CHARS.index(c) for c in TEXT * 30], dtype=np.uint16)
     ids.tofile(data / "val.bin")
-    ids.tofile(data / "train.bin")
+    np.full_like(ids, CHARS.index("z")).tofile(data / "train.bin")   # prefixes come from val
     (data / "meta.json").write_text(json.dumps({**spec, "val_tokens": len(ids),
                                                 "train_tokens": len(ids)}))
     paths = []
@@ -115,6 +115,18 @@ def test_val_prefixes_come_from_the_teachers_data(pair, capsys):
     assert len(prompt.encode().decode("unicode_escape")) == 6 and prompt in repr(TEXT)
 
 
+def test_k_is_the_students_own_unless_given(pair, capsys):
+    run(pair, "--prompt", "First", "--num_samples", "1", "--max_new_tokens", "8")
+    assert "'First', k = 4" in capsys.readouterr().out
+
+
+def test_a_prompt_may_fill_the_block_but_for_the_new_tokens(pair, capsys):
+    """Block size 64, 12 new tokens: a prompt of 52 fits, one of 53 is refused."""
+    run(pair, "--prompt", "a" * 52, "--num_samples", "1", "--max_new_tokens", "12")
+    with pytest.raises(UserError, match="a prompt of 53 tokens: 1 to 52 fit"):
+        run(pair, "--prompt", "a" * 53, "--num_samples", "1", "--max_new_tokens", "12")
+
+
 def test_a_student_of_another_shape_is_an_error(tmp_path):
     teacher, _, _ = write_pair(tmp_path)
     other = GPT(GPTConfig(block_size=64, vocab_size=len(CHARS), n_layer=1, n_head=2, n_embd=32,
@@ -141,17 +153,19 @@ def test_bad_input_is_one_line(pair, args, message):
 
 
 def test_a_given_teacher_finds_the_student_of_its_preset(tmp_path, monkeypatch):
-    """--teacher alone: the student is the highest k in out/distill_<the teacher's preset>/ (by
-    number: k = 16 after k = 8)."""
+    """No flag: the newest teacher in out/. --teacher alone: the student is the highest k in
+    out/distill_<the teacher's preset>/ (by number: k = 16 after k = 8)."""
     monkeypatch.chdir(tmp_path)
-    for path in ("out/teacher_x/best.pt", "out/distill_x/student_k8.pt",
+    for path in ("out/teacher_old/best.pt", "out/teacher_x/best.pt", "out/distill_x/student_k8.pt",
                  "out/distill_x/student_k16.pt", "elsewhere/teacher.pt"):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         open(path, "w").close()
+    os.utime("out/teacher_old/best.pt", (0, 0))   # no flag: the newest teacher
     assert sample.find_checkpoints(None, "out/teacher_x/best.pt", None) == (
         "out/teacher_x/best.pt", "out/distill_x/student_k16.pt")
-    assert sample.find_checkpoints(None, None, None)[1] == "out/distill_x/student_k16.pt"
-    with pytest.raises(UserError, match="pass --student"):
+    assert sample.find_checkpoints(None, None, None) == (
+        "out/teacher_x/best.pt", "out/distill_x/student_k16.pt")
+    with pytest.raises(UserError, match=r"not in an out/teacher_<preset>/ folder: pass --student"):
         sample.find_checkpoints(None, "elsewhere/teacher.pt", None)
 
 
