@@ -107,11 +107,34 @@ def test_repetition_counts_token_and_word_4grams():
     seqs = [[1, 2, 3, 4, 1, 2, 3, 4], [7, 7, 7, 7, 7]]   # 5 + 2 4-grams, 1 + 1 seen before
     assert bench.repeated_4grams(seqs) == pytest.approx(2 / 7)
     assert bench.repeated_4grams([[1, 2, 3]]) is None
+    assert bench.repeated_4grams([[1, 2, 3, 4], [1, 2, 3, 4]]) == 0.0   # each sample on its own
     text = torch.tensor([[CHARS.index(c) for c in "to be or not to be or not"]])
     row = bench.quality_row("ar", 1, text, torch.ones(text.size(1)), torch.ones(text.size(1)), text,
                             [1.0], TOK)
     assert row["repeat4_words"] == pytest.approx(1 / 5)
     assert row["repeat4_tokens"] == bench.repeated_4grams(text.tolist())
+
+
+def test_entropy_is_within_each_sample_then_averaged():
+    """Two samples with no token in common are two narrow samples, not one broad one."""
+    samples, nll = torch.tensor([[0, 1, 0, 1], [2, 2, 2, 2]]), torch.ones(4)
+    row = bench.quality_row("ar", 1, samples, nll, nll, samples, [1.0], TOK)
+    assert row["entropy"] == pytest.approx(math.log(2) / 2)
+
+
+def test_every_sample_is_judged_by_the_teacher(monkeypatch):
+    """gen-PPL: the AR teacher scores its own samples and the student's at every k, never the
+    student its own (whose AR logits here are not the teacher's)."""
+    teacher, student = tiny_pair()
+    with torch.no_grad():
+        student.lm_head.weight.add_(torch.randn_like(student.lm_head.weight))
+    judges, nll = [], bench.nll_per_position
+    monkeypatch.setattr(bench, "nll_per_position",
+                        lambda judge, *a, **kw: judges.append(judge) or nll(judge, *a, **kw))
+    monkeypatch.setattr(bench, "distribution_per_slot", lambda *a: {})
+    val = np.random.default_rng(0).integers(0, len(CHARS), 500).astype(np.uint16)
+    bench.run_quality(teacher, student, TOK, 8, val, 3, 0, torch.device("cpu"))
+    assert len(judges) == 1 + K and all(judge is teacher for judge in judges)
 
 
 def test_quality_decodes_every_k_from_the_ar_samples_noise(monkeypatch):
@@ -441,6 +464,11 @@ def test_distribution_per_slot_tells_a_sampler_from_a_collapsed_student():
     assert 0.8 < good["draw_entropy_ratio_per_slot"][0] < 1.2
     assert bad["draw_entropy_ratio_per_slot"] == [0.0, 0.0]
     assert min(bad["tv_per_slot"]) > 3 * max(bad["tv_floor_per_slot"])
+    # all its draws on one token t: the total variation is the teacher's mass elsewhere, 1 - p(t)
+    anchors = torch.full((8, 1), 5)
+    t = blind.window_tokens(prompts, anchors, torch.rand(8, 1, 2))[:, 0, 0]
+    p = teacher.next_token_logits(prompts, anchors)[:, 0].float().softmax(-1)
+    assert bad["tv_per_slot"][0] == pytest.approx(1 - p[range(8), t].mean().item(), abs=1e-6)
 
 
 class TeacherChain:
@@ -468,3 +496,15 @@ def test_distribution_per_slot_puts_the_teachers_own_chain_at_the_floor():
         torch.Generator().manual_seed(1), draws=256)
     for tv, floor, ratio in zip(*out.values()):
         assert tv < 1.5 * floor and 0.9 < ratio < 1.1, out
+
+
+@torch.no_grad()
+def test_the_entropy_ratio_compares_histograms_of_as_many_draws():
+    """16 draws over a broad distribution show fewer tokens than it has: the ratio divides by the
+    teacher's own histogram of 16 draws, so that the teacher's chain reads about 1 (against the
+    distribution's entropy it would read about 0.65)."""
+    teacher, _ = tiny_pair()   # untrained: nearly uniform over 62 characters
+    out = bench.distribution_per_slot(teacher, TeacherChain(teacher), 2, torch.randint(
+        len(CHARS), (16, 6), generator=torch.Generator().manual_seed(0)),
+        torch.Generator().manual_seed(1), draws=16)
+    assert all(0.93 < r < 1.07 for r in out["draw_entropy_ratio_per_slot"]), out

@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
-from model import (GPT, GPTConfig, KVCache, agreement_without_noise, apply_rope, decode_mask,
-                   decode_step, draw, generate, inverse_cdf, rope, same_noise_agreement,
-                   staircase_mask, window_agreement)
+from model import (GPT, GPTConfig, KVCache, SlotReadout, agreement_without_noise, apply_rope,
+                   decode_mask, decode_step, draw, generate, inverse_cdf, rope,
+                   same_noise_agreement, staircase_mask, window_agreement)
 
 V = 50257
 
@@ -375,6 +375,20 @@ def test_the_sequential_readout_reads_every_earlier_token(teacher, layers):
     assert same_3.any() and (logits[same_3, 3] != logits[0, 3]).any(-1).all()
 
 
+@torch.no_grad()
+def test_the_slot_readouts_layers_refine_the_state_in_turn():
+    """Each layer of the slot MLP reads the state the layer before left, with the token and
+    r_{i-1}: a 2-layer readout is its two layers applied one after the other."""
+    torch.manual_seed(0)
+    two = SlotReadout(GPTConfig(n_embd=16, n_head=2, readout="cdf_seq", readout_layers=2))
+    one = [SlotReadout(GPTConfig(n_embd=16, n_head=2, readout="cdf_seq")) for _ in range(2)]
+    for layer, m in enumerate(one):
+        m.fc[0].load_state_dict(two.fc[layer].state_dict())
+        m.proj[0].load_state_dict(two.proj[layer].state_dict())
+    h, emb, r_prev = torch.randn(3, 5, 16).unbind(0)
+    torch.testing.assert_close(two(h, emb, r_prev), one[1](one[0](h, emb, r_prev), emb, r_prev))
+
+
 def test_student_copies_every_shared_tensor(teacher):
     s = GPT.student_from(teacher, 2)
     ts, ss = teacher.state_dict(), s.state_dict()
@@ -387,6 +401,12 @@ def test_student_copies_every_shared_tensor(teacher):
     for name, t in s.state_dict().items():
         assert torch.equal(s2.state_dict()[name], t), name
     assert s2.config.max_k == 4 and dataclasses.asdict(s2.config)["n_embd"] == 32
+    # and keeps the first stage's choices, whatever it is passed
+    first = GPT.student_from(teacher, 2, readout="cdf_seq", coupling="gumbel",
+                             noise_features="high")
+    later = GPT.student_from(first, 4, readout="argmax", coupling="inverse_cdf")
+    assert (later.config.readout, later.config.coupling, later.config.noise_features) == \
+        ("cdf_seq", "gumbel", "high")
 
 
 def test_noise_features_separate_nearby_noise():

@@ -1,6 +1,7 @@
 """The method end to end on CPU, on synthetic character corpora small enough to learn in seconds:
 the teacher learns context, and distillation teaches the student to turn noise into the teacher's
 samples, stage by stage."""
+import dataclasses
 import json
 import math
 import os
@@ -255,6 +256,79 @@ def test_ema_is_what_is_evaluated_saved_and_handed_on(iid, tmp_path, monkeypatch
             [(False, False), (True, True), (True, True), (True, True), (True, False)]
 
 
+@pytest.fixture(scope="module")
+def split_run(tmp_path_factory):
+    """Four steps of the default recipe (every weight training, an average of 0.9) from an
+    untrained teacher, on a train split of tokens 0-3 and a val split of 4-7; records each batch,
+    anchor, noise and update of the average."""
+    root = str(tmp_path_factory.mktemp("split"))
+    rng = np.random.default_rng(0)
+    data = write_dataset(os.path.join(root, "data"), rng.integers(0, 4, 4000),
+                         rng.integers(4, 8, 1000))
+    torch.manual_seed(0)
+    ar = GPT(GPTConfig(block_size=32, vocab_size=8, n_layer=1, n_head=2, n_embd=32))
+    spec = {"tokenizer": "char", "vocab_size": 8, "chars": CHARS}
+    common.save_checkpoint(os.path.join(root, "teacher.pt"), {
+        "kind": "teacher", "model_config": dataclasses.asdict(ar.config),
+        "model": ar.state_dict(), "tokenizer": spec, "step": 1, "best_val": 1.0})
+    seen = SimpleNamespace(windows=[], anchors=[], noise=[], updates=[], teacher=ar.state_dict())
+    windows, loss = distill.sample_windows, distill.distill_loss
+
+    def sample_windows(*a):
+        seen.windows.append(windows(*a))
+        return seen.windows[-1]
+
+    def distill_loss(recipe, kl, model, teacher, prev, x, anchors, u, *a):
+        seen.anchors.append(anchors)
+        seen.noise.append(u)
+        return loss(recipe, kl, model, teacher, prev, x, anchors, u, *a)
+
+    class Recorded(EMA):
+        def update(self, model):
+            seen.student = model
+            seen.updates.append({n: p.detach().clone() for n, p in model.named_parameters()})
+            super().update(model)
+    with pytest.MonkeyPatch.context() as mp:
+        for name, spy in (("sample_windows", sample_windows), ("distill_loss", distill_loss),
+                          ("EMA", Recorded)):
+            mp.setattr(distill, name, spy)
+        distill.main(["--preset", "tiny", "--teacher", os.path.join(root, "teacher.pt"),
+                      "--data_dir", data, "--out_dir", os.path.join(root, "out"), "--k", "2",
+                      "--no-freeze_trunk", "--steps_per_stage", "4", "--warmup_steps", "0",
+                      "--block_size", "32", "--batch_size", "4", "--anchors", "8",
+                      "--eval_samples", "4", "--eval_tokens", "4", "--prompt_len", "4",
+                      "--curve_interval", "0", "--ema", "0.9", "--device", "cpu"])
+    seen.saved = load_checkpoint(os.path.join(root, "out", "student_k2.pt"), "student")["model"]
+    return seen
+
+
+def test_the_student_learns_on_train_and_is_measured_on_val(split_run):
+    prompts, *batches = (x for x, _ in split_run.windows)
+    assert prompts.shape == (4, 4) and (prompts >= 4).all()
+    assert len(batches) == 4 and all(b.shape == (4, 32) and (b < 4).all() for b in batches)
+
+
+def test_anchors_are_distinct_positions_of_the_whole_context_and_the_noise_is_float64(split_run):
+    anchors = torch.cat(split_run.anchors)
+    assert anchors.shape == (16, 8) and 0 <= anchors.min() and anchors.max() < 32
+    assert all(len(set(row.tolist())) == 8 for row in anchors)
+    assert len(set(anchors.flatten().tolist())) > 24   # not only the first --anchors positions
+    assert all(u.dtype == torch.float64 and u.shape == (4, 8, 2) for u in split_run.noise)
+
+
+def test_the_average_takes_in_each_steps_weights_after_the_step(split_run):
+    final = dict(split_run.student.named_parameters())
+    assert len(split_run.updates) == 4
+    assert all(torch.equal(w, final[n]) for n, w in split_run.updates[-1].items())
+
+
+def test_distillation_decays_no_weight(split_run):
+    """A weight the loss never reaches (the embedding's padding rows, ids 8..63) stays exactly the
+    teacher's while the rest trains: no weight decay pulls the student from its teacher."""
+    emb, teacher_emb = split_run.saved["wte.weight"], split_run.teacher["wte.weight"]
+    assert torch.equal(emb[8:], teacher_emb[8:]) and not torch.equal(emb[:8], teacher_emb[:8])
+
+
 @pytest.mark.parametrize("freeze", [False, True])   # every weight trains; only the new ones
 def test_the_distribution_readout_learns_the_teachers_chain(markov, freeze):
     """--recipe cdf_seq on the Markov chain (next = current + 1, 3 or 5): the student starts as its
@@ -328,11 +402,19 @@ def test_the_kl_choices_are_the_divergences_between_teacher_and_student_per_slot
     want["both"] = (want["forward"] + want["reverse"]) / 2
     targets = draw(p.logits, u, "gumbel")
     assert not torch.equal(targets, draw(p.logits, u, "inverse_cdf"))
+    params = list(student.parameters())
+
+    def grad(y):   # dy / d(every weight), one vector
+        gs = torch.autograd.grad(y, params, retain_graph=True, allow_unused=True)
+        return torch.cat([(torch.zeros_like(w) if g is None else g).flatten()
+                          for g, w in zip(gs, params)])
     for kl, (per_slot, total, tokens, target) in loss.items():
         assert torch.allclose(per_slot, want[kl], atol=1e-6), kl
         assert torch.isclose(total, per_slot.sum()) and torch.equal(tokens, own)
         assert torch.equal(target, targets)
         assert per_slot[0] < 1e-6 < per_slot[1:].min(), (kl, per_slot)
+        # its gradient is the divergence's too: the reverse KL's reaches q through its weights
+        torch.testing.assert_close(grad(total), grad(want[kl].sum()), rtol=1e-4, atol=1e-7)
     assert not torch.allclose(want["forward"][1:], want["reverse"][1:], rtol=0.05)
 
 
@@ -368,7 +450,7 @@ def test_rollout_targets_are_same_noise_samples():
 
 @pytest.mark.parametrize("recipe,k,want", [
     ("paper", 4, [1, 2, 4]), ("paper", 3, [1, 2, 3]), ("paper", 1, [1]), ("paper", 6, [1, 2, 4, 6]),
-    ("cdf_seq", 4, [4]), ("onpolicy", 1, [1])])
+    ("cdf_seq", 4, [4]), ("cdf", 4, [4]), ("onpolicy", 4, [4])])
 def test_schedule(recipe, k, want):
     """The paper's stages double k from 1 up to --k; the other recipes train one stage at --k."""
     assert distill.stage_schedule(distill.DistillConfig(recipe=recipe, k=k)) == want
