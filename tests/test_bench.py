@@ -508,3 +508,54 @@ def test_the_entropy_ratio_compares_histograms_of_as_many_draws():
         len(CHARS), (16, 6), generator=torch.Generator().manual_seed(0)),
         torch.Generator().manual_seed(1), draws=16)
     assert all(0.93 < r < 1.07 for r in out["draw_entropy_ratio_per_slot"]), out
+
+
+def test_a_bench_resume_refuses_each_other_flag(pair, tmp_path, monkeypatch):
+    """--repeats, --seed, --attention and --compile each make other rows: a resume under any of
+    them is refused by name."""
+    time_point, calls = bench.time_point, []
+
+    def ctrl_c_at_the_second_point(*a):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return time_point(*a)
+    monkeypatch.setattr(bench, "time_point", ctrl_c_at_the_second_point)
+    args = [*FAST, "--no-quality", "--ks", "4", "--batch_sizes", "1,2"]
+    with pytest.raises(KeyboardInterrupt):
+        run(pair, tmp_path, *args)
+    for extra, named in ((["--repeats", "2"], "repeats 1"), (["--seed", "1"], "seed 0"),
+                         (["--attention", "flex"], "attention 'sdpa'"),
+                         (["--compile"], "compile False")):
+        with pytest.raises(UserError, match=f"rows made with .*{named}"):
+            run(pair, tmp_path, *args, "--resume", *extra)
+
+
+@pytest.mark.parametrize("content", [b"", b'{"point": ["m", 12, 1], "made_by'])
+def test_a_resumed_grid_without_a_whole_line_starts_clean(tmp_path, content):
+    """Killed before its first line was whole (an empty file, a torn line): the file a resume
+    leaves reads back whole."""
+    path = tmp_path / "p.partial.jsonl"
+    path.write_bytes(content)
+    rows, _ = bench.run_grid([("m", None, None, 12, B) for B in (1, 2)],
+                             lambda *a: [{"batch_size": a[4]}], str(path), True, 0, {"commit": "c"})
+    assert [r["batch_size"] for r in rows] == [1, 2]
+    assert [json.loads(x)["point"] for x in path.read_text().splitlines()] == [["m", 12, 1],
+                                                                               ["m", 12, 2]]
+
+
+def test_a_quality_only_run_keeps_a_stopped_speed_grid(pair, tmp_path):
+    grid = tmp_path / "bench_trained_speed.partial.jsonl"
+    grid.write_text('{"point": ["trained", 16, 1]}\n')
+    run(pair, tmp_path, "--device", "cpu", "--no-speed", "--quality_samples", "4",
+        "--quality_tokens", "8")
+    assert (tmp_path / "bench_trained_quality.json").exists()
+    assert grid.read_text() == '{"point": ["trained", 16, 1]}\n'
+
+
+def test_a_point_failing_otherwise_than_out_of_memory_stops_the_grid(tmp_path):
+    def point(*a):
+        raise RuntimeError("a bug, not memory")
+    with pytest.raises(RuntimeError, match="a bug"):
+        bench.run_grid([("m", None, None, 12, 1)], point, str(tmp_path / "p.partial.jsonl"),
+                       False, 0, {})

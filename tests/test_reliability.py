@@ -2,6 +2,8 @@
 resume exactly, checkpoints are never half-written, DDP under torchrun matches one process, and a
 bad input is one line, a non-zero exit and no traceback. CPU only, tiny models on a small
 character corpus built here (data/offline is not needed)."""
+import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -11,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -641,6 +644,8 @@ BAD = {
                                                     "--overwrite"), r"holds a teacher run"),
     "distill dir to teacher": (teacher, lambda p: T(p["data"], p["distill_run"], "--overwrite"),
                                r"holds a student run"),
+    "existing distill run": (distill, lambda p: D(p["data"], p["teacher"], p["distill_run"]),
+                             r"already holds a run; pass --resume"),   # it has no best.pt
     "existing run": (teacher, lambda p: T(p["data"], p["teacher_run"]),
                      r"already holds a run; pass --resume .* or --overwrite"),
     "resume and overwrite": (teacher, lambda p: T(p["data"], p["teacher_run"], "--resume",
@@ -743,3 +748,112 @@ def test_a_log_that_cannot_be_written_is_one_line(tmp_path):
 def test_load_checkpoint_refuses_the_wrong_kind(teacher_ref, distill_ref):
     with pytest.raises(UserError, match="teacher checkpoint where a student is expected"):
         common.load_checkpoint(teacher_ref["best"], kind="student")
+
+
+def test_a_weight_of_another_shape_is_a_corrupt_checkpoint(teacher_ref, tmp_path):
+    """Every weight named as its model_config's, one of another shape: refused in one line, not a
+    load_state_dict traceback later."""
+    ck = torch.load(teacher_ref["best"], weights_only=False)
+    name = next(n for n, t in ck["model"].items() if t.dim() == 2)
+    ck["model"][name] = ck["model"][name][:, :-1].clone()
+    save_checkpoint(str(tmp_path / "odd.pt"), ck)
+    with pytest.raises(UserError, match="corrupt or not from this project"):
+        load_checkpoint(str(tmp_path / "odd.pt"), kind="teacher")
+
+
+def another(f, value):   # another valid value of the config field f
+    if f.type is bool:
+        return not value
+    if f.metadata["choices"]:
+        return next(c for c in f.metadata["choices"] if c != value)
+    return value + "x" if f.type is str else value + 1 if f.type is int else value + 0.01
+
+
+@pytest.mark.parametrize("kind", ["teacher", "student"])
+def test_a_resume_may_change_only_the_run_flags(kind, teacher_ref, distill_ref):
+    """Each flag changed on its own: where the run lives and how often it logs and saves may
+    change; every other flag is refused by name (--max_steps would move the learning-rate
+    schedule, --seed the batches)."""
+    out = (teacher_ref if kind == "teacher" else distill_ref)["out"]
+    cls = teacher.TeacherConfig if kind == "teacher" else distill.DistillConfig
+    base = cls(**load_checkpoint(os.path.join(out, "last.pt"), kind)["train_config"])
+    allowed = {"out_dir", "device", "compile"} | (
+        {"log_interval", "ckpt_interval", "curve_interval"} if kind == "student" else set())
+    args, rt = SimpleNamespace(resume=True, overwrite=False), SimpleNamespace(master=True)
+    for f in dataclasses.fields(cls):
+        cfg = dataclasses.replace(base, **{f.name: another(f, getattr(base, f.name))})
+        if f.name in allowed:
+            assert common.start_run(out, kind, args, cfg, rt), f.name
+        else:
+            with pytest.raises(UserError, match=f"used --{f.name} "):
+                common.start_run(out, kind, args, cfg, rt)
+
+
+def test_sigterm_saves_and_stops_as_ctrl_c_does(tmp_path, data_dir):
+    out = tmp_path / "out"
+    p = start("teacher.py", T(data_dir, out), tmp_path, "sigterm")
+    wait_for(p, out / "log.jsonl", lambda r: r.get("step", 0) >= 5)
+    os.kill(p.pid, signal.SIGTERM)
+    assert p.wait(timeout=60) == 2
+    msg = error_line((tmp_path / "sigterm.err").read_text())
+    step = int(re.search(r"interrupted at step (\d+); saved", msg).group(1))
+    assert load_checkpoint(str(out / "last.pt"), kind="teacher")["step"] == step
+
+
+def test_distill_ctrl_c_off_the_checkpoint_interval_saves_that_step(tmp_path, data_dir,
+                                                                    teacher_ref, distill_ref,
+                                                                    monkeypatch):
+    """--ckpt_interval 2, Ctrl-C during step 5: last.pt holds step 5, as the message says, and
+    --resume goes on from it exactly."""
+    rollout, out = distill.rollout_targets, tmp_path / "out"
+
+    def interrupted(*a):
+        rows = read_log(out / "log.jsonl")
+        if rows and rows[-1]["step"] == 4 and "loss" in rows[-1]:
+            os.kill(os.getpid(), signal.SIGINT)
+        return rollout(*a)
+    monkeypatch.setattr(distill, "rollout_targets", interrupted)
+    argv = D(data_dir, teacher_ref["best"], out)
+    with pytest.raises(UserError, match=r"interrupted in stage k=1 at step 5; saved"):
+        distill.main(argv)
+    ck = load_checkpoint(str(out / "last.pt"), kind="student")
+    assert (ck["stage"], ck["step"]) == (0, 5)
+    monkeypatch.undo()
+    distill.main(argv + ["--resume"])
+    assert_same_log(read_log(out / "log.jsonl"), distill_ref["log"], EXACT)
+
+
+def test_teacher_infinite_loss_stops_as_nan_does(tmp_path, data_dir, monkeypatch):
+    """An overflow gives inf, not NaN: the run stops before that update too."""
+    forward, calls = model.GPT.forward, [0]
+
+    def inf_from_step_7(self, idx, targets=None, **kw):
+        logits, loss = forward(self, idx, targets, **kw)
+        if self.training and loss is not None:
+            calls[0] += 1
+            loss = loss * float("inf") if calls[0] >= 7 else loss
+        return logits, loss
+    monkeypatch.setattr(model.GPT, "forward", inf_from_step_7)
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=r"loss became inf at step 7;.*last good checkpoint"):
+        teacher.main(T(data_dir, out))
+    assert load_checkpoint(str(out / "last.pt"), kind="teacher")["step"] == 4
+
+
+def test_the_commit_is_dirty_only_when_a_py_file_differs(tmp_path):
+    shutil.copy(os.path.join(REPO, "common.py"), tmp_path)
+    (tmp_path / "notes.txt").write_text("notes")
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "x"]):
+        subprocess.run(git + cmd, check=True, capture_output=True)
+    head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    head = head.strip()
+    spec = importlib.util.spec_from_file_location("common_copy", tmp_path / "common.py")
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    assert copy.git_commit() == head
+    (tmp_path / "notes.txt").write_text("other notes")   # not code
+    assert copy.git_commit() == head
+    with open(tmp_path / "common.py", "a") as f:
+        f.write("# changed\n")
+    assert copy.git_commit() == head + "+dirty"
