@@ -326,8 +326,12 @@ def test_an_interrupted_grid_resumes_at_the_point_it_stopped(pair, tmp_path, mon
         m.setattr(bench, "git_commit", lambda: "another")
         with pytest.raises(UserError, match="rows made with commit"):
             run(pair, tmp_path, *args, "--resume")
-    with pytest.raises(UserError, match="rows made with dtype 'bfloat16'"):
-        run(pair, tmp_path, *args, "--resume", "--dtype", "float32")
+    for other, made_with in ((["--dtype", "float32"], "dtype 'bfloat16'"),
+                             (["--repeats", "2"], "repeats 1"), (["--seed", "1"], "seed 0"),
+                             (["--attention", "flex"], "attention 'sdpa'"),
+                             (["--compile"], "compile False")):   # each makes other rows
+        with pytest.raises(UserError, match=f"rows made with .*{made_with}"):
+            run(pair, tmp_path, *args, "--resume", *other)
     rows = run(pair, tmp_path, *args, "--resume")("speed")["speed"]
     assert [B for B, _ in timed] == [1, 2, 2, 3]   # the interrupted point again, then the third
     assert timed[1] == timed[2]   # redone from the same generator
@@ -350,19 +354,29 @@ def test_a_point_out_of_memory_is_skipped_and_the_grid_goes_on(tmp_path):
     assert [r["batch_size"] for r in rows] == [1, 3]
     assert skipped == [{"model": "m", "seq_len": 12, "batch_size": 2, "reason": "out of memory"}]
 
+    def bug(*a):   # any other error is no reason to skip a point: it stops the grid
+        raise RuntimeError("a bug, not memory")
+    with pytest.raises(RuntimeError, match="a bug"):
+        bench.run_grid([("m", None, None, 12, 1)], bug, str(tmp_path / "q.partial.jsonl"), False,
+                       0, {})
 
-def test_a_resumed_grid_cuts_a_line_torn_by_a_kill(tmp_path):
+
+@pytest.mark.parametrize("left", ["whole, torn", "torn", "nothing"])   # what the kill left
+def test_a_resumed_grid_cuts_a_line_torn_by_a_kill(tmp_path, left):
     """A kill while a point's line is written leaves it without its newline: --resume redoes that
-    point, keeps the whole lines, and the file it leaves reads back whole."""
+    point, keeps the whole lines (if any), and the file it leaves reads back whole."""
     path = tmp_path / "p.partial.jsonl"
     whole = {"point": ["m", 12, 1], "made_by": {"commit": "c"}, "rows": [{"batch_size": 1}],
              "skipped": None}
-    path.write_text(json.dumps(whole) + "\n" + json.dumps({**whole, "point": ["m", 12, 2]})[:30])
+    torn = json.dumps({**whole, "point": ["m", 12, 2]})[:30]
+    path.write_text({"whole, torn": json.dumps(whole) + "\n" + torn, "torn": torn,
+                     "nothing": ""}[left])
     done = []
     rows, _ = bench.run_grid([("m", None, None, 12, B) for B in (1, 2)],
                              lambda *a: done.append(a[4]) or [{"batch_size": a[4]}], str(path),
                              True, 0, {"commit": "c"})
-    assert done == [2] and [r["batch_size"] for r in rows] == [1, 2]
+    assert done == ([2] if left == "whole, torn" else [1, 2])
+    assert [r["batch_size"] for r in rows] == [1, 2]
     assert [json.loads(x)["point"] for x in path.read_text().splitlines()] == [["m", 12, 1],
                                                                                ["m", 12, 2]]
 
@@ -383,11 +397,18 @@ def test_a_run_that_measures_nothing_writes_nothing(pair, tmp_path, monkeypatch)
 
 
 def test_a_partial_run_keeps_the_other_parts_files(pair, tmp_path):
-    """--no-quality writes the speed files and leaves the quality files of an earlier run."""
+    """--no-quality writes the speed files and leaves the quality files of an earlier run;
+    --no-speed writes the quality files and leaves a stopped speed grid to resume."""
     (tmp_path / "bench_trained_quality.json").write_text("from the whole run")
     run(pair, tmp_path, *FAST, "--no-quality", "--ks", "4")
     assert (tmp_path / "bench_trained_quality.json").read_text() == "from the whole run"
     assert (tmp_path / "bench_trained_speed.json").exists()
+    grid = tmp_path / "bench_trained_speed.partial.jsonl"
+    grid.write_text('{"point": ["trained", 16, 1]}\n')
+    run(pair, tmp_path, "--device", "cpu", "--no-speed", "--quality_samples", "4",
+        "--quality_tokens", "8")
+    assert (tmp_path / "bench_trained_quality.json").read_text() != "from the whole run"
+    assert grid.read_text() == '{"point": ["trained", 16, 1]}\n'
 
 
 def test_profile_of_one_decode_step(pair, tmp_path):
@@ -508,54 +529,3 @@ def test_the_entropy_ratio_compares_histograms_of_as_many_draws():
         len(CHARS), (16, 6), generator=torch.Generator().manual_seed(0)),
         torch.Generator().manual_seed(1), draws=16)
     assert all(0.93 < r < 1.07 for r in out["draw_entropy_ratio_per_slot"]), out
-
-
-def test_a_bench_resume_refuses_each_other_flag(pair, tmp_path, monkeypatch):
-    """--repeats, --seed, --attention and --compile each make other rows: a resume under any of
-    them is refused by name."""
-    time_point, calls = bench.time_point, []
-
-    def ctrl_c_at_the_second_point(*a):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return time_point(*a)
-    monkeypatch.setattr(bench, "time_point", ctrl_c_at_the_second_point)
-    args = [*FAST, "--no-quality", "--ks", "4", "--batch_sizes", "1,2"]
-    with pytest.raises(KeyboardInterrupt):
-        run(pair, tmp_path, *args)
-    for extra, named in ((["--repeats", "2"], "repeats 1"), (["--seed", "1"], "seed 0"),
-                         (["--attention", "flex"], "attention 'sdpa'"),
-                         (["--compile"], "compile False")):
-        with pytest.raises(UserError, match=f"rows made with .*{named}"):
-            run(pair, tmp_path, *args, "--resume", *extra)
-
-
-@pytest.mark.parametrize("content", [b"", b'{"point": ["m", 12, 1], "made_by'])
-def test_a_resumed_grid_without_a_whole_line_starts_clean(tmp_path, content):
-    """Killed before its first line was whole (an empty file, a torn line): the file a resume
-    leaves reads back whole."""
-    path = tmp_path / "p.partial.jsonl"
-    path.write_bytes(content)
-    rows, _ = bench.run_grid([("m", None, None, 12, B) for B in (1, 2)],
-                             lambda *a: [{"batch_size": a[4]}], str(path), True, 0, {"commit": "c"})
-    assert [r["batch_size"] for r in rows] == [1, 2]
-    assert [json.loads(x)["point"] for x in path.read_text().splitlines()] == [["m", 12, 1],
-                                                                               ["m", 12, 2]]
-
-
-def test_a_quality_only_run_keeps_a_stopped_speed_grid(pair, tmp_path):
-    grid = tmp_path / "bench_trained_speed.partial.jsonl"
-    grid.write_text('{"point": ["trained", 16, 1]}\n')
-    run(pair, tmp_path, "--device", "cpu", "--no-speed", "--quality_samples", "4",
-        "--quality_tokens", "8")
-    assert (tmp_path / "bench_trained_quality.json").exists()
-    assert grid.read_text() == '{"point": ["trained", 16, 1]}\n'
-
-
-def test_a_point_failing_otherwise_than_out_of_memory_stops_the_grid(tmp_path):
-    def point(*a):
-        raise RuntimeError("a bug, not memory")
-    with pytest.raises(RuntimeError, match="a bug"):
-        bench.run_grid([("m", None, None, 12, 1)], point, str(tmp_path / "p.partial.jsonl"),
-                       False, 0, {})
