@@ -11,6 +11,7 @@ quality at the final k (gen-PPL per slot, entropy, repetition, the distribution 
 gone (an earlier machine's) is kept from the previous <prefix>.json; each row records its commit.
 Named runs are each <root>/<name> and replace <prefix>.json whole.
 """
+import glob
 import json
 import os
 import sys
@@ -61,7 +62,7 @@ def gather(root, previous):
 
 def summarise(d, name):
     """The run in folder d: distill.py's summary and bench.py's <name>_quality.json."""
-    distill = json.load(open(os.path.join(d, "distill_tiny.json")))
+    distill = json.load(open(glob.glob(os.path.join(d, "distill_*.json"))[0]))   # one per run
     quality = json.load(open(os.path.join(d, f"{name}_quality.json")))
     curve, seconds = [], 0.0   # stage after stage, on one axis of training seconds
     for stage in distill["stages"]:
