@@ -479,8 +479,8 @@ def test_distribution_per_slot_tells_a_sampler_from_a_collapsed_student():
             p.zero_()
     prompts = torch.randint(len(CHARS), (8, 6), generator=torch.Generator().manual_seed(0))
     good, bad = (bench.distribution_per_slot(teacher, m, 2, prompts,
-                                             torch.Generator().manual_seed(1), draws=256)
-                 for m in (sampler, blind))
+                                             torch.Generator().manual_seed(1), draws=256, batch=b)
+                 for m, b in ((sampler, 4), (blind, 3)))   # 3: batches of 3, 3 and 2
     assert good["tv_per_slot"][0] < 1.5 * good["tv_floor_per_slot"][0]
     assert 0.8 < good["draw_entropy_ratio_per_slot"][0] < 1.2
     assert bad["draw_entropy_ratio_per_slot"] == [0.0, 0.0]

@@ -105,7 +105,7 @@ def test_bins_decode_to_the_documents(built):
     assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257 and meta["eot"] == EOT
     assert meta["num_docs"]["train"] >= 1 and meta["num_docs"]["val"] >= 1
     for split in ("train", "val"):
-        ids = np.fromfile(d / f"{split}.bin", dtype=np.uint16)
+        ids = np.fromfile(d / f"{split}.bin", dtype=meta["dtype"])   # what meta.json says
         assert np.array_equal(load_tokens(d, split), ids) and ids[-1] == EOT
         cuts = np.flatnonzero(ids == EOT)   # a literal "<|endoftext|>" in a text is not EOT
         texts += [tok.decode(ids[a:b]) for a, b in zip(np.r_[0, cuts[:-1] + 1], cuts)]
@@ -161,7 +161,7 @@ def test_ctrl_c_between_the_two_bins_leaves_nothing_looking_finished(built, tmp_
     assert len(load_tokens(out / "custom", "train")) == load_meta(d)["train_tokens"]
 
 
-def test_val_takes_enough_documents_and_leaves_train_one():
+def test_val_takes_enough_documents_and_leaves_train_one(tmp_path):
     """Val takes documents in the shuffled order until it holds val_fraction of the tokens and at
     least MIN_VAL_TOKENS or a tenth of the corpus, whichever is less; train always keeps one."""
     lengths = np.full(100, 1000)   # 100k tokens: 5% is 5k, a tenth is 10k, so 10 documents
@@ -169,6 +169,12 @@ def test_val_takes_enough_documents_and_leaves_train_one():
     assert prepare_data.choose_val(lengths, np.arange(100), 0.2) == 20
     assert prepare_data.choose_val(np.array([10, 10]), np.array([0, 1]), 0.99) == 1
     assert prepare_data.choose_val(np.array([5, 30, 1000]), np.array([2, 0, 1]), 0.01) == 1
+    # 105 tokens: a tenth is 10.5, which a first document of 10 does not reach
+    assert prepare_data.choose_val(np.array([10, 10, 85]), np.arange(3), 0.01) == 2
+    # and the split holds exactly that many: 3 equal documents, the first already a tenth
+    src = write_docs(tmp_path / "src", [f"Document number {i} says hello." for i in range(3)])
+    prepare_data.main(["--source_dir", src, "--out_dir", str(tmp_path)])
+    assert load_meta(tmp_path / "custom")["num_docs"] == {"train": 2, "val": 1}
 
 
 def test_max_docs_keeps_a_seeded_sample_of_the_documents(tmp_path):

@@ -450,6 +450,9 @@ def test_agreement_per_slot():
     a = torch.tensor([[1, 2, 3, 4, 5, 6]])
     b = torch.tensor([[1, 0, 3, 0, 5, 6]])
     assert same_noise_agreement(a, b, 2) == pytest.approx([1, 1 / 3])
+    # a partial last pass: slot 1 has 3 positions, slot 2 has 2
+    b = torch.tensor([[1, 0, 3, 4, 0]])
+    assert same_noise_agreement(a[:, :5], b, 2) == pytest.approx([2 / 3, 1 / 2])
 
 
 @torch.no_grad()
@@ -531,6 +534,6 @@ def test_window_agreement_decodes_each_window_on_the_teachers_context(teacher, s
     assert (window_agreement(student, prompts, ar, noise, k)
             == window_agreement(student, prompts, ar, noise, k, batch=2) == want)   # 2 + 1 samples
     # against the student's own free-running tokens, every window starts in step and must agree
-    # everywhere
-    assert window_agreement(
-        student, prompts, generate(student, prompts, noise, k), noise, k) == [1.0] * k
+    # everywhere; 23 tokens: a partial last window is left out, the others keep their places
+    own = generate(student, prompts, noise, k)
+    assert window_agreement(student, prompts, own[:, :23], noise[:, :23], k) == [1.0] * k

@@ -82,6 +82,10 @@ def test_show_marks_exactly_the_tokens_that_differ():
     assert marks == " " * 10 + "^^^" + " " * 4 + "^^^^"   # under " a " and the last " cat"
     lines = sample.show(chars, teacher * 10, teacher * 10, 2, width=20).split("\n")
     assert len(lines) % 3 == 0 and len(lines) > 3 and all(len(x) <= 20 + 10 for x in lines)
+    assert sample.show(chars, teacher, teacher, 4, width=9).count("\n") == 2   # "abcd|efgh" fits
+    assert sample.show(chars, teacher, teacher, 4, width=8).count("\n") == 5
+    same = SimpleNamespace(decode=lambda ids: "aab"[ids[0]])   # ids 0 and 1 both read "a"
+    assert sample.show(same, [0, 2], [1, 2], 1).split("\n")[2] == " " * 10 + "^"   # ids differ
 
 
 def test_sample_shows_both_on_one_noise_and_both_agreements(pair, capsys):
@@ -97,6 +101,7 @@ def test_sample_shows_both_on_one_noise_and_both_agreements(pair, capsys):
     ar, kf = generate(teacher, prompts, noise, 1), generate(student, prompts, noise, 4)
     text = lambda ids: "".join(CHARS[i] for i in ids).replace("\n", "⏎")  # noqa: E731
     assert out.count("free-running:") == out.count("on the teacher's context:") == 2
+    assert "per slot, 2 x 12 tokens:" in out   # the tokens measured, not --max_new_tokens
     assert out.count("  teacher " + "|".join(text(ar[0, i:i + 4]) for i in (0, 4, 8))) == 2
     assert "  student " + "|".join(text(kf[1, i:i + 4]) for i in (0, 4, 8)) in out
     slots = lambda name: [float(x) / 100 for x in  # noqa: E731
