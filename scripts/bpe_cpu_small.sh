@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# bpe_cpu.sh at the small preset's width (about 100 minutes on 2 cores): is the small preset's
+# bpe_cpu.sh at the small preset's width (about 130 minutes on 2 cores): is the small preset's
 # distillation recipe, which the GPU run will use, as good at width 384 as at the tiny shape's 128?
 # A teacher of the small preset's shape (6 x 384) on the offline corpus (64-token context, 1,000
-# steps), then distill.py --preset small (lr 2e-3; two seeds) and the same at the tiny preset's
-# lr 5e-3, each to k = 4 at batch 8 x 16 anchors, scored by bench.py. Needs data/offline.
+# steps), then distill.py --preset small (lr 2e-3; two seeds; and in bf16 autocast, as on a GPU)
+# and the same at the tiny preset's lr 5e-3, each to k = 4 at batch 8 x 16 anchors, scored by
+# bench.py. Needs data/offline.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -22,5 +23,6 @@ run() {   # run NAME DISTILL_FLAGS...: distil into $out/NAME, then score the stu
 run small --steps_per_stage 600
 run small_seed1 --steps_per_stage 600 --seed 1   # other batches, noise and initial weights
 run lr5e3 --steps_per_stage 600 --lr 5e-3
+run bf16 --steps_per_stage 600 --dtype bfloat16   # the GPU's autocast; every other run fp32
 cp $out/teacher/teacher_small.json results/bpe_cpu_small_teacher.json
-$PY scripts/ablation.py $out results/bpe_cpu_small small small_seed1 lr5e3
+$PY scripts/ablation.py $out results/bpe_cpu_small small small_seed1 lr5e3 bf16
