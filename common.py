@@ -232,6 +232,14 @@ def load_checkpoint(path, kind=None):   # kind: "teacher" (teacher.py's) or "stu
     return ckpt
 
 
+def stop_if_not_finite(loss, step, last_path):   # checked before the update: last.pt is good
+    if not math.isfinite(loss):
+        kept = (f"keeping the last good checkpoint {last_path}" if os.path.isfile(last_path)
+                else "before the first checkpoint")
+        raise UserError(f"loss became {loss} at step {step}; stopped, {kept} (lower --lr or raise "
+                        "--warmup_steps)")
+
+
 def teacher_id(ckpt):   # what tells one training of a teacher from another; a student records it
     return {key: ckpt.get(key) for key in ("step", "best_val")}
 

@@ -19,7 +19,6 @@ from u themselves and need the smooth inverse CDF.
     torchrun --standalone --nproc_per_node 8 distill.py --preset small
 """
 import dataclasses
-import math
 import time
 from types import SimpleNamespace
 
@@ -31,8 +30,8 @@ from tqdm import tqdm
 from common import (EMA, JsonlLog, StopFlag, UserError, all_mean, device_name, field,
                     fits_in_memory, git_commit, load_checkpoint, load_split, lr_at,
                     model_from_checkpoint, parse_config, pyplot, run_cli, sample_windows,
-                    save_checkpoint, save_figure, setup_runtime, shard, start_run, teacher_id,
-                    write_json)
+                    save_checkpoint, save_figure, setup_runtime, shard, start_run,
+                    stop_if_not_finite, teacher_id, write_json)
 from fast import compile_per_shape
 from model import (GPT, agreement_without_noise, draw, generate, inverse_cdf,
                    same_noise_agreement, window_agreement)
@@ -296,9 +295,7 @@ def main(argv=None):
                     hit = own == targets   # the loss and accuracy per slot, whole windows right
                     out = all_mean(torch.cat([per_slot.detach(), hit.float().mean((0, 1)),
                                               hit.all(-1).float().mean().view(1)]), rt).tolist()
-                    if not math.isfinite(sum(out[:k])):   # stop before the update: last.pt is good
-                        raise UserError(f"loss became {sum(out[:k])} at step {done + step + 1}; "
-                                        f"stopped, keeping the last good checkpoint {last_path}")
+                    stop_if_not_finite(sum(out[:k]), done + step + 1, last_path)
                     if cfg.grad_clip > 0:
                         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                     optimizer.step()

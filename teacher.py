@@ -14,7 +14,8 @@ from tqdm import tqdm
 
 from common import (EMA, JsonlLog, StopFlag, UserError, all_mean, device_name, field,
                     fits_in_memory, git_commit, load_split, lr_at, parse_config, run_cli,
-                    sample_windows, save_checkpoint, setup_runtime, shard, start_run, write_json)
+                    sample_windows, save_checkpoint, setup_runtime, shard, start_run,
+                    stop_if_not_finite, write_json)
 from fast import flops_per_token, peak_flops
 from model import GPT, GPTConfig
 from prepare_data import load_meta, tokenizer_spec
@@ -165,9 +166,7 @@ def main(argv=None):
                     (loss / cfg.grad_accum).backward()
                 loss_sum += loss.detach() / cfg.grad_accum
             loss = all_mean(loss_sum, rt).item()
-            if not math.isfinite(loss):   # stop before the update: the last checkpoint is good
-                raise UserError(f"loss became {loss} at step {step + 1}; stopped, keeping the last "
-                                f"good checkpoint {last_path} (lower --lr or raise --warmup_steps)")
+            stop_if_not_finite(loss, step + 1, last_path)
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()

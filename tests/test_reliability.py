@@ -382,6 +382,19 @@ def test_distill_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_di
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
 
 
+def test_nan_loss_before_the_first_checkpoint_names_none(tmp_path, data_dir, monkeypatch):
+    forward = model.GPT.forward
+
+    def nan_loss(self, idx, targets=None, **kw):
+        logits, loss = forward(self, idx, targets, **kw)
+        return logits, loss * float("nan") if self.training and loss is not None else loss
+    monkeypatch.setattr(model.GPT, "forward", nan_loss)
+    with pytest.raises(UserError, match=r"loss became nan at step 1; stopped, before the first "
+                       r"checkpoint \(lower --lr"):
+        teacher.main(T(data_dir, tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out" / "last.pt")
+
+
 def test_grad_accum_splits_the_same_batch(tmp_path, data_dir, monkeypatch):
     """Batch 4 x 2 micro-batches is batch 8: the same loss, gradient norm (what --grad_clip
     clips) and tokens seen."""
