@@ -85,8 +85,9 @@ PRESETS = {
                  steps_per_stage=750, batch_size=16, block_size=64, anchors=32, lr=5e-3,
                  ema=0.99, freeze_trunk=True, readout_layers=3, warmup_steps=20, eval_samples=128,
                  curve_interval=50, ckpt_interval=50),
-    "small": dict(_about="one GPU: the tiny preset's recipe, its lr scaled to the width (not yet "
-                         "run on a GPU)", freeze_trunk=True, lr=2e-3, ema=0.99, readout_layers=3),
+    "small": dict(_about="one GPU: the tiny preset's recipe, its lr scaled to the width, 32 "
+                         "anchors (128 would hold ~90 GB eager; not yet run on a GPU)",
+                  freeze_trunk=True, lr=2e-3, ema=0.99, readout_layers=3, anchors=32),
     "paper": dict(_about="the paper's k = 4 stage: lr 1e-4 constant, fp32, batch 512, every anchor;"
                          " 20k steps per stage (the paper's: not known)",
                   steps_per_stage=20_000, batch_size=512, block_size=128, anchors=128, lr=1e-4,

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# gpu_quality.sh's comparison on the CPU, on GPT-2 tokens instead of characters (105 minutes on 2
+# gpu_quality.sh's comparison on the CPU, on GPT-2 tokens instead of characters (120 minutes on 2
 # cores): does what won on characters hold over a 50,257-token vocabulary? A teacher of the tiny
 # shape on the offline corpus (64-token context), then the paper's recipe (three stages, at about
 # the time of the others' one) and the default, by forward KL and by the mean of both KLs (the
-# latter on two seeds and at the small preset's lr), each distilled to k = 4 and scored by bench.py.
+# latter on two seeds and at the small preset's lr, there also at twice the anchors for half the
+# steps), each distilled to k = 4 and scored by bench.py.
 # scripts/ablation.py gathers their results into results/bpe_cpu.{json,png}; sample.py shows the
 # default's text beside the teacher's. Needs data/offline (python prepare_data.py).
 set -euo pipefail
@@ -28,7 +29,8 @@ run forward --steps_per_stage 600 --kl forward
 run both --steps_per_stage 600
 run both_seed1 --steps_per_stage 600 --seed 1   # other batches, noise and initial weights
 run lr2e3 --steps_per_stage 600 --lr 2e-3   # the small preset's learning rate
+run lr2e3_anchors32 --steps_per_stage 300 --lr 2e-3 --anchors 32   # as many windows, half the steps
 cp $out/teacher/teacher_tiny.json results/bpe_cpu_teacher.json
 $PY sample.py --teacher $out/teacher/best.pt --student $out/both/student_k4.pt --num_samples 2 \
     --max_new_tokens 24 > results/bpe_cpu_sample.txt
-$PY scripts/ablation.py $out results/bpe_cpu paper forward both both_seed1 lr2e3
+$PY scripts/ablation.py $out results/bpe_cpu paper forward both both_seed1 lr2e3 lr2e3_anchors32
