@@ -40,7 +40,9 @@ LEVERS = {"high": "cdf_seq, --noise_features high", "ema": "cdf_seq, --ema 0.99"
           "gumbel": "the tiny preset, --coupling gumbel --kl forward",
           "kl_reverse": "the tiny preset, --kl reverse",
           "kl_both": "the tiny preset as it stands: --kl both",
-          "kl_both_long": "the tiny preset as it stands, twice the steps"}
+          "kl_both_long": "the tiny preset as it stands, twice the steps",
+          "bf16": "the tiny preset as it stands, --dtype bfloat16",
+          "anchors16": "the tiny preset as it stands, --anchors 16, 1000 steps"}
 PRESET = ("the tiny preset (cdf_seq, --freeze_trunk --lr 5e-3 --ema 0.99 --readout_layers 3 "
           "--block_size 64, 750 steps), --coupling inverse_cdf")   # <root>/preset
 # the tiny preset by coupling, loss and steps, on the plot's right

@@ -15,8 +15,8 @@ run() {   # run DIR NAME DISTILL_FLAGS...: distil into DIR, then score the stude
       --out_dir "$dir"
 }
 # the tiny preset's earlier shape: a 1-layer slot MLP on 128-character windows, 600 steps; the runs
-# before the last four draw by the inverse CDF, as they did before the Gumbel-max coupling, and all
-# but the last three learn by forward KL, as they did before --kl
+# before `gumbel` draw by the inverse CDF, as they did before the Gumbel-max coupling, and those
+# before `kl_reverse` learn by forward KL, as they did before --kl
 fw=(--kl forward)
 iv=(--coupling inverse_cdf "${fw[@]}")
 before=(--readout_layers 1 --block_size 128 --steps_per_stage 600 "${iv[@]}")
@@ -59,4 +59,6 @@ run out/lever_gumbel gumbel "${fw[@]}"   # the Gumbel-max coupling
 OMP_NUM_THREADS=1 run out/lever_kl_reverse kl_reverse --kl reverse
 OMP_NUM_THREADS=1 run out/lever_kl_both kl_both
 run out/lever_kl_both_long kl_both_long --steps_per_stage 1500   # twice the compute
+run out/lever_bf16 bf16 --dtype bfloat16   # the GPU's autocast
+run out/lever_anchors16 anchors16 --anchors 16 --steps_per_stage 1000   # fewer anchors, more steps
 $PY scripts/ablation.py "$out" results/ablation_tiny
