@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # Which recipe keeps the teacher's distribution, confirmed on the small preset on one GPU (at most
 # 9 minutes, one device command): the small teacher once, then three distillations to k = 4 of
-# 600 steps (the paper's three stages a third each), each scored by bench.py (quality only, on 256
-# prefixes), each stopped at 100 s and scored on what it saved if not finished: the
-# paper's recipe (as on the H100 before: lr 3e-4, no weight average; but the preset's 32 anchors,
-# not 128), and distill.py's small preset, what won on the CPU (cdf_seq, a frozen trunk at a larger
-# learning rate, a weight average, a 3-layer slot MLP, the Gumbel-max coupling), learning by
-# forward KL, then by the mean of the forward and reverse KL (the default); the paper's draws by
-# the inverse CDF. Distillation runs eager: each of the paper's stages would compile anew (likely
-# tens of seconds each, unmeasured) within its 100 s limit, which its 3 x 200 steps fill by a third
-# (the H100's compiled 35 / 18 / 11.5 steps/s), so that it might stop before k = 4 and be
-# unscorable; a failing compile would lose an arm. The cdf arms run eager too: the arms differ only
-# in recipe.
+# 600 steps each, scored by bench.py (quality only, on 256 prefixes). The arms:
+#   paper           the paper's recipe, its three stages 200 steps each (as on the H100 before:
+#                   lr 3e-4, no weight average, inverse CDF; but the preset's 32 anchors, not 128)
+#   frozen_forward  distill.py's small preset, what won on the CPU (cdf_seq on a frozen trunk, a
+#                   weight average, a 3-layer slot MLP, Gumbel-max), learning by forward KL
+#   frozen          the same by the mean of the forward and reverse KL (the default)
+# Each distillation stops at 100 s and is then scored on what it saved. They run eager, all three
+# alike: under torch.compile each of the paper's stages would compile anew (tens of seconds each,
+# unmeasured) within that limit, which its 600 steps fill by a third at the H100's compiled
+# 35 / 18 / 11.5 steps/s, so it might stop before k = 4 and be unscorable; and a failing compile
+# would lose an arm.
 # Summaries, quality JSON and logs go into ${OUT:-gpu_out}/gpu_quality.tgz (checkpoints stay in
 # out/gpu_quality/), summary.log beside it.
 #     bash scripts/gpu_quality.sh                                         # on the GPU
