@@ -65,7 +65,7 @@ def parse_args(argv=None):
     flag("ks", type=int_list, help="student tokens per pass, comma list of 2..max_k; AR (k = 1) "
          "always runs (default: 2,3,4 up to the student's max_k)")
     flag("repeats", type=int, help="timed runs a point, median kept (default: 3 on CUDA, 5 on CPU)")
-    flag("paper_shape", action=on_off, help="also time the paper's 12 x 768 shape (on CUDA)")
+    flag("paper_shape", action=on_off, help="also time the 12 x 768 paper shape (default: on CUDA)")
     flag("trained", action=on_off, default=True, help="time and score the trained pair (default)")
     flag("speed", action=on_off, default=True, help="time the speed grid (default: on)")
     flag("quality", action=on_off, help="score samples (default: unless --profile, --roofline)")
@@ -81,7 +81,8 @@ def parse_args(argv=None):
     flag("attention", choices=["sdpa", "flex"], default="sdpa", help="how a cached pass attends, "
          "both sides: a mask over the whole cache, or FlexAttention's blocks (default: sdpa)")
     flag("compile", action="store_true", help="torch.compile each decode step, both sides")
-    flag("dtype", choices=["bfloat16", "float32"], default="bfloat16", help="of the speed runs")
+    flag("dtype", choices=["bfloat16", "float32"], default="bfloat16",
+         help="of the speed runs (default: bfloat16)")
     flag("data_dir", help="val.bin for the quality prefixes (default: the teacher's training data)")
     flag("seed", type=int, default=0, help="seeds prefixes, noise and random weights (default: 0)")
     flag("device", default="auto", help="cuda, cpu or auto (default: auto)")

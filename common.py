@@ -65,8 +65,9 @@ def parse_config(cls, presets, description, argv=None):
     run.add_argument("--overwrite", action="store_true",
                      help="delete the run in --out_dir at the start, then train afresh")
     for f in dataclasses.fields(cls):
-        shown = {repr(pre.get(f.name, f.default)) for pre in presets.values()}
-        shown = shown.pop() if len(shown) == 1 else "per --preset"
+        shown = {name: repr(pre.get(f.name, f.default)) for name, pre in presets.items()}
+        shown = (shown.popitem()[1] if len(set(shown.values())) == 1
+                 else ", ".join(f"{name} {value}" for name, value in shown.items()))
         how = ({"action": argparse.BooleanOptionalAction} if f.type is bool else
                {"type": f.type, "choices": f.metadata["choices"]})
         p.add_argument(f"--{f.name}", help=f"{f.metadata['help']} ({shown})", **how)

@@ -41,7 +41,7 @@ class TeacherConfig:
     warmup_steps: int = field(200, "linear warmup steps", at_least=0)
     weight_decay: float = field(0.1, "AdamW weight decay of matrices", at_least=0)
     grad_clip: float = field(1.0, "clip the gradient norm to this (0: off)", at_least=0)
-    ema: float = field(0.0, "decay of best.pt's weight average (paper 0.9999)", at_least=0, below=1)
+    ema: float = field(0.0, "decay of best.pt's weight average (0: off)", at_least=0, below=1)
     # bookkeeping
     eval_interval: int = field(250, "evaluate and save a checkpoint every N steps", at_least=1)
     eval_iters: int = field(20, "val batches per evaluation (the same ones each time)", at_least=1)

@@ -121,6 +121,15 @@ def test_every_preset_is_a_valid_config():
         assert d.eval_tokens >= d.k and d.prompt_len + d.eval_tokens <= t.block_size
 
 
+def test_help_shows_every_flag_with_each_presets_value(capsys):
+    """--help names every field, with its default, or with each preset's where they differ."""
+    with pytest.raises(SystemExit):
+        common.parse_config(distill.DistillConfig, distill.PRESETS, "", ["--help"])
+    text = " ".join(capsys.readouterr().out.split())   # argparse wraps the lines
+    assert all(f"--{f.name}" in text for f in dataclasses.fields(distill.DistillConfig))
+    assert "(tiny 0.005, small 0.002, paper 0.0001)" in text and "(4)" in text   # --lr, --k
+
+
 def test_distillation_raises_same_noise_agreement(iid):
     stage1, stage2 = iid["result"]["stages"]
     assert [stage1["k"], stage2["k"]] == [1, 2] and iid["result"]["schedule"] == [1, 2]
