@@ -1,7 +1,7 @@
 # make demo: install, then the whole pipeline with the preset sized to the machine: tiny on a CPU
 #            (character-level Shakespeare, about 9 minutes on 2 idle cores), small on a GPU
 #            (GPT-2 tokens of the offline corpus); PRESET=tiny make demo picks one. The demo's
-#            summaries, samples and plots are copied into results/.
+#            summaries, samples, plots and data meta.json are copied into results/.
 # make test: the test suite (CPU, a few minutes)
 # make data teacher distill sample bench: the steps one at a time, with the same preset
 PY ?= python3
@@ -33,6 +33,7 @@ bench:
 demo: setup data teacher distill sample bench
 	cp out/teacher_$(PRESET)/teacher_$(PRESET).json out/distill_$(PRESET)/distill_$(PRESET).json \
 	   out/distill_$(PRESET)/distill_$(PRESET)_curve.png results/
+	cp data/$(DATASET)/meta.json results/data_$(DATASET).json
 
 test:
 	$(PY) -m pytest -q tests

@@ -8,8 +8,9 @@ teacher. onpolicy: the argmax readout, by cross-entropy to those targets' invers
 paper: the paper's progressive self-forcing distillation (argmax readout): stages k = 1, 2, 4, ..
 up to --k, each a copy of the last learning its same-noise rollout, block after block on the real
 context followed by its own tokens (stage 1: the teacher's inverse CDF), by cross-entropy.
---freeze_trunk (the tiny preset's; cdf readouts only): every weight the teacher had stays frozen
-and only the noise encoder and the slot MLP learn, so real tokens and slot 1 stay the teacher's.
+--freeze_trunk (the tiny and small presets'; cdf readouts only): every weight the teacher had stays
+frozen and only the noise encoder and the slot MLP learn, so real tokens and slot 1 stay the
+teacher's.
 --coupling gumbel (the cdf readouts' default): tokens are drawn from u by the Gumbel-max trick
 instead of the inverse CDF, by the student and by the AR teacher it is compared with: the same
 distributions, and their same-noise samples coincide more often. The argmax readouts learn the map
@@ -73,7 +74,7 @@ class DistillConfig:
                                 "every N steps (0: at each stage's start and end)", at_least=0)
     log_interval: int = field(10, "log per-slot loss and accuracy every N steps", at_least=1)
     ckpt_interval: int = field(250, "save a resumable checkpoint every N steps", at_least=1)
-    seed: int = field(1337, "seeds the batches, anchors and noise", at_least=0, below=2 ** 63)
+    seed: int = field(1337, "seeds batches, anchors, noise, new weights", at_least=0, below=2 ** 63)
     device: str = field("auto", "cuda, cpu or auto")
     dtype: str = field("auto", "float32, or bfloat16 autocast for the student (targets: fp32)",
                        choices=("auto", "float32", "bfloat16"))

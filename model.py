@@ -135,8 +135,8 @@ class Block(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
-# 2. The student's two pieces: the noise encoder (u -> a noise slot's input) and the staircase
-# mask (every anchor's window of k slots trained in one pass). GPT below uses them.
+# 2. The student's pieces: the noise encoder (u -> a noise slot's input), the staircase mask (every
+# anchor's window of k slots trained in one pass) and cdf_seq's slot readout. GPT below uses them.
 
 class NoiseEncoder(nn.Module):
     """u in [0, 1) -> a noise slot's input: float64 sinusoidal features -> Linear -> residual MLP.
