@@ -8,7 +8,8 @@ For each recipe and the tiny preset (and each lever on top of cdf_seq, in out/le
 distill.py's summary (the learning curve against training seconds, all stages) and bench.py's
 quality at the final k (gen-PPL per slot, entropy, repetition, the distribution per slot). Writes
 <prefix>.json and <prefix>.png and prints the table the README quotes. A row whose run folder is
-gone (an earlier machine's) is kept from the previous <prefix>.json; each row records its commit.
+gone (an earlier machine's) is kept from the previous <prefix>.json; each row records its commit
+and distill.py's flags (rows kept from before the flags were recorded: the commit only).
 Named runs are each <root>/<name> and replace <prefix>.json whole.
 """
 import glob
@@ -73,7 +74,7 @@ def summarise(d, name):
         seconds += stage["curve"][-1]["train_s"]
     ar, last = quality["quality"][0], quality["quality"][-1]
     return {
-        "git": distill["git"], "device": distill["device"],
+        "git": distill["git"], "device": distill["device"], "config": distill["config"],
         "steps": sum(s["steps"] for s in distill["stages"]), "train_s": seconds,
         "curve": curve, "blind": distill["agreement_without_noise"],   # the curve's prompts
         "blind_quality": quality["agreement_without_noise"],   # the table's
