@@ -171,6 +171,9 @@ def test_val_takes_enough_documents_and_leaves_train_one(tmp_path):
     assert prepare_data.choose_val(np.array([5, 30, 1000]), np.array([2, 0, 1]), 0.01) == 1
     # 105 tokens: a tenth is 10.5, which a first document of 10 does not reach
     assert prepare_data.choose_val(np.array([10, 10, 85]), np.arange(3), 0.01) == 2
+    # 1M tokens: 1% is 10k, a tenth 100k, so MIN_VAL_TOKENS (50k) decides: 50 documents
+    lengths = np.full(1000, 1000)
+    assert prepare_data.choose_val(lengths, np.arange(1000), 0.01) == 50
     # and the split holds exactly that many: 3 equal documents, the first already a tenth
     src = write_docs(tmp_path / "src", [f"Document number {i} says hello." for i in range(3)])
     prepare_data.main(["--source_dir", src, "--out_dir", str(tmp_path)])
@@ -178,14 +181,17 @@ def test_val_takes_enough_documents_and_leaves_train_one(tmp_path):
 
 
 def test_max_docs_keeps_a_seeded_sample_of_the_documents(tmp_path):
-    """--max_docs 5 of 10: five documents drawn at random, not the first five listed."""
+    """--max_docs 5 of 10: five documents drawn at random, not the first five listed, and the same
+    five again with the same --seed."""
     docs = [f"Document number {i} says hello." for i in range(10)]
-    prepare_data.main(["--source_dir", write_docs(tmp_path / "src", docs), "--out_dir",
-                       str(tmp_path), "--max_docs", "5"])
-    d = tmp_path / "custom"
-    text = "".join(get_tokenizer(load_meta(d)).decode(load_tokens(d, s)) for s in ("train", "val"))
-    kept = [doc for doc in docs if doc in text]
-    assert len(kept) == 5 and kept != docs[:5]
+    src, kept = write_docs(tmp_path / "src", docs), []
+    for out in (tmp_path / "a", tmp_path / "b"):
+        prepare_data.main(["--source_dir", src, "--out_dir", str(out), "--max_docs", "5"])
+        d = out / "custom"
+        text = "".join(get_tokenizer(load_meta(d)).decode(load_tokens(d, s))
+                       for s in ("train", "val"))
+        kept.append([doc for doc in docs if doc in text])
+    assert len(kept[0]) == 5 and kept[0] != docs[:5] and kept[1] == kept[0]
 
 
 def test_the_split_is_shuffled_by_the_seed(tmp_path):
@@ -280,8 +286,9 @@ def test_the_papers_datasets_keep_their_splits():
 # -----------------------------------------------------------------------------
 # mistakes: one line each
 
-def test_lm1b_fails_cleanly_offline(tmp_path):
-    # offline mode, so this never downloads even where `datasets` and a network exist
+def test_lm1b_fails_cleanly_here(tmp_path):
+    # without `datasets` (as here) one line says so; the offline switches make sure that this
+    # never downloads where `datasets` and a network exist
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     assert "--dataset offline" in one_line_error(
         run("--dataset", "lm1b", "--out_dir", str(tmp_path), env=env))
@@ -359,6 +366,8 @@ def test_meta_counts_each_sources_own_documents_and_tokens(fake_shakespeare, tmp
     assert [(s["name"], s["documents"]) for s in meta["sources"]] == [("shakespeare", 4),
                                                                       ("milton", 1)]
     assert sum(s["tokens"] for s in meta["sources"]) == meta["train_tokens"] + meta["val_tokens"]
+    milton = prepare_data.encode("offline", ["Milton is not Shakespeare ^"])[1][0]
+    assert meta["sources"][1]["tokens"] == len(milton)   # its own document's tokens
 
 
 def fake_hub(monkeypatch, load_dataset, offline):
@@ -371,12 +380,18 @@ def fake_hub(monkeypatch, load_dataset, offline):
     monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
 
 
-def test_lm1b_val_is_its_test_split(monkeypatch):
+@pytest.mark.parametrize("hub_offline,env", [(False, None), (True, None), (False, "1")])
+def test_lm1b_val_is_its_test_split(monkeypatch, hub_offline, env):
+    """Streamed from the hub; offline (either switch), read whole from the local cache."""
     asked = []
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    fake_hub(monkeypatch, lambda name, split, streaming: asked.append((split, streaming)), False)
+    if env:
+        monkeypatch.setenv("HF_DATASETS_OFFLINE", env)
+    fake_hub(monkeypatch, lambda name, split, streaming: asked.append((split, streaming)),
+             hub_offline)
     assert list(prepare_data.open_hf("lm1b")) == ["train", "val"]
-    assert asked == [("train", True), ("test", True)]
+    streaming = not (hub_offline or env)
+    assert asked == [("train", streaming), ("test", streaming)]
 
 
 def test_a_dataset_that_cannot_load_is_one_line(monkeypatch, capsys):
