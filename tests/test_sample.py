@@ -17,7 +17,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import sample  # noqa: E402
 from common import UserError, save_checkpoint  # noqa: E402
-from model import GPT, GPTConfig, agreement_without_noise, generate, window_agreement  # noqa: E402
+from model import (GPT, GPTConfig, agreement_without_noise, generate,  # noqa: E402
+                   teacher_context_windows, window_agreement)
 
 CHARS = "\n !',.:;?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
@@ -38,8 +39,10 @@ def tiny_pair(vocab_size=len(CHARS), k=K, **choices):
 
 
 def write_pair(tmp, teacher_extra=None, student_extra=None, **choices):
-    """The pair's checkpoints as teacher.py and distill.py write them (character vocabulary), and a
-    val split of the data they name. Returns (teacher path, student path, data dir)."""
+    """The pair's checkpoints with the fields sample.py and bench.py read (character vocabulary;
+    without the extras no step, best_val or teacher_id, so loading them warns that the student
+    may be another teacher's), and a val split of the data they name. Returns (teacher path,
+    student path, data dir)."""
     spec = {"tokenizer": "char", "vocab_size": len(CHARS), "chars": CHARS}
     data = tmp / "data"
     data.mkdir(exist_ok=True)
@@ -88,30 +91,39 @@ def test_show_marks_exactly_the_tokens_that_differ():
     assert sample.show(same, [0, 2], [1, 2], 1).split("\n")[2] == " " * 10 + "^"   # ids differ
 
 
-def test_sample_shows_both_on_one_noise_and_both_agreements(pair, capsys):
+def test_sample_shows_both_on_one_noise_and_both_agreements(tmp_path, capsys):
     """Free-running and on the teacher's context, per sample; the agreements printed are
     model.window_agreement's (on the teacher's context) and the free-running one, beside
-    model.agreement_without_noise's two baselines, all on the very noise the samples used."""
-    run(pair, "--prompt", "First", "--num_samples", "2", "--max_new_tokens", "10", "--k", "4")
+    model.agreement_without_noise's two baselines, all on the very noise the samples used. A cdf
+    student, whose two views differ (in sample 2) and agree with the teacher in part."""
+    run(write_pair(tmp_path, readout="cdf"), "--prompt", "First", "--num_samples", "2",
+        "--max_new_tokens", "22", "--k", "4")
     out = capsys.readouterr().out
-    teacher, student = tiny_pair()
+    teacher, student = tiny_pair(readout="cdf")
     gen = torch.Generator().manual_seed(0)
     prompts = torch.tensor([[CHARS.index(c) for c in "First"]] * 2)
-    noise = torch.rand(2, 12, generator=gen, dtype=torch.float64)   # 10 rounded up to 3 passes
+    noise = torch.rand(2, 24, generator=gen, dtype=torch.float64)   # 22 rounded up to 6 passes
     ar, kf = generate(teacher, prompts, noise, 1), generate(student, prompts, noise, 4)
-    text = lambda ids: "".join(CHARS[i] for i in ids).replace("\n", "⏎")  # noqa: E731
+    windowed = teacher_context_windows(student, prompts, ar, noise, 4)
+    text = lambda ids: "|".join("".join(CHARS[i] for i in ids[s:s + 4]).replace("\n", "⏎")  # noqa
+                                for s in range(0, 24, 4))
     assert out.count("free-running:") == out.count("on the teacher's context:") == 2
-    assert "per slot, 2 x 12 tokens:" in out   # the tokens measured, not --max_new_tokens
-    assert out.count("  teacher " + "|".join(text(ar[0, i:i + 4]) for i in (0, 4, 8))) == 2
-    assert "  student " + "|".join(text(kf[1, i:i + 4]) for i in (0, 4, 8)) in out
+    assert "per slot, 2 x 24 tokens:" in out   # the tokens measured, not --max_new_tokens
+    assert out.count("  teacher " + text(ar[0])) == 2
+    assert not torch.equal(kf[1], windowed[1])   # (so that the two views are told apart)
+    free_view, context_view = out.split("--- sample 2")[1].split("on the teacher's context:")
+    assert "  student " + text(kf[1]) in free_view
+    assert "  student " + text(windowed[1]) in context_view
     slots = lambda name: [float(x) / 100 for x in  # noqa: E731
                           re.findall(r"slot \d +([\d.]+)%", out.split(name)[-1].split("\n")[0])]
     want = window_agreement(student, prompts, ar, noise, 4)
+    free = (ar == kf).float().view(2, 6, 4).mean((0, 1)).tolist()
+    assert want[0] == 1.0 and want != free   # values that a mix-up of the two would change
     assert slots("on the teacher's context  ") == pytest.approx(want, abs=1e-3)
-    free = (ar == kf).float().view(2, 3, 4).mean((0, 1)).tolist()
     assert slots("free-running    ") == pytest.approx(free, abs=1e-3)
     blind = agreement_without_noise(teacher, prompts, ar)
-    assert f"{blind['independent_draw']:.1%}" in out and f"{blind['teacher_mode']:.1%}" in out
+    assert (f"blind to the noise: {blind['independent_draw']:.1%} (an independent draw), "
+            f"{blind['teacher_mode']:.1%} (the teacher's mode)") in out
 
 
 def test_val_prefixes_come_from_the_teachers_data(pair, capsys):
@@ -161,11 +173,11 @@ def test_a_given_teacher_finds_the_student_of_its_preset(tmp_path, monkeypatch):
     """No flag: the newest teacher in out/. --teacher alone: the student is the highest k in
     out/distill_<the teacher's preset>/ (by number: k = 16 after k = 8)."""
     monkeypatch.chdir(tmp_path)
-    for path in ("out/teacher_old/best.pt", "out/teacher_x/best.pt", "out/distill_x/student_k8.pt",
+    for path in ("out/teacher_y/best.pt", "out/teacher_x/best.pt", "out/distill_x/student_k8.pt",
                  "out/distill_x/student_k16.pt", "elsewhere/teacher.pt"):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         open(path, "w").close()
-    os.utime("out/teacher_old/best.pt", (0, 0))   # no flag: the newest teacher
+    os.utime("out/teacher_y/best.pt", (0, 0))   # no flag: the newest, not the last by name
     assert sample.find_checkpoints(None, "out/teacher_x/best.pt", None) == (
         "out/teacher_x/best.pt", "out/distill_x/student_k16.pt")
     assert sample.find_checkpoints(None, None, None) == (
