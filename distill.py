@@ -9,15 +9,15 @@ paper: the paper's progressive self-forcing distillation (argmax readout): stage
 up to --k, each a copy of the last learning its same-noise rollout, block after block on the real
 context followed by its own tokens (stage 1: the teacher's inverse CDF), by cross-entropy.
 --freeze_trunk (the tiny and small presets'; cdf readouts only): every weight the teacher had stays
-frozen and only the noise encoder and the slot MLP learn, so real tokens and slot 1 stay the
-teacher's.
+frozen and only the noise encoder and the slot MLP learn, so the real tokens' states and K/V, and
+token 1's distribution (read from the last real token), stay the teacher's.
 --coupling gumbel (the cdf readouts' default): tokens are drawn from u by the Gumbel-max trick
 instead of the inverse CDF, by the student and by the AR teacher it is compared with: the same
 distributions, and their same-noise samples coincide more often. The argmax readouts learn the map
 from u themselves and need the smooth inverse CDF.
 
     python distill.py --preset tiny      # teacher: out/teacher_<preset>/best.pt
-    torchrun --standalone --nproc_per_node 8 distill.py --preset small
+    torchrun --standalone --nproc_per_node 8 distill.py --preset paper
 """
 import dataclasses
 import time
@@ -53,7 +53,7 @@ class DistillConfig:
     batch_size: int = field(32, "sequences per step, over all processes", at_least=1)
     block_size: int = field(256, "context tokens per sequence (<= the teacher's)", at_least=1)
     anchors: int = field(128, "anchors per sequence, each a window of k noise slots (the cdf "
-                         "readouts: k - 1)", at_least=1)
+                         "readouts: k - 1); at most --block_size (more are capped)", at_least=1)
     lr: float = field(3e-4, "AdamW learning rate, constant after warmup", at_least=0)
     warmup_steps: int = field(50, "linear warmup steps at each stage's start", at_least=0)
     grad_clip: float = field(1.0, "clip the gradient norm to this (0: off)", at_least=0)
@@ -66,7 +66,8 @@ class DistillConfig:
     noise_features: str = field("paper", "the noise encoder's cycles over [0, 1]: paper <= 1, "
                                 "high 1-256", choices=("paper", "high"))
     freeze_trunk: bool = field(False, "train only the noise encoder and the slot MLP (cdf readouts"
-                               "): real tokens, slot 1 and the KV cache stay exactly the teacher's")
+                               "): the real tokens' states and K/V and token 1's distribution "
+                               "stay exactly the teacher's")
     eval_samples: int = field(256, "val prefixes of the same-noise agreement", at_least=1)
     eval_tokens: int = field(48, "tokens it generates per prefix (>= k)", at_least=1)
     prompt_len: int = field(6, "its prefix length (the paper's 6)", at_least=1)
@@ -74,9 +75,11 @@ class DistillConfig:
                                 "every N steps (0: at each stage's start and end)", at_least=0)
     log_interval: int = field(10, "log per-slot loss and accuracy every N steps", at_least=1)
     ckpt_interval: int = field(250, "save a resumable checkpoint every N steps", at_least=1)
-    seed: int = field(1337, "seeds batches, anchors, noise, new weights", at_least=0, below=2 ** 63)
+    seed: int = field(1337, "seeds batches, anchors, noise and the first stage's new weights (the "
+                      "agreement's prefixes and noise are fixed)", at_least=0, below=2 ** 63)
     device: str = field("auto", "cuda, cpu or auto")
-    dtype: str = field("auto", "float32, or bfloat16 autocast for the student (targets: fp32)",
+    dtype: str = field("auto", "float32, or bfloat16 autocast for the student (targets: fp32); "
+                       "auto: bfloat16 on CUDA",
                        choices=("auto", "float32", "bfloat16"))
     compile: bool = field(True, "torch.compile the student and the targets' draw (CUDA only)")
 
@@ -157,8 +160,9 @@ def distill_loss(recipe, kl, model, teacher, prev, x, anchors, u, autocast, draw
         per_slot = kl_per_slot(log_q, log_p)
     else:
         per_slot = (kl_per_slot(log_p, log_q) + kl_per_slot(log_q, log_p)) / 2
-    # summed: on the student's own prefixes the reverse terms add up to the joint's reverse KL (the
-    # chain rule); the forward terms stand in for the joint's forward KL, whose prefixes are p's
+    # summed: on the student's own prefixes the reverse terms add up to the joint's reverse KL in
+    # expectation (the chain rule), though the gradient takes the drawn prefixes as fixed; the
+    # forward terms stand in for the joint's forward KL, whose prefixes are p's
     return per_slot, per_slot.sum(), own, targets
 
 
@@ -226,7 +230,7 @@ def main(argv=None):
     blind = agreement_without_noise(teacher, prompts, bench.ar_tokens)   # noise-blind baselines
 
     gen = torch.Generator().manual_seed(cfg.seed)   # batches, anchors, noise
-    torch.manual_seed(cfg.seed)   # the first stage's new noise encoder
+    torch.manual_seed(cfg.seed)   # the first stage's new weights (noise encoder, slot readout)
     if state:
         gen.set_state(state["rng"])
     log = JsonlLog(f"{cfg.out_dir}/log.jsonl", state["log_rows"] if state else 0, rt.master)
@@ -305,7 +309,9 @@ def main(argv=None):
                     if ema:
                         ema.update(student)
                     step += 1
-                    if step > first_step + 3:   # .tolist() waited for the GPU: the times add up
+                    # not timed: a stage's (or a resume's) first 3 steps, which compile; later
+                    # .tolist() has waited for the GPU, so the times add up
+                    if step > first_step + 3:
                         r["train_s"] += time.perf_counter() - t0
                     r.update(final_loss_per_slot=out[:k], final_acc_per_slot=out[k:2 * k],
                              final_window_acc=out[-1])

@@ -4,7 +4,8 @@ anything model.py does not (tests/test_fast.py checks each piece against model.p
 so a reader can skip this file and still know K-Forcing.
 
 - FlexCache: a KV cache whose passes attend through FlexAttention over the cache blocks written so
-  far, so that a pass's 2k queries read the valid prefix once and cost about what one query does.
+  far, so that a pass's queries (k tokens, up to k slots) read the valid prefix once and cost
+  about what one query does.
 - CUDAGraphStep: a decode pass replayed from a CUDA graph (at small batch a pass is hundreds of tiny
   kernels whose launches cost more than their work), optionally compiled first.
 - compile_per_shape: torch.compile with static shapes, for a decode step, and for distill.py's
@@ -26,7 +27,8 @@ _NO_Q_BLOCKS = {"compute_q_blocks": False} if "compute_q_blocks" in inspect.sign
 
 def compile_per_shape(fn):
     """torch.compile with static shapes, with room for one compiled version per (batch, queries,
-    cache length, model): past dynamo's default limit it would fall back to eager without a word."""
+    cache length, model): past dynamo's default limit it would fall back to eager, with only a
+    logged warning."""
     for name in ("recompile_limit", "cache_size_limit"):   # renamed across torch versions
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
@@ -88,7 +90,8 @@ class CUDAGraphStep:
     """A step_fn for model.generate that replays each decode pass from a CUDA graph. A graph replays
     fixed kernels on fixed memory, so each (model, cache, input shapes) gets its own, captured on
     first use, with static input buffers that each call copies into; pass generate the same cache
-    every call (a new cache would capture new graphs); generate runs the prefill eagerly. The
+    every call (a new cache captures new graphs, and a graph keeps its model and cache alive: it
+    reads their memory); generate runs the prefill eagerly. The
     returned tokens are the graph's static output, overwritten by the next replay. On CPU, or with
     capture=False, the same buffers run eagerly (what the CPU tests check). compile=True runs the
     pass through torch.compile before capture (fused elementwise kernels).
@@ -113,6 +116,7 @@ class CUDAGraphStep:
     def _record(self, model, tokens, pos, noise, cache):
         static = {"tokens": tokens.clone(), "pos": pos.clone(), "noise": noise.clone()}
         fn, args = self.step, (model, static["tokens"], static["pos"], static["noise"], cache)
+        static["args"] = args   # alive while the graph is: it reads their memory (and keys by id)
         if not (self.capture and tokens.is_cuda):
             static["run"] = lambda: fn(*args)
             return static

@@ -12,19 +12,21 @@ The distribution readout (readout="cdf" or "cdf_seq", the latter distill.py's de
 paper's) keeps the inverse CDF: token 1's distribution is read from the last real token's state (the
 teacher's, exactly, at the start), token i+1's from noise slot i's state, and x_i = F^-1(u_i | that
 distribution). A student that learns the teacher's conditionals then samples the teacher exactly,
-and AR is its k = 1 case with no slot at all. "cdf_seq" adds one small MLP, shared by the slots,
-that also reads the token slot i produced (as Hydra's or DeepSeek-V3's multi-token heads do). A
+and AR is its k = 1 case with no slot at all. "cdf_seq" adds a small residual MLP stack, shared by
+the slots, that also reads the token slot i produced (as Hydra's or DeepSeek-V3's multi-token
+heads do). A
 distribution readout may also swap the inverse CDF for another exact map from u to a token
 (coupling="gumbel") under which a student's and its teacher's samples from the same noise coincide
 more often.
 
 Read top to bottom:
   1. the blocks: GPTConfig, rope, attention, MLP, Block
-  2. the student's pieces, NoiseEncoder, staircase_mask and SlotReadout; then GPT: forward (the
-     teacher), forward_staircase, forward_cdf, read_out and student_from (the student),
+  2. the student's pieces, NoiseEncoder, staircase_mask and SlotReadout; then GPT: forward and
+     next_token_logits (the teacher), forward_staircase, forward_cdf, read_out and student_from
+     (the student), forward_window (the teacher after given tokens, on the staircase),
      forward_step (a cached decoding pass)
-  3. sampling as a function of noise: inverse_cdf and gumbel_max (two couplings), KVCache,
-     GPT.forward_step, decode_step, generate (one decode loop; AR is its k = 1 case)
+  3. sampling as a function of noise: inverse_cdf and gumbel_max (two couplings, draw picks one),
+     decode_mask, KVCache, decode_step, generate (one decode loop; AR is its k = 1 case)
   4. measures: same-noise agreement, on the teacher's context, against a student blind to the noise
 fast.py makes decoding fast (FlexAttention, CUDA graphs) without computing anything new.
 """
@@ -50,7 +52,7 @@ class GPTConfig:
     # "high": 1 to 256 cycles, so that nearby u (inverse-CDF buckets are narrow) look different
     noise_features: str = "paper"
     # "argmax": the paper's push-forward readout; "cdf": the distribution readout; "cdf_seq": cdf
-    # with a small MLP (one, shared by the slots) over the token the slot before produced
+    # with a small residual MLP stack (shared by the slots) over the token the slot before produced
     readout: str = "argmax"
     readout_layers: int = 1    # cdf_seq: the residual MLPs of that slot readout
     # how a uniform u becomes a token (model.draw): "inverse_cdf", smooth in u as the argmax readout
@@ -62,13 +64,14 @@ class GPTConfig:
         return (self.vocab_size + 63) // 64 * 64
 
 
-# what GPT.student_from may set; every other field of a student is its teacher's
+# where a student may differ from its teacher (student_from sets max_k and dropout, its choices
+# the rest); every other field of a student is its teacher's
 STUDENT_FIELDS = ("max_k", "dropout", "noise_features", "readout", "readout_layers", "coupling")
 
 
 # ------------------------------------------------------------------------------------------------
 # 1. The blocks: a pre-norm causal Transformer with RoPE. Positions always come as a tensor: noise
-# slot i of a window anchored at t sits at t + i, the position of the token it will produce.
+# slot i of a window anchored at t sits at t + i, the position of the token its noise u_i draws.
 
 def rope(cfg, pos, base=10000.0):
     """cos/sin for positions `pos` ((L,) or (B, L)), in float32 (no table to size or to cast to
@@ -153,7 +156,8 @@ class NoiseEncoder(nn.Module):
         self.mlp = MLP(cfg.n_embd, 4 * cfg.n_embd)
 
     def forward(self, u):
-        i = torch.arange(self.half, dtype=torch.float64, device=u.device)   # float64, never cast
+        # float64 phases, not a buffer: a bf16 model never casts them (only the features, after)
+        i = torch.arange(self.half, dtype=torch.float64, device=u.device)
         if self.kind == "paper":
             freqs = 10000.0 ** (-i / self.half)               # cycles over [0, 1]: at most 1
         else:
@@ -264,7 +268,8 @@ class GPT(nn.Module):
         return self._logits(torch.gather(h, 1, anchors.unsqueeze(-1).expand(-1, -1, h.size(-1))))
 
     # --------------------------------------------------------------------------------------------
-    # The student: k noise slots after the context, read out by argmax, trained on the staircase.
+    # The student: noise slots after the context, trained on the staircase, read out by argmax
+    # (forward_staircase) or as distributions (forward_cdf, read_out; draw is in section 3).
 
     def forward_staircase(self, idx, anchors, noise, window=None):
         """The training layout: one pass over [N context tokens | A windows], the window of anchor t
@@ -331,11 +336,11 @@ class GPT(nn.Module):
 
     @classmethod
     def student_from(cls, teacher, max_k, **choices):
-        """A student initialised from its teacher: every shared tensor copied, only a new noise
-        encoder (first stage) and slot readout from scratch; no dropout, as in the paper's k = 4
-        stage. choices (noise_features, readout, readout_layers, coupling): the first stage's;
-        later stages inherit them."""
-        assert set(choices) <= set(STUDENT_FIELDS), choices   # the rest stays the teacher's
+        """A student initialised from its teacher: every shared tensor copied; from an AR teacher
+        (the first stage) the noise encoder and slot readout are new, later stages copy them too.
+        No dropout, as in the paper's k = 4 stage. choices (noise_features, readout,
+        readout_layers, coupling): the first stage's; later stages inherit them."""
+        assert set(choices) <= set(STUDENT_FIELDS[2:]), choices   # not max_k, dropout: set here
         cfg = GPTConfig(**{**asdict(teacher.config), "max_k": max_k, "dropout": 0.0})
         if teacher.noise_encoder is None:
             cfg = replace(cfg, **{name: v for name, v in choices.items() if v is not None})
@@ -350,8 +355,9 @@ class GPT(nn.Module):
 
     def forward_step(self, tokens, pos, slots, cache):
         """One cached pass: the n tokens to commit (the prompt at prefill), then the noise slots'
-        inputs `slots` (B, s, C) (None for AR), at consecutive positions `pos`. Returns only the
-        states a readout needs: the last real token's and the slots', (B, 1 + s, C)."""
+        inputs `slots` (B, s, C) (None if none: AR, a cdf student at k = 1), at consecutive
+        positions `pos`. Returns only the states a readout needs: the last real token's and the
+        slots', (B, 1 + s, C)."""
         x = self.wte(tokens)
         if slots is not None:
             x = torch.cat([x, slots.to(x.dtype)], dim=1)
@@ -364,8 +370,10 @@ class GPT(nn.Module):
 def inverse_cdf(logits, u):
     """x = F^-1(u | ctx): the smallest id whose cumulative probability (token-id order) exceeds u.
     Float32 logits (targets, quality) are summed in float64, so the same (logits, u) give the same
-    token everywhere; bf16 logits (timed decoding) in float32, as a server samples. u is scaled by
-    the sum's total (which misses 1 by its rounding), so no u can land on an id without mass."""
+    token on any device unless u falls within float64 rounding of a bucket's edge; bf16 logits
+    (timed decoding, the student's own draws under autocast) in float32, as a server samples. u is
+    scaled by the sum's total (which misses 1 by its rounding) and the result clamped to the last
+    id with mass: no u, however close to 1, lands on an id without mass."""
     dtype = torch.float64 if logits.dtype in (torch.float32, torch.float64) else torch.float32
     cdf = torch.cumsum(torch.softmax(logits, dim=-1, dtype=dtype), dim=-1)
     total = cdf[..., -1:].contiguous()
@@ -400,14 +408,16 @@ def draw(logits, u, coupling):
 def decode_mask(qpos, length):
     """Query i of a cached pass, at position qpos[i], sees the cache entries up to its own position:
     (T, length) booleans. For [k committed tokens | k noise slots] that is the staircase's rule, and
-    stale entries (an earlier, longer generation; the last pass's slots) stay hidden, unsliced."""
+    stale entries past a query (an earlier, longer generation) stay hidden, unsliced. The last
+    pass's slots are not masked: this pass's tokens overwrite them first (KVCache)."""
     return torch.arange(length, device=qpos.device)[None, :] <= qpos[:, None]
 
 
 class KVCache:
-    """A static KV cache, one (B, heads, block_size, head dim) tensor per layer, written in place at
-    the positions of each pass's inputs, noise slots included: a slot's row is the position of the
-    token it produces, so the next pass overwrites it with that token before any query reads it.
+    """A static KV cache, a K and a V tensor (B, heads, block_size, head dim) per layer, written in
+    place at the positions of each pass's inputs, noise slots included: a slot's row is the position
+    of the token its noise draws, so the next pass overwrites it with that token before any of its
+    queries reads it.
     So a slot is attended only by the later slots of its own pass (the paper: slots are used in the
     pass and discarded), and shapes never change (compilable, capturable in a CUDA graph)."""
 

@@ -157,10 +157,12 @@ def test_static_step_matches_eager_generate():
     del step   # no reference cycle: the graphs and their memory go with the step object
     assert buffer() is None
     fresh = KVCache(student.config, 3, dev, torch.float32)   # a new step object on a new cache
-    assert torch.equal(
-        generate(student, prompt, noise, 4, step_fn=CUDAGraphStep(capture=dev.type == "cuda"),
-                 cache=fresh),
-        generate(student, prompt, noise, 4))
+    step = CUDAGraphStep(capture=dev.type == "cuda")
+    assert torch.equal(generate(student, prompt, noise, 4, step_fn=step, cache=fresh),
+                       generate(student, prompt, noise, 4))
+    kept = weakref.ref(fresh)
+    del fresh   # a graph reads its cache's memory: the step keeps the cache alive
+    assert kept() is not None
 
 
 needs_compiler = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
