@@ -91,10 +91,10 @@ class CUDAGraphStep:
     fixed kernels on fixed memory, so each (model, cache, input shapes) gets its own, captured on
     first use, with static input buffers that each call copies into; pass generate the same cache
     every call (a new cache captures new graphs, and a graph keeps its model and cache alive: it
-    reads their memory); generate runs the prefill eagerly. The
-    returned tokens are the graph's static output, overwritten by the next replay. On CPU, or with
-    capture=False, the same buffers run eagerly (what the CPU tests check). compile=True runs the
-    pass through torch.compile before capture (fused elementwise kernels).
+    reads their memory); generate runs the prefill eagerly. The returned tokens are the graph's
+    static output, overwritten by the next replay. On CPU, or with capture=False, the same buffers
+    run eagerly (what the CPU tests check). compile=True runs the pass through torch.compile before
+    capture (fused elementwise kernels).
     Why not torch.compile(mode="reduce-overhead")? Inductor skips CUDA graphs for a step that
     writes into an input in place, as every pass writes the KV cache, unless the cache is static."""
 

