@@ -407,16 +407,14 @@ def test_a_run_that_measures_nothing_writes_nothing(pair, tmp_path, monkeypatch,
                                              "bench_trained_quality.json")}
     for name, text in earlier.items():
         (tmp_path / name).write_text(text)
-    timed, points = bench.time_point, []
+    timed, points, oom = bench.time_point, [], stop == "out of memory"
 
     def stopped(*args):
         points.append(args)
-        if stop == "Ctrl-C" and len(points) == 1:
+        if not oom and len(points) == 1:
             return timed(*args)
-        raise torch.OutOfMemoryError("CUDA out of memory") if stop == "out of memory" else \
-            KeyboardInterrupt()
+        raise torch.OutOfMemoryError("CUDA out of memory") if oom else KeyboardInterrupt
     monkeypatch.setattr(bench, "time_point", stopped)
-    oom = stop == "out of memory"
     with pytest.raises(UserError if oom else KeyboardInterrupt, match="measured nothing" if oom
                        else None):
         run(pair, tmp_path, *FAST, "--batch_sizes", "1,2", *(["--no-quality"] if oom else []))
