@@ -92,7 +92,7 @@ def parse_config(cls, presets, description, argv=None):
 # ------------------------------------------------------------------------------------------------
 # Devices and DDP. Every rank draws the same global batch from the same seeded generator and keeps
 # its share, so the batches do not depend on how many processes ran (nor, without dropout, the
-# numbers: with it, each rank masks its rows as rank 0 masks its own).
+# numbers: with it, each rank draws masks of its own, teacher.py).
 
 def resolve_device(name):
     name = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name

@@ -159,6 +159,10 @@ def main(argv=None):
                 group["lr"] = lr
             x, y = sample_windows(train, cfg.batch_size * cfg.grad_accum, cfg.block_size, gen)
             x, y = shard(x, rt).to(rt.device), shard(y, rt).to(rt.device)
+            # under DDP each rank draws dropout masks of its own (one seed would repeat rank 0's on
+            # every rank), seeded by (seed, step, rank) so that a resume draws them again
+            if rt.ddp:
+                torch.manual_seed((cfg.seed * 1_000_003 + step * rt.world + rt.rank) % 2 ** 63)
             # forward backward, with gradient accumulation (DDP syncs on the last micro-batch only)
             loss_sum = torch.zeros((), device=rt.device)
             for i in range(cfg.grad_accum):

@@ -537,6 +537,36 @@ def test_ddp_two_processes_match_one(tmp_path, data_dir, teacher_ref):
     assert json.load(open(tmp_path / "d2" / "distill_tiny.json"))["world_size"] == 2
 
 
+MASK_PROBE = """
+import json, os, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+import common, teacher
+masks, dropout = [], torch.nn.functional.dropout
+
+def spy(x, p=0.5, training=True, inplace=False):   # what nn.Dropout calls
+    y = dropout(x, p, training, inplace)
+    if training and p > 0:
+        masks.append((y == 0).flatten()[:256].tolist())
+    return y
+torch.nn.functional.dropout = spy
+common.run_cli(lambda: teacher.main(sys.argv[3:]))
+json.dump(masks, open(os.path.join(sys.argv[2], "masks%s.json" % os.environ["RANK"]), "w"))
+"""
+
+
+def test_ddp_ranks_draw_their_own_dropout_masks(tmp_path, data_dir):
+    """With dropout, rank 1 masks its rows with masks of its own: one seeded stream on every rank
+    would give it rank 0's."""
+    (tmp_path / "probe.py").write_text(MASK_PROBE)
+    r = torchrun(str(tmp_path / "probe.py"), [REPO, str(tmp_path)] + T(
+        data_dir, tmp_path / "out", "--max_steps", "2", "--dropout", "0.1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    masks = [json.load(open(tmp_path / f"masks{rank}.json")) for rank in (0, 1)]
+    assert len(masks[0]) == len(masks[1]) > 0 and masks[0] != masks[1]
+    assert all(m0 != m1 for m0, m1 in zip(*masks))   # every dropout call of every step
+
+
 def test_a_stray_rank_variable_is_not_a_multi_process_run(tmp_path, data_dir):
     r = run("teacher.py", T(data_dir, tmp_path / "out", "--max_steps", "2"),
             env={**ENV, "RANK": "1"})
