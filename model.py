@@ -214,7 +214,8 @@ class GPT(nn.Module):
         self.noise_encoder = NoiseEncoder(cfg) if cfg.max_k > 0 else None
         if cfg.readout not in ("argmax", "cdf", "cdf_seq"):
             raise ValueError(f"readout must be argmax, cdf or cdf_seq, not {cfg.readout!r}")
-        self.slot_readout = SlotReadout(cfg) if cfg.readout == "cdf_seq" else None
+        # (at k = 1 no token comes from a slot: no slot MLP, which DDP would find without a grad)
+        self.slot_readout = SlotReadout(cfg) if cfg.readout == "cdf_seq" and cfg.max_k > 1 else None
         if cfg.coupling not in ("inverse_cdf", "gumbel"):
             raise ValueError(f"coupling must be inverse_cdf or gumbel, not {cfg.coupling!r}")
         for m in self.modules():   # GPT-2's init, with residual projections scaled by depth

@@ -490,6 +490,13 @@ def test_bad_input_is_one_line(pair, tmp_path, args, message):
     assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
+def test_quality_samples_hold_a_pass_of_every_k(tmp_path):
+    """A k = 8 student scored on 5 tokens would have no window at k = 6..8 (NaN agreements)."""
+    pair = write_pair(tmp_path, k=8)
+    with pytest.raises(UserError, match="--quality_tokens 5: 8 "):
+        run(pair, tmp_path, "--device", "cpu", "--no-speed", "--quality_tokens", "5")
+
+
 @torch.no_grad()
 def test_distribution_per_slot_tells_a_sampler_from_a_collapsed_student():
     """A cdf student fresh from its teacher, which samples the teacher exactly at slot 1

@@ -397,6 +397,22 @@ def test_onpolicy_targets_are_the_teachers_chain_after_the_students_own_tokens()
     assert torch.equal(inverse_cdf(distill.teacher_after(ar, x, anchors, other), u), got)
 
 
+@pytest.mark.parametrize("recipe,k", [("cdf_seq", 1), ("cdf_seq", 3), ("cdf", 1), ("onpolicy", 2),
+                                      ("paper", 1)])
+def test_the_loss_reaches_every_weight_the_student_trains(recipe, k):
+    """distill.py builds DDP without find_unused_parameters, which stops at a trained weight that
+    the loss never reaches: each recipe's loss reaches every weight of a fresh student, at any k
+    (a cdf_seq student at k = 1 has no slot MLP, which it could not use)."""
+    torch.manual_seed(0)
+    ar = GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=16, vocab_size=40)).eval()
+    student = GPT.student_from(ar, k, readout=recipe if "cdf" in recipe else "argmax")
+    x, anchors = torch.randint(40, (2, 12)), torch.tensor([[2, 7], [0, 11]])
+    u = torch.rand(2, 2, k, dtype=torch.float64)
+    distill.distill_loss(recipe, "both", student, ar, ar, x, anchors, u,
+                         torch.autocast("cpu", enabled=False))[1].backward()
+    assert [name for name, p in student.named_parameters() if p.grad is None] == []
+
+
 def test_the_kl_choices_are_the_divergences_between_teacher_and_student_per_slot():
     """--kl: per slot, a mean over windows of KL(p || q) (forward), KL(q || p) (reverse) or their
     mean (both), p the teacher's distribution after the student's own tokens, q the student's; a
