@@ -257,13 +257,15 @@ def model_from_checkpoint(ckpt, device):
     return model.to(device)
 
 
-RUN_FILES = ("last.pt", "log.jsonl", "best.pt", "teacher_*.json", "student_k*.pt", "distill_*")
+RUN_FILES = {"teacher": ("last.pt", "log.jsonl", "best.pt", "teacher_*.json"),
+             "student": ("last.pt", "log.jsonl", "student_k*.pt", "distill_*")}
 RUN_FLAGS = ("out_dir", "device", "compile", "log_interval", "ckpt_interval", "curve_interval")
 
 
 def start_run(out_dir, kind, args, cfg, rt):
     """The checkpoint a run continues from (--resume), else None. A directory holding a run needs
-    --resume or --overwrite (which deletes its files); a resume may change only RUN_FLAGS."""
+    --resume or --overwrite (which deletes that run's RUN_FILES, nothing else); a resume may change
+    only RUN_FLAGS."""
     last = os.path.join(out_dir, "last.pt")
     try:   # every run with a checkpoint has a last.pt, and it says whose run it is
         found = torch.load(last, mmap=True, weights_only=False)["kind"]
@@ -276,8 +278,9 @@ def start_run(out_dir, kind, args, cfg, rt):
                         "--overwrite to replace it")
     if args.resume and not os.path.isfile(last):
         raise UserError(f"--resume: no checkpoint at {last}; run without --resume to start")
-    if args.overwrite and rt.master:
-        for path in (p for pattern in RUN_FILES for p in glob.glob(f"{out_dir}/{pattern}")):
+    if args.overwrite and rt.master and os.path.isfile(last):   # (escaped: out_dir is no pattern)
+        for path in (p for pattern in RUN_FILES[kind]
+                     for p in glob.glob(os.path.join(glob.escape(out_dir), pattern))):
             os.remove(path)
     if not args.resume:
         return None

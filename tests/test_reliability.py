@@ -667,6 +667,25 @@ def test_overwrite_replaces_the_old_run(tmp_path, data_dir, teacher_ref, distill
     assert at_start == [[]]   # every file of the old run gone before the new run writes one
 
 
+def test_overwrite_deletes_only_the_old_runs_files(tmp_path, data_dir, teacher_ref):
+    """Only a run's own files go: not another kind's, not a folder's results without a run in it,
+    not a folder whose name a glob pattern would match (r1 for r[1])."""
+    results, r1, rr = tmp_path / "results", tmp_path / "r1", tmp_path / "r[1]"
+    results.mkdir()
+    for name in ("distill_tiny.json", "teacher_small.json", "notes.txt"):
+        (results / name).write_text("kept")
+    shutil.copytree(teacher_ref["out"], r1)
+    shutil.copytree(teacher_ref["out"], rr)
+    (rr / "distill_tiny.json").write_text("kept")
+    before = {name: (r1 / name).read_bytes() for name in os.listdir(r1)}
+    for out in (results, rr):
+        teacher.main(T(data_dir, out, "--overwrite", "--max_steps", "4"))
+    assert all((results / name).read_text() == "kept"
+               for name in ("distill_tiny.json", "teacher_small.json", "notes.txt"))
+    assert (rr / "distill_tiny.json").read_text() == "kept"
+    assert {name: (r1 / name).read_bytes() for name in os.listdir(r1)} == before
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad input: one line saying what is wrong and what to do, exit code 2, no traceback.
 
