@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (ArgumentParser, UserError, device_name, git_commit, load_split, pyplot,
-                    resolve_device, run_cli, sample_windows, save_figure, write_json)
+from common import (ArgumentParser, UserError, device_name, git_commit, load_split,
+                    out_of_memory, pyplot, resolve_device, run_cli, sample_windows, save_figure,
+                    write_json)
 from fast import PEAK_BANDWIDTH, PEAK_FLOPS, CUDAGraphStep, device_peak, make_cache
 from model import (GPT, GPTConfig, agreement_without_noise, continuation_logits,
                    generate, same_noise_agreement, window_agreement)
@@ -279,7 +280,7 @@ def run_grid(points, point, path, resume, seed, made_by):
                 row["rows"] = point(label, teacher, student, seq_len, B,
                                     torch.Generator().manual_seed(seed * len(points) + i))
             except Exception as e:
-                if not (isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()):
+                if not out_of_memory(e):
                     raise
                 row["skipped"] = "out of memory"
             torch.cuda.empty_cache()   # the point's cache and graphs go before the next

@@ -130,12 +130,17 @@ def shard(t, rt):   # this rank's rows of a global batch
     return t[rt.rank::rt.world]
 
 
+def out_of_memory(e):   # CUDA's error, or on CPU a MemoryError or a RuntimeError saying so
+    return (isinstance(e, (torch.OutOfMemoryError, MemoryError))
+            or any(s in str(e) for s in ("out of memory", "can't allocate memory")))
+
+
 @contextmanager
 def fits_in_memory(hint):   # running out of memory inside the block is one line: the hint
     try:
         yield
-    except (RuntimeError, MemoryError) as e:   # on CPU a RuntimeError "can't allocate memory"
-        if isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate" in str(e):
+    except (RuntimeError, MemoryError) as e:
+        if out_of_memory(e):
             raise UserError(hint) from None
         raise
 

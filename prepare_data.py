@@ -301,8 +301,6 @@ def write_bins(out, docs):
     """Append each (split, ids) to <out>/<split>.bin; returns the documents and tokens per split."""
     n_docs, n_tokens = {"train": 0, "val": 0}, {"train": 0, "val": 0}
     os.makedirs(out, exist_ok=True)
-    if os.path.exists(os.path.join(out, "meta.json")):   # the bins change: unfinished from here
-        os.remove(os.path.join(out, "meta.json"))
     with atomic_file(os.path.join(out, "train.bin")) as train, \
             atomic_file(os.path.join(out, "val.bin")) as val:
         for split, ids in docs:
@@ -311,6 +309,8 @@ def write_bins(out, docs):
         if not n_docs["train"] or not n_docs["val"]:   # raised here, the bins are not kept
             die(f"got {n_docs['train']} train and {n_docs['val']} val documents; need one of "
                 "each (more documents, a larger --max_docs or --val_fraction)")
+        if os.path.exists(os.path.join(out, "meta.json")):   # the bins change now: unfinished
+            os.remove(os.path.join(out, "meta.json"))   # until the new meta.json
     return n_docs, n_tokens
 
 
@@ -345,8 +345,15 @@ def main(argv=None):
         die(f"--source_dir {args.source_dir!r} is not a folder")
     name = "custom" if args.source_dir is not None else args.dataset
     out = os.path.join(args.out_dir, name)
-    try:   # a finished dataset is kept, whatever flags built it; an unfinished one is rebuilt
+    config = dict(val_fraction=args.val_fraction, seed=args.seed, max_docs=args.max_docs,
+                  source_dir=args.source_dir and os.path.abspath(args.source_dir))
+    try:   # a finished dataset is kept if these flags built it; an unfinished one is rebuilt
         if not args.force and all(len(load_tokens(out, split)) for split in ("train", "val")):
+            built = load_meta(out)["config"]
+            if built != config:
+                die(f"{out} was built with " + ", ".join(
+                    f"--{k} {v}" for k, v in built.items() if config[k] != v)
+                    + "; pass those, or --force to rebuild it with these flags")
             return print(f"{out} is already prepared; pass --force to rebuild it")
     except DataError:
         pass
@@ -359,8 +366,6 @@ def main(argv=None):
         sources = [dict(name=name, package=f"Hugging Face dataset {HF_IDS[name]}",
                         licence="see the dataset card", documents=sum(n_docs.values()),
                         tokens=sum(n_tokens.values()))]
-    config = dict(val_fraction=args.val_fraction, seed=args.seed, max_docs=args.max_docs,
-                  source_dir=args.source_dir and os.path.abspath(args.source_dir))
     meta = dict(dataset=name, dtype="uint16", **meta, train_tokens=n_tokens["train"],
                 val_tokens=n_tokens["val"], num_docs=n_docs, sources=sources, config=config)
     with atomic_file(os.path.join(out, "meta.json")) as f:   # last: it marks the dataset finished

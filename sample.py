@@ -33,11 +33,12 @@ def find_checkpoints(preset, teacher, student):
                 raise UserError(f"{teacher} is not in an out/teacher_<preset>/ folder: pass "
                                 "--student")
             preset = folder[len("teacher_"):]
-        found = glob.glob(f"out/distill_{preset}/student_k*.pt")
+        found = {int(m[1]): p for p in glob.glob(f"out/distill_{preset}/student_k*.pt")
+                 if (m := re.search(r"student_k(\d+)\.pt$", p))}   # not a student_k4_old.pt
         if not found:
             raise UserError(f"no student in out/distill_{preset}/; run distill.py or pass "
                             "--student")
-        student = max(found, key=lambda p: int(re.findall(r"(\d+)\.pt$", p)[0]))
+        student = found[max(found)]
     return teacher, student
 
 

@@ -366,11 +366,14 @@ def test_a_point_out_of_memory_is_skipped_and_the_grid_goes_on(tmp_path):
     def point(label, teacher, student, seq_len, B, gen):
         if B == 2:
             raise torch.OutOfMemoryError("CUDA out of memory")
+        if B == 3:   # what the CPU allocator raises
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate")
         return [{"batch_size": B}]
-    rows, skipped = bench.run_grid([("m", None, None, 12, B) for B in (1, 2, 3)], point,
+    rows, skipped = bench.run_grid([("m", None, None, 12, B) for B in (1, 2, 3, 4)], point,
                                    str(tmp_path / "p.partial.jsonl"), False, 0, {})
-    assert [r["batch_size"] for r in rows] == [1, 3]
-    assert skipped == [{"model": "m", "seq_len": 12, "batch_size": 2, "reason": "out of memory"}]
+    assert [r["batch_size"] for r in rows] == [1, 4]
+    assert skipped == [{"model": "m", "seq_len": 12, "batch_size": B, "reason": "out of memory"}
+                       for B in (2, 3)]
 
     def bug(*a):   # any other error is no reason to skip a point: it stops the grid
         raise RuntimeError("a bug, not memory")

@@ -172,10 +172,12 @@ def test_bad_input_is_one_line(pair, args, message):
 
 def test_a_given_teacher_finds_the_student_of_its_preset(tmp_path, monkeypatch):
     """No flag: the newest teacher in out/. --teacher alone: the student is the highest k in
-    out/distill_<the teacher's preset>/ (by number: k = 16 after k = 8)."""
+    out/distill_<the teacher's preset>/ (by number: k = 16 after k = 8; a copy named otherwise is
+    no student)."""
     monkeypatch.chdir(tmp_path)
     for path in ("out/teacher_y/best.pt", "out/teacher_x/best.pt", "out/distill_x/student_k8.pt",
-                 "out/distill_x/student_k16.pt", "elsewhere/teacher.pt"):
+                 "out/distill_x/student_k16.pt", "out/distill_x/student_k32_old.pt",
+                 "elsewhere/teacher.pt"):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         open(path, "w").close()
     os.utime("out/teacher_y/best.pt", (0, 0))   # no flag: the newest, not the last by name
