@@ -352,7 +352,8 @@ def main(argv=None):
             built = load_meta(out)["config"]
             if built != config:
                 die(f"{out} was built with " + ", ".join(
-                    f"--{k} {v}" for k, v in built.items() if config[k] != v)
+                    f"--{k} {v}" if v is not None else f"no --{k}"
+                    for k, v in built.items() if config[k] != v)
                     + "; pass those, or --force to rebuild it with these flags")
             return print(f"{out} is already prepared; pass --force to rebuild it")
     except DataError:

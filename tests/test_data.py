@@ -127,13 +127,13 @@ def test_a_dataset_built_with_other_flags_is_not_taken_for_this_one(built, tmp_p
     d, src = built
     shutil.copytree(d.parent, tmp_path / "out")
     out, files = tmp_path / "out" / "custom", sorted(os.listdir(d))
-    for flags in (["--val_fraction", "0.5"], ["--force", "--max_docs", "1"]):
+    for flags in (["--val_fraction", "0.5", "--max_docs", "9"], ["--force", "--max_docs", "1"]):
         with pytest.raises(SystemExit):
             prepare_data.main(["--source_dir", src, "--out_dir", str(tmp_path / "out"), *flags])
         assert sorted(os.listdir(out)) == files
         assert all(np.array_equal(load_tokens(out, s), load_tokens(d, s)) for s in ("train", "val"))
     err = capsys.readouterr().err
-    assert "was built with --val_fraction 0.01; pass those, or --force" in err
+    assert "was built with --val_fraction 0.01, no --max_docs; pass those, or --force" in err
     assert "got 1 train and 0 val documents" in err
 
 
