@@ -528,9 +528,10 @@ def main(argv=None):
     if quality:   # checked now, not after the speed grid
         room = teacher.config.block_size - PROMPT_LEN - max_k + 1   # whole passes of every k
         T = default(args.quality_tokens, min(96, room))
-        if not max(4, max_k) <= T <= room:   # 4-grams, and a whole pass at every k
-            raise UserError(f"--quality_tokens {T}: {max(4, max_k)} (4-grams, a pass of every k) "
-                            f"to {room} (the block size allows)")
+        least = max(4, max_k)   # 4-grams, and a whole pass at every k
+        if not least <= T <= room:
+            raise UserError(f"--quality_tokens {T}: {least} (4-grams, a pass of every k) to {room} "
+                            "(the block size allows)")
         val = load_split(default(args.data_dir, ckpt["train_config"]["data_dir"]), "val")
     try:   # now, not after the speed grid
         os.makedirs(args.out_dir, exist_ok=True)

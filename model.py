@@ -63,9 +63,10 @@ class GPTConfig:
         return (self.vocab_size + 63) // 64 * 64
 
 
-# where a student may differ from its teacher (student_from sets max_k and dropout, its choices
-# the rest); every other field of a student is its teacher's
-STUDENT_FIELDS = ("max_k", "dropout", "noise_features", "readout", "readout_layers", "coupling")
+# where a student may differ from its teacher: student_from sets max_k and dropout, and takes the
+# choices of its first stage; every other field of a student is its teacher's
+STUDENT_CHOICES = ("noise_features", "readout", "readout_layers", "coupling")
+STUDENT_FIELDS = ("max_k", "dropout") + STUDENT_CHOICES
 
 
 # ------------------------------------------------------------------------------------------------
@@ -340,7 +341,7 @@ class GPT(nn.Module):
         (the first stage) the noise encoder and slot readout are new, later stages copy them too.
         No dropout, as in the paper's k = 4 stage. choices (noise_features, readout,
         readout_layers, coupling): the first stage's; later stages inherit them."""
-        assert set(choices) <= set(STUDENT_FIELDS[2:]), choices   # not max_k, dropout: set here
+        assert set(choices) <= set(STUDENT_CHOICES), choices
         cfg = GPTConfig(**{**asdict(teacher.config), "max_k": max_k, "dropout": 0.0})
         if teacher.noise_encoder is None:
             cfg = replace(cfg, **{name: v for name, v in choices.items() if v is not None})
