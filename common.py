@@ -304,7 +304,7 @@ class JsonlLog:
     def __init__(self, path, rows, master):   # rows: the resumed checkpoint's log_rows, else 0
         self.path, self.rows, self.master = path, rows, master
         if master:
-            kept = open(path).readlines()[:rows] if rows else []
+            kept = open(path).readlines()[:rows] if rows and os.path.isfile(path) else []
             atomic_write(path, lambda f: f.writelines(kept), "w")
 
     def write(self, **row):

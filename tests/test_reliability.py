@@ -201,18 +201,24 @@ def test_distill_sigkill_mid_stage_resume_matches_uninterrupted(tmp_path, data_d
     assert stages(out) == stages(distill_ref["out"])   # learning curves included
 
 
-def test_distill_resume_between_stages(tmp_path, data_dir, teacher_ref, distill_ref, capsys):
+@pytest.mark.parametrize("log_deleted", [False, True])
+def test_distill_resume_between_stages(tmp_path, data_dir, teacher_ref, distill_ref, capsys,
+                                       log_deleted):
     """A kill right after stage 1's final checkpoint (last.pt = student_k1.pt): the resume starts
-    stage 2 afresh and ends as the uninterrupted run."""
+    stage 2 afresh and ends as the uninterrupted run; a deleted log.jsonl only loses its rows."""
     out = tmp_path / "out"
     shutil.copytree(distill_ref["out"], out)
     shutil.copy(out / "student_k1.pt", out / "last.pt")
     os.remove(out / "student_k2.pt")
+    if log_deleted:
+        os.remove(out / "log.jsonl")
     capsys.readouterr()
     distill.main(D(data_dir, teacher_ref["best"], out, "--resume"))
     stdout = capsys.readouterr().out
     assert "stage 2/2" in stdout and "stage 1/2" not in stdout
-    assert_same_log(read_log(out / "log.jsonl"), distill_ref["log"], EXACT)
+    kept = load_checkpoint(str(out / "student_k1.pt"))["log_rows"] if log_deleted else 0
+    assert 0 < kept < len(distill_ref["log"]) or not log_deleted
+    assert_same_log(read_log(out / "log.jsonl"), distill_ref["log"][kept:], EXACT)
     assert_same_weights(out / "student_k2.pt", distill_ref["student"])
 
 
