@@ -1,5 +1,5 @@
 # make demo: install, then the whole pipeline with the preset sized to the machine: tiny on a CPU
-#            (character-level Shakespeare, about 9 minutes on 2 idle cores), small on a GPU
+#            (character-level Shakespeare, about 10 minutes on 2 idle cores), small on a GPU
 #            (GPT-2 tokens of the offline corpus); PRESET=tiny make demo picks one. The demo's
 #            summaries, samples, plots and data meta.json are copied into results/.
 # make test: the test suite (CPU, a few minutes)
