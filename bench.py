@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (ArgumentParser, UserError, device_name, git_commit, load_split,
-                    out_of_memory, pyplot, resolve_device, run_cli, sample_windows, save_figure,
+                    out_of_memory, pyplot, resolve_device, run_cli, sample_sequences, save_figure,
                     write_json)
 from fast import PEAK_BANDWIDTH, PEAK_FLOPS, CUDAGraphStep, device_peak, make_cache
 from model import (GPT, GPTConfig, agreement_without_noise, continuation_logits,
@@ -368,7 +368,7 @@ def distribution_per_slot(teacher, student, k, prompts, gen, draws=128, batch=4)
 def run_quality(teacher, student, tok, T, val, n_samples, seed, device):
     """The quality rows (AR, then the student at every k) and the noise-blind baselines."""
     gen = torch.Generator().manual_seed(seed)
-    prompts = sample_windows(val, n_samples, PROMPT_LEN, gen)[0].to(device)
+    prompts = sample_sequences(val, n_samples, PROMPT_LEN, gen)[0].to(device)
     max_k = student.config.max_k   # ONE noise tensor: sample j of every model and k decodes it
     noise = torch.rand(n_samples, T + max_k - 1, generator=gen, dtype=torch.float64).to(device)
     ar = generate(teacher, prompts, noise[:, :T], 1)

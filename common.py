@@ -155,10 +155,10 @@ def load_split(data_dir, split):
         raise UserError(str(e)) from None
 
 
-def sample_windows(data, n, T, gen):
-    """n random windows of T + 1 tokens: (inputs, next-token targets), both (n, T) int64."""
+def sample_sequences(data, n, T, gen):
+    """n random sequences of T + 1 tokens: (inputs, next-token targets), both (n, T) int64."""
     if len(data) < T + 1:
-        raise UserError(f"the {len(data)}-token split is shorter than one window of {T + 1} "
+        raise UserError(f"the {len(data)}-token split is shorter than one sequence of {T + 1} "
                         "tokens; lower --block_size")
     ix = torch.randint(len(data) - T, (n,), generator=gen).numpy()   # every start 0 .. len - T - 1
     w = torch.from_numpy(data[ix[:, None] + np.arange(T + 1)].astype(np.int64))

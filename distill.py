@@ -1,8 +1,8 @@
 """
 Distillation: turn the AR teacher into a push-forward student that maps k uniform noises to k
 tokens in one pass. --recipe cdf_seq (the default) and cdf (without the slot MLP): the
-distribution readout, one stage at --k; slot i's distribution learns the AR teacher's after the
-context and the student's own tokens of slots < i (--kl: the mean of the forward and reverse KL;
+distribution readout, one stage at --k; token i's distribution learns the AR teacher's after the
+context and the student's own tokens 1..i-1 (--kl: the mean of the forward and reverse KL;
 forward alone spreads mass the teacher does not have): at its fixed point the student samples the
 teacher. onpolicy: the argmax readout, by cross-entropy to those targets' inverse CDF.
 paper: the paper's progressive self-forcing distillation (argmax readout): stages k = 1, 2, 4, ..
@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from common import (EMA, JsonlLog, StopFlag, UserError, all_mean, device_name, field,
                     fits_in_memory, git_commit, load_checkpoint, load_split, lr_at,
-                    model_from_checkpoint, parse_config, pyplot, run_cli, sample_windows,
+                    model_from_checkpoint, parse_config, pyplot, run_cli, sample_sequences,
                     save_checkpoint, save_figure, setup_runtime, shard, start_run,
                     stop_if_not_finite, teacher_id, write_json)
 from fast import compile_per_shape
@@ -125,8 +125,8 @@ def rollout_targets(prev, x, anchors, u):
 
 @torch.no_grad()
 def teacher_after(teacher, x, anchors, own):
-    """Slot i's target distribution: the AR teacher's after the context and the student's OWN
-    tokens of slots < i (own: (B, A, k)), in one teacher pass, float32 (B, A, k, vocab). At a fixed
+    """Token i's target distribution: the AR teacher's after the context and the student's OWN
+    tokens 1..i-1 (own: (B, A, k)), in one teacher pass, float32 (B, A, k, vocab). At a fixed
     point the student's k tokens are the teacher's chain after its own tokens: a teacher sample."""
     return teacher.forward_window(x, anchors, own[:, :, :-1]).float()
 
@@ -222,7 +222,7 @@ def main(argv=None):
 
     # the agreement's benchmark: fixed val prefixes and noise, the AR teacher's samples on them
     g = torch.Generator().manual_seed(0)
-    prompts = sample_windows(val, cfg.eval_samples, cfg.prompt_len, g)[0].to(rt.device)
+    prompts = sample_sequences(val, cfg.eval_samples, cfg.prompt_len, g)[0].to(rt.device)
     noise = torch.rand(cfg.eval_samples, cfg.eval_tokens, generator=g, dtype=torch.float64)
     bench = SimpleNamespace(prompts=prompts, noise=noise.to(rt.device))
     teacher.config.coupling = cfg.coupling   # the AR reference draws as the student will
@@ -289,7 +289,7 @@ def main(argv=None):
                     lr = lr_at(step, cfg.lr, cfg.lr, cfg.warmup_steps, cfg.steps_per_stage)
                     optimizer.param_groups[0]["lr"] = lr   # one group
                     # a batch: real context, random anchors, k uniforms per anchor (the noise slots)
-                    x, _ = sample_windows(train, cfg.batch_size, cfg.block_size, gen)
+                    x, _ = sample_sequences(train, cfg.batch_size, cfg.block_size, gen)
                     anchors = torch.rand(cfg.batch_size, cfg.block_size,
                                          generator=gen).argsort(-1)[:, :cfg.anchors]
                     u = torch.rand(*anchors.shape, k, generator=gen, dtype=torch.float64)

@@ -9,21 +9,21 @@ the context, and the argmax at slot i is token i. The student is the teacher's n
 noise encoder (max_k > 0); a teacher is the same class with max_k = 0.
 
 The distribution readout (readout="cdf" or "cdf_seq", the latter distill.py's default; not the
-paper's) keeps the inverse CDF: token 1's distribution is read from the last real token's state (the
-teacher's, exactly, at the start), token i+1's from noise slot i's state, and x_i = F^-1(u_i | that
-distribution). A student that learns the teacher's conditionals then samples the teacher exactly,
-and AR is its k = 1 case with no slot at all. "cdf_seq" adds a small residual MLP stack, shared by
-the slots, that also reads the token slot i produced (as Hydra's or DeepSeek-V3's multi-token heads
-do). A distribution readout may also swap the inverse CDF for another exact map from u to a token
-(coupling="gumbel") under which a student's and its teacher's samples from the same noise coincide
-more often.
+paper's) keeps the sampling outside the network: token 1's distribution is read from the last real
+token's state (the teacher's, exactly, at the start), token i+1's from noise slot i's state, and
+x_i = draw(that distribution, u_i) by a fixed, exact map from u to a token, the coupling: the
+inverse CDF, or the Gumbel-max trick (coupling="gumbel", distill.py's default for these readouts),
+under which a student's and its teacher's samples from the same noise coincide more often. A
+student that learns the teacher's conditionals then samples the teacher exactly, and AR is its
+k = 1 case with no slot at all. "cdf_seq" adds a small residual MLP stack, shared by the slots,
+that also reads token i (as Hydra's or DeepSeek-V3's multi-token heads do).
 
 Read top to bottom:
   1. the blocks: GPTConfig, rope, attention, MLP, Block
   2. the student's pieces, NoiseEncoder, staircase_mask and SlotReadout; then GPT: forward and
-     next_token_logits (the teacher), forward_staircase, forward_cdf, read_out and student_from
-     (the student), forward_window (the teacher after given tokens, on the staircase),
-     forward_step (a cached decoding pass)
+     next_token_logits (the teacher), forward_staircase, forward_cdf and read_out (the student's
+     training passes), forward_window (the teacher after given tokens, on the staircase),
+     student_from, forward_step (a cached decoding pass)
   3. sampling as a function of noise: inverse_cdf and gumbel_max (two couplings, draw picks one),
      decode_mask, KVCache, decode_step, generate (one decode loop; AR is its k = 1 case)
   4. measures: same-noise agreement, on the teacher's context, against a student blind to the noise
@@ -140,6 +140,8 @@ class Block(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # 2. The student's pieces: the noise encoder (u -> a noise slot's input), the staircase mask (every
 # anchor's window of k slots trained in one pass) and cdf_seq's slot readout. GPT below uses them.
+# An anchor is a context position t; its window, the noise slots at t+1..t+k that decode the tokens
+# after t, as a decoding pass would after a prefix ending at t.
 
 class NoiseEncoder(nn.Module):
     """u in [0, 1) -> a noise slot's input: float64 sinusoidal features -> Linear -> residual MLP.
@@ -499,7 +501,8 @@ def generate(model, prompt, noise, k=1, cache=None, step_fn=decode_step):
 # with the same u. Read it against what a student blind to the noise would reach.
 
 def same_noise_agreement(a, b, k):
-    """Fraction of positions where two same-noise samples agree, per slot (position j: slot j%k)."""
+    """Fraction of positions where two same-noise samples agree, per slot: slot i is the i-th token
+    of a pass (position j, from 0, is slot j % k + 1)."""
     eq = (a == b).float()
     return [eq[:, i::k].mean().item() for i in range(k)]
 

@@ -11,7 +11,7 @@ import sys
 import torch
 
 from common import (ArgumentParser, UserError, load_checkpoint, load_split, model_from_checkpoint,
-                    resolve_device, run_cli, sample_windows, teacher_id)
+                    resolve_device, run_cli, sample_sequences, teacher_id)
 from model import (STUDENT_FIELDS, agreement_without_noise, generate, same_noise_agreement,
                    teacher_context_windows)
 from prepare_data import get_tokenizer
@@ -95,7 +95,7 @@ def main(argv=None):
     tok, gen = get_tokenizer(ckpt["tokenizer"]), torch.Generator().manual_seed(args.seed)
     if args.prompt is None:
         val = load_split(ckpt["train_config"]["data_dir"], "val")   # the teacher's data
-        prompts = sample_windows(val, args.num_samples, 6, gen)[0].to(device)
+        prompts = sample_sequences(val, args.num_samples, 6, gen)[0].to(device)
     else:
         try:
             prompts = torch.tensor([tok.encode(args.prompt)] * args.num_samples, device=device)

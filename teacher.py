@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from common import (EMA, JsonlLog, StopFlag, UserError, all_mean, device_name, field,
                     fits_in_memory, git_commit, load_split, lr_at, parse_config, run_cli,
-                    sample_windows, save_checkpoint, setup_runtime, shard, start_run,
+                    sample_sequences, save_checkpoint, setup_runtime, shard, start_run,
                     stop_if_not_finite, write_json)
 from fast import flops_per_token, peak_flops
 from model import GPT, GPTConfig
@@ -79,7 +79,7 @@ def unigram_loss(train, val, vocab_size):
 def evaluate(model, val, cfg, rt):   # model: the average, always in eval mode
     gen, losses = torch.Generator().manual_seed(0), []
     for _ in range(cfg.eval_iters):
-        x, y = sample_windows(val, cfg.batch_size, cfg.block_size, gen)
+        x, y = sample_sequences(val, cfg.batch_size, cfg.block_size, gen)
         with rt.autocast:
             loss = model(shard(x, rt).to(rt.device), shard(y, rt).to(rt.device))[1]
         losses.append(all_mean(loss, rt).item())
@@ -157,7 +157,7 @@ def main(argv=None):
             lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x, y = sample_windows(train, cfg.batch_size * cfg.grad_accum, cfg.block_size, gen)
+            x, y = sample_sequences(train, cfg.batch_size * cfg.grad_accum, cfg.block_size, gen)
             x, y = shard(x, rt).to(rt.device), shard(y, rt).to(rt.device)
             # under DDP each rank draws dropout masks of its own (one seed would repeat rank 0's on
             # every rank), seeded by (seed, step, rank) so that a resume draws them again

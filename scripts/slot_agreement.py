@@ -37,8 +37,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import load_checkpoint, load_split, model_from_checkpoint, sample_windows  # noqa: E402
-from common import write_json  # noqa: E402
+from common import (load_checkpoint, load_split, model_from_checkpoint,  # noqa: E402
+                    sample_sequences, write_json)
 from model import generate, teacher_context, teacher_context_windows  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__,
@@ -55,7 +55,7 @@ ckpt = load_checkpoint(args.teacher, "teacher")
 teacher = model_from_checkpoint(ckpt, "cpu").eval()
 g = torch.Generator().manual_seed(0)   # the prefixes and noise of distill.py's evaluation
 val = load_split(ckpt["train_config"]["data_dir"], "val")
-prompts = sample_windows(val, args.prefixes, 6, g)[0]
+prompts = sample_sequences(val, args.prefixes, 6, g)[0]
 noise = torch.rand(args.prefixes, args.tokens, generator=g, dtype=torch.float64)
 n, k, out = args.tokens // args.k * args.k, args.k, {}
 if args.out and os.path.exists(args.out):   # runs measured before, perhaps on another machine

@@ -171,7 +171,7 @@ def test_staircase_mask_leaks_nothing(student):
     torch.testing.assert_close(out[0, 0], base[0, 0], rtol=0, atol=1e-5)
     assert (out[0, 1:] - base[0, 1:]).abs().max() > 1e-3   # the others do see it: the test can fail
     # later slots' noise, and other windows' noise: change u of slots 3.. of window 1 and all of
-    # window 2
+    # window 2 (windows counted from 0, as indexed; slots from 1)
     u2 = u.clone()
     u2[:, 1, 2:] = torch.rand(B, 2, dtype=torch.float64)
     u2[:, 2] = torch.rand(B, k, dtype=torch.float64)
@@ -203,7 +203,7 @@ def test_first_slots_of_a_k_model_are_a_smaller_k_model(teacher, student, readou
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])   # summed in float64 / float32
 def test_inverse_cdf_never_lands_on_an_id_without_mass(dtype):
-    # rows enough that some cumulative sums end below 1, in float64 too (about one in five does)
+    # rows enough that some cumulative sums end below 1, in float64 too (27 of these 64 do)
     B = 64
     logits = torch.randn(B, 50, generator=torch.Generator().manual_seed(0)).to(dtype)
     logits[:, :3] = logits[:, 49:] = float("-inf")   # ids without mass at both ends

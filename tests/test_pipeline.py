@@ -15,7 +15,7 @@ import torch
 import common
 import distill
 import teacher
-from common import EMA, UserError, load_checkpoint, lr_at, model_from_checkpoint, sample_windows
+from common import EMA, UserError, load_checkpoint, lr_at, model_from_checkpoint, sample_sequences
 from model import GPT, GPTConfig, draw, generate, inverse_cdf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -287,12 +287,12 @@ def split_run(tmp_path_factory):
     common.save_checkpoint(os.path.join(root, "teacher.pt"), {
         "kind": "teacher", "model_config": dataclasses.asdict(ar.config),
         "model": ar.state_dict(), "tokenizer": spec, "step": 1, "best_val": 1.0})
-    seen = SimpleNamespace(windows=[], anchors=[], noise=[], updates=[], teacher=ar.state_dict())
-    windows, loss = distill.sample_windows, distill.distill_loss
+    seen = SimpleNamespace(sequences=[], anchors=[], noise=[], updates=[], teacher=ar.state_dict())
+    sample, loss = distill.sample_sequences, distill.distill_loss
 
-    def sample_windows(*a):
-        seen.windows.append(windows(*a))
-        return seen.windows[-1]
+    def sample_sequences(*a):
+        seen.sequences.append(sample(*a))
+        return seen.sequences[-1]
 
     def distill_loss(recipe, kl, model, teacher, prev, x, anchors, u, *a):
         seen.anchors.append(anchors)
@@ -305,7 +305,7 @@ def split_run(tmp_path_factory):
             seen.updates.append({n: p.detach().clone() for n, p in model.named_parameters()})
             super().update(model)
     with pytest.MonkeyPatch.context() as mp:
-        for name, spy in (("sample_windows", sample_windows), ("distill_loss", distill_loss),
+        for name, spy in (("sample_sequences", sample_sequences), ("distill_loss", distill_loss),
                           ("EMA", Recorded)):
             mp.setattr(distill, name, spy)
         distill.main(["--preset", "tiny", "--teacher", os.path.join(root, "teacher.pt"),
@@ -319,7 +319,7 @@ def split_run(tmp_path_factory):
 
 
 def test_the_student_learns_on_train_and_is_measured_on_val(split_run):
-    prompts, *batches = (x for x, _ in split_run.windows)
+    prompts, *batches = (x for x, _ in split_run.sequences)
     assert prompts.shape == (4, 4) and (prompts >= 4).all()
     assert len(batches) == 4 and all(b.shape == (4, 32) and (b < 4).all() for b in batches)
 
@@ -501,15 +501,15 @@ def test_learning_rate_schedules():
     assert lr_at(0, 1.0, 1.0, 0, 8) == 1.0   # no warmup
 
 
-def test_sample_windows_draws_every_window():
-    """Windows of T + 1 tokens start anywhere from 0 to len - T - 1: a split of exactly T + 1
-    tokens has one window, one of T + 2 has two, and both get drawn."""
+def test_sample_sequences_draws_every_start():
+    """Sequences of T + 1 tokens start anywhere from 0 to len - T - 1: a split of exactly T + 1
+    tokens holds one, one of T + 2 two, and both get drawn."""
     gen = torch.Generator().manual_seed(0)
-    x, y = sample_windows(np.arange(5), 1, 4, gen)
+    x, y = sample_sequences(np.arange(5), 1, 4, gen)
     assert x.tolist() == [[0, 1, 2, 3]] and y.tolist() == [[1, 2, 3, 4]]
-    assert set(sample_windows(np.arange(6), 64, 4, gen)[0][:, 0].tolist()) == {0, 1}
-    with pytest.raises(UserError, match="shorter than one window"):
-        sample_windows(np.arange(4), 1, 4, gen)
+    assert set(sample_sequences(np.arange(6), 64, 4, gen)[0][:, 0].tolist()) == {0, 1}
+    with pytest.raises(UserError, match="shorter than one sequence"):
+        sample_sequences(np.arange(4), 1, 4, gen)
 
 
 def test_student_where_teacher_expected(iid):

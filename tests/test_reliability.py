@@ -792,7 +792,7 @@ BAD = {
     "heads of an odd width": (teacher, lambda p: T(p["data"], p["out"], "--n_head", "32"),
                               r"multiple of 2 x --n_head \(32\)"),   # 32 / 32 = 1: RoPE needs 2
     "block longer than the data": (teacher, lambda p: T(p["data"], p["out"], "--block_size",
-                                                        "100000"), r"shorter than one window"),
+                                                        "100000"), r"shorter than one sequence"),
     "device not supported": (teacher, lambda p: T(p["data"], p["out"], "--device", "mps"),
                              r"--device 'mps' is not supported"),
     "teacher batch too big": (teacher, lambda p: T(p["data"], p["out"], "--batch_size",
