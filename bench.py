@@ -552,9 +552,13 @@ def main(argv=None):
                 return profile_point(m, t, s, ks, B, L, device, gen, args.attention, args.compile)
             timed = time_point(t, s, ks, B, L, repeats, device, gen, args.attention, args.compile)
             return speed_rows(m, by_k(t, s, ks), B, L, timed, peaks)
-        made_by = {"commit": commit, **{k: v for k, v in vars(args).items() if k != "resume"}}
+        made_by = {"commit": commit, "machine": device_name(device), "torch": torch.__version__,
+                   **{k: v for k, v in vars(args).items() if k != "resume"}}
         found, skipped = run_grid(points, point, grid, args.resume, args.seed, made_by)
         profile, speed = (found, []) if args.profile else ([], found)
+        if speed and all(r["suspect"] for r in speed):   # not one result: earlier files stay
+            print(f"every timed row is suspect (as {speed[0]['suspect']}): speed not written")
+            speed = []
     if quality:
         rows, blind = run_quality(teacher, student, tok, T, val, args.quality_samples, args.seed,
                                   device)
@@ -570,8 +574,8 @@ def main(argv=None):
              f"roofline_{str(args.roofline).lower().replace(' ', '_')}": {"roofline": roof}}
     parts = {part: out for part, out in parts.items() if next(iter(out.values()))}   # measured
     if not parts:   # earlier results stay as they were
-        raise UserError("this run measured nothing (no point ran, or every point was skipped); "
-                        "nothing written")
+        raise UserError("this run measured nothing (no point ran, every point was skipped, or "
+                        "every timed row is suspect); nothing written")
     for part, out in parts.items():
         write_json(f"{stem}_{part}.json", {**head, **out})
     if speed:

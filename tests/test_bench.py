@@ -320,8 +320,8 @@ def test_timed_rows_carry_each_sides_ceiling(pair, tmp_path, monkeypatch):
 def test_an_interrupted_grid_resumes_at_the_point_it_stopped(pair, tmp_path, monkeypatch):
     """Ctrl-C stops the grid at once, with one line per point done in <name>_speed.partial.jsonl and
     no results; --resume times only the points not done, the interrupted one again (each from a
-    generator of its own: what an uninterrupted run gives it) and refuses rows of another commit
-    or other flags."""
+    generator of its own: what an uninterrupted run gives it) and refuses rows of another commit,
+    machine or flags."""
     timed, time_point, ctrl_c = [], bench.time_point, {"at": 2}
 
     def recorded(teacher, student, ks, B, seq_len, repeats, device, gen, *rest):
@@ -340,10 +340,11 @@ def test_an_interrupted_grid_resumes_at_the_point_it_stopped(pair, tmp_path, mon
     lines = [json.loads(x) for x in partial.read_text().splitlines()]
     assert [x["point"] for x in lines] == [["trained", 16, 1]]
     assert sorted(p.name for p in tmp_path.iterdir()) == [partial.name]   # no results yet
-    with monkeypatch.context() as m:
-        m.setattr(bench, "git_commit", lambda: "another")
-        with pytest.raises(UserError, match="rows made with commit"):
-            run(pair, tmp_path, *args, "--resume")
+    for name, made_with in (("git_commit", "commit"), ("device_name", "machine")):
+        with monkeypatch.context() as m:
+            m.setattr(bench, name, lambda *a: "another")
+            with pytest.raises(UserError, match=f"rows made with {made_with}"):
+                run(pair, tmp_path, *args, "--resume")
     for other, made_with in ((["--dtype", "float32"], "dtype 'bfloat16'"),
                              (["--repeats", "2"], "repeats 1"), (["--seed", "1"], "seed 0"),
                              (["--attention", "flex"], "attention 'sdpa'"),
@@ -402,25 +403,26 @@ def test_a_resumed_grid_cuts_a_line_torn_by_a_kill(tmp_path, left):
                                                                                ["m", 12, 2]]
 
 
-@pytest.mark.parametrize("stop", ["out of memory", "Ctrl-C"])
+@pytest.mark.parametrize("stop", ["out of memory", "Ctrl-C", "suspect"])
 def test_a_run_that_measures_nothing_writes_nothing(pair, tmp_path, monkeypatch, stop):
-    """Every point out of memory, or Ctrl-C before the grid is whole (after its first point):
-    earlier results stay."""
+    """Every point out of memory, Ctrl-C before the grid is whole (after its first point), or every
+    timed row suspect: earlier results stay."""
     earlier = {name: "earlier" for name in ("bench_trained_speed.json", "bench_trained_speed.png",
                                              "bench_trained_quality.json")}
     for name, text in earlier.items():
         (tmp_path / name).write_text(text)
-    timed, points, oom = bench.time_point, [], stop == "out of memory"
+    timed, points, ctrl_c = bench.time_point, [], stop == "Ctrl-C"
 
     def stopped(*args):
         points.append(args)
-        if not oom and len(points) == 1:
+        if stop == "suspect" or ctrl_c and len(points) == 1:
             return timed(*args)
-        raise torch.OutOfMemoryError("CUDA out of memory") if oom else KeyboardInterrupt
+        raise KeyboardInterrupt if ctrl_c else torch.OutOfMemoryError("CUDA out of memory")
     monkeypatch.setattr(bench, "time_point", stopped)
-    with pytest.raises(UserError if oom else KeyboardInterrupt, match="measured nothing" if oom
-                       else None):
-        run(pair, tmp_path, *FAST, "--batch_sizes", "1,2", *(["--no-quality"] if oom else []))
+    monkeypatch.setattr(bench, "SPREAD_LIMIT", 0.0 if stop == "suspect" else bench.SPREAD_LIMIT)
+    with pytest.raises(KeyboardInterrupt if ctrl_c else UserError,
+                       match=None if ctrl_c else "measured nothing"):
+        run(pair, tmp_path, *FAST, "--batch_sizes", "1,2", *([] if ctrl_c else ["--no-quality"]))
     assert len(points) == 2
     assert {name: (tmp_path / name).read_text() for name in earlier} == earlier
 
