@@ -129,16 +129,18 @@ def test_flex_block_mask_lists_exactly_the_written_blocks(pos0, T, length):
     assert torch.equal(sdpa.float(), torch.where(kv <= pos0 + q, 0.0, float("-inf")))
 
 
-def test_static_step_matches_eager_generate():
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_static_step_matches_eager_generate(attention):
     """CUDAGraphStep's plumbing (static input buffers, the static output fed back as the next input,
     one cache reused across generations, a step object reused across shapes) gives generate's exact
-    tokens. On CPU it runs the steps eagerly; on a GPU the same test checks the captured graphs."""
+    tokens, on either cache. On CPU it runs the steps eagerly; on a GPU the same test checks the
+    captured graphs (bench.py --attention flex without --compile)."""
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher, student, cdf = (m.to(dev) for m in tiny_models())
     gen = torch.Generator().manual_seed(1)
     prompt = torch.randint(V, (3, 6), generator=gen).to(dev)
     noise = torch.rand(3, 24, generator=gen, dtype=torch.float64).to(dev)
-    cache = KVCache(student.config, 3, dev, torch.float32)
+    cache = make_cache(student.config, 3, dev, torch.float32, attention)
     step = CUDAGraphStep(capture=dev.type == "cuda")
     for model, k in ((teacher, 1), (student, 2), (student, 4), (cdf, 4), (teacher, 1)):
         eager = generate(model, prompt, noise, k)
@@ -148,7 +150,8 @@ def test_static_step_matches_eager_generate():
         assert torch.equal(generate(model, prompt, other, k, cache=cache, step_fn=step),
                            generate(model, prompt, other, k)), k
     assert len(step.graphs) == 4   # one per (model, batch, k); prefill runs eagerly
-    other_cache = KVCache(student.config, 3, dev, torch.float32)   # the same step, another cache
+    # the same step, another cache
+    other_cache = make_cache(student.config, 3, dev, torch.float32, attention)
     prompt2 = torch.randint(V, (3, 6), generator=gen).to(dev)
     for model, k in ((teacher, 1), (cdf, 4)):   # (the argmax student barely reads its context)
         assert torch.equal(generate(model, prompt2, noise, k, cache=other_cache, step_fn=step),
@@ -156,7 +159,8 @@ def test_static_step_matches_eager_generate():
     buffer = weakref.ref(next(iter(step.graphs.values()))["tokens"])
     del step   # no reference cycle: the graphs and their memory go with the step object
     assert buffer() is None
-    fresh = KVCache(student.config, 3, dev, torch.float32)   # a new step object on a new cache
+    # a new step object on a new cache
+    fresh = make_cache(student.config, 3, dev, torch.float32, attention)
     step = CUDAGraphStep(capture=dev.type == "cuda")
     assert torch.equal(generate(student, prompt, noise, 4, step_fn=step, cache=fresh),
                        generate(student, prompt, noise, 4))
