@@ -13,7 +13,8 @@ Speed: AR (the teacher, k = 1) and K-Forcing (the student at k) by ONE decode pa
 on a static cache sized to the generation, each pass after the (eager) prefill replayed from a
 CUDA graph on CUDA. tokens/s counts new tokens, prefill included, warm-up not; AR and every k run
 back to back in each repeat, medians kept. A speedup above k or repeats that disagree mark a
-point `suspect`, never plotted.
+point `suspect`, never plotted. Both sides pay for their draws: AR draws each token from the
+vocabulary (--coupling), the argmax student only takes an argmax, a distribution readout draws.
 Quality: continuations of 6-token val prefixes in float32 by the teacher and the student at every
 k from the SAME noise: gen-PPL under the teacher (overall, per slot), entropy, repeated 4-grams,
 same-noise agreement beside a student blind to the noise, and the distribution per slot (on the
