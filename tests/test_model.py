@@ -188,6 +188,7 @@ def test_staircase_mask_leaks_nothing(student):
 @torch.no_grad()
 @pytest.mark.parametrize("readout", ["argmax", "cdf_seq"])
 def test_first_slots_of_a_k_model_are_a_smaller_k_model(teacher, student, readout):
+    torch.manual_seed(0)   # the same inputs whatever ran before
     model = student if readout == "argmax" else cdf_student(teacher, readout)
     x = torch.randint(0, V, (2, 20))
     anchors = torch.tensor([[4, 9], [15, 19]])

@@ -140,6 +140,7 @@ def test_help_shows_every_flag_with_each_presets_value(capsys, script, cls):
 def test_distillation_raises_same_noise_agreement(iid):
     stage1, stage2 = iid["result"]["stages"]
     assert [stage1["k"], stage2["k"]] == [1, 2] and iid["result"]["schedule"] == [1, 2]
+    assert iid["result"]["config"]["coupling"] == "inverse_cdf"   # --coupling auto, argmax readout
     # slot 1 agrees with the AR teacher's same-noise sample on >= 60% of tokens, from <= 35%
     assert stage1["agreement_init"][0] <= 0.35, stage1
     assert stage1["agreement"][0] >= 0.6, stage1
@@ -368,6 +369,12 @@ def test_the_distribution_readout_learns_the_teachers_chain(markov, freeze):
     assert slot2 > blind["teacher_mode"], (stage, blind)   # not the mode's agreement either
     assert stage["curve"][0]["window_agreement"][1] < blind["independent_draw"]
     assert all(0 <= kl < 0.5 for kl in stage["final_loss_per_slot"])   # nats, per slot
+    # the step's accuracy: the student's draws against the teacher's after its own tokens, by the
+    # coupling --coupling auto gives a cdf readout (Gumbel-max); slot 1 is the frozen teacher's
+    assert result["config"]["coupling"] == "gumbel"
+    acc = [r["acc"] for r in map(json.loads, open(os.path.join(out, "log.jsonl"))) if "acc" in r]
+    assert not freeze or all(a[0] == 1.0 for a in acc)
+    assert min(a[1] for a in acc) < 0.9, acc   # slot 2 learns: not a token compared with itself
     teacher = load_checkpoint(markov["teacher"])["model"]
     student = load_checkpoint(os.path.join(out, "student_k2.pt"))["model"]
     same = [torch.equal(student[name], w) for name, w in teacher.items()]
@@ -395,6 +402,34 @@ def test_onpolicy_targets_are_the_teachers_chain_after_the_students_own_tokens()
     other = own.clone()
     other[:, :, -1] = (own[:, :, -1] + 1) % 40
     assert torch.equal(inverse_cdf(distill.teacher_after(ar, x, anchors, other), u), got)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("recipe", ["paper", "onpolicy"])
+def test_the_argmax_recipes_train_each_slot_on_its_own_target(recipe):
+    """The argmax readout's loss: slot i's cross-entropy is to token i of the previous student's
+    rollout (paper; here a k = 2 student's, for a k = 4 stage) or of the teacher's draws after the
+    student's own argmax tokens of slots < i (onpolicy), a mean over windows per slot; the tokens
+    returned (which the step's accuracy compares) are the student's argmax and those targets."""
+    torch.manual_seed(0)
+    ar = GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=16, vocab_size=40)).eval()
+    prev = GPT.student_from(ar, 2).eval()
+    student = GPT.student_from(prev, 4)
+    for p in [*prev.parameters(), *student.parameters()]:   # slots that differ, targets too
+        p.add_(0.5 * torch.randn_like(p))
+    x, anchors = torch.randint(40, (2, 12)), torch.tensor([[2, 7], [0, 11]])
+    u = torch.rand(2, 2, 4, dtype=torch.float64)
+    per_slot, loss, own, targets = distill.distill_loss(
+        recipe, "both", student, ar, prev, x, anchors, u, torch.autocast("cpu", enabled=False))
+    logits = student.forward_staircase(x, anchors, u)
+    assert torch.equal(own, logits.argmax(-1))
+    want = (distill.rollout_targets(prev, x, anchors, u) if recipe == "paper"
+            else inverse_cdf(distill.teacher_after(ar, x, anchors, own), u))
+    assert torch.equal(targets, want) and not torch.equal(want, want.flip(-1))
+    ce = [torch.nn.functional.cross_entropy(logits[:, :, i].flatten(0, 1), want[:, :, i].flatten())
+          for i in range(4)]
+    torch.testing.assert_close(per_slot, torch.stack(ce))
+    torch.testing.assert_close(loss, per_slot.mean())
 
 
 @pytest.mark.parametrize("recipe,k", [("cdf_seq", 1), ("cdf_seq", 3), ("cdf", 1), ("onpolicy", 2),
