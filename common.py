@@ -209,7 +209,10 @@ def atomic_write(path, write_fn, mode="wb"):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:   # a full disk, a read-only folder
+    except (OSError, RuntimeError) as e:   # a full disk, a read-only folder; torch.save's zip
+        e = e if isinstance(e, OSError) else e.__context__   # writer wraps the OSError
+        if not isinstance(e, OSError):
+            raise
         raise UserError(f"cannot write {path} ({e.strerror or e})") from None
     finally:
         StopFlag.saving = False

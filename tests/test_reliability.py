@@ -311,10 +311,22 @@ def test_distill_disk_full_while_saving_is_one_line_and_resumes(tmp_path, data_d
     one line naming the file; --resume evaluates again, and the log holds each row once."""
     out, dump = tmp_path / "out", torch.save
 
-    def disk_fills(obj, f):
-        if obj.get("stage") == 1 and obj.get("optimizer", 0) is None:   # stage 1's student
-            raise OSError(28, "No space left on device")
-        dump(obj, f)
+    class FullDisk:   # the disk fills 4 kB into the file
+        def __init__(self, f):
+            self.f, self.left = f, 4096
+
+        def write(self, b):
+            self.left -= len(b)
+            if self.left < 0:
+                raise OSError(28, "No space left on device")
+            return self.f.write(b)
+
+        def flush(self):
+            self.f.flush()
+
+    def disk_fills(obj, f):   # as torch.save meets it: its zip writer wraps the OSError
+        stage1 = obj.get("stage") == 1 and obj.get("optimizer", 0) is None   # stage 1's student
+        dump(obj, FullDisk(f) if stage1 else f)
     monkeypatch.setattr(torch, "save", disk_fills)
     argv = D(data_dir, teacher_ref["best"], out)
     assert re.search(r"cannot write .*student_k1\.pt \(No space left", cli(distill, argv, capsys))
