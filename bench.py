@@ -533,7 +533,8 @@ def main(argv=None):
         if not least <= T <= room:
             raise UserError(f"--quality_tokens {T}: {least} (4-grams, a pass of every k) to {room} "
                             "(the block size allows)")
-        val = load_split(default(args.data_dir, ckpt["train_config"]["data_dir"]), "val")
+        val = load_split(default(args.data_dir, ckpt["train_config"]["data_dir"]), "val",
+                         ckpt["tokenizer"])
     try:   # now, not after the speed grid
         os.makedirs(args.out_dir, exist_ok=True)
     except OSError as e:

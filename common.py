@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from model import GPT, GPTConfig
-from prepare_data import DataError, load_tokens
+from prepare_data import DataError, load_meta, load_tokens, tokenizer_spec
 
 
 class UserError(Exception):
@@ -34,6 +34,11 @@ def run_cli(main):
             dist.barrier()   # gloo aborts a rank whose group is torn down before the others finish
     except UserError as e:
         sys.stderr.write(f"error: {e}\n")   # one write: DDP ranks failing together never splice
+        sys.exit(2)
+    except (RuntimeError, MemoryError) as e:   # where no fits_in_memory block gives a better hint
+        if not out_of_memory(e):
+            raise
+        sys.stderr.write("error: out of memory; lower the sizes this run was given (see --help)\n")
         sys.exit(2)
     except KeyboardInterrupt:   # Ctrl-C twice in a training loop (StopFlag), once elsewhere
         sys.stderr.write("error: interrupted; what was saved is kept (a training run or a speed "
@@ -55,6 +60,13 @@ def field(default, help, choices=None, at_least=None, below=None):
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):   # one line like every other mistake, not a usage block
         raise UserError(f"{message}; see {self.prog} --help")
+
+    def parse_args(self, argv=None):   # "" is given, and no flag means it (a path: the cwd, or /)
+        args = super().parse_args(argv)
+        for name, value in vars(args).items():
+            if value == "":
+                self.error(f"--{name} must not be empty")
+        return args
 
 
 def parse_config(cls, presets, description, argv=None):
@@ -78,9 +90,7 @@ def parse_config(cls, presets, description, argv=None):
     cfg = cls(**{k: v for k, v in presets[args.preset].items() if not k.startswith("_")})
     for f in dataclasses.fields(cls):
         value, low, high = getattr(args, f.name), f.metadata["at_least"], f.metadata["below"]
-        value = getattr(cfg, f.name) if value is None else value   # "" and 0 are given: checked
-        if f.type is str and not value:   # an empty path would be the current folder, or /
-            raise UserError(f"--{f.name} must not be empty")
+        value = getattr(cfg, f.name) if value is None else value   # 0 is given: checked
         if low is not None and not value >= low:   # (so that NaN is refused too)
             raise UserError(f"--{f.name} must be at least {low}, not {value}")
         if high is not None and not value < high:
@@ -148,11 +158,15 @@ def fits_in_memory(hint):   # running out of memory inside the block is one line
 # ------------------------------------------------------------------------------------------------
 # Batches, the learning rate, the weight average
 
-def load_split(data_dir, split):
+def load_split(data_dir, split, tokenizer=None):   # tokenizer: a checkpoint's, that must match
     try:
-        return load_tokens(data_dir, split)
+        data, spec = load_tokens(data_dir, split), tokenizer_spec(load_meta(data_dir))
     except DataError as e:
         raise UserError(str(e)) from None
+    if tokenizer not in (None, spec):
+        raise UserError(f"the teacher was trained on another vocabulary than {data_dir}'s; pass "
+                        "the --data_dir it was trained on")
+    return data
 
 
 def sample_sequences(data, n, T, gen):

@@ -36,7 +36,6 @@ from common import (EMA, JsonlLog, StopFlag, UserError, all_mean, device_name, f
 from fast import compile_per_shape
 from model import (GPT, agreement_without_noise, draw, generate, inverse_cdf,
                    same_noise_agreement, window_agreement)
-from prepare_data import load_meta, tokenizer_spec
 
 
 @dataclasses.dataclass
@@ -204,18 +203,16 @@ def main(argv=None):
         raise UserError(f"--k {cfg.k} is out of range: at most --eval_tokens ({cfg.eval_tokens})")
     if "cdf" not in cfg.recipe and (cfg.freeze_trunk or cfg.coupling == "gumbel"):
         # the argmax readout reads token 1 from a slot, and learns the map from u: a smooth one
-        flag = "--freeze_trunk" if cfg.freeze_trunk else "--coupling gumbel"
+        flag = ("--freeze_trunk (on in the tiny and small presets: --no-freeze_trunk turns it off)"
+                if cfg.freeze_trunk else "--coupling gumbel")
         raise UserError(f"{flag} needs --recipe cdf or cdf_seq (--recipe {cfg.recipe} reads tokens "
                         "by argmax)")
     # a longer context would run RoPE on past what the teacher learned (the windows at the last
     # anchors reach up to k positions further, as in the paper, where decoding never goes)
     if cfg.block_size > teacher.config.block_size:
         raise UserError(f"--block_size {cfg.block_size} exceeds the teacher's block size")
-    train, val = load_split(cfg.data_dir, "train"), load_split(cfg.data_dir, "val")
-    tokenizer = tokenizer_spec(load_meta(cfg.data_dir))
-    if teacher_ckpt["tokenizer"] != tokenizer:
-        raise UserError(f"{cfg.teacher} was trained on another vocabulary than {cfg.data_dir}'s; "
-                        "pass the --data_dir it was trained on")
+    tokenizer = teacher_ckpt["tokenizer"]
+    train, val = (load_split(cfg.data_dir, split, tokenizer) for split in ("train", "val"))
     state = start_run(cfg.out_dir, "student", args, cfg, rt)   # the checkpoint a resume continues
     if state and state["teacher_id"] != teacher_id(teacher_ckpt) and rt.master:
         print(f"warning: {cfg.teacher} was trained again since this run started")

@@ -121,7 +121,9 @@ def tokenizer_spec(meta):
 def rebuild(data_dir, what):
     """The error for a dataset that must be built again: what is wrong, and the command to run."""
     parent, name = os.path.split(os.path.normpath(data_dir))
-    flag = f" --dataset {name}" if name in DATASETS else " --source_dir DIR" * (name == "custom")
+    if name not in DATASETS + ["custom"]:   # not a folder prepare_data.py names: no command to give
+        return DataError(f"{what}; build it with prepare_data.py (see its --help)")
+    flag = f" --dataset {name}" if name in DATASETS else " --source_dir DIR"
     where = "" if parent in ("data", "") else f" --out_dir {parent}"
     return DataError(f"{what}; run `python prepare_data.py{flag}{where}`")
 
@@ -341,6 +343,8 @@ def main(argv=None):
         die(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
     if min(args.seed, args.max_docs or 0) < 0:
         die("--seed and --max_docs must be at least 0")
+    if not args.out_dir:   # "" would write into the current folder
+        die("--out_dir must not be empty")
     if args.source_dir is not None and not os.path.isdir(args.source_dir):   # "" too
         die(f"--source_dir {args.source_dir!r} is not a folder")
     name = "custom" if args.source_dir is not None else args.dataset

@@ -30,6 +30,7 @@ def find_checkpoints(preset, teacher, student):
         if preset is None:   # the teacher's own: out/teacher_<preset>/
             folder = os.path.basename(os.path.dirname(os.path.abspath(teacher)))
             if not folder.startswith("teacher_"):
+                load_checkpoint(teacher, "teacher")   # a missing file or a student says so first
                 raise UserError(f"{teacher} is not in an out/teacher_<preset>/ folder: pass "
                                 "--student")
             preset = folder[len("teacher_"):]

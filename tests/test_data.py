@@ -324,6 +324,8 @@ def test_user_mistakes_are_one_line(tmp_path):
     for folder in ("", str(tmp_path / "missing")):
         assert "is not a folder" in one_line_error(run("--source_dir", folder, "--out_dir",
                                                        str(tmp_path / "out")))
+    assert "--out_dir must not be empty" in one_line_error(run("--source_dir", src,
+                                                               "--out_dir", ""))
     # one document cannot fill both splits: refused, and no bins are left behind
     one = write_docs(tmp_path / "one", ["the only document"])
     assert "need one of each" in one_line_error(run("--source_dir", one, "--out_dir",
@@ -352,6 +354,9 @@ def test_load_tokens_errors(tmp_path):
 
     assert f"not found; run `python prepare_data.py --dataset offline --out_dir {tmp_path}`" \
         in error(tmp_path / "offline")
+    # a folder prepare_data.py would not have named: no command that would build another one
+    assert error(tmp_path / "mine").endswith("not found; build it with prepare_data.py (see its "
+                                             "--help)")
     d = tmp_path / "shakespeare_char"
     d.mkdir()
     (d / "train.bin").write_bytes(np.array([1, 2, 5], dtype=np.uint16).tobytes())   # 5 of 0..4

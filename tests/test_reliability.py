@@ -19,9 +19,11 @@ import numpy as np
 import pytest
 import torch
 
+import bench
 import common
 import distill
 import model
+import sample
 import teacher
 from common import UserError, load_checkpoint, lr_at, run_cli, save_checkpoint
 
@@ -776,7 +778,7 @@ BAD = {
                    r"--data_dir must not be empty"),
     "empty out_dir": (teacher, lambda p: T(p["data"], ""), r"--out_dir must not be empty"),
     "another vocabulary": (distill, lambda p: D(p["reordered"], p["teacher"], p["out"]),
-                           r"trained on another vocabulary than"),
+                           r"trained on another vocabulary than .*reordered's"),
     "context past the teacher's": (distill, lambda p: D(p["data"], p["teacher"], p["out"],
                                                         "--block_size", "64"),
                                    r"--block_size 64 exceeds the teacher's block size"),
@@ -789,7 +791,7 @@ BAD = {
                           r"--anchors must be at least 1, not 0"),
     "frozen trunk, argmax readout": (distill, lambda p: D(p["data"], p["teacher"], p["out"],
                                                           "--freeze_trunk"),
-                                     r"--freeze_trunk needs --recipe cdf or cdf_seq"),
+                                     r"--freeze_trunk \(on in the tiny .*\) needs --recipe cdf"),
     "gumbel, argmax readout": (distill, lambda p: D(p["data"], p["teacher"], p["out"],
                                                     "--coupling", "gumbel"),
                                r"--coupling gumbel needs --recipe cdf or cdf_seq"),
@@ -813,6 +815,18 @@ BAD = {
                                                    "--batch_size", str(10 ** 12)),
                               r"does not fit in memory"),
     "out_dir unwritable": (teacher, lambda p: T(p["data"], p["file"] + "/out"), r"cannot write"),
+    "student as sample's teacher": (sample, lambda p: ["--teacher", p["student"]],
+                                    r"student checkpoint where a teacher is expected"),
+    "sample's empty prompt": (sample, lambda p: ["--teacher", p["teacher"], "--student",
+                                                 p["student"], "--prompt", ""],
+                              r"--prompt must not be empty"),
+    "sample out of memory": (sample, lambda p: ["--teacher", p["teacher"], "--student",
+                                                p["student"], "--num_samples", str(10 ** 12)],
+                             r"out of memory; lower the sizes this run was given"),
+    "bench on another vocabulary": (bench, lambda p: ["--teacher", p["teacher"], "--student",
+                                                      p["student"], "--no-speed", "--data_dir",
+                                                      p["reordered"], "--out_dir", p["out"]],
+                                    r"trained on another vocabulary than .*reordered's"),
 }
 
 

@@ -155,14 +155,14 @@ def test_a_student_of_another_shape_is_an_error(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--prompt", ""], "a prompt of 0 tokens"),
+    (["--prompt", ""], "--prompt must not be empty"),
     (["--prompt", "é"], "--prompt"),
     (["--k", "0"], "--k 0: must be 1 to"),
     (["--k", "5"], "max_k (4)"),
     (["--prompt", "a" * 60], "block size 64"),
     (["--max_new_tokens", "0"], "at least 1"),
     (["--max_new_tokens", "64"], "none fits (lower --max_new_tokens) before 64 new tokens"),
-    (["--student", ""], "checkpoint '' not found"),   # an empty flag is given, not left out
+    (["--student", ""], "--student must not be empty"),   # an empty flag is given, not left out
 ])
 def test_bad_input_is_one_line(pair, args, message):
     with pytest.raises(UserError) as e:
@@ -173,13 +173,15 @@ def test_bad_input_is_one_line(pair, args, message):
 def test_a_given_teacher_finds_the_student_of_its_preset(tmp_path, monkeypatch):
     """No flag: the newest teacher in out/. --teacher alone: the student is the highest k in
     out/distill_<the teacher's preset>/ (by number: k = 16 after k = 8; a copy named otherwise is
-    no student)."""
+    no student); a teacher elsewhere needs --student, but a student given as the teacher, or no
+    file, is said as such first."""
     monkeypatch.chdir(tmp_path)
     for path in ("out/teacher_y/best.pt", "out/teacher_x/best.pt", "out/distill_x/student_k8.pt",
-                 "out/distill_x/student_k16.pt", "out/distill_x/student_k32_old.pt",
-                 "elsewhere/teacher.pt"):
+                 "out/distill_x/student_k16.pt", "out/distill_x/student_k32_old.pt"):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         open(path, "w").close()
+    os.makedirs("elsewhere")
+    write_pair(tmp_path / "elsewhere")
     os.utime("out/teacher_y/best.pt", (0, 0))   # no flag: the newest, not the last by name
     assert sample.find_checkpoints(None, "out/teacher_x/best.pt", None) == (
         "out/teacher_x/best.pt", "out/distill_x/student_k16.pt")
@@ -187,6 +189,10 @@ def test_a_given_teacher_finds_the_student_of_its_preset(tmp_path, monkeypatch):
         "out/teacher_x/best.pt", "out/distill_x/student_k16.pt")
     with pytest.raises(UserError, match=r"not in an out/teacher_<preset>/ folder: pass --student"):
         sample.find_checkpoints(None, "elsewhere/teacher.pt", None)
+    for given, said in (("elsewhere/student.pt", "a student checkpoint where a teacher"),
+                        ("elsewhere/missing.pt", "not found; run teacher.py first")):
+        with pytest.raises(UserError, match=said):
+            sample.find_checkpoints(None, given, None)
 
 
 def test_a_student_of_another_teacher_is_warned_about(tmp_path, capsys):
