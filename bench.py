@@ -536,7 +536,7 @@ def main(argv=None):
         val = load_split(default(args.data_dir, ckpt["train_config"]["data_dir"]), "val",
                          ckpt["tokenizer"])
     try:   # now, not after the speed grid
-        os.makedirs(args.out_dir, exist_ok=True)
+        os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)   # --name may hold a folder
     except OSError as e:
         raise UserError(f"cannot write to --out_dir {args.out_dir} ({e.strerror})") from None
 

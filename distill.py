@@ -48,7 +48,8 @@ class DistillConfig:
     coupling: str = field("auto", "how u becomes a token (see above): inverse_cdf (the paper's), "
                           "gumbel, or auto: gumbel for cdf readouts",
                           choices=("auto", "inverse_cdf", "gumbel"))
-    steps_per_stage: int = field(1000, "optimizer steps per stage", at_least=0)
+    steps_per_stage: int = field(1000, "optimizer steps per stage (0: the untrained student, "
+                                 "evaluated and saved)", at_least=0)
     batch_size: int = field(32, "sequences per step, over all processes", at_least=1)
     block_size: int = field(256, "context tokens per sequence (<= the teacher's)", at_least=1)
     anchors: int = field(128, "anchors per sequence, each a window of k noise slots (the cdf "

@@ -427,6 +427,11 @@ def test_a_run_that_measures_nothing_writes_nothing(pair, tmp_path, monkeypatch,
     assert {name: (tmp_path / name).read_text() for name in earlier} == earlier
 
 
+def test_a_name_may_hold_a_folder(pair, tmp_path):
+    assert run(pair, tmp_path, *FAST, "--no-quality", "--ks", "4", "--name", "runs/first")(
+        "speed", "runs/first")["speed"]
+
+
 def test_a_partial_run_keeps_the_other_parts_files(pair, tmp_path):
     """--no-quality writes the speed files and leaves the quality files of an earlier run;
     --no-speed writes the quality files and leaves a stopped speed grid to resume."""
