@@ -37,7 +37,14 @@ def run(pair, out, *args):
     return lambda part, name="bench_trained": json.loads((out / f"{name}_{part}.json").read_text())
 
 
-def test_end_to_end_outputs(pair, tmp_path, capsys):
+@pytest.fixture
+def steady(monkeypatch):
+    """Timings on a busy CI machine may disagree: here no row is set aside as suspect (the tests of
+    that rule patch the timings instead)."""
+    monkeypatch.setattr(bench, "SPREAD_LIMIT", math.inf)
+
+
+def test_end_to_end_outputs(pair, tmp_path, capsys, steady):
     read = run(pair, tmp_path, "--device", "cpu", "--batch_sizes", "1,2", "--seq_lens", "32",
                "--repeats", "3", "--quality_samples", "8", "--quality_tokens", "12")
     speed = read("speed")
@@ -298,7 +305,7 @@ def test_roofline_of_a_gpu_on_any_machine(pair, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench_trained_roofline_h200.json"]
 
 
-def test_timed_rows_carry_each_sides_ceiling(pair, tmp_path, monkeypatch):
+def test_timed_rows_carry_each_sides_ceiling(pair, tmp_path, monkeypatch, steady):
     """On a GPU with known peaks (patched in), each timed row carries the ceiling of the model that
     made it, in bf16 as timed, and MBU is the bytes a generation needs over its median time."""
     peaks = {"bw": 3.35e12, "fl": 989e12}
