@@ -2,7 +2,7 @@
 #            (character-level Shakespeare, about 10 minutes on 2 idle cores), small on a GPU
 #            (GPT-2 tokens of the offline corpus); PRESET=tiny make demo picks one. The demo's
 #            summaries, samples, plots and data meta.json are copied into results/.
-# make test: the test suite (CPU, a few minutes)
+# make test: the test suite (CPU, 1-3 minutes)
 # make data teacher distill sample bench: the steps one at a time, with the same preset
 PY ?= python3
 # (deferred: asked when a recipe runs, i.e. after `setup` has installed torch)
@@ -24,8 +24,9 @@ teacher:
 distill:
 	$(PY) distill.py --preset $(PRESET) --k 4 --overwrite
 
-sample:
-	$(PY) sample.py --preset $(PRESET) --num_samples 2 | tee results/sample_$(PRESET).txt
+sample:   # (through a temporary file: a failing sample.py stops make and keeps the old text)
+	$(PY) sample.py --preset $(PRESET) --num_samples 2 > results/.sample_$(PRESET).txt
+	mv results/.sample_$(PRESET).txt results/sample_$(PRESET).txt && cat results/sample_$(PRESET).txt
 
 bench:
 	$(PY) bench.py --preset $(PRESET) --name bench_$(PRESET)

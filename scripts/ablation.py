@@ -2,7 +2,8 @@
 table, JSON and plot.
 
     python scripts/ablation.py out/ablation_tiny results/ablation_tiny
-    python scripts/ablation.py out/bpe_cpu results/bpe_cpu paper forward both both_seed1 lr2e3
+    python scripts/ablation.py out/bpe_cpu results/bpe_cpu paper forward both both_seed1 lr2e3 \
+        lr2e3_anchors32   # (scripts/bpe_cpu.sh's runs)
 
 For each recipe and the tiny preset (and each lever on top of cdf_seq, in out/lever_<name>):
 distill.py's summary (the learning curve against training seconds, all stages) and bench.py's

@@ -8,11 +8,12 @@
 # limit, and an unfinished grid continues with --resume.
 #     bash scripts/gpu_check.sh            # about 12 minutes on one H200
 set -uo pipefail
+cd "$(dirname "$0")/.."
 out=${OUT:-gpu_out}
 logs=$out   # each part's log beside the results
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-source "$(dirname "$0")/timed_run.sh"
+source scripts/timed_run.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$out/device.txt" 2>&1
 run gpu_tests 120 python -m pytest -q tests/test_fast.py
 run roofline 30 python bench.py --no-trained --roofline H200 --out_dir "$out"

@@ -35,7 +35,7 @@ distill() {   # distill NAME FLAGS...: distil the teacher into $runs/NAME, then 
   run "distill_$name" 100 python distill.py --preset "$preset" --teacher "$runs/teacher/best.pt" \
       --out_dir "$runs/$name" --overwrite --no-compile "$@"
   cp "$runs/$name/log.jsonl" "$res/log_$name.jsonl"   # the curve, even if stopped
-  cp "$runs/$name/distill_$preset.json" "$res/distill_$name.json"
+  cp "$runs/$name/distill_$preset.json" "$res/distill_$name.json" 2>/dev/null   # (none if stopped)
   local student=$runs/$name/student_k4.pt
   if [ ! -f "$student" ]; then   # stopped at its time limit: score the weight average it saved
     student=$runs/$name/stopped.pt

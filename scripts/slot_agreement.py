@@ -53,11 +53,13 @@ args = p.parse_args()
 
 ckpt = load_checkpoint(args.teacher, "teacher")
 teacher = model_from_checkpoint(ckpt, "cpu").eval()
-g = torch.Generator().manual_seed(0)   # the prefixes and noise of distill.py's evaluation
+g = torch.Generator().manual_seed(0)   # with --prefixes its eval_samples: distill.py's evaluation
 val = load_split(ckpt["train_config"]["data_dir"], "val")
 prompts = sample_sequences(val, args.prefixes, 6, g)[0]
 noise = torch.rand(args.prefixes, args.tokens, generator=g, dtype=torch.float64)
 n, k, out = args.tokens // args.k * args.k, args.k, {}
+rate = lambda hits, of: [None if math.isnan(x) else x   # noqa: E731  (per slot, over all windows)
+                         for x in (hits.sum((0, 1)) / of.sum((0, 1))).tolist()]
 if args.out and os.path.exists(args.out):   # runs measured before, perhaps on another machine
     out = json.load(open(args.out))["runs"]
 
@@ -101,10 +103,8 @@ for run in args.runs:
     out[run] = {   # per slot, over all windows (slot 1 has no earlier slot to miss)
         "agreement": hit.mean((0, 1)).tolist(),
         "earlier_slots_agreed": before.mean((0, 1)).tolist(),
-        "agreement_given_earlier_agreed": ((hit * before).sum((0, 1))
-                                           / before.sum((0, 1))).tolist(),
-        "agreement_after_a_miss": [None if math.isnan(x) else x for x in   # None: never missed
-                                   ((hit * missed).sum((0, 1)) / missed.sum((0, 1))).tolist()],
+        "agreement_given_earlier_agreed": rate(hit * before, before),   # None: never all agreed
+        "agreement_after_a_miss": rate(hit * missed, missed),   # None: never missed
         "agreement_other_noise_at_the_slots": (other == ar[:, :n]).view(
             args.prefixes, -1, k).float().mean((0, 1)).tolist(),
         "coupling": own, **({} if tv is None else {
