@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The distillation recipes side by side on the CPU demo (30 runs, one after another: about 4 hours
-# on 2 cores; the committed rows' one-thread levers ran two at a time): each distils the tiny
+# The distillation recipes side by side on the CPU demo (30 runs, one after another; their training
+# alone took 3 hours on 2 cores, the one-thread levers two at a time): each distils the tiny
 # teacher (python teacher.py --preset tiny) to k = 4 at about the same CPU time, then bench.py
 # scores its samples; scripts/ablation.py gathers results/ablation_tiny.{json,png}.
 set -euo pipefail
