@@ -113,6 +113,8 @@ def test_every_preset_is_a_valid_config():
         argv = ["--preset", preset]
         t, _ = common.parse_config(teacher.TeacherConfig, teacher.PRESETS, "", argv)
         d, _ = common.parse_config(distill.DistillConfig, distill.PRESETS, "", argv)
+        for cfg, values in ((t, teacher.PRESETS[preset]), (d, distill.PRESETS[preset])):
+            assert all(getattr(cfg, k) == v for k, v in values.items() if k != "_about"), preset
         assert (t.out_dir, d.out_dir) == (f"out/teacher_{preset}", f"out/distill_{preset}")
         assert d.teacher == f"out/teacher_{preset}/best.pt" and d.data_dir == t.data_dir
         assert t.n_embd % (2 * t.n_head) == 0 and t.eval_interval <= t.max_steps

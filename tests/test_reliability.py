@@ -809,6 +809,9 @@ BAD = {
                                                         "100000"), r"shorter than one sequence"),
     "device not supported": (teacher, lambda p: T(p["data"], p["out"], "--device", "mps"),
                              r"--device 'mps' is not supported"),
+    "one CUDA device past the last": (teacher, lambda p: T(p["data"], p["out"], "--device",
+                                                           f"cuda:{torch.cuda.device_count()}"),
+                                      r"is not supported \(\d+ CUDA devices\)"),
     "teacher batch too big": (teacher, lambda p: T(p["data"], p["out"], "--batch_size",
                                                    str(10 ** 12)), r"does not fit in memory"),
     "distill batch too big": (distill, lambda p: D(p["data"], p["teacher"], p["out"],
@@ -861,6 +864,7 @@ def test_a_second_ctrl_c_lets_a_checkpoint_finish(tmp_path):
         with pytest.raises(KeyboardInterrupt):   # outside a save it stops at once
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # Python's, once more
     assert torch.equal(torch.load(tmp_path / "last.pt")["w"], torch.ones(3))
 
 
