@@ -24,9 +24,9 @@ teacher:
 distill:
 	$(PY) distill.py --preset $(PRESET) --k 4 --overwrite
 
-sample:   # (through a temporary file: a failing sample.py stops make and keeps the old text)
-	$(PY) sample.py --preset $(PRESET) --num_samples 2 > results/.sample_$(PRESET).txt
-	mv results/.sample_$(PRESET).txt results/sample_$(PRESET).txt && cat results/sample_$(PRESET).txt
+sample:   # (into out/ first: a failing sample.py stops make and leaves results/ as it was)
+	$(PY) sample.py --preset $(PRESET) --num_samples 2 > out/sample_$(PRESET).txt
+	cp out/sample_$(PRESET).txt results/ && cat results/sample_$(PRESET).txt
 
 bench:
 	$(PY) bench.py --preset $(PRESET) --name bench_$(PRESET)
