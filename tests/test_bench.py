@@ -434,6 +434,20 @@ def test_a_run_that_measures_nothing_writes_nothing(pair, tmp_path, monkeypatch,
     assert {name: (tmp_path / name).read_text() for name in earlier} == earlier
 
 
+def test_some_suspect_rows_are_written_with_the_others(pair, tmp_path, monkeypatch, steady):
+    """One suspect row (here k = 4 timed 100 times too fast) leaves a result to write: the speed
+    file keeps every row, the suspect one marked."""
+    timed = bench.time_point
+
+    def too_fast_at_4(*args):
+        out = timed(*args)
+        n, ts, warm = out[4]
+        return {**out, 4: (n, [t / 100 for t in ts], warm)}
+    monkeypatch.setattr(bench, "time_point", too_fast_at_4)
+    rows = run(pair, tmp_path, *FAST, "--no-quality")("speed")["speed"]
+    assert [r["k"] for r in rows if r["suspect"]] == [4] and len(rows) == 4
+
+
 def test_a_name_may_hold_a_folder(pair, tmp_path):
     assert run(pair, tmp_path, *FAST, "--no-quality", "--ks", "4", "--name", "runs/first")(
         "speed", "runs/first")["speed"]
