@@ -11,7 +11,6 @@ import re
 import signal
 import subprocess
 import sys
-from contextlib import contextmanager
 from types import SimpleNamespace
 
 import numpy as np
@@ -35,7 +34,7 @@ def run_cli(main):
     except UserError as e:
         sys.stderr.write(f"error: {e}\n")   # one write: DDP ranks failing together never splice
         sys.exit(2)
-    except (RuntimeError, MemoryError) as e:   # where no fits_in_memory block gives a better hint
+    except (RuntimeError, MemoryError) as e:
         if not out_of_memory(e):
             raise
         sys.stderr.write("error: out of memory; lower the sizes this run was given (see --help)\n")
@@ -143,16 +142,6 @@ def shard(t, rt):   # this rank's rows of a global batch
 def out_of_memory(e):   # CUDA's error, or on CPU a MemoryError or a RuntimeError saying so
     return (isinstance(e, (torch.OutOfMemoryError, MemoryError))
             or any(s in str(e) for s in ("out of memory", "can't allocate memory")))
-
-
-@contextmanager
-def fits_in_memory(hint):   # running out of memory inside the block is one line: the hint
-    try:
-        yield
-    except (RuntimeError, MemoryError) as e:
-        if out_of_memory(e):
-            raise UserError(hint) from None
-        raise
 
 
 # ------------------------------------------------------------------------------------------------

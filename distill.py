@@ -1,20 +1,13 @@
 """
 Distillation: turn the AR teacher into a push-forward student that maps k uniform noises to k
-tokens in one pass. --recipe cdf_seq (the default) and cdf (without the slot MLP): the
-distribution readout, one stage at --k; token i's distribution learns the AR teacher's after the
-context and the student's own tokens 1..i-1 (--kl: the mean of the forward and reverse KL;
-forward alone spreads mass the teacher does not have): at its fixed point the student samples the
-teacher. onpolicy: the argmax readout, by cross-entropy to those targets' inverse CDF.
+tokens in one pass.
+cdf_seq (the default) and cdf (without the slot MLP): the distribution readout, one stage at --k.
+Token i's distribution learns the AR teacher's after the context and the student's own tokens
+1..i-1 (--kl): at its fixed point the student samples the teacher. onpolicy: the argmax readout,
+by cross-entropy to those targets' draw.
 paper: the paper's progressive self-forcing distillation (argmax readout): stages k = 1, 2, 4, ..
 up to --k, each a copy of the last learning its same-noise rollout, block after block on the real
 context followed by its own tokens (stage 1: the teacher's inverse CDF), by cross-entropy.
---freeze_trunk (the tiny and small presets'; cdf readouts only): every weight the teacher had stays
-frozen and only the noise encoder and the slot MLP learn, so the real tokens' states and K/V, and
-token 1's distribution (read from the last real token), stay the teacher's.
---coupling gumbel (the cdf readouts' default): tokens are drawn from u by the Gumbel-max trick
-instead of the inverse CDF, by the student and by the AR teacher it is compared with: the same
-distributions, and their same-noise samples coincide more often. The argmax readouts learn the map
-from u themselves and need the smooth inverse CDF.
 
     python distill.py --preset tiny      # teacher: out/teacher_<preset>/best.pt
     torchrun --standalone --nproc_per_node 8 distill.py --preset paper
@@ -29,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import (EMA, JsonlLog, StopFlag, UserError, all_mean, device_name, field,
-                    fits_in_memory, git_commit, load_checkpoint, load_split, lr_at,
+                    git_commit, load_checkpoint, load_split, lr_at,
                     model_from_checkpoint, parse_config, pyplot, run_cli, sample_sequences,
                     save_checkpoint, save_figure, setup_runtime, shard, start_run,
                     stop_if_not_finite, teacher_id, write_json)
@@ -45,8 +38,10 @@ class DistillConfig:
     out_dir: str = field("out/distill_{preset}", "student_k<K>.pt, last.pt, log and summary")
     k: int = field(4, "tokens per pass of the last stage", at_least=1)
     recipe: str = field("cdf_seq", "see above", choices=("paper", "onpolicy", "cdf", "cdf_seq"))
-    coupling: str = field("auto", "how u becomes a token (see above): inverse_cdf (the paper's), "
-                          "gumbel, or auto: gumbel for cdf readouts",
+    coupling: str = field("auto", "how u becomes a token: inverse_cdf (the paper's), or gumbel "
+                          "(Gumbel-max: the same distributions, whose same-noise samples coincide "
+                          "more often); auto: gumbel for the cdf readouts (the argmax ones learn "
+                          "the map from u, which must be smooth)",
                           choices=("auto", "inverse_cdf", "gumbel"))
     steps_per_stage: int = field(1000, "optimizer steps per stage (0: the untrained student, "
                                  "evaluated and saved)", at_least=0)
@@ -66,8 +61,8 @@ class DistillConfig:
     noise_features: str = field("paper", "the noise encoder's cycles over [0, 1]: paper <= 1, "
                                 "high 1-256", choices=("paper", "high"))
     freeze_trunk: bool = field(False, "train only the noise encoder and the slot MLP (cdf readouts"
-                               "): the real tokens' states and K/V and token 1's distribution "
-                               "stay exactly the teacher's")
+                               "): every weight the teacher had stays frozen, so the real tokens' "
+                               "states and K/V and token 1's distribution stay exactly its own")
     eval_samples: int = field(256, "val prefixes of the same-noise agreement", at_least=1)
     eval_tokens: int = field(48, "tokens it generates per prefix (>= k)", at_least=1)
     prompt_len: int = field(6, "its prefix length (the paper's 6)", at_least=1)
@@ -154,12 +149,9 @@ def distill_loss(recipe, kl, model, teacher, prev, x, anchors, u, autocast, draw
                                    reduction="none").view_as(targets).mean((0, 1))
         return per_slot, per_slot.mean(), own, targets
     log_p, log_q = F.log_softmax(target_logits, dim=-1), F.log_softmax(logits.float(), dim=-1)
-    if kl == "forward":   # where p has mass, q needs it
-        per_slot = kl_per_slot(log_p, log_q)
-    elif kl == "reverse":   # where p has none, q may not
-        per_slot = kl_per_slot(log_q, log_p)
-    else:
-        per_slot = (kl_per_slot(log_p, log_q) + kl_per_slot(log_q, log_p)) / 2
+    forward = kl_per_slot(log_p, log_q) if kl != "reverse" else 0   # where p has mass, q needs it
+    reverse = kl_per_slot(log_q, log_p) if kl != "forward" else 0   # where p has none, q may not
+    per_slot = (forward + reverse) / (2 if kl == "both" else 1)
     # summed: on the student's own prefixes the reverse terms add up to the joint's reverse KL in
     # expectation (the chain rule), though the gradient takes the drawn prefixes as fixed; the
     # forward terms stand in for the joint's forward KL, whose prefixes are p's
@@ -190,7 +182,7 @@ def checkpoint(run, model, gen, log, stage, **mid_stage):
 def main(argv=None):
     cfg, args = parse_config(DistillConfig, PRESETS, __doc__, argv)
     schedule = stage_schedule(cfg)
-    if cfg.coupling == "auto":
+    if cfg.coupling == "auto":   # (recorded as resolved)
         cfg.coupling = "gumbel" if "cdf" in cfg.recipe else "inverse_cdf"
     rt = setup_runtime(cfg.device, cfg.dtype, tf32=False)   # fp32 targets: no TF32 rounding
     if cfg.batch_size % rt.world:
@@ -238,9 +230,7 @@ def main(argv=None):
     # eager, the targets' draw would sweep batch x anchors x k x vocab some 20 times a step
     draw_fn = compile_per_shape(draw) if cfg.compile and rt.device.type == "cuda" else draw
     teacher_names = {name for name, _ in teacher.named_parameters()}
-    with StopFlag() as stop, fits_in_memory(
-            f"a batch of {cfg.batch_size // rt.world} sequences x {cfg.anchors} anchors does not "
-            f"fit in memory on {rt.device}; lower --batch_size or --anchors"):
+    with StopFlag() as stop:
         for si, k in enumerate(schedule):
             if state and si < state["stage"]:   # finished before the resume
                 prev = model_from_checkpoint(load_checkpoint(

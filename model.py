@@ -8,15 +8,14 @@ evaluate G; the K-Forcing student evaluates it in ONE: the k noises enter as k n
 the context, and the argmax at slot i is token i. The student is the teacher's network plus a small
 noise encoder (max_k > 0); a teacher is the same class with max_k = 0.
 
-The distribution readout (readout="cdf" or "cdf_seq", the latter distill.py's default; not the
-paper's) keeps the sampling outside the network: token 1's distribution is read from the last real
-token's state (the teacher's, exactly, at the start), token i+1's from noise slot i's state, and
-x_i = draw(that distribution, u_i) by a fixed, exact map from u to a token, the coupling: the
-inverse CDF, or the Gumbel-max trick (coupling="gumbel", distill.py's default for these readouts),
-under which a student's and its teacher's samples from the same noise coincide more often. A
-student that learns the teacher's conditionals then samples the teacher exactly, and AR is its
-k = 1 case with no slot at all. "cdf_seq" adds a small residual MLP stack, shared by the slots,
-that also reads token i (as Hydra's or DeepSeek-V3's multi-token heads do).
+The distribution readout (readout="cdf" or "cdf_seq", distill.py's default; not the paper's)
+keeps the sampling outside the network: token 1's distribution is read from the last real token's
+state (exactly the teacher's at the start), token i+1's from noise slot i's state, and x_i =
+draw(that distribution, u_i) by a fixed, exact map from u to a token, the coupling: the inverse
+CDF, or the Gumbel-max trick (coupling="gumbel"), under which two models' samples from the same
+noise coincide more often. A student that learns the teacher's conditionals samples the teacher
+exactly; AR is its k = 1 case, with no slot. "cdf_seq" adds a small residual MLP stack, shared by
+the slots, that also reads token i (as Hydra's or DeepSeek-V3's multi-token heads do).
 
 Read top to bottom:
   1. the blocks: GPTConfig, rope, attention, MLP, Block
@@ -252,8 +251,7 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, anchors=None, noise=None, window=None):
         """AR training and scoring: causal attention over real tokens; returns (logits, loss).
         With noise, the student's staircase pass instead: (slot logits, None), or with the cdf
-        readout (logits, tokens). All go through forward so that DDP and torch.compile wrap them
-        alike."""
+        readout (logits, tokens). All go through forward: DDP and torch.compile wrap them alike."""
         if noise is not None and self.config.readout != "argmax":
             return self.forward_cdf(idx, anchors, noise)
         if noise is not None:
@@ -279,8 +277,7 @@ class GPT(nn.Module):
         holding its k noise slots (B, A, k uniforms) at positions t+1..t+k. window: (B, A, m) tokens
         committed after t, at t+1..t+m as if real, the slots then at t+m+1..t+m+k (the previous
         student's own tokens in a self-forcing rollout). The paper trains every position as an
-        anchor; A < N is a saving.
-        Returns the slots' logits, (B, A, k, vocab)."""
+        anchor; A < N is a saving. Returns the slots' logits, (B, A, k, vocab)."""
         x_win = self.noise_encoder(noise)                                       # (B, A, k, C)
         m = 0 if window is None else window.size(2)
         if window is not None:
@@ -341,8 +338,8 @@ class GPT(nn.Module):
     def student_from(cls, teacher, max_k, **choices):
         """A student initialised from its teacher: every shared tensor copied; from an AR teacher
         (the first stage) the noise encoder and slot readout are new, later stages copy them too.
-        No dropout, as in the paper's k = 4 stage. choices (noise_features, readout,
-        readout_layers, coupling): the first stage's; later stages inherit them."""
+        No dropout, as in the paper's k = 4 stage. choices (STUDENT_CHOICES): the first stage's;
+        later stages inherit them."""
         assert set(choices) <= set(STUDENT_CHOICES), choices
         cfg = GPTConfig(**{**asdict(teacher.config), "max_k": max_k, "dropout": 0.0})
         if teacher.noise_encoder is None:

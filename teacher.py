@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import (EMA, JsonlLog, StopFlag, UserError, all_mean, device_name, field,
-                    fits_in_memory, git_commit, load_split, lr_at, parse_config, run_cli,
+                    git_commit, load_split, lr_at, parse_config, run_cli,
                     sample_sequences, save_checkpoint, setup_runtime, shard, start_run,
                     stop_if_not_finite, write_json)
 from fast import flops_per_token, peak_flops
@@ -137,10 +137,8 @@ def main(argv=None):
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.block_size
     train_time, first_step = 0.0, step
     mb = cfg.batch_size // rt.world   # a micro-batch's rows on this rank
-    oom = (f"a batch of {mb} x {cfg.block_size} tokens does not fit in memory on {rt.device}; "
-           "lower --batch_size and raise --grad_accum")
     bar = tqdm(total=cfg.max_steps, initial=step, desc="teacher", disable=not rt.master)
-    with StopFlag() as stop, fits_in_memory(oom), bar:
+    with StopFlag() as stop, bar:
         while True:
             # evaluate a step that last.pt already holds (an error here loses no training); a
             # resume from it evaluates again. best.pt: the best evaluated weights after step 0
