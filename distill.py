@@ -244,13 +244,12 @@ def main(argv=None):
             trained = [p for p in student.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(trained, lr=cfg.lr, betas=(0.9, 0.95),
                                           weight_decay=0.0, fused=rt.device.type == "cuda")
-            ema = EMA(student, cfg.ema) if cfg.ema else None
-            averaged = ema.model if ema else student   # what is evaluated, saved and handed on
+            ema = EMA(student, cfg.ema)   # --ema 0: the average is the weights themselves
+            averaged = ema.model   # what is evaluated, saved and handed on
             if state and si == state["stage"] and state["optimizer"]:   # resume mid-stage
                 student.load_state_dict(state["model"])
                 optimizer.load_state_dict(state["optimizer"])
-                if ema:
-                    ema.load_state_dict(state["ema"])
+                ema.load_state_dict(state["ema"])
                 step, r = state["step"], state["progress"]
             else:   # r: the stage's result so far, in last.pt so that a resumed stage reports it
                 step, r = 0, {"k": k, "agreement_init": eval_agreement(student, k, bench),
@@ -294,8 +293,7 @@ def main(argv=None):
                         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                    if ema:
-                        ema.update(student)
+                    ema.update(student)
                     step += 1
                     # not timed: a stage's (or a resume's) first 3 steps, which compile; later
                     # .tolist() has waited for the GPU, so the times add up
@@ -313,7 +311,7 @@ def main(argv=None):
                             and rt.master:   # the stage's end too: its evaluations lose no training
                         save_checkpoint(last_path, checkpoint(
                             run, student, gen, log, si, step=step, progress=r,
-                            optimizer=optimizer.state_dict(), ema=ema and ema.state_dict()))
+                            optimizer=optimizer.state_dict(), ema=ema.state_dict()))
                     if stopping:
                         raise UserError(f"interrupted in stage k={k} at step {step}; saved "
                                         f"{last_path}; continue with --resume")
