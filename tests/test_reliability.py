@@ -436,6 +436,41 @@ def test_grad_accum_splits_the_same_batch(tmp_path, data_dir, monkeypatch):
     assert tokens == [4 * 8 * 32] * 2
 
 
+def test_the_seed_sets_the_teachers_init_and_batch_order(tmp_path, data_dir, monkeypatch):
+    """--seed seeds the teacher's initial weights and its train batches; the val batches stay
+    the same for every seed (evaluations compare like with like)."""
+    def run(seed):
+        batches = []
+        def sample_sequences(*a):   # called for: val (step 0), train (step 1), val
+            batches.append(common.sample_sequences(*a))
+            return batches[-1]
+        monkeypatch.setattr(teacher, "sample_sequences", sample_sequences)
+        out = tmp_path / str(seed)
+        teacher.main(T(data_dir, out, "--max_steps", "1", "--seed", str(seed)))
+        return [x for x, _ in batches], read_log(out / "log.jsonl")[0]["val_loss"]
+    (val, train, _), first_val = run(7)
+    (val2, train2, _), first_val2 = run(8)
+    assert torch.equal(val, val2) and not torch.equal(train, train2)
+    assert first_val != first_val2   # the same val batch through other initial weights
+
+
+def test_the_seed_sets_the_distillations_batches_noise_and_new_weights(tmp_path, data_dir,
+                                                                       teacher_ref, monkeypatch):
+    """--seed seeds distill.py's context batches, anchors, noise and the noise encoder's initial
+    weights (the rest of the first student is its teacher's)."""
+    first, loss = {}, distill.distill_loss
+
+    def recording(recipe, kl, model, teacher, prev, x, anchors, u, *a):
+        first.setdefault(seed, (x, anchors, u, model.noise_encoder.inp.weight.detach().clone()))
+        return loss(recipe, kl, model, teacher, prev, x, anchors, u, *a)
+    monkeypatch.setattr(distill, "distill_loss", recording)
+    for seed in (7, 8):
+        distill.main(D(data_dir, teacher_ref["best"], tmp_path / str(seed), "--seed", str(seed),
+                       "--steps_per_stage", "1"))
+    for name, a, b in zip(("context", "anchors", "noise", "noise encoder"), first[7], first[8]):
+        assert a.shape == b.shape and not torch.equal(a, b), name
+
+
 def test_the_teacher_follows_its_schedule_and_decays_only_matrices(teacher_ref):
     """Each step's learning rate is lr_at's (warmup to 3e-3 in 4 steps, cosine to 3e-4 at step
     16), in both of the optimizer's groups; weight decay applies to the matrices, never to the
