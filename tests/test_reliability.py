@@ -624,6 +624,31 @@ def test_ddp_ranks_draw_their_own_dropout_masks(tmp_path, data_dir):
     assert all(m0 != m1 for m0, m1 in zip(*masks))   # every dropout call of every step
 
 
+STOP_PROBE = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import common, teacher
+lr_at = teacher.lr_at
+
+def lr_at_with_ctrl_c(step, *a):   # called once a step
+    if step == 2 and os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGINT)   # a Ctrl-C that reaches one process only
+    return lr_at(step, *a)
+teacher.lr_at = lr_at_with_ctrl_c
+common.run_cli(lambda: teacher.main(sys.argv[2:]))
+"""
+
+
+def test_ddp_ctrl_c_on_one_rank_stops_every_rank_after_the_same_step(tmp_path, data_dir):
+    """The ranks agree to stop (an all-reduce of the flag): a rank stopping alone would leave the
+    others waiting for it in the next step's gradient all-reduce."""
+    (tmp_path / "probe.py").write_text(STOP_PROBE)
+    r = torchrun(str(tmp_path / "probe.py"), [REPO] + T(data_dir, tmp_path / "out"))
+    assert r.returncode != 0 and r.stderr.count("error: interrupted at step 3;") == 2, \
+        r.stderr[-3000:]
+    assert load_checkpoint(str(tmp_path / "out" / "last.pt"), kind="teacher")["step"] == 3
+
+
 def test_a_stray_rank_variable_is_not_a_multi_process_run(tmp_path, data_dir):
     r = run("teacher.py", T(data_dir, tmp_path / "out", "--max_steps", "2"),
             env={**ENV, "RANK": "1"})
