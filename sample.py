@@ -1,8 +1,4 @@
-"""Sample the AR teacher and a K-Forcing student on the SAME noise: free-running and on the
-teacher's context (each window of k slots from the teacher's text so far), '^' under each mismatch.
-
-    python sample.py --prompt "ROMEO:" --k 4  # the newest teacher in out/, its highest-k student"""
-import argparse
+"""AR teacher and K-Forcing student on the SAME noise: free-running and on the teacher's context."""
 import glob
 import os
 import re
@@ -18,27 +14,21 @@ from prepare_data import get_tokenizer
 
 
 def find_checkpoints(preset, teacher, student):
-    """The paths given, else out/teacher_<preset>/best.pt (default: the newest) and the highest k
-    in out/distill_<preset>/, the preset read off the teacher's folder where not given."""
-    if teacher is None:
-        name = "*" if preset is None else preset
-        found = sorted(glob.glob(f"out/teacher_{name}/best.pt"), key=os.path.getmtime)
-        if not found:
-            raise UserError(f"no teacher in out/teacher_{name}/; run teacher.py or pass --teacher")
-        teacher = found[-1]
-    if student is None:
-        if preset is None:   # the teacher's own: out/teacher_<preset>/
-            folder = os.path.basename(os.path.dirname(os.path.abspath(teacher)))
-            if not folder.startswith("teacher_"):
-                load_checkpoint(teacher, "teacher")   # a missing file or a student says so first
-                raise UserError(f"{teacher} is not in an out/teacher_<preset>/ folder: pass "
-                                "--student")
-            preset = folder[len("teacher_"):]
+    """The paths given, else the newest out/teacher_<preset>/best.pt and its highest-k student."""
+    teachers = sorted(glob.glob(f"out/teacher_{preset or '*'}/best.pt"), key=os.path.getmtime)
+    if teacher is None and not teachers:
+        raise UserError(f"no out/teacher_{preset or '*'}/best.pt; run teacher.py or pass --teacher")
+    teacher = teacher or teachers[-1]
+    if student is None:   # the highest k in out/distill_<preset>/ (no --preset: the teacher's)
+        folder = os.path.basename(os.path.dirname(os.path.abspath(teacher)))
+        if preset is None and not folder.startswith("teacher_"):
+            load_checkpoint(teacher, "teacher")   # a missing file or a student says so first
+            raise UserError(f"{teacher} is not in an out/teacher_<preset>/ folder: pass --student")
+        preset = preset or folder.removeprefix("teacher_")
         found = {int(m[1]): p for p in glob.glob(f"out/distill_{preset}/student_k*.pt")
                  if (m := re.search(r"student_k(\d+)\.pt$", p))}   # not a student_k4_old.pt
         if not found:
-            raise UserError(f"no student in out/distill_{preset}/; run distill.py or pass "
-                            "--student")
+            raise UserError(f"no student in out/distill_{preset}; run distill.py or pass --student")
         student = found[max(found)]
     return teacher, student
 
@@ -46,8 +36,8 @@ def find_checkpoints(preset, teacher, student):
 def load_models(t_path, s_path, device):
     """(teacher, student, the teacher's checkpoint): a student must have its teacher's shape."""
     t_ckpt, s_ckpt = load_checkpoint(t_path, "teacher"), load_checkpoint(s_path, "student")
-    t_cfg, s_cfg = t_ckpt["model_config"], s_ckpt["model_config"]
-    diff = [f"{key} {s_cfg.get(key)} vs {v}" for key, v in t_cfg.items()
+    s_cfg = s_ckpt["model_config"]
+    diff = [f"{key} {s_cfg.get(key)} vs {v}" for key, v in t_ckpt["model_config"].items()
             if key not in STUDENT_FIELDS and s_cfg.get(key) != v]
     if diff:
         raise UserError(f"{s_path} does not have {t_path}'s shape: {', '.join(diff)}")
@@ -74,7 +64,7 @@ def show(tok, teacher, student, k, width=96):
 
 
 def main(argv=None):
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--preset", help="out/teacher_<preset>/best.pt, its highest k (default: newest)")
     p.add_argument("--teacher", help="AR teacher checkpoint (instead of the preset's)")
     p.add_argument("--student", help="K-Forcing student checkpoint (instead of the preset's)")
@@ -94,30 +84,29 @@ def main(argv=None):
     if not 1 <= k <= student.config.max_k:
         raise UserError(f"--k {k}: must be 1 to the student's max_k ({student.config.max_k})")
     tok, gen = get_tokenizer(ckpt["tokenizer"]), torch.Generator().manual_seed(args.seed)
-    if args.prompt is None:
-        val = load_split(ckpt["train_config"]["data_dir"], "val")   # the teacher's data
-        prompts = sample_sequences(val, args.num_samples, 6, gen)[0].to(device)
+    B, n = args.num_samples, -(-args.max_new_tokens // k) * k   # n: in whole passes
+    if args.prompt is None:   # 6-token prefixes of the teacher's own val split
+        val = load_split(ckpt["train_config"]["data_dir"], "val")
+        prompts = sample_sequences(val, B, 6, gen)[0].to(device)
     else:
         try:
-            prompts = torch.tensor([tok.encode(args.prompt)] * args.num_samples, device=device)
+            prompts = torch.tensor([tok.encode(args.prompt)] * B, device=device)
         except ValueError as e:
             raise UserError(f"--prompt: {e}") from None
-    B, P, n = args.num_samples, prompts.size(1), -(-args.max_new_tokens // k) * k   # whole passes
-    room = teacher.config.block_size - n
-    if not 0 < P <= room:
-        fit = f"1 to {room} fit" if room > 0 else "none fits (lower --max_new_tokens)"
-        raise UserError(f"a prompt of {P} tokens: {fit} before {n} new tokens in the block size "
-                        f"{teacher.config.block_size}")
+    P, T = prompts.size(1), teacher.config.block_size
+    if not 0 < P <= T - n:
+        fit = f"1 to {T - n} fit" if T > n else "none fits (lower --max_new_tokens)"
+        raise UserError(f"a prompt of {P} tokens: {fit} before {n} new tokens in block size {T}")
     noise = torch.rand(B, n, generator=gen, dtype=torch.float64).to(device)
     ar, free = generate(teacher, prompts, noise, 1), generate(student, prompts, noise, k)
     windowed = teacher_context_windows(student, prompts, ar, noise, k)
     for i, (a, f, w) in enumerate(zip(ar.tolist(), free.tolist(), windowed.tolist())):
         print(f"--- sample {i + 1}: {tok.decode(prompts[i].tolist())!r}, k = {k}\nfree-running:\n"
               f"{show(tok, a, f, k)}\non the teacher's context:\n{show(tok, a, w, k)}")
-    per_slot = lambda a: "  ".join(f"slot {j + 1} {x:6.1%}" for j, x in enumerate(a))  # noqa: E731
-    print(f"\nsame-noise agreement with the teacher per slot, {B} x {n} tokens:\n"
-          f"  on the teacher's context  {per_slot(same_noise_agreement(ar, windowed, k))}\n"
-          f"  free-running              {per_slot(same_noise_agreement(ar, free, k))}")
+    print(f"\nsame-noise agreement with the teacher per slot, {B} x {n} tokens:")
+    for name, view in (("on the teacher's context", windowed), ("free-running", free)):
+        slots = enumerate(same_noise_agreement(ar, view, k), 1)
+        print(f"  {name:24}  " + "  ".join(f"slot {j} {x:6.1%}" for j, x in slots))
     print("  blind to the noise: {independent_draw:.1%} (an independent draw), {teacher_mode:.1%} "
           "(the teacher's mode)".format(**agreement_without_noise(teacher, prompts, ar)))
 
