@@ -57,6 +57,10 @@ def field(default, help, choices=None, at_least=None, below=None):
 
 
 class ArgumentParser(argparse.ArgumentParser):
+    def __init__(self, description):   # a script's docstring as written: usage lines stay lines
+        super().__init__(description=description,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+
     def error(self, message):   # one line like every other mistake, not a usage block
         raise UserError(f"{message}; see {self.prog} --help")
 
@@ -69,8 +73,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def parse_config(cls, presets, description, argv=None):
-    p = ArgumentParser(description=description,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description)
     p.add_argument("--preset", default=next(iter(presets)), choices=list(presets),
                    help=f"default {next(iter(presets))}; "
                    + "; ".join(f"{k}: {v['_about']}" for k, v in presets.items()))

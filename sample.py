@@ -1,4 +1,7 @@
-"""AR teacher and K-Forcing student on the SAME noise: free-running and on the teacher's context."""
+"""Sample the AR teacher and a K-Forcing student on the SAME noise: free-running and on the
+teacher's context (each window of k slots from the teacher's text so far), '^' under each mismatch.
+
+    python sample.py --prompt "ROMEO:" --k 4  # the newest teacher in out/, its highest-k student"""
 import glob
 import os
 import re
@@ -64,7 +67,7 @@ def show(tok, teacher, student, k, width=96):
 
 
 def main(argv=None):
-    p = ArgumentParser(description=__doc__)
+    p = ArgumentParser(__doc__)
     p.add_argument("--preset", help="out/teacher_<preset>/best.pt, its highest k (default: newest)")
     p.add_argument("--teacher", help="AR teacher checkpoint (instead of the preset's)")
     p.add_argument("--student", help="K-Forcing student checkpoint (instead of the preset's)")
