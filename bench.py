@@ -1,7 +1,6 @@
 """Benchmark K-Forcing against AR decoding: speed (tokens/s, speedup, roofline) and quality
-(gen-PPL, entropy, repetition, same-noise agreement, the distribution per slot). Each part that
-measured something writes <out_dir>/<name>_<part>.json (speed, quality, profile, roofline_<gpu>) and
-a plot (speed, quality): a rerun under a name replaces only the files of the parts it runs.
+(gen-PPL, entropy, repetition, same-noise agreement, the distribution per slot). A part run
+replaces only its <out_dir>/<name>_<part>.json (speed, quality, profile, roofline_<gpu>) and .png.
 
     python bench.py                               # the newest trained pair in out/: speed + quality
     python bench.py --no-trained                  # the paper's shape, random weights: no checkpoint
@@ -9,16 +8,10 @@ a plot (speed, quality): a rerun under a name replaces only the files of the par
     python bench.py --no-trained --profile --batch_sizes 1,512 --seq_lens 1024   # a step's kernels
     python bench.py --no-trained --roofline H200  # the grid's ceilings on that GPU, on any machine
 
-Speed: AR (the teacher, k = 1) and K-Forcing (the student at k) by ONE decode path: model.generate
-on a static cache sized to the generation, each pass after the (eager) prefill replayed from a
-CUDA graph on CUDA. tokens/s counts new tokens, prefill included, warm-up not; AR and every k run
-back to back in each repeat, medians kept. A speedup above k or repeats that disagree mark a
-point `suspect`, never plotted. Both sides pay for their draws: AR draws each token from the
-vocabulary (--coupling), the argmax student only takes an argmax, a distribution readout draws.
-Quality: continuations of 6-token val prefixes in float32 by the teacher and the student at every
-k from the SAME noise: gen-PPL under the teacher (overall, per slot), entropy, repeated 4-grams,
-same-noise agreement beside a student blind to the noise, and the distribution per slot (on the
-first 32 prefixes)."""
+Speed: AR (the teacher, k = 1) and the student at each k by ONE decode path (model.generate on a
+static cache, CUDA graphs on CUDA), back to back in each repeat, medians kept; a speedup above k or
+repeats that disagree mark a point `suspect`, never plotted. Quality: float32 continuations of
+6-token val prefixes by the teacher and the student at every k from the SAME noise."""
 import argparse
 import copy
 import json
@@ -33,9 +26,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (ArgumentParser, UserError, device_name, git_commit, load_split,
-                    out_of_memory, pyplot, resolve_device, run_cli, sample_sequences, save_figure,
-                    write_json)
+from common import (ArgumentParser, UserError, device_name, git_commit, load_split, out_of_memory,
+                    pyplot, resolve_device, run_cli, sample_sequences, save_figure, write_json)
 from fast import PEAK_BANDWIDTH, PEAK_FLOPS, CUDAGraphStep, device_peak, make_cache
 from model import (GPT, GPTConfig, agreement_without_noise, continuation_logits,
                    generate, same_noise_agreement, window_agreement)
@@ -62,35 +54,30 @@ def parse_args(argv=None):
     flag("preset", help="the pair in out/ as sample.py picks it (default: the newest teacher)")
     flag("teacher", help="AR teacher checkpoint (instead of the preset's); it also scores gen-PPL")
     flag("student", help="K-Forcing student checkpoint (instead of the preset's)")
-    flag("batch_sizes", type=int_list, help="comma list (default: 1,8,...,512 on CUDA or with "
-         "--roofline, 1,8 on CPU)")
-    flag("seq_lens", type=int_list, help="total tokens (prefix + new), comma list; each model runs "
-         "those that fit its block size (default: 128,1024 on CUDA or with --roofline, 64 on CPU)")
-    flag("ks", type=int_list, help="student tokens per pass in the speed grid, comma list of "
-         "2..max_k; AR (k = 1) always runs; quality scores every k (default: 2,3,4 up to max_k)")
+    flag("batch_sizes", type=int_list, help="comma list (default: 1,8,...,512 for a GPU, else 1,8)")
+    flag("seq_lens", type=int_list, help="prefix + new tokens, comma list, those within a model's "
+         "block (default: 128,1024 for a GPU, 64 on CPU)")
+    flag("ks", type=int_list, help="the student's k in the speed grid, comma list of 2..max_k; AR "
+         "always runs, quality scores every k (default: 2,3,4 up to max_k)")
     flag("repeats", type=int, help="timed runs a point, median kept (default: 3 on CUDA, 5 on CPU)")
-    flag("paper_shape", action=on_off, help="also time the 12 x 768 paper shape (default: on CUDA "
-         "or with --roofline; always with --no-trained)")
+    flag("paper_shape", action=on_off, help="also time the 12 x 768 paper shape (default: for a "
+         "GPU; always with --no-trained)")
     flag("trained", action=on_off, default=True, help="time and score the trained pair (default)")
-    flag("speed", action=on_off, default=True, help="the speed grid, which --profile and "
-         "--roofline also use (default: on)")
-    flag("quality", action=on_off, help="score the trained pair's samples (default: unless "
-         "--profile, --roofline)")
+    flag("speed", action=on_off, default=True, help="the speed grid (--profile, --roofline too)")
+    flag("quality", action=on_off, help="score the pair (default: unless --profile, --roofline)")
     flag("profile", action="store_true", help="one decode step a point and k, under torch.profiler")
     flag("roofline", metavar="GPU", help="the grid's ceilings on that GPU (e.g. H200), not timed")
     flag("quality_samples", type=int, default=256, help="val prefixes sampled once (default: 256)")
     flag("quality_tokens", type=int, help="sample length (default: 96 or what the block allows)")
     flag("readout", choices=["argmax", "cdf", "cdf_seq"], default="argmax",
-         help="the paper shape's student readout (default: argmax, the paper's)")
+         help="the paper shape student's readout (default: argmax, the paper's)")
     flag("readout_layers", type=int, default=1, help="its slot MLP's layers (cdf_seq; default 1)")
     flag("coupling", choices=["inverse_cdf", "gumbel"], default="inverse_cdf",
          help="how the paper shape's AR and student draw a token from u (default: inverse_cdf)")
     flag("attention", choices=["sdpa", "flex"], default="sdpa", help="how a cached pass attends, "
-         "both sides: a mask over the whole cache, or FlexAttention's blocks (default: sdpa)")
-    flag("compile", action="store_true", help="torch.compile each decode pass after the prefill, "
-         "both sides")
-    flag("dtype", choices=["bfloat16", "float32"], default="bfloat16",
-         help="of the speed runs (default: bfloat16)")
+         "both sides: a mask over the whole cache, or FlexAttention's blocks")
+    flag("compile", action="store_true", help="compile each pass after the prefill, both sides")
+    flag("dtype", choices=["bfloat16", "float32"], default="bfloat16", help="the speed runs' dtype")
     flag("data_dir", help="val.bin for the quality prefixes (default: the teacher's training data)")
     flag("seed", type=int, default=0, help="seeds prefixes, noise and random weights (default: 0)")
     flag("device", default="auto", help="cuda, cpu or auto (default: auto)")
@@ -117,11 +104,9 @@ def seconds(fn, device):
 
 
 def generation_phases(model, B, P, n_new, k, cache_elem):
-    """(bytes, FLOPs) of each phase of a whole generation, pass by pass: a student's noise encoder
-    and slot readout, the trunk (2 FLOPs a weight a row), the LM head (the rows read out) and
-    attention (the cache's valid prefix read, as FlexAttention reads it: SDPA reads the whole cache,
-    so its MBU is understated; the committed tokens' K/V written, the slots' few rows not counted;
-    4 FLOPs per query, key and channel)."""
+    """(bytes, FLOPs) of each phase of a generation, pass by pass: a student's noise slots, the
+    trunk (2 FLOPs a weight a row), the LM head's rows, attention (4 FLOPs a query, key and channel;
+    the K/V committed, the cache's valid prefix read as FlexAttention does: SDPA reads it all)."""
     cfg, w, slot_parts = model.config, model.lm_head.weight, ("noise_encoder.", "slot_readout.")
     size = lambda *parts: sum(p.numel() * p.element_size() for name, p  # noqa: E731
                               in model.named_parameters() if name.startswith(parts))
@@ -130,18 +115,17 @@ def generation_phases(model, B, P, n_new, k, cache_elem):
     kv_token = 2 * cfg.n_layer * cfg.n_embd * cache_elem   # K and V of one token, all layers
     # noise slots per pass: the argmax readout k, the cdf readout k - 1, AR none
     slots = 0 if not cfg.max_k else k if cfg.readout == "argmax" else k - 1
-    heads = k if cfg.max_k else 1                          # rows read out: AR its last one
-    extra, extra_flops = size(*slot_parts), dense(*slot_parts)
-    head, head_bytes, trunk = w.numel(), w.numel() * w.element_size(), dense("blocks.")
+    slot_phase = (size(*slot_parts), 2 * B * slots * dense(*slot_parts))
+    head = (w.numel() * w.element_size(), 2 * B * (k if cfg.max_k else 1) * w.numel())   # AR: 1 row
     # an input embedding is only gathered (a few rows), so it does not count; the final norm does
-    trunk_bytes = size("") - size("wte.", "lm_head.") - extra
+    trunk_bytes, trunk = size("") - size("wte.", "lm_head.", *slot_parts), dense("blocks.")
     phases, length = [], 0
     for s in range(0, n_new, k):
         written = P if s == 0 else k   # the prompt at prefill, then the last k tokens
         rows, length = written + slots, length + written
         if slots:
-            phases.append((extra, 2 * B * slots * extra_flops))
-        phases += [(trunk_bytes, 2 * B * rows * trunk), (head_bytes, 2 * B * heads * head),
+            phases.append(slot_phase)
+        phases += [(trunk_bytes, 2 * B * rows * trunk), head,
                    (B * kv_token * (length + written),
                     4 * B * cfg.n_layer * cfg.n_embd * rows * (length + slots))]
     return phases
@@ -202,8 +186,7 @@ def time_point(teacher, student, ks, B, seq_len, repeats, device, gen, attention
 
 
 def speed_rows(label, runs, B, seq_len, timed, peaks):
-    """A timed point's rows: the speedup is the median per-repeat ratio; `suspect` says why a row
-    is no result (a speedup above k, repeats spread beyond SPREAD_LIMIT): kept, never plotted."""
+    """A timed point's rows: the speedup the median per-repeat ratio, `suspect` why it is none."""
     roof, (ar_n, ar_t, _) = roofline(runs, B, seq_len, peaks), timed[1]
     rows = []
     for k, (n, ts, warm) in timed.items():
@@ -255,9 +238,8 @@ def profile_point(label, teacher, student, ks, B, seq_len, device, gen, attentio
 
 
 def run_grid(points, point, path, resume, seed, made_by):
-    """(rows, skipped) of point(label, teacher, student, seq_len, B, generator) at every point not
-    in `path` (--resume), a JSON line appended per point done; out of memory skips it. made_by: the
-    commit and flags, in every line: a resume continues only the same command."""
+    """(rows, skipped): point(label, teacher, student, seq_len, B, generator) at each point, a line
+    per point in `path`: --resume (same made_by only) skips those done; out of memory skips one."""
     made_by, done = json.loads(json.dumps(made_by)), {}   # as the file gives it back
     if resume:
         if not os.path.exists(path):
@@ -301,8 +283,7 @@ def nll_per_position(judge, prompts, samples, batch=32):
     """(T,): the judge's mean NLL over the samples of each token given all before it (float64)."""
     total = torch.zeros(samples.size(1), dtype=torch.float64)
     for logits, tokens in continuation_logits(judge, prompts, samples, batch):
-        nll = -F.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-        total += nll.double().sum(0).cpu()
+        total += F.cross_entropy(logits.mT, tokens, reduction="none").double().sum(0).cpu()
     return total / samples.size(0)
 
 
@@ -320,13 +301,12 @@ def repeated_4grams(seqs):
 
 def quality_row(model, k, samples, nll, ar_nll, ar, window, tok):
     rows = samples.tolist()
-    ppl, per_slot = gen_ppl(nll, k)
-    ar_ppl, ar_slot = gen_ppl(ar_nll, k)   # the teacher's samples at the same positions
+    (ppl, slot), (ar_ppl, ar_slot) = gen_ppl(nll, k), gen_ppl(ar_nll, k)   # ar: the teacher's
     # entropy (nats) of the empirical token distribution within each sample
     entropy = [-sum(c / len(r) * math.log(c / len(r)) for c in Counter(r).values()) for r in rows]
     return {"model": model, "k": k, "gen_ppl": ppl, "gen_ppl_ratio": ppl / ar_ppl,
-            "gen_ppl_per_slot": per_slot,
-            "gen_ppl_per_slot_ratio": [a / b for a, b in zip(per_slot, ar_slot)],
+            "gen_ppl_per_slot": slot,
+            "gen_ppl_per_slot_ratio": [a / b for a, b in zip(slot, ar_slot)],
             "entropy": statistics.mean(entropy), "repeat4_tokens": repeated_4grams(rows),
             "repeat4_words": repeated_4grams([tok.decode(r).split() for r in rows]),
             "agreement": same_noise_agreement(ar.cpu(), samples.cpu(), k),
@@ -335,10 +315,9 @@ def quality_row(model, k, samples, nll, ar_nll, ar, window, tok):
 
 @torch.no_grad()
 def distribution_per_slot(teacher, student, k, prompts, gen, draws=128, batch=4):
-    """Does the student sample the teacher's distribution at each slot, whatever the coupling? The
-    noises of slots < i fixed, `draws` draws of u_i: the histogram of the student's token i against
-    the teacher's distribution after its tokens < i. Per slot: total variation, its floor (the
-    teacher's own histogram of as many draws), the ratio of entropies (below 1: collapse)."""
+    """Does the student sample the teacher's distribution? Per slot i, the noises of slots < i
+    fixed, `draws` draws of u_i: its token i's histogram against the teacher's distribution after
+    its tokens < i: total variation, its floor (as many draws of the teacher), entropy ratio."""
     (n, L), V = prompts.shape, teacher.config.vocab_size
     entropy = lambda h: -(h * torch.where(h > 0, h.log(), 0.0)).sum(-1)  # noqa: E731
     fixed = torch.rand(n, k, generator=gen, dtype=torch.float64)
@@ -399,12 +378,12 @@ def plot_speed(rows, device, path):
         for k, s in lines:
             line = [r for r in rows if (r["model"], r["k"], r["seq_len"]) == (m, k, s)]
             pts = sorted((r["batch_size"], r["speedup"]) for r in line if not r["suspect"])
-            if pts:   # suspect points are no result: not drawn
-                drawn = ax.plot(*zip(*pts), marker="o", label=f"k = {k}, {s} tokens",
-                                ls="-" if s == max(x[1] for x in lines) else "--")
-            roof = sorted((r["batch_size"], r["roofline_speedup"]) for r in line
-                          if r["roofline_speedup"] is not None)
-            if pts and roof and k == max(x[0] for x in lines):   # the largest k's ceiling
+            if not pts:   # suspect points are no result: not drawn
+                continue
+            drawn = ax.plot(*zip(*pts), marker="o", label=f"k = {k}, {s} tokens",
+                            ls="-" if s == max(x[1] for x in lines) else "--")
+            if k == max(x[0] for x in lines) and line[0]["roofline_speedup"]:   # the largest k's
+                roof = sorted((r["batch_size"], r["roofline_speedup"]) for r in line)
                 ax.plot(*zip(*roof), ls=":", color=drawn[0].get_color(), label=f"k = {k}: roofline")
         ax.set_xscale("log", base=2)
         ax.set(xlabel="batch size", ylabel="speedup over AR (tokens/s ratio)", title=m)
@@ -416,9 +395,8 @@ def plot_speed(rows, device, path):
 def plot_quality(rows, blind, path):
     fig, (ppl, agree) = pyplot().subplots(1, 2, figsize=(11, 4))
     for r in rows[1:]:
-        slots = range(1, r["k"] + 1)
-        ppl.plot(slots, r["gen_ppl_per_slot_ratio"], marker="o", label=f"k = {r['k']}")
-        agree.plot(slots, r["window_agreement"], marker="o", label=f"k = {r['k']}")
+        for ax, key in ((ppl, "gen_ppl_per_slot_ratio"), (agree, "window_agreement")):
+            ax.plot(range(1, r["k"] + 1), r[key], marker="o", label=f"k = {r['k']}")
     ppl.axhline(1.0, color="gray", ls="--", label="AR teacher")
     for (key, value), color in zip(blind.items(), ("tab:purple", "tab:red")):
         agree.axhline(value, ls=":", color=color, label="blind: " + key.replace("_", " "))
@@ -458,8 +436,7 @@ def print_tables(speed, skipped, quality, blind, profile, roof, device):
         print("skipped: {model} seq_len {seq_len} batch {batch_size}: {reason}".format(**s))
     if quality:
         print(f"\n{'model':<9}{'k':>2}{'gen-PPL':>9}{'ratio':>7}{'ratio per slot':>24}"
-              f"{'H ratio':>8}{'rep4 tok/word':>15}  agreement per slot: teacher's context | "
-              "free-running")
+              f"{'H ratio':>8}{'rep4 tok/word':>15}  agreement: teacher's context | free-running")
         pct = lambda a: "/".join(f"{x:.0%}" for x in a)  # noqa: E731
         for r in quality:
             print(f"{r['model']:<9}{r['k']:>2}{r['gen_ppl']:>9.2f}{r['gen_ppl_ratio']:>7.2f}"
@@ -566,9 +543,8 @@ def main(argv=None):
                                   device)
 
     head = {"device": device_name(device), "torch": torch.__version__, "git": commit, "config": {
-        **vars(args), "batch_sizes": batch_sizes, "seq_lens": seq_lens, "ks": ks,
-        "repeats": repeats, "quality": quality, "paper_shape": paper_shape,
-        "spread_limit": SPREAD_LIMIT,
+        **vars(args), "batch_sizes": batch_sizes, "seq_lens": seq_lens, "quality": quality,
+        "repeats": repeats, "ks": ks, "paper_shape": paper_shape, "spread_limit": SPREAD_LIMIT,
         "peaks": dict(zip(("hbm_bytes_per_s", "dense_flops_per_s"), peaks)),
         "model_configs": {m: asdict(s.config) for m, _, s, _ in models}}}
     parts = {"speed": {"speed": speed, "skipped": skipped}, "quality": {"quality": rows,
