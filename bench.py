@@ -8,10 +8,9 @@ replaces only its <out_dir>/<name>_<part>.json (speed, quality, profile, rooflin
     python bench.py --no-trained --profile --batch_sizes 1,512 --seq_lens 1024   # a step's kernels
     python bench.py --no-trained --roofline H200  # the grid's ceilings on that GPU, on any machine
 
-Speed: AR (the teacher, k = 1) and the student at each k by ONE decode path (model.generate on a
-static cache, CUDA graphs on CUDA), back to back in each repeat, medians kept; a speedup above k or
-repeats that disagree mark a point `suspect`, never plotted. Quality: float32 continuations of
-6-token val prefixes by the teacher and the student at every k from the SAME noise."""
+Speed: AR (the teacher, k = 1) and the student at each k by ONE decode path, back to back in each
+repeat, medians kept; a speedup above k or repeats that disagree mark a point `suspect`. Quality:
+float32 continuations of 6-token val prefixes by the teacher and the student from the SAME noise."""
 import argparse
 import copy
 import json
@@ -36,7 +35,6 @@ from sample import find_checkpoints, load_models
 
 PROMPT_LEN = 6   # the paper's 6-token prefixes
 PAPER_SHAPE = GPTConfig(block_size=1024, n_layer=12, n_head=12, n_embd=768, tie_embeddings=False)
-PAPER_BAND = (2.4, 3.5)   # the abstract's k = 4 speedup "across batch sizes" on an H100
 SPREAD_LIMIT = 1.5   # slowest over fastest repeat beyond which a point's timings disagree
 
 
@@ -112,7 +110,6 @@ def generation_phases(model, B, P, n_new, k, cache_elem):
                               in model.named_parameters() if name.startswith(parts))
     dense = lambda *parts: sum(m.weight.numel() for name, m in model.named_modules()  # noqa: E731
                                if name.startswith(parts) and isinstance(m, torch.nn.Linear))
-    kv_token = 2 * cfg.n_layer * cfg.n_embd * cache_elem   # K and V of one token, all layers
     # noise slots per pass: the argmax readout k, the cdf readout k - 1, AR none
     slots = 0 if not cfg.max_k else k if cfg.readout == "argmax" else k - 1
     slot_phase = (size(*slot_parts), 2 * B * slots * dense(*slot_parts))
@@ -126,7 +123,7 @@ def generation_phases(model, B, P, n_new, k, cache_elem):
         if slots:
             phases.append(slot_phase)
         phases += [(trunk_bytes, 2 * B * rows * trunk), head,
-                   (B * kv_token * (length + written),
+                   (B * 2 * cfg.n_layer * cfg.n_embd * cache_elem * (length + written),   # K, V
                     4 * B * cfg.n_layer * cfg.n_embd * rows * (length + slots))]
     return phases
 
@@ -187,8 +184,7 @@ def time_point(teacher, student, ks, B, seq_len, repeats, device, gen, attention
 
 def speed_rows(label, runs, B, seq_len, timed, peaks):
     """A timed point's rows: the speedup the median per-repeat ratio, `suspect` why it is none."""
-    roof, (ar_n, ar_t, _) = roofline(runs, B, seq_len, peaks), timed[1]
-    rows = []
+    roof, (ar_n, ar_t, _), rows = roofline(runs, B, seq_len, peaks), timed[1], []
     for k, (n, ts, warm) in timed.items():
         elem = next(runs[k].parameters()).element_size()
         tps, t = statistics.median(B * n / t for t in ts), statistics.median(ts)
@@ -206,8 +202,7 @@ def speed_rows(label, runs, B, seq_len, timed, peaks):
 
 def profile_point(label, teacher, student, ks, B, seq_len, device, gen, attention, compile,
                   steps=5, top=8):
-    """ONE decode step per k, the cache half full: its time as the grid runs it, then `steps` under
-    torch.profiler, not from a graph: how many kernels a step launches, and the heaviest."""
+    """ONE decode step per k, the cache half full: its time, then its kernels (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
     runs, cache, step = point_setup(teacher, student, ks, seq_len, B, device, attention, compile)
     cuda, rows = device.type == "cuda", []
@@ -222,7 +217,7 @@ def profile_point(label, teacher, student, ks, B, seq_len, device, gen, attentio
             step(*args)
         step_s = seconds(lambda: [step(*args) for _ in range(4 * steps)], device) / (4 * steps)
         with profile(activities=[getattr(ProfilerActivity, kind)]) as prof:
-            for _ in range(steps):
+            for _ in range(steps):   # eager, not a graph replay: the profiler sees each kernel
                 step.step(*args)
             sync(device)
         events = sorted((e for e in prof.key_averages() if e.device_type.name == kind),
@@ -278,7 +273,6 @@ def run_grid(points, point, path, resume, seed, made_by):
 # ------------------------------------------------------------------------------------------------
 # Quality
 
-@torch.no_grad()
 def nll_per_position(judge, prompts, samples, batch=32):
     """(T,): the judge's mean NLL over the samples of each token given all before it (float64)."""
     total = torch.zeros(samples.size(1), dtype=torch.float64)
@@ -313,7 +307,6 @@ def quality_row(model, k, samples, nll, ar_nll, ar, window, tok):
             "window_agreement": window}
 
 
-@torch.no_grad()
 def distribution_per_slot(teacher, student, k, prompts, gen, draws=128, batch=4):
     """Does the student sample the teacher's distribution? Per slot i, the noises of slots < i
     fixed, `draws` draws of u_i: its token i's histogram against the teacher's distribution after
@@ -345,6 +338,7 @@ def distribution_per_slot(teacher, student, k, prompts, gen, draws=128, batch=4)
     return out
 
 
+@torch.no_grad()
 def run_quality(teacher, student, tok, T, val, n_samples, seed, device):
     """The quality rows (AR, then the student at every k) and the noise-blind baselines."""
     gen = torch.Generator().manual_seed(seed)
@@ -372,7 +366,8 @@ def plot_speed(rows, device, path):
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = pyplot().subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
     for ax, m in zip(axes[0], models):
-        ax.axhspan(*PAPER_BAND, color="tab:green", alpha=0.15, label="paper, k = 4, H100: 2.4-3.5x")
+        # the abstract's k = 4 speedup "across batch sizes" on an H100
+        ax.axhspan(2.4, 3.5, color="tab:green", alpha=0.15, label="paper, k = 4, H100: 2.4-3.5x")
         ax.axhline(1.0, color="gray", lw=0.8, ls=":")
         lines = sorted({(r["k"], r["seq_len"]) for r in rows if r["model"] == m and r["k"] > 1})
         for k, s in lines:
@@ -420,8 +415,7 @@ def print_tables(speed, skipped, quality, blind, profile, roof, device):
         for t in r["top"]:
             print(f"  {t['ms_per_step']:8.3f} ms  x{t['per_step']:<4.0f} {t['name'][:80]}")
     if speed:   # of roof: tokens/s as a fraction of the side's own ceiling
-        print(f"{'model':<20}{'seq':>6}{'batch':>7}{'k':>3}{'tokens/s':>12}{'speedup':>9}"
-              f"{'MBU':>7}{'roofline':>10}{'of roof':>9}")
+        print("model                  seq  batch  k    tokens/s  speedup    MBU  roofline  of roof")
         for r in speed:
             frac = r["roofline_tokens_per_s"] and r["tokens_per_s"] / r["roofline_tokens_per_s"]
             print(f"{r['model']:<20}{r['seq_len']:>6}{r['batch_size']:>7}{r['k']:>3}"
@@ -437,21 +431,19 @@ def print_tables(speed, skipped, quality, blind, profile, roof, device):
     if quality:
         print(f"\n{'model':<9}{'k':>2}{'gen-PPL':>9}{'ratio':>7}{'ratio per slot':>24}"
               f"{'H ratio':>8}{'rep4 tok/word':>15}  agreement: teacher's context | free-running")
-        pct = lambda a: "/".join(f"{x:.0%}" for x in a)  # noqa: E731
+        per_slot = lambda xs, spec=".2f": "/".join(format(x, spec) for x in xs)  # noqa: E731
         for r in quality:
             print(f"{r['model']:<9}{r['k']:>2}{r['gen_ppl']:>9.2f}{r['gen_ppl_ratio']:>7.2f}"
-                  f"{'/'.join(f'{x:.2f}' for x in r['gen_ppl_per_slot_ratio']):>24}"
-                  f"{fmt(r['entropy_ratio'], '.2f'):>8}{fmt(r['repeat4_tokens'], '.3f'):>8}/"
-                  f"{fmt(r['repeat4_words'], '.3f'):<6}  {pct(r['window_agreement'])} | "
-                  f"{pct(r['agreement'])}")
+                  f"{per_slot(r['gen_ppl_per_slot_ratio']):>24}{fmt(r['entropy_ratio'], '.2f'):>8}"
+                  f"{fmt(r['repeat4_tokens'], '.3f'):>8}/{fmt(r['repeat4_words'], '.3f'):<6}  "
+                  f"{per_slot(r['window_agreement'], '.0%')} | {per_slot(r['agreement'], '.0%')}")
         print(f"blind to the noise: {blind['independent_draw']:.1%} (an independent draw), "
               f"{blind['teacher_mode']:.1%} (the teacher's mode)")
         print("\nthe student's tokens per slot over many draws of its noise, against the teacher's "
               "distribution:\n   k  total variation (its floor)                   entropy ratio")
         for r in quality[1:]:
-            print(f"{r['k']:>4}  " + " ".join(f"{t:.2f}({f:.2f})" for t, f in zip(
-                r["tv_per_slot"], r["tv_floor_per_slot"])).ljust(46)
-                + "/".join(f"{e:.2f}" for e in r["draw_entropy_ratio_per_slot"]))
+            tv = " ".join(map("{:.2f}({:.2f})".format, r["tv_per_slot"], r["tv_floor_per_slot"]))
+            print(f"{r['k']:>4}  {tv:<46}{per_slot(r['draw_entropy_ratio_per_slot'])}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -467,8 +459,7 @@ def main(argv=None):
     quality = args.trained and default(args.quality, not args.profile and args.roofline is None)
     paper_shape = not args.trained or default(args.paper_shape, gpu)
     if min(batch_sizes + [repeats, args.quality_samples, args.readout_layers]) < 1:
-        raise UserError("--batch_sizes, --repeats, --quality_samples and --readout_layers must be "
-                        "at least 1")
+        raise UserError("--batch_sizes, --repeats, --quality_samples, --readout_layers: at least 1")
     peaks = tuple(device_peak(device, t, args.roofline) for t in (PEAK_BANDWIDTH, PEAK_FLOPS))
     if args.roofline is not None and not (all(peaks) and args.dtype == "bfloat16"):
         raise UserError(f"--roofline {args.roofline!r}: bf16 ceilings (no --dtype) of a GPU with "
@@ -552,8 +543,7 @@ def main(argv=None):
              f"roofline_{str(args.roofline).lower().replace(' ', '_')}": {"roofline": roof}}
     parts = {part: out for part, out in parts.items() if next(iter(out.values()))}   # measured
     if not parts:   # earlier results stay as they were
-        raise UserError("this run measured nothing (no point ran, every point was skipped, or "
-                        "every timed row is suspect); nothing written")
+        raise UserError("measured nothing (no point ran, all skipped or suspect): nothing written")
     for part, out in parts.items():
         write_json(f"{stem}_{part}.json", {**head, **out})
     if speed:
