@@ -8,9 +8,11 @@ replaces only its <out_dir>/<name>_<part>.json (speed, quality, profile, rooflin
     python bench.py --no-trained --profile --batch_sizes 1,512 --seq_lens 1024   # a step's kernels
     python bench.py --no-trained --roofline H200  # the grid's ceilings on that GPU, on any machine
 
-Speed: AR (the teacher, k = 1) and the student at each k by ONE decode path, back to back in each
-repeat, medians kept; a speedup above k or repeats that disagree mark a point `suspect`. Quality:
-float32 continuations of 6-token val prefixes by the teacher and the student from the SAME noise."""
+Speed: AR (the teacher, k = 1) and the student at each k by ONE decode path (CUDA graphs on CUDA),
+back to back in each repeat, medians kept; tokens/s counts new tokens, prefill included, warm-up
+not; both sides pay for their draws (AR from the vocabulary, the argmax student an argmax). A
+speedup above k or repeats that disagree mark a point `suspect`. Quality: float32 continuations of
+6-token val prefixes by the teacher and the student from the SAME noise."""
 import argparse
 import copy
 import json
@@ -46,7 +48,7 @@ def int_list(text):
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(__doc__)
     flag = lambda name, **kw: p.add_argument("--" + name, **kw)  # noqa: E731
     on_off = argparse.BooleanOptionalAction
     flag("preset", help="the pair in out/ as sample.py picks it (default: the newest teacher)")
@@ -277,7 +279,8 @@ def nll_per_position(judge, prompts, samples, batch=32):
     """(T,): the judge's mean NLL over the samples of each token given all before it (float64)."""
     total = torch.zeros(samples.size(1), dtype=torch.float64)
     for logits, tokens in continuation_logits(judge, prompts, samples, batch):
-        total += F.cross_entropy(logits.mT, tokens, reduction="none").double().sum(0).cpu()
+        nll = -F.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        total += nll.double().sum(0).cpu()
     return total / samples.size(0)
 
 
