@@ -180,24 +180,16 @@ def lr_at(step, lr, min_lr, warmup, total):
 
 class EMA:
     """A moving average of the weights, evaluated and saved in their place (as in the paper). Its
-    decay ramps up as min(decay, (1 + n) / (10 + n)): a short run forgets its initial weights."""
+    decay after the n-th update is min(decay, (1 + n) / (10 + n)): a short run forgets its start."""
 
     def __init__(self, model, decay):
-        self.decay, self.updates = decay, 0
+        self.decay = decay
         self.model = copy.deepcopy(model).eval().requires_grad_(False)   # ties stay tied
 
     @torch.no_grad()
-    def update(self, model):   # the parameters are the whole state: GPT has no buffers
-        self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+    def update(self, model, n):   # the parameters are the whole state: GPT has no buffers
+        decay = min(self.decay, (1 + n) / (10 + n))
         torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1 - decay)
-
-    def state_dict(self):
-        return {"model": self.model.state_dict(), "updates": self.updates}
-
-    def load_state_dict(self, state):
-        self.model.load_state_dict(state["model"])
-        self.updates = state["updates"]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -249,7 +249,7 @@ def main(argv=None):
             if state and si == state["stage"] and state["optimizer"]:   # resume mid-stage
                 student.load_state_dict(state["model"])
                 optimizer.load_state_dict(state["optimizer"])
-                ema.load_state_dict(state["ema"])
+                ema.model.load_state_dict(state["ema"])
                 step, r = state["step"], state["progress"]
             else:   # r: the stage's result so far, in last.pt so that a resumed stage reports it
                 step, r = 0, {"k": k, "agreement_init": eval_agreement(student, k, bench),
@@ -293,7 +293,7 @@ def main(argv=None):
                         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                    ema.update(student)
+                    ema.update(student, step + 1)
                     step += 1
                     # not timed: a stage's (or a resume's) first 3 steps, which compile; later
                     # .tolist() has waited for the GPU, so the times add up
@@ -311,7 +311,7 @@ def main(argv=None):
                             and rt.master:   # the stage's end too: its evaluations lose no training
                         save_checkpoint(last_path, checkpoint(
                             run, student, gen, log, si, step=step, progress=r,
-                            optimizer=optimizer.state_dict(), ema=ema.state_dict()))
+                            optimizer=optimizer.state_dict(), ema=ema.model.state_dict()))
                     if stopping:
                         raise UserError(f"interrupted in stage k={k} at step {step}; saved "
                                         f"{last_path}; continue with --resume")

@@ -119,7 +119,7 @@ def main(argv=None):
     if ckpt:
         raw.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        ema.load_state_dict(ckpt["ema"])
+        ema.model.load_state_dict(ckpt["ema"])
         step, best_val, tok_s = ckpt["step"], ckpt["best_val"], ckpt["tok_s"]
         torch.set_rng_state(ckpt["rng"][0])   # the global generator draws the dropout masks
         gen.set_state(ckpt["rng"][1])
@@ -175,7 +175,7 @@ def main(argv=None):
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            ema.update(raw)
+            ema.update(raw, step + 1)
             step += 1
             if rt.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -188,7 +188,7 @@ def main(argv=None):
                 rng = [torch.get_rng_state(), gen.get_state(),
                        torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None]
                 save(last_path, raw, cfg, meta, optimizer=optimizer.state_dict(),
-                     ema=ema.state_dict(), rng=rng, step=step, best_val=best_val, tok_s=tok_s,
+                     ema=ema.model.state_dict(), rng=rng, step=step, best_val=best_val, tok_s=tok_s,
                      log_rows=log.rows)
             bar.update(1)
             bar.set_postfix(loss=loss, val=val_loss)
