@@ -1,6 +1,7 @@
 """Benchmark K-Forcing against AR decoding: speed (tokens/s, speedup, roofline) and quality
-(gen-PPL, entropy, repetition, same-noise agreement, the distribution per slot). A part run
-replaces only its <out_dir>/<name>_<part>.json (speed, quality, profile, roofline_<gpu>) and .png.
+(gen-PPL, entropy, repetition, same-noise agreement, the distribution per slot). Each part that
+measured something writes <out_dir>/<name>_<part>.json (speed, quality, profile, roofline_<gpu>) and
+a plot (speed, quality): a rerun under a name replaces only the files of the parts it runs.
 
     python bench.py                               # the newest trained pair in out/: speed + quality
     python bench.py --no-trained                  # the paper's shape, random weights: no checkpoint
@@ -10,7 +11,8 @@ replaces only its <out_dir>/<name>_<part>.json (speed, quality, profile, rooflin
 
 Speed: AR (the teacher, k = 1) and the student at each k by ONE decode path (CUDA graphs on CUDA),
 back to back in each repeat, medians kept; tokens/s counts new tokens, prefill included, warm-up
-not; both sides pay for their draws (AR from the vocabulary, the argmax student an argmax). A
+not; both sides pay for their draws (AR from the vocabulary, a distribution readout too; the
+argmax student takes an argmax). A
 speedup above k or repeats that disagree mark a point `suspect`. Quality: float32 continuations of
 6-token val prefixes by the teacher and the student from the SAME noise."""
 import argparse
@@ -54,16 +56,18 @@ def parse_args(argv=None):
     flag("preset", help="the pair in out/ as sample.py picks it (default: the newest teacher)")
     flag("teacher", help="AR teacher checkpoint (instead of the preset's); it also scores gen-PPL")
     flag("student", help="K-Forcing student checkpoint (instead of the preset's)")
-    flag("batch_sizes", type=int_list, help="comma list (default: 1,8,...,512 for a GPU, else 1,8)")
+    flag("batch_sizes", type=int_list, help="comma list (default: 1,8,...,512 on CUDA or with "
+         "--roofline, else 1,8)")
     flag("seq_lens", type=int_list, help="prefix + new tokens, comma list, those within a model's "
-         "block (default: 128,1024 for a GPU, 64 on CPU)")
+         "block (default: 128,1024 on CUDA or with --roofline, else 64)")
     flag("ks", type=int_list, help="the student's k in the speed grid, comma list of 2..max_k; AR "
          "always runs, quality scores every k (default: 2,3,4 up to max_k)")
     flag("repeats", type=int, help="timed runs a point, median kept (default: 3 on CUDA, 5 on CPU)")
     flag("paper_shape", action=on_off, help="also time the 12 x 768 paper shape (default: for a "
          "GPU; always with --no-trained)")
     flag("trained", action=on_off, default=True, help="time and score the trained pair (default)")
-    flag("speed", action=on_off, default=True, help="the speed grid (--profile, --roofline too)")
+    flag("speed", action=on_off, default=True, help="the speed grid, which --profile and "
+         "--roofline also use (default: on)")
     flag("quality", action=on_off, help="score the pair (default: unless --profile, --roofline)")
     flag("profile", action="store_true", help="one decode step a point and k, under torch.profiler")
     flag("roofline", metavar="GPU", help="the grid's ceilings on that GPU (e.g. H200), not timed")
@@ -75,9 +79,10 @@ def parse_args(argv=None):
     flag("coupling", choices=["inverse_cdf", "gumbel"], default="inverse_cdf",
          help="how the paper shape's AR and student draw a token from u (default: inverse_cdf)")
     flag("attention", choices=["sdpa", "flex"], default="sdpa", help="how a cached pass attends, "
-         "both sides: a mask over the whole cache, or FlexAttention's blocks")
+         "both sides: a mask over the whole cache, or FlexAttention's blocks (default: sdpa)")
     flag("compile", action="store_true", help="compile each pass after the prefill, both sides")
-    flag("dtype", choices=["bfloat16", "float32"], default="bfloat16", help="the speed runs' dtype")
+    flag("dtype", choices=["bfloat16", "float32"], default="bfloat16", help="the speed runs' dtype "
+         "(default: bfloat16)")
     flag("data_dir", help="val.bin for the quality prefixes (default: the teacher's training data)")
     flag("seed", type=int, default=0, help="seeds prefixes, noise and random weights (default: 0)")
     flag("device", default="auto", help="cuda, cpu or auto (default: auto)")
@@ -275,6 +280,7 @@ def run_grid(points, point, path, resume, seed, made_by):
 # ------------------------------------------------------------------------------------------------
 # Quality
 
+@torch.no_grad()
 def nll_per_position(judge, prompts, samples, batch=32):
     """(T,): the judge's mean NLL over the samples of each token given all before it (float64)."""
     total = torch.zeros(samples.size(1), dtype=torch.float64)
@@ -310,6 +316,7 @@ def quality_row(model, k, samples, nll, ar_nll, ar, window, tok):
             "window_agreement": window}
 
 
+@torch.no_grad()
 def distribution_per_slot(teacher, student, k, prompts, gen, draws=128, batch=4):
     """Does the student sample the teacher's distribution? Per slot i, the noises of slots < i
     fixed, `draws` draws of u_i: its token i's histogram against the teacher's distribution after
@@ -380,7 +387,7 @@ def plot_speed(rows, device, path):
                 continue
             drawn = ax.plot(*zip(*pts), marker="o", label=f"k = {k}, {s} tokens",
                             ls="-" if s == max(x[1] for x in lines) else "--")
-            if k == max(x[0] for x in lines) and line[0]["roofline_speedup"]:   # the largest k's
+            if k == max(x[0] for x in lines) and line[0]["roofline_speedup"]:   # its ceiling
                 roof = sorted((r["batch_size"], r["roofline_speedup"]) for r in line)
                 ax.plot(*zip(*roof), ls=":", color=drawn[0].get_color(), label=f"k = {k}: roofline")
         ax.set_xscale("log", base=2)

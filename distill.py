@@ -1,13 +1,13 @@
 """
 Distillation: turn the AR teacher into a push-forward student that maps k uniform noises to k
 tokens in one pass.
-cdf_seq (the default) and cdf (without the slot MLP): the distribution readout, one stage at --k.
-Token i's distribution learns the AR teacher's after the context and the student's own tokens
-1..i-1 (--kl): at its fixed point the student samples the teacher. onpolicy: the argmax readout,
-by cross-entropy to those targets' draw.
-paper: the paper's progressive self-forcing distillation (argmax readout): stages k = 1, 2, 4, ..
-up to --k, each a copy of the last learning its same-noise rollout, block after block on the real
-context followed by its own tokens (stage 1: the teacher's inverse CDF), by cross-entropy.
+--recipe cdf_seq (the default) and cdf (without the slot MLP): the distribution readout, one stage
+at --k. Token i's distribution learns the AR teacher's after the context and the student's own
+tokens 1..i-1 (--kl): at its fixed point the student samples the teacher. onpolicy: the argmax
+readout, by cross-entropy to those targets' draw.
+--recipe paper: the paper's progressive self-forcing distillation (argmax readout): stages k = 1,
+2, 4, .. up to --k, each a copy of the last learning its same-noise rollout, block after block on
+the real context followed by its own tokens (stage 1: the teacher's inverse CDF), by cross-entropy.
 
     python distill.py --preset tiny      # teacher: out/teacher_<preset>/best.pt
     torchrun --standalone --nproc_per_node 8 distill.py --preset paper
@@ -45,15 +45,16 @@ class DistillConfig:
                           choices=("auto", "inverse_cdf", "gumbel"))
     steps_per_stage: int = field(1000, "optimizer steps per stage (0: the untrained student, "
                                  "evaluated and saved)", at_least=0)
-    batch_size: int = field(32, "sequences per step, over all processes", at_least=1)
+    batch_size: int = field(32, "sequences per step, over all processes (out of memory: lower it "
+                            "or --anchors)", at_least=1)
     block_size: int = field(256, "context tokens per sequence (<= the teacher's)", at_least=1)
     anchors: int = field(128, "anchors per sequence, each a window of k noise slots (the cdf "
                          "readouts: k - 1); at most --block_size (more are capped)", at_least=1)
     lr: float = field(3e-4, "AdamW learning rate, constant after warmup", at_least=0)
     warmup_steps: int = field(50, "linear warmup steps at each stage's start", at_least=0)
     grad_clip: float = field(1.0, "clip the gradient norm to this (0: off)", at_least=0)
-    ema: float = field(0.0, "decay of the weight average that is evaluated, saved "
-                       "and handed on (0: off)", at_least=0, below=1)
+    ema: float = field(0.0, "decay of the weight average that is evaluated, saved and handed on "
+                       "(0: the weights themselves)", at_least=0, below=1)
     kl: str = field("both", "the cdf readouts' loss per slot: forward KL(teacher || student) "
                     "(mass-covering), reverse (mode-seeking) or both (their mean)",
                     choices=("forward", "reverse", "both"))
@@ -62,7 +63,7 @@ class DistillConfig:
                                 "high 1-256", choices=("paper", "high"))
     freeze_trunk: bool = field(False, "train only the noise encoder and the slot MLP (cdf readouts"
                                "): every weight the teacher had stays frozen, so the real tokens' "
-                               "states and K/V and token 1's distribution stay exactly its own")
+                               "states and K/V and token 1's distribution stay the teacher's")
     eval_samples: int = field(256, "val prefixes of the same-noise agreement", at_least=1)
     eval_tokens: int = field(48, "tokens it generates per prefix (>= k)", at_least=1)
     prompt_len: int = field(6, "its prefix length (the paper's 6)", at_least=1)
@@ -182,7 +183,7 @@ def checkpoint(run, model, gen, log, stage, **mid_stage):
 def main(argv=None):
     cfg, args = parse_config(DistillConfig, PRESETS, __doc__, argv)
     schedule = stage_schedule(cfg)
-    if cfg.coupling == "auto":   # (recorded as resolved)
+    if cfg.coupling == "auto":   # the summary and checkpoints record the resolved one
         cfg.coupling = "gumbel" if "cdf" in cfg.recipe else "inverse_cdf"
     rt = setup_runtime(cfg.device, cfg.dtype, tf32=False)   # fp32 targets: no TF32 rounding
     if cfg.batch_size % rt.world:

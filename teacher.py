@@ -33,7 +33,9 @@ class TeacherConfig:
     dropout: float = field(0.1, "dropout (~10 epochs overfit our corpus)", at_least=0, below=1)
     tie_embeddings: bool = field(True, "share the input embedding and the output head")
     # optimisation
-    batch_size: int = field(64, "sequences per micro-batch, over all processes", at_least=1)
+    batch_size: int = field(64, "sequences per micro-batch, over all processes (out of memory: "
+                            "lower it, and raise --grad_accum to keep the step's batch)",
+                            at_least=1)
     grad_accum: int = field(1, "micro-batches per optimizer step", at_least=1)
     max_steps: int = field(3000, "optimizer steps", at_least=1)
     lr: float = field(1e-3, "peak learning rate (AdamW)", at_least=0)
@@ -41,7 +43,7 @@ class TeacherConfig:
     warmup_steps: int = field(200, "linear warmup steps", at_least=0)
     weight_decay: float = field(0.1, "AdamW weight decay of matrices", at_least=0)
     grad_clip: float = field(1.0, "clip the gradient norm to this (0: off)", at_least=0)
-    ema: float = field(0.0, "decay of best.pt's weight average (0: off)", at_least=0, below=1)
+    ema: float = field(0.0, "decay of best.pt's weight average (0: none)", at_least=0, below=1)
     # bookkeeping
     eval_interval: int = field(250, "evaluate and save a checkpoint every N steps", at_least=1)
     eval_iters: int = field(20, "val batches per evaluation (the same ones each time)", at_least=1)

@@ -214,7 +214,12 @@ def test_ema_is_what_is_evaluated_saved_and_handed_on(iid, tmp_path, monkeypatch
     class Recorded(EMA):
         def __init__(self, model, decay):
             super().__init__(model, decay)
+            self.numbers = []   # n of each update: its decay's ramp
             made.append(self)
+
+        def update(self, model, n):
+            self.numbers.append(n)
+            super().update(model, n)
     for module in (teacher, distill):
         monkeypatch.setattr(module, "EMA", Recorded)
     out = str(tmp_path / "teacher")
@@ -224,6 +229,7 @@ def test_ema_is_what_is_evaluated_saved_and_handed_on(iid, tmp_path, monkeypatch
                     "--eval_interval", "12", "--eval_iters", "2", "--ema", "0.9"]
     teacher.main(teacher_argv)
     ema = made[0]
+    assert ema.numbers == list(range(1, 13))
     best, last = (load_checkpoint(os.path.join(out, f), "teacher") for f in ("best.pt", "last.pt"))
     averaged = ema.model.state_dict()
     assert all(torch.equal(best["model"][k], averaged[k]) for k in averaged)
@@ -256,6 +262,7 @@ def test_ema_is_what_is_evaluated_saved_and_handed_on(iid, tmp_path, monkeypatch
                   "--anchors", "4", "--eval_samples", "8", "--eval_tokens", "8",
                   "--curve_interval", "4", "--ema", "0.9"])
     stage1, stage2 = made
+    assert stage1.numbers == stage2.numbers == list(range(1, 7))   # each stage's own ramp
     for k, ema in ((1, stage1), (2, stage2)):
         saved = load_checkpoint(os.path.join(students, f"student_k{k}.pt"), kind="student")["model"]
         assert all(torch.equal(saved[name], p) for name, p in ema.model.state_dict().items())
@@ -285,7 +292,8 @@ def split_run(tmp_path_factory):
     common.save_checkpoint(os.path.join(root, "teacher.pt"), {
         "kind": "teacher", "model_config": dataclasses.asdict(ar.config),
         "model": ar.state_dict(), "tokenizer": spec, "step": 1, "best_val": 1.0})
-    seen = SimpleNamespace(sequences=[], anchors=[], noise=[], updates=[], teacher=ar.state_dict())
+    seen = SimpleNamespace(sequences=[], anchors=[], noise=[], updates=[], update_numbers=[],
+                           teacher=ar.state_dict())
     sample, loss = distill.sample_sequences, distill.distill_loss
 
     def sample_sequences(*a):
@@ -301,6 +309,7 @@ def split_run(tmp_path_factory):
         def update(self, model, n):
             seen.student = model
             seen.updates.append({name: p.detach().clone() for name, p in model.named_parameters()})
+            seen.update_numbers.append(n)
             super().update(model, n)
     with pytest.MonkeyPatch.context() as mp:
         for name, spy in (("sample_sequences", sample_sequences), ("distill_loss", distill_loss),
@@ -331,8 +340,10 @@ def test_anchors_are_distinct_positions_of_the_whole_context_and_the_noise_is_fl
 
 
 def test_the_average_takes_in_each_steps_weights_after_the_step(split_run):
+    """The n-th update of a stage is told it is the n-th: its decay ramp counts from the stage's
+    start (each stage a new average)."""
     final = dict(split_run.student.named_parameters())
-    assert len(split_run.updates) == 4
+    assert len(split_run.updates) == 4 and split_run.update_numbers == [1, 2, 3, 4]
     assert all(torch.equal(w, final[n]) for n, w in split_run.updates[-1].items())
 
 

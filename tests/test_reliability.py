@@ -873,7 +873,7 @@ BAD = {
                                                            f"cuda:{torch.cuda.device_count()}"),
                                       r"is not supported \(\d+ CUDA devices\)"),
     "teacher batch too big": (teacher, lambda p: T(p["data"], p["out"], "--batch_size",
-                                                   str(10 ** 12)), r"out of memory; lower the sizes"),
+                                                   str(10 ** 12)), r"out of memory; lower"),
     "distill batch too big": (distill, lambda p: D(p["data"], p["teacher"], p["out"],
                                                    "--batch_size", str(10 ** 12)),
                               r"out of memory; lower the sizes"),
