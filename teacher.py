@@ -34,8 +34,7 @@ class TeacherConfig:
     tie_embeddings: bool = field(True, "share the input embedding and the output head")
     # optimisation
     batch_size: int = field(64, "sequences per micro-batch, over all processes (out of memory: "
-                            "lower it, and raise --grad_accum to keep the step's batch)",
-                            at_least=1)
+                            "lower it, raise --grad_accum)", at_least=1)
     grad_accum: int = field(1, "micro-batches per optimizer step", at_least=1)
     max_steps: int = field(3000, "optimizer steps", at_least=1)
     lr: float = field(1e-3, "peak learning rate (AdamW)", at_least=0)
