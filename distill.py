@@ -245,8 +245,8 @@ def main(argv=None):
             trained = [p for p in student.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(trained, lr=cfg.lr, betas=(0.9, 0.95),
                                           weight_decay=0.0, fused=rt.device.type == "cuda")
-            ema = EMA(student, cfg.ema)   # --ema 0: the average is the weights themselves
-            averaged = ema.model   # what is evaluated, saved and handed on
+            # the average (--ema 0: the weights themselves) is what is evaluated, saved, handed on
+            ema = EMA(student, cfg.ema)
             if state and si == state["stage"] and state["optimizer"]:   # resume mid-stage
                 student.load_state_dict(state["model"])
                 optimizer.load_state_dict(state["optimizer"])
@@ -267,7 +267,7 @@ def main(argv=None):
                 while True:
                     if step in (0, cfg.steps_per_stage) or (   # the learning curve
                             cfg.curve_interval and step % cfg.curve_interval == 0):
-                        window = eval_agreement(averaged, k, bench, windows=True)
+                        window = eval_agreement(ema.model, k, bench, windows=True)
                         r["curve"].append({"step": step, "train_s": r["train_s"],
                                            "window_agreement": window})
                         log.write(step=done + step, stage=si, k=k, window_agreement=window)
@@ -317,17 +317,17 @@ def main(argv=None):
                         raise UserError(f"interrupted in stage k={k} at step {step}; saved "
                                         f"{last_path}; continue with --resume")
             # the stage's student: evaluated, saved, and the next stage's teacher
-            r.update(steps=step, agreement=eval_agreement(averaged, k, bench),
+            r.update(steps=step, agreement=eval_agreement(ema.model, k, bench),
                      window_agreement=window)
             run["results"].append(r)
             log.write(step=done + step, stage=si, k=k, agreement=r["agreement"])
             if rt.master:
                 print(f"stage {si + 1}/{len(schedule)}: agreement per slot {fmt(r['agreement'])} "
                       f"(start {fmt(r['agreement_init'])}), on the teacher's context {fmt(window)}")
-                final = checkpoint(run, averaged, gen, log, si + 1)
+                final = checkpoint(run, ema.model, gen, log, si + 1)
                 save_checkpoint(f"{cfg.out_dir}/student_k{k}.pt", final)
                 save_checkpoint(last_path, final)   # a resume from here starts the next stage
-            prev = averaged.eval()
+            prev = ema.model.eval()
             if si + 1 < len(schedule) and stop.should_stop(rt):   # asked during the evaluations
                 raise UserError(f"interrupted after stage k={k}; saved {last_path}; continue "
                                 "with --resume")
