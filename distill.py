@@ -21,11 +21,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (EMA, JsonlLog, StopFlag, UserError, all_mean, device_name, field,
-                    git_commit, load_checkpoint, load_split, lr_at,
-                    model_from_checkpoint, parse_config, pyplot, run_cli, sample_sequences,
-                    save_checkpoint, save_figure, setup_runtime, shard, start_run,
-                    stop_if_not_finite, teacher_id, write_json)
+from common import (EMA, JsonlLog, StopFlag, UserError, all_mean, device_name, field, git_commit,
+                    load_checkpoint, load_split, lr_at, model_from_checkpoint, parse_config, pyplot,
+                    run_cli, sample_sequences, save_checkpoint, save_figure, setup_runtime, shard,
+                    start_run, stop_if_not_finite, teacher_id, write_json)
 from fast import compile_per_shape
 from model import (GPT, agreement_without_noise, draw, generate, inverse_cdf,
                    same_noise_agreement, window_agreement)

@@ -12,10 +12,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (EMA, JsonlLog, StopFlag, UserError, all_mean, device_name, field,
-                    git_commit, load_split, lr_at, parse_config, run_cli,
-                    sample_sequences, save_checkpoint, setup_runtime, shard, start_run,
-                    stop_if_not_finite, write_json)
+from common import (EMA, JsonlLog, StopFlag, UserError, all_mean, device_name, field, git_commit,
+                    load_split, lr_at, parse_config, run_cli, sample_sequences, save_checkpoint,
+                    setup_runtime, shard, start_run, stop_if_not_finite, write_json)
 from fast import flops_per_token, peak_flops
 from model import GPT, GPTConfig
 from prepare_data import load_meta, tokenizer_spec
