@@ -234,10 +234,12 @@ def load_checkpoint(path, kind=None):   # kind: "teacher" (teacher.py's) or "stu
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         with torch.device("meta"):   # the network its config describes, not allocated
             want = GPT(GPTConfig(**ckpt["model_config"])).state_dict()
-        if {n: t.shape for n, t in ckpt["model"].items()} != {n: t.shape for n, t in want.items()}:
-            raise ValueError("its weights do not fit its model_config")
+        want = {n: t.shape for n, t in want.items()}
+        for weights in [ckpt["model"]] + ([ckpt["ema"]] if "ema" in ckpt else []):   # (last.pt's)
+            if {n: t.shape for n, t in weights.items()} != want:
+                raise ValueError("its weights (or their average) do not fit its model_config")
     except Exception as e:
-        raise UserError(f"checkpoint {path!r} is corrupt or not from this project "
+        raise UserError(f"checkpoint {path!r} is corrupt or not from this version of this project "
                         f"({type(e).__name__})") from None
     is_a = "student" if ckpt["model_config"]["max_k"] > 0 else "teacher"
     if kind not in (None, is_a):

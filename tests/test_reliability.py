@@ -949,8 +949,19 @@ def test_a_weight_of_another_shape_is_a_corrupt_checkpoint(teacher_ref, tmp_path
     name = next(n for n, t in ck["model"].items() if t.dim() == 2)
     ck["model"][name] = ck["model"][name][:, :-1].clone()
     save_checkpoint(str(tmp_path / "odd.pt"), ck)
-    with pytest.raises(UserError, match="corrupt or not from this project"):
+    with pytest.raises(UserError, match="corrupt or not from this version of this project"):
         load_checkpoint(str(tmp_path / "odd.pt"), kind="teacher")
+
+
+def test_a_last_pt_of_an_older_version_is_refused_in_one_line(teacher_ref, tmp_path):
+    """last.pt's weight average, as versions before the update number was passed in saved it
+    ({"model": ..., "updates": n}; None without one), is refused, not a traceback at the resume."""
+    ck = torch.load(os.path.join(teacher_ref["out"], "last.pt"), weights_only=False)
+    assert load_checkpoint(os.path.join(teacher_ref["out"], "last.pt"), kind="teacher")
+    for old in ({"model": ck["ema"], "updates": 16}, None):
+        save_checkpoint(str(tmp_path / "old.pt"), {**ck, "ema": old})
+        with pytest.raises(UserError, match="corrupt or not from this version"):
+            load_checkpoint(str(tmp_path / "old.pt"), kind="teacher")
 
 
 def another(f, value):   # another valid value of the config field f
