@@ -649,6 +649,22 @@ def test_ddp_ctrl_c_on_one_rank_stops_every_rank_after_the_same_step(tmp_path, d
     assert load_checkpoint(str(tmp_path / "out" / "last.pt"), kind="teacher")["step"] == 3
 
 
+def test_ddp_with_dropout_stopped_and_resumed_matches_uninterrupted(tmp_path, data_dir):
+    """Under DDP each rank draws its dropout masks from a seed of (seed, step, rank): a run stopped
+    by Ctrl-C and resumed draws on every rank the masks the uninterrupted run drew (last.pt holds
+    only rank 0's generator)."""
+    short = ("--max_steps", "6", "--eval_interval", "3", "--dropout", "0.1")
+    r = torchrun("teacher.py", T(data_dir, tmp_path / "ref", *short))
+    assert r.returncode == 0, r.stderr[-3000:]
+    (tmp_path / "probe.py").write_text(STOP_PROBE)
+    r = torchrun(str(tmp_path / "probe.py"), [REPO] + T(data_dir, tmp_path / "out", *short))
+    assert "error: interrupted at step 3;" in r.stderr, r.stderr[-3000:]
+    r = torchrun("teacher.py", T(data_dir, tmp_path / "out", *short, "--resume"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_log(read_log(tmp_path / "out" / "log.jsonl"),
+                    read_log(tmp_path / "ref" / "log.jsonl"), EXACT)
+
+
 def test_a_stray_rank_variable_is_not_a_multi_process_run(tmp_path, data_dir):
     r = run("teacher.py", T(data_dir, tmp_path / "out", "--max_steps", "2"),
             env={**ENV, "RANK": "1"})
