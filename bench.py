@@ -12,9 +12,9 @@ a plot (speed, quality): a rerun under a name replaces only the files of the par
 Speed: AR (the teacher, k = 1) and the student at each k by ONE decode path (CUDA graphs on CUDA),
 back to back in each repeat, medians kept; tokens/s counts new tokens, prefill included, warm-up
 not; both sides pay for their draws (AR from the vocabulary, a distribution readout too; the
-argmax student takes an argmax). A
-speedup above k or repeats that disagree mark a point `suspect`. Quality: float32 continuations of
-6-token val prefixes by the teacher and the student from the SAME noise."""
+argmax student takes an argmax). A speedup above k or repeats that disagree mark a point
+`suspect`. Quality: float32 continuations of 6-token val prefixes by the teacher and the student
+from the SAME noise."""
 import argparse
 import copy
 import json
