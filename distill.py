@@ -141,9 +141,9 @@ def distill_loss(recipe, kl, model, teacher, prev, x, anchors, u, autocast, draw
     with autocast:   # the student's staircase pass, all windows at once: logits (B, A, k, V) and,
         logits, own = model(x, anchors=anchors, noise=u)   # the cdf readout, the tokens it drew
     own = logits.argmax(-1) if own is None else own   # the argmax readout's tokens
-    if recipe != "paper":
+    if recipe != "paper":   # (the cdf readouts' targets only score accuracy: they learn by KL)
         target_logits = teacher_after(teacher, x, anchors, own)
-        targets = draw_fn(target_logits, u, teacher.config.coupling)
+        targets = draw_fn(target_logits, u, teacher.config.coupling)   # main set it: --coupling
     if recipe in ("paper", "onpolicy"):
         per_slot = F.cross_entropy(logits.float().flatten(0, 2), targets.flatten(),
                                    reduction="none").view_as(targets).mean((0, 1))
@@ -275,7 +275,7 @@ def main(argv=None):
                     t0 = time.perf_counter()
                     lr = lr_at(step, cfg.lr, cfg.lr, cfg.warmup_steps, cfg.steps_per_stage)
                     optimizer.param_groups[0]["lr"] = lr   # one group
-                    # a batch: real context, random anchors, k uniforms per anchor (the noise slots)
+                    # a batch: real context, random anchors, k uniforms per anchor (u_1..u_k)
                     x, _ = sample_sequences(train, cfg.batch_size, cfg.block_size, gen)
                     anchors = torch.rand(cfg.batch_size, cfg.block_size,
                                          generator=gen).argsort(-1)[:, :cfg.anchors]

@@ -50,7 +50,7 @@ class GPTConfig:
     # "high": 1 to 256 cycles, so that nearby u (inverse-CDF buckets are narrow) look different
     noise_features: str = "paper"
     # "argmax": the paper's push-forward readout; "cdf": the distribution readout; "cdf_seq": cdf
-    # with a small residual MLP stack (shared by the slots) over the token the slot before produced
+    # with a small residual MLP stack (shared by the slots): noise slot i also reads token i
     readout: str = "argmax"
     readout_layers: int = 1    # cdf_seq: the residual MLPs of that slot readout
     # how a uniform u becomes a token (model.draw): "inverse_cdf", smooth in u as the argmax readout
@@ -139,13 +139,14 @@ class Block(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # 2. The student's pieces: the noise encoder (u -> a noise slot's input), the staircase mask (every
 # anchor's window of k slots trained in one pass) and cdf_seq's slot readout. GPT below uses them.
-# An anchor is a context position t; its window, the noise slots at t+1..t+k that decode the tokens
-# after t, as a decoding pass would after a prefix ending at t.
+# An anchor is a context position t; its window, the noise slots at t+1..t+k (the distribution
+# readout: k - 1) that decode the tokens after t, as a decoding pass would after a prefix ending
+# at t.
 
 class NoiseEncoder(nn.Module):
     """u in [0, 1) -> a noise slot's input: float64 sinusoidal features -> Linear -> residual MLP.
-    One encoder for all slots; a slot's identity comes from its RoPE position. (The paper also feeds
-    a temperature tau, but trains only at tau = 1: no tau here.)"""
+    One encoder for all slots; a slot's identity is its RoPE offset from the anchor. (The paper
+    also feeds a temperature tau, but trains only at tau = 1: no tau here.)"""
 
     def __init__(self, cfg):
         super().__init__()
@@ -185,8 +186,8 @@ def staircase_mask(N, anchors, W):
 
 class SlotReadout(nn.Module):
     """cdf_seq: slot i's state r_i starts as h_i, then r_i += MLP([r_i, embedding of token i,
-    r_{i-1}]) readout_layers times, so that token i+1's distribution sees the token slot i actually
-    produced, not only the noise that made it. Output layers start at zero: the readout starts as
+    r_{i-1}]) readout_layers times, so that token i+1's distribution sees token i as drawn, not only
+    the noise u_i that drew it. Output layers start at zero: the readout starts as
     the plain cdf one."""
 
     def __init__(self, cfg):
@@ -286,9 +287,10 @@ class GPT(nn.Module):
         return self._logits(h.reshape(*x_win.shape[:3], -1)[:, :, m:])
 
     def forward_cdf(self, idx, anchors, noise):
-        """The distribution readout's training pass: one pass over [context | A windows of k - 1
-        noise slots], then read_out. Returns the k distributions' logits (B, A, k, vocab) and the
-        tokens drawn from them with the noise (B, A, k)."""
+        """The distribution readout's training pass over [context | A windows of k - 1 noise slots],
+        then read_out. Noise slot i stands for token i at its position: its state, like a real
+        token's, predicts the next (token 1's: the anchor's). Returns the k distributions' logits
+        (B, A, k, vocab) and the tokens drawn from them with the noise (B, A, k)."""
         N, k = idx.size(1), noise.size(2)
         h = self._staircase(idx, anchors, self.noise_encoder(noise[:, :, :-1]))
         at_anchor = torch.gather(h, 1, anchors.unsqueeze(-1).expand(-1, -1, h.size(-1)))
@@ -417,9 +419,9 @@ class KVCache:
     """A static KV cache, a K and a V tensor (B, heads, block_size, head dim) per layer, written in
     place at the positions of each pass's inputs, noise slots included: a slot's row is the position
     of the token its noise draws, so the next pass overwrites it with that token before any of its
-    queries reads it. So a slot is attended only by the later slots of its own pass (the paper:
-    slots are used in the pass and discarded), and shapes never change (compilable, capturable in a
-    CUDA graph)."""
+    queries reads it. So a slot is attended only by itself and the later slots of its own pass (the
+    paper: slots are used in the pass and discarded), and shapes never change (compilable,
+    capturable in a CUDA graph)."""
 
     def __init__(self, cfg, batch_size, device, dtype):
         shape = (batch_size, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
@@ -448,8 +450,7 @@ def decode_step(model, tokens, pos, u, cache):
     argmax at slot i. The cdf readout: k - 1 slots, x_i = draw(distribution i, u_i) by its coupling;
     AR is its k = 1 case, x = draw(p(. | ctx), u) from the last token's state, with no slot."""
     n, k = tokens.size(1), u.size(1)
-    if model.config.max_k == 0:
-        assert k == 1, "an AR model decodes one token per pass"
+    assert model.config.max_k or k == 1, "an AR model decodes one token per pass"
     if model.config.readout == "argmax" and model.config.max_k:
         h = model.forward_step(tokens, pos, model.noise_encoder(u), cache)
         return model._logits(h[:, 1:]).argmax(dim=-1)

@@ -454,8 +454,8 @@ def test_noise_encoder_is_the_methods_formula(features):
 
 
 def test_agreement_per_slot():
-    """Position j is slot j mod k (not the j-th block of n/k positions: these samples tell the two
-    apart)."""
+    """Position j (from 0) is slot j mod k + 1 (not the j-th block of n/k positions: these samples
+    tell the two apart)."""
     a = torch.tensor([[1, 2, 3, 4, 5, 6]])
     b = torch.tensor([[1, 0, 3, 0, 5, 6]])
     assert same_noise_agreement(a, b, 2) == pytest.approx([1, 1 / 3])
