@@ -187,8 +187,7 @@ def staircase_mask(N, anchors, W):
 class SlotReadout(nn.Module):
     """cdf_seq: slot i's state r_i starts as h_i, then r_i += MLP([r_i, embedding of token i,
     r_{i-1}]) readout_layers times, so that token i+1's distribution sees token i as drawn, not only
-    the noise u_i that drew it. Output layers start at zero: the readout starts as
-    the plain cdf one."""
+    the noise u_i that drew it. Output layers start at zero: the readout starts as the cdf one."""
 
     def __init__(self, cfg):
         super().__init__()
