@@ -254,6 +254,20 @@ def test_the_gumbel_coupling_is_near_maximal():
     assert agree["inverse_cdf"] < agree["gumbel"] - 0.1, agree   # here 0.75 against 0.91
 
 
+def test_the_gumbel_coupling_reads_every_bit_of_u():
+    """Gumbel-max hashes all 53 bits of u (folded to 32), so uniforms whose low bits are all zero
+    (float32 noise keeps 24 bits; a grid of 2^14 steps) still give each u its own variates and
+    sample the softmax. Hashing only u's low 32 bits would give every grid point one set of
+    variates (one token), and float32 noise eight."""
+    logits = torch.randn(20, generator=torch.Generator().manual_seed(0)) * 2
+    n = 2 ** 14
+    grid = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    for u in (grid, torch.rand(n, generator=torch.Generator().manual_seed(1)).double()):
+        freq = torch.bincount(draw(logits.expand(n, -1), u, "gumbel"), minlength=20).double() / n
+        tv = 0.5 * (freq - torch.softmax(logits.double(), -1)).abs().sum().item()
+        assert tv < 0.05, tv   # sampling error of 16k draws over 20 bins is ~0.02
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_same_noise_same_sample(teacher, student, k):
@@ -344,6 +358,46 @@ def test_a_cdf_student_starts_as_its_teacher(teacher, readout, layers):
         plain = cdf_student(teacher, "cdf", perturb=False)   # no slot MLP, the same noise encoder
         plain.noise_encoder.load_state_dict(s.noise_encoder.state_dict())
         torch.testing.assert_close(logits, plain.forward_cdf(x, anchors, u)[0])
+
+
+@pytest.mark.parametrize("readout", ["cdf", "cdf_seq"])
+def test_the_distribution_readouts_gradient_is_the_derivative_of_its_logits(teacher, readout):
+    """Distillation follows the gradient of the staircase pass's logits: every path from a weight
+    to a slot's distribution carries gradient. A detached slot state, r_{i-1} or token embedding in
+    the readout would leave every value as it is and quietly train less. Autograd's directional
+    derivative equals central differences in float64 along directions in the noise encoder, the
+    slot MLP, the embedding and the blocks (the drawn tokens stay put)."""
+    s = cdf_student(teacher, readout, layers=2).double()
+    x, anchors = torch.randint(0, V, (2, 12)), torch.tensor([[3, 9], [0, 11]])
+    u = torch.rand(2, 2, 4, dtype=torch.float64)
+    w = torch.randn(2, 2, 4, V, dtype=torch.float64)   # a fixed linear function of the logits
+    params = dict(s.named_parameters())
+
+    def f():
+        logits, tokens = s.forward_cdf(x, anchors, u)
+        return (logits * w).sum(), tokens
+    y, tokens = f()
+    grads = dict(zip(params, torch.autograd.grad(y, list(params.values()))))
+    for group in ("noise_encoder.", "slot_readout.", "wte.", "blocks."):
+        names = [name for name in params if name.startswith(group)]
+        if not names:   # cdf: no slot MLP
+            continue
+        d = {name: torch.randn_like(params[name]) for name in names}
+
+        @torch.no_grad()
+        def moved(step):   # f at the weights moved by step along d, then the weights put back
+            at = {name: params[name].clone() for name in names}
+            for name in names:
+                params[name].add_(step * d[name])
+            out = f()
+            for name in names:
+                params[name].copy_(at[name])
+            return out
+        eps = 1e-6
+        (up, t_up), (down, t_down) = moved(eps), moved(-eps)
+        assert torch.equal(t_up, tokens) and torch.equal(t_down, tokens)
+        autograd = sum((grads[name] * d[name]).sum() for name in names)
+        torch.testing.assert_close(autograd, (up - down) / (2 * eps), rtol=1e-6, atol=0)
 
 
 @torch.no_grad()
