@@ -151,11 +151,12 @@ def out_of_memory(e):   # CUDA's error, or on CPU a MemoryError or a RuntimeErro
 # Batches, the learning rate, the weight average
 
 def load_split(data_dir, split, tokenizer=None):   # tokenizer: a checkpoint's, that must match
-    try:
-        data, spec = load_tokens(data_dir, split), tokenizer_spec(load_meta(data_dir))
+    try:   # (load_tokens checks the split against meta.json; read it again only to compare)
+        data = load_tokens(data_dir, split)
+        other = tokenizer is not None and tokenizer != tokenizer_spec(load_meta(data_dir))
     except DataError as e:
         raise UserError(str(e)) from None
-    if tokenizer not in (None, spec):
+    if other:
         raise UserError(f"the teacher was trained on another vocabulary than {data_dir}'s; pass "
                         "the --data_dir it was trained on")
     return data
